@@ -1,0 +1,22 @@
+# The two commands of the README, and their parts. Every target builds the cached CPU environment
+# first if it is missing (scripts/env.sh), so a new machine needs nothing but Python.
+SHELL := /bin/bash
+
+.PHONY: env demo test lint format
+env:
+	@bash scripts/env.sh | tail -n 1
+
+demo:
+	@env_dir="$$(bash scripts/env.sh | tail -n 1)" && \
+	  "$$env_dir/bin/python" examples/demo.py $(ARGS)
+
+test:
+	@bash scripts/test.sh $(ARGS)
+
+lint:
+	@env_dir="$$(bash scripts/env.sh | tail -n 1)" && \
+	  "$$env_dir/bin/ruff" check . && "$$env_dir/bin/ruff" format --check .
+
+format:
+	@env_dir="$$(bash scripts/env.sh | tail -n 1)" && \
+	  "$$env_dir/bin/ruff" check --fix . && "$$env_dir/bin/ruff" format .

@@ -1,0 +1,9 @@
+"""Generated fixtures for tests, benchmarks and examples: tiny LLaVA checkpoints and scene images.
+
+Nothing here downloads anything; everything is deterministic from a seed.
+"""
+
+from vllm_prumerge.testing.checkpoint import TinyLlavaSpec, cached_tiny_llava, write_tiny_llava
+from vllm_prumerge.testing.scenes import make_scene, make_scenes
+
+__all__ = ["TinyLlavaSpec", "cached_tiny_llava", "make_scene", "make_scenes", "write_tiny_llava"]

@@ -1,0 +1,255 @@
+"""Write a LLaVA-1.5-shaped tiny checkpoint that vLLM 0.32 and transformers both load.
+
+The vision tower has the real geometry (336 px, patch 14: 576 patches + CLS, on a 24x24 grid) with a
+tiny width and depth; the text model is a tiny Llama whose head size (32) vLLM's CPU attention
+supports; the tokenizer is built locally (byte-level BPE trained on a fixed corpus, with `<image>`);
+image processor and chat template follow llava-hf/llava-1.5-7b-hf. Weights are written in the hub
+key layout (`vision_tower.vision_model.*`, `language_model.model.*`, `language_model.lm_head.*`),
+the layout of the checkpoints users serve and the one vLLM 0.32's loader expects.
+
+    python -m vllm_prumerge.testing.checkpoint OUT_DIR [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+# LLaVA-1.5's conversation format, as in llava-hf/llava-1.5-7b-hf: "USER: <image>\n... ASSISTANT:".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ item['text'] + ' ' }}{% endfor %}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# A fixed corpus for the tokenizer's merges: the tokenizer is part of the checkpoint's identity.
+_CORPUS = [
+    "USER: ASSISTANT: What is shown in this image? Describe the picture in detail.",
+    "How many objects are there? What colour is the circle? Is there any text in the image?",
+    "The image shows a red square, a blue circle and a green triangle on a white background.",
+    "Answer the question using a single word or phrase. Yes No one two three four five",
+    "the of and a to in is that it with as for was on are be this by at from",
+]
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyLlavaSpec:
+    """Shapes of the generated checkpoint. Defaults give a ~10 MB model that loads in seconds."""
+
+    seed: int = 0
+    vision_hidden_size: int = 64
+    vision_layers: int = 3  # >= 2 so that "penultimate" (-2) and "last" (-1) are distinct layers
+    vision_heads: int = 4
+    vision_intermediate_size: int = 128
+    text_hidden_size: int = 128
+    text_layers: int = 2
+    text_heads: int = 4  # head_dim 32: vLLM's CPU attention rejects e.g. 24
+    text_intermediate_size: int = 256
+    vocab_size: int = 512  # tokenizer size; the model's embedding table is padded to a multiple of 64
+    # Scales the vision tower's q/k weights so class attention is peaked like a trained CLIP's,
+    # instead of the near-uniform attention of a fresh random init.
+    attention_sharpness: float = 4.0
+
+    def key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _build_tokenizer(spec: TinyLlavaSpec):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+
+
+def _hub_key(key: str) -> str:
+    """Map a transformers-5 LLaVA state-dict key to the hub (llava-hf) layout."""
+    for new, old in (
+        ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+    ):
+        if key.startswith(new):
+            return old + key[len(new) :]
+    raise ValueError(f"unexpected LLaVA state-dict key {key!r}")
+
+
+def write_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec | None = None) -> Path:
+    """Write a tiny LLaVA-1.5-shaped checkpoint to `out_dir` (created) and return its path.
+
+    Deterministic: the same spec writes byte-identical weights.
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    spec = spec or TinyLlavaSpec()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = _build_tokenizer(spec)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vocab = (len(tokenizer) + 63) // 64 * 64
+
+    vision = CLIPVisionConfig(
+        image_size=336,
+        patch_size=14,
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=spec.vision_intermediate_size,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        projection_dim=spec.vision_hidden_size,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=spec.text_hidden_size,
+        intermediate_size=spec.text_intermediate_size,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=576,
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.dtype = "float32"
+
+    torch.manual_seed(spec.seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.endswith((".q_proj.weight", ".k_proj.weight")) and "vision_tower" in key:
+            value = value * spec.attention_sharpness
+        state[_hub_key(key)] = value.detach().to(torch.float32).contiguous()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config_dict = config.to_dict()
+    config_dict.pop("transformers_version", None)
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id,
+                    "pad_token_id": text.pad_token_id}, indent=2) + "\n"
+    )
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        do_center_crop=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(str(out))
+    return out
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("VLLM_PRUMERGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm-prumerge"
+    )
+    return Path(root) / "checkpoints"
+
+
+def cached_tiny_llava(spec: TinyLlavaSpec | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the folder of the tiny checkpoint for `spec`, generating it once per cache.
+
+    The folder name is a hash of the spec; generation writes to a temporary folder and renames it,
+    so concurrent callers never see a half-written checkpoint.
+    """
+    import tempfile
+
+    spec = spec or TinyLlavaSpec()
+    base = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = base / f"tiny-llava-{spec.key()}"
+    if (target / "model.safetensors").exists():
+        return target
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=base))
+    write_tiny_llava(tmp, spec)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race; its checkpoint is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Write a tiny, randomly initialised LLaVA-1.5-shaped checkpoint (hub layout)."
+    )
+    parser.add_argument("out_dir", help="folder to write (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    args = parser.parse_args(argv)
+    path = write_tiny_llava(args.out_dir, TinyLlavaSpec(seed=args.seed))
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
