@@ -1,0 +1,197 @@
+"""A LLaVA checkpoint's CLIP tower plus the reduction: images in, reduced CLIP-space features out.
+
+This is the front half of LLaVA with PruMerge, independent of vLLM: the vLLM adapter runs it in
+the request pre-processor (so the exact reduced count is known before scheduling), and examples
+and benchmarks use it directly. The tower is read from the same checkpoint the LLM is served
+from: only its `vision_tower.*` tensors are loaded (local folder or hub id).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from vllm_prumerge.config import PruMergeConfig
+from vllm_prumerge.reduction import ReducedTokens, reduce_tokens
+from vllm_prumerge.vision.clip import clip_prumerge_inputs, resolve_vision_feature_layer
+
+# Checkpoint key prefixes of the vision tower, most specific first: the hub layout
+# (llava-hf/llava-1.5-7b-hf) and the layouts transformers 4.52+ and 5.x write.
+_TOWER_PREFIXES = (
+    "model.vision_tower.vision_model.",
+    "vision_tower.vision_model.",
+    "model.vision_tower.",
+    "vision_tower.",
+)
+
+
+def _strip_tower_prefix(key: str) -> str | None:
+    for prefix in _TOWER_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return None
+
+
+def _checkpoint_folder(model: str, revision: str | None, download_dir: str | None) -> Path:
+    """A local folder holding the checkpoint's config and the safetensors with the tower."""
+    if os.path.isdir(model):
+        return Path(model)
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    # Only the shards holding vision-tower tensors: the LLM's shards are not needed here.
+    try:
+        index_file = hf_hub_download(
+            model, "model.safetensors.index.json", revision=revision, cache_dir=download_dir
+        )
+    except Exception:  # single-file checkpoint
+        return Path(
+            snapshot_download(
+                model,
+                revision=revision,
+                cache_dir=download_dir,
+                allow_patterns=["*.json", "model.safetensors"],
+            )
+        )
+    weight_map = json.loads(Path(index_file).read_text())["weight_map"]
+    shards = sorted({f for k, f in weight_map.items() if _strip_tower_prefix(k) is not None})
+    return Path(
+        snapshot_download(
+            model,
+            revision=revision,
+            cache_dir=download_dir,
+            allow_patterns=["*.json", *shards],
+        )
+    )
+
+
+def _tower_tensors(folder: Path) -> Iterable[tuple[str, torch.Tensor]]:
+    """Yield (key without tower prefix, tensor) for every vision-tower tensor in the folder."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({f for k, f in weight_map.items() if _strip_tower_prefix(k) is not None})
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights with a vision tower in {folder}")
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118  safe_open handles are not mappings
+                short = _strip_tower_prefix(key)
+                if short is not None:
+                    yield short, f.get_tensor(key)
+
+
+def load_clip_tower(
+    model: str,
+    vision_config: CLIPVisionConfig,
+    *,
+    vision_feature_layer: int = -2,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    download_dir: str | None = None,
+) -> CLIPVisionModel:
+    """Build the CLIP tower of a LLaVA checkpoint with SDPA attention and load its weights.
+
+    Only the layers PruMerge reads are built (up to the layer after `vision_feature_layer`).
+    `model` is a local folder or a hub id (resolved through the Hugging Face cache).
+    """
+    num_layers = vision_config.num_hidden_layers
+    feature_index = resolve_vision_feature_layer(vision_feature_layer, num_layers)
+    config = CLIPVisionConfig.from_dict(vision_config.to_dict())
+    config.num_hidden_layers = min(num_layers, feature_index + 1)
+    tower = CLIPVisionModel._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    target = tower.vision_model if hasattr(tower, "vision_model") else tower
+    wanted = set(target.state_dict().keys())
+    state = {
+        key: tensor.to(dtype=dtype)
+        for key, tensor in _tower_tensors(_checkpoint_folder(model, revision, download_dir))
+        if key in wanted
+    }
+    missing = sorted(k for k in wanted - state.keys() if not k.startswith("post_layernorm."))
+    if missing:
+        raise ValueError(f"checkpoint {model} lacks vision-tower weights: {missing[:5]} ...")
+    target.load_state_dict(state, strict=False)  # post_layernorm is unused by PruMerge
+    return tower.to(device).eval()
+
+
+@dataclass(frozen=True)
+class EncodedImages:
+    """The result of :meth:`PruMergeEncoder.encode` for a batch of B images."""
+
+    features: list[torch.Tensor]  # B tensors [L_i, C] on the CPU, CLIP space (before projector)
+    reduced: ReducedTokens  # the full reduction result (kept indices, counts, attention)
+    seconds: float  # wall time of tower + reduction for the batch
+
+
+class PruMergeEncoder:
+    """CLIP tower + reduction of one LLaVA checkpoint, loaded on first use (thread-safe).
+
+    Args:
+        model: local checkpoint folder or hub id (the LLaVA checkpoint itself).
+        vision_config: the checkpoint's `vision_config`.
+        vision_feature_layer: LLaVA's `vision_feature_layer` (-2 for LLaVA-1.5).
+        dtype: compute dtype of the tower (statistics of the reduction are float32 regardless).
+        device: "cuda" when available, else "cpu", unless given.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        vision_config: CLIPVisionConfig,
+        *,
+        vision_feature_layer: int = -2,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        download_dir: str | None = None,
+    ) -> None:
+        self.model = model
+        self.vision_config = vision_config
+        self.vision_feature_layer = vision_feature_layer
+        self.dtype = dtype
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.revision = revision
+        self.download_dir = download_dir
+        self._tower: CLIPVisionModel | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def num_patches(self) -> int:
+        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+
+    @property
+    def tower(self) -> CLIPVisionModel:
+        with self._lock:
+            if self._tower is None:
+                self._tower = load_clip_tower(
+                    self.model,
+                    self.vision_config,
+                    vision_feature_layer=self.vision_feature_layer,
+                    dtype=self.dtype,
+                    device=self.device,
+                    revision=self.revision,
+                    download_dir=self.download_dir,
+                )
+            return self._tower
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor, config: PruMergeConfig) -> EncodedImages:
+        """Reduce a batch of preprocessed images `[B, 3, H, W]` with `config`."""
+        tower = self.tower
+        start = time.perf_counter()
+        inputs = clip_prumerge_inputs(tower, pixel_values, self.vision_feature_layer)
+        reduced = reduce_tokens(*inputs, config)
+        features = [f.to("cpu") for f in reduced.split()]
+        return EncodedImages(features, reduced, time.perf_counter() - start)

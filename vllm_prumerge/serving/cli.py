@@ -1,0 +1,133 @@
+"""`--plugin prumerge` and `--prumerge-*` for vLLM's CLI (`vllm serve`, `vllm bench ...`).
+
+vLLM has no `--plugin` flag, but it loads general plugins while it builds its argument parser,
+right before `EngineArgs.add_cli_args(parser)`. We wrap that one static method (vLLM 0.32 only)
+to add our argument group, and wrap that parser's `parse_known_args` to turn the parsed flags
+into the real engine argument `hf_overrides` (architectures + our options), so everything after
+parsing is stock vLLM. Without `--plugin prumerge` nothing changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+from typing import Any
+
+from vllm_prumerge.config import MERGE_WEIGHTINGS, MODES, ORDERS, PruMergeConfig
+from vllm_prumerge.serving.options import ARCHITECTURE, CONFIG_KEY
+
+SUPPORTED_VLLM = "0.32."
+PLUGIN_NAME = "prumerge"
+_HOOKED = "_vllm_prumerge_hooked"
+
+# One line per option for `vllm serve --help`; PruMergeConfig's docstring has the details.
+OPTION_HELP = {
+    "mode": "Reduction mode: prumerge (~32 tokens/image), prumerge+ (~144), fixed (budget "
+    "below) or off (stock 576). Per request: mm_processor_kwargs={'prumerge': {'mode': ...}}.",
+    "iqr_multiplier": "IQR multiplier of the outlier fence Q3 + m*(Q3-Q1); larger keeps fewer.",
+    "k_neighbors": "Key-similar patches merged into each kept token.",
+    "merge_weighting": "reference (unnormalised sums, as the authors' code and checkpoints) or "
+    "normalized (weighted averages, as the paper's text).",
+    "order": "Token order: reference (descending attention) or raster (spatial order).",
+    "min_tokens": "Safeguard: keep at least this many tokens (top attention) when few or no "
+    "patches are outliers, e.g. uniform attention.",
+    "budget": "fixed mode: tokens to keep per image.",
+    "budget_ratio": "fixed mode: fraction of patches to keep per image (instead of --prumerge-budget).",
+    "spatial_samples": "fixed mode: add PruMerge+-style spatial samples.",
+}
+_CHOICES = {"mode": list(MODES), "merge_weighting": list(MERGE_WEIGHTINGS), "order": list(ORDERS)}
+
+
+def _flag(name: str) -> str:
+    return "--prumerge-" + name.replace("_", "-")
+
+
+def add_plugin_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "PruMerge (vllm-prumerge plugin)",
+        "Serve LLaVA-1.5 checkpoints with PruMerge / PruMerge+ visual-token reduction: each "
+        "image costs the LLM only its reduced, content-dependent token count.",
+    )
+    group.add_argument(
+        "--plugin",
+        choices=[PLUGIN_NAME],
+        default=None,
+        help="Enable the vllm-prumerge plugin for this model (a LLaVA checkpoint with a CLIP "
+        "tower). Without it the --prumerge-* options are rejected and vLLM runs unchanged.",
+    )
+    for field in dataclasses.fields(PruMergeConfig):
+        kwargs: dict[str, Any] = {"default": None, "dest": "prumerge_" + field.name,
+                                  "help": OPTION_HELP[field.name]}
+        if field.name == "spatial_samples":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif field.name in _CHOICES:
+            kwargs["type"] = str
+            kwargs["metavar"] = "{" + ",".join(_CHOICES[field.name]) + "}"
+        else:
+            kwargs["type"] = str  # coerced and validated by PruMergeConfig.from_dict
+        if field.default is not dataclasses.MISSING and field.default is not None:
+            kwargs["help"] += f" Default: {field.default}."
+        group.add_argument(_flag(field.name), **kwargs)
+
+
+def apply_plugin_args(namespace: argparse.Namespace) -> None:
+    """Turn `--plugin prumerge --prumerge-*` into `hf_overrides`; raise ValueError if invalid."""
+    options = {
+        field.name: getattr(namespace, "prumerge_" + field.name)
+        for field in dataclasses.fields(PruMergeConfig)
+        if getattr(namespace, "prumerge_" + field.name, None) is not None
+    }
+    if getattr(namespace, "plugin", None) != PLUGIN_NAME:
+        if options:
+            raise ValueError(
+                f"{', '.join(_flag(k) for k in options)} need(s) --plugin {PLUGIN_NAME}"
+            )
+        return
+    config = PruMergeConfig.from_dict(options)
+    overrides = getattr(namespace, "hf_overrides", None) or {}
+    if not isinstance(overrides, dict):
+        raise ValueError("--plugin prumerge needs --hf-overrides to be a JSON object")
+    overrides = {"architectures": [ARCHITECTURE], **overrides, CONFIG_KEY: config.to_dict()}
+    namespace.hf_overrides = overrides
+
+
+def install_cli_hook() -> bool:
+    """Wrap `EngineArgs.add_cli_args` once per process; False if this vLLM is not supported."""
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+
+    if not vllm.__version__.startswith(SUPPORTED_VLLM):
+        from vllm.logger import init_logger
+
+        init_logger(__name__).warning(
+            "vllm-prumerge's --plugin flag supports vLLM %sx, found %s; use "
+            "--hf-overrides '{\"architectures\": [\"%s\"]}' instead.",
+            SUPPORTED_VLLM, vllm.__version__, ARCHITECTURE,
+        )
+        return False
+    original = EngineArgs.add_cli_args
+    if getattr(original, _HOOKED, False):
+        return True
+
+    @functools.wraps(original)
+    def add_cli_args(parser, *args, **kwargs):
+        parser = original(parser, *args, **kwargs)
+        if not any("--plugin" in action.option_strings for action in parser._actions):
+            add_plugin_args(parser)
+            parse_known_args = parser.parse_known_args
+
+            def parse_and_apply(args=None, namespace=None):
+                namespace, rest = parse_known_args(args, namespace)
+                try:
+                    apply_plugin_args(namespace)
+                except ValueError as exc:
+                    parser.error(str(exc))
+                return namespace, rest
+
+            parser.parse_known_args = parse_and_apply
+        return parser
+
+    setattr(add_cli_args, _HOOKED, True)
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    return True
