@@ -1,0 +1,37 @@
+"""Shared fixtures: one generated checkpoint per test session, scenes, engine settings for CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Every vLLM process of the test session runs on the CPU platform with a small KV cache.
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+# Engine arguments for the tiny checkpoint: float32 for exact comparisons, no compilation.
+TINY_ENGINE_ARGS = dict(
+    dtype="float32",
+    enforce_eager=True,
+    max_model_len=2048,
+    max_num_seqs=8,
+    limit_mm_per_prompt={"image": 2},
+    seed=0,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory) -> str:
+    """Path of a generated tiny LLaVA-1.5 checkpoint (hub layout), made once per session."""
+    from vllm_prumerge.testing import cached_tiny_llava
+
+    return str(cached_tiny_llava(cache_dir=tmp_path_factory.mktemp("checkpoints")))
+
+
+@pytest.fixture(scope="session")
+def scenes():
+    """Eight deterministic scene images of varied complexity (336x336)."""
+    from vllm_prumerge.testing import make_scenes
+
+    return make_scenes(8, seed=1)
