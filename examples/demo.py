@@ -16,10 +16,16 @@ import time
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None,
-                        help="LLaVA checkpoint (hub id or folder); default: the generated tiny one")
-    parser.add_argument("--mode", default="prumerge",
-                        help="prumerge | prumerge+ | off | fixed (with --budget); default prumerge")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="LLaVA checkpoint (hub id or folder); default: the generated tiny one",
+    )
+    parser.add_argument(
+        "--mode",
+        default="prumerge",
+        help="prumerge | prumerge+ | off | fixed (with --budget); default prumerge",
+    )
     parser.add_argument("--budget", type=int, default=None, help="tokens per image in fixed mode")
     parser.add_argument("--images", type=int, default=4, help="number of scene images (default 4)")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate per image")
@@ -36,14 +42,22 @@ def main() -> None:
     model = args.model or str(cached_tiny_llava())
     options = {"budget": args.budget} if args.budget is not None else {}
     start = time.perf_counter()
-    llm = LLM(model=model, dtype=args.dtype, enforce_eager=True, max_model_len=2048,
-              limit_mm_per_prompt={"image": 1}, **engine_kwargs(args.mode, **options))
+    llm = LLM(
+        model=model,
+        dtype=args.dtype,
+        enforce_eager=True,
+        max_model_len=2048,
+        limit_mm_per_prompt={"image": 1},
+        **engine_kwargs(args.mode, **options),
+    )
     print(f"engine ready in {time.perf_counter() - start:.1f} s (mode={args.mode})")
 
     image_token = llm.llm_engine.model_config.hf_config.image_token_index
     prompts = [
-        {"prompt": "USER: <image>\nWhat is shown in this image? ASSISTANT:",
-         "multi_modal_data": {"image": image}}
+        {
+            "prompt": "USER: <image>\nWhat is shown in this image? ASSISTANT:",
+            "multi_modal_data": {"image": image},
+        }
         for image in make_scenes(args.images, seed=0)
     ]
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))

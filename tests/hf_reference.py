@@ -51,7 +51,7 @@ class HFPruMergeLlava:
 
     @torch.no_grad()
     def generate(self, prompt: str, images, configs, max_new_tokens: int):
-        """Greedy decoding; returns (token ids, their log-probabilities, visual tokens per image)."""
+        """Greedy decoding: (token ids, their log-probabilities, visual tokens per image)."""
         ids = self.processor.tokenizer(prompt).input_ids
         feats = [self.image_features(img, cfg) for img, cfg in zip(images, configs, strict=True)]
         embed = self.model.get_input_embeddings()
@@ -73,6 +73,8 @@ class HFPruMergeLlava:
             tok = int(torch.argmax(logits))
             tokens.append(tok)
             logprobs.append(float(lp[tok]))
-            out = lm(inputs_embeds=embed(torch.tensor([[tok]])), past_key_values=past, use_cache=True)
+            out = lm(
+                inputs_embeds=embed(torch.tensor([[tok]])), past_key_values=past, use_cache=True
+            )
             past, logits = out.past_key_values, out.logits[0, -1]
         return tokens, logprobs, counts

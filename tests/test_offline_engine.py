@@ -76,8 +76,12 @@ def plugin_llm(tiny_llava, stock_outputs):
     """The plugin's engine (default mode prumerge), prefix caching on, chunked prefill at 256."""
     from vllm import LLM
 
-    args = {**TINY_ENGINE_ARGS, "enable_prefix_caching": True, "enable_chunked_prefill": True,
-            "max_num_batched_tokens": 256}
+    args = {
+        **TINY_ENGINE_ARGS,
+        "enable_prefix_caching": True,
+        "enable_chunked_prefill": True,
+        "max_num_batched_tokens": 256,
+    }
     llm = LLM(model=tiny_llava, **args, **engine_kwargs("prumerge"))
     try:
         yield llm
@@ -97,8 +101,9 @@ def test_prumerge_outputs_equal_the_transformers_pipeline(plugin_llm, hf, scenes
     images = [[img] for img in scenes[:4]] + [[scenes[4], scenes[5]]]
     for out, imgs in zip(outputs, images, strict=True):
         prompt = PROMPT if len(imgs) == 1 else PROMPT_2
-        ref_tokens, ref_logprobs, ref_counts = hf.generate(prompt, imgs, [config] * len(imgs),
-                                                           MAX_TOKENS)
+        ref_tokens, ref_logprobs, ref_counts = hf.generate(
+            prompt, imgs, [config] * len(imgs), MAX_TOKENS
+        )
         tokens, logprobs = _tokens_and_logprobs(out)
         assert _image_count(out, hf.image_token) == sum(ref_counts)
         assert tokens == ref_tokens
@@ -130,8 +135,11 @@ def test_per_request_modes_in_one_batch_get_their_own_features(plugin_llm, hf, s
     # The same image under five option sets in one batch: the processor cache must not hand
     # one request the features computed for another.
     prompts = [
-        {"prompt": PROMPT, "multi_modal_data": {"image": image},
-         "mm_processor_kwargs": {"prumerge": c.to_dict()}}
+        {
+            "prompt": PROMPT,
+            "multi_modal_data": {"image": image},
+            "mm_processor_kwargs": {"prumerge": c.to_dict()},
+        }
         for c in configs
     ]
     outputs = plugin_llm.generate(prompts, _sampling())
@@ -148,11 +156,19 @@ def test_per_request_modes_in_one_batch_get_their_own_features(plugin_llm, hf, s
 
 def test_cached_features_are_not_reused_across_modes_over_time(plugin_llm, hf, scenes):
     image = scenes[7]
-    first = plugin_llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": image}}],
-                                _sampling())[0]
+    first = plugin_llm.generate(
+        [{"prompt": PROMPT, "multi_modal_data": {"image": image}}], _sampling()
+    )[0]
     second = plugin_llm.generate(
-        [{"prompt": PROMPT, "multi_modal_data": {"image": image},
-          "mm_processor_kwargs": {"prumerge": {"mode": "off"}}}], _sampling())[0]
+        [
+            {
+                "prompt": PROMPT,
+                "multi_modal_data": {"image": image},
+                "mm_processor_kwargs": {"prumerge": {"mode": "off"}},
+            }
+        ],
+        _sampling(),
+    )[0]
     assert _image_count(first, hf.image_token) < 576
     assert _image_count(second, hf.image_token) == 576
 
@@ -166,14 +182,17 @@ def test_prefix_cache_hits_give_identical_results_and_respect_the_mode(plugin_ll
     second = plugin_llm.generate([prompt], _sampling())[0]
     assert second.num_cached_tokens >= 128
     assert _tokens_and_logprobs(first)[0] == _tokens_and_logprobs(second)[0]
-    assert _tokens_and_logprobs(second)[1] == pytest.approx(_tokens_and_logprobs(first)[1],
-                                                             abs=LOGPROB_ATOL)
+    assert _tokens_and_logprobs(second)[1] == pytest.approx(
+        _tokens_and_logprobs(first)[1], abs=LOGPROB_ATOL
+    )
     # Same image and text, another mode: the blocks holding the image must not be reused.
-    plus = plugin_llm.generate([dict(prompt, mm_processor_kwargs={"prumerge": "prumerge+"})],
-                               _sampling())[0]
+    plus = plugin_llm.generate(
+        [dict(prompt, mm_processor_kwargs={"prumerge": "prumerge+"})], _sampling()
+    )[0]
     config = PruMergeConfig(mode="prumerge+")
-    ref_tokens, ref_logprobs, ref_counts = hf.generate(long_prompt, [scenes[0]], [config],
-                                                       MAX_TOKENS)
+    ref_tokens, ref_logprobs, ref_counts = hf.generate(
+        long_prompt, [scenes[0]], [config], MAX_TOKENS
+    )
     assert _image_count(plus, hf.image_token) == ref_counts[0]
     assert _tokens_and_logprobs(plus)[0] == ref_tokens
     assert _tokens_and_logprobs(plus)[1] == pytest.approx(ref_logprobs, abs=LOGPROB_ATOL)
@@ -206,10 +225,14 @@ def test_odd_images_get_correct_results(plugin_llm, hf):
 def test_bad_request_options_are_rejected_and_the_engine_keeps_serving(
     plugin_llm, scenes, value, message
 ):
-    bad = {"prompt": PROMPT, "multi_modal_data": {"image": scenes[1]},
-           "mm_processor_kwargs": {"prumerge": value}}
+    bad = {
+        "prompt": PROMPT,
+        "multi_modal_data": {"image": scenes[1]},
+        "mm_processor_kwargs": {"prumerge": value},
+    }
     with pytest.raises(ValueError, match=message):
         plugin_llm.generate([bad], _sampling())
-    good = plugin_llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": scenes[1]}}],
-                               _sampling())[0]
+    good = plugin_llm.generate(
+        [{"prompt": PROMPT, "multi_modal_data": {"image": scenes[1]}}], _sampling()
+    )[0]
     assert len(good.outputs[0].token_ids) == MAX_TOKENS

@@ -1,8 +1,8 @@
 """PruMerge / PruMerge+ visual-token reduction for LLaVA-1.5, served by vLLM.
 
-    from vllm import LLM
-    from vllm_prumerge import engine_kwargs
-    llm = LLM(model="llava-hf/llava-1.5-7b-hf", **engine_kwargs("prumerge+"))
+from vllm import LLM
+from vllm_prumerge import engine_kwargs
+llm = LLM(model="llava-hf/llava-1.5-7b-hf", **engine_kwargs("prumerge+"))
 """
 
 from vllm_prumerge.config import PruMergeConfig

@@ -33,8 +33,15 @@ OPTION_HELP = {
     "min_tokens": "Safeguard: keep at least this many tokens (top attention) when few or no "
     "patches are outliers, e.g. uniform attention.",
     "budget": "fixed mode: tokens to keep per image.",
-    "budget_ratio": "fixed mode: fraction of patches to keep per image (instead of --prumerge-budget).",
+    "budget_ratio": "fixed mode: fraction of patches to keep (instead of --prumerge-budget).",
     "spatial_samples": "fixed mode: add PruMerge+-style spatial samples.",
+}
+_METAVARS = {
+    "iqr_multiplier": "FLOAT",
+    "k_neighbors": "K",
+    "min_tokens": "N",
+    "budget": "N",
+    "budget_ratio": "RATIO",
 }
 _CHOICES = {"mode": list(MODES), "merge_weighting": list(MERGE_WEIGHTINGS), "order": list(ORDERS)}
 
@@ -45,9 +52,9 @@ def _flag(name: str) -> str:
 
 def add_plugin_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
-        "PruMerge (vllm-prumerge plugin)",
-        "Serve LLaVA-1.5 checkpoints with PruMerge / PruMerge+ visual-token reduction: each "
-        "image costs the LLM only its reduced, content-dependent token count.",
+        "PruMerge",
+        "vllm-prumerge plugin: serve LLaVA-1.5 with PruMerge / PruMerge+ visual-token "
+        "reduction; each image costs the LLM only its reduced, content-dependent token count.",
     )
     group.add_argument(
         "--plugin",
@@ -57,8 +64,12 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> None:
         "tower). Without it the --prumerge-* options are rejected and vLLM runs unchanged.",
     )
     for field in dataclasses.fields(PruMergeConfig):
-        kwargs: dict[str, Any] = {"default": None, "dest": "prumerge_" + field.name,
-                                  "help": OPTION_HELP[field.name]}
+        # SUPPRESS: unset options stay out of the namespace (and out of vLLM's "(default: ...)").
+        kwargs: dict[str, Any] = {
+            "default": argparse.SUPPRESS,
+            "dest": "prumerge_" + field.name,
+            "help": OPTION_HELP[field.name],
+        }
         if field.name == "spatial_samples":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif field.name in _CHOICES:
@@ -66,6 +77,7 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> None:
             kwargs["metavar"] = "{" + ",".join(_CHOICES[field.name]) + "}"
         else:
             kwargs["type"] = str  # coerced and validated by PruMergeConfig.from_dict
+            kwargs["metavar"] = _METAVARS[field.name]
         if field.default is not dataclasses.MISSING and field.default is not None:
             kwargs["help"] += f" Default: {field.default}."
         group.add_argument(_flag(field.name), **kwargs)
@@ -102,8 +114,10 @@ def install_cli_hook() -> bool:
 
         init_logger(__name__).warning(
             "vllm-prumerge's --plugin flag supports vLLM %sx, found %s; use "
-            "--hf-overrides '{\"architectures\": [\"%s\"]}' instead.",
-            SUPPORTED_VLLM, vllm.__version__, ARCHITECTURE,
+            '--hf-overrides \'{"architectures": ["%s"]}\' instead.',
+            SUPPORTED_VLLM,
+            vllm.__version__,
+            ARCHITECTURE,
         )
         return False
     original = EngineArgs.add_cli_args

@@ -20,7 +20,6 @@ from typing import Annotated, Literal
 import torch
 from torch import nn
 from transformers import BatchFeature, CLIPVisionConfig
-
 from vllm.config import VllmConfig
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.logger import init_logger
@@ -55,7 +54,8 @@ from vllm_prumerge.serving.options import (
     request_config,
 )
 
-logger = init_logger(__name__)
+# Under "vllm." so that vLLM's logging configuration prints it like its own messages.
+logger = init_logger("vllm.prumerge")
 
 FEATURES_KEY = "prumerge_features"
 
@@ -137,9 +137,7 @@ class PruMergeLlavaDummyInputsBuilder(LlavaDummyInputsBuilder[PruMergeLlavaProce
     pass
 
 
-class PruMergeLlavaMultiModalProcessor(
-    BaseLlavaMultiModalProcessor[PruMergeLlavaProcessingInfo]
-):
+class PruMergeLlavaMultiModalProcessor(BaseLlavaMultiModalProcessor[PruMergeLlavaProcessingInfo]):
     def get_dummy_inputs(
         self,
         seq_len: int,
@@ -163,8 +161,9 @@ class PruMergeLlavaMultiModalProcessor(
             # Start-up profiling: worst-case length, no tower.
             width = self.info.get_hf_config().vision_config.hidden_size
             shape = (self.info.get_max_image_tokens(), width)
-            return BatchFeature({FEATURES_KEY: [torch.zeros(shape, dtype=dtype)
-                                                for _ in hf_data["images"]]})
+            return BatchFeature(
+                {FEATURES_KEY: [torch.zeros(shape, dtype=dtype) for _ in hf_data["images"]]}
+            )
 
         processed = super()._call_hf_processor(hf_data, hf_kwargs)
         pixel_values = processed.pop("pixel_values")
@@ -199,8 +198,11 @@ class PruMergeLlavaMultiModalProcessor(
                 count = out_mm_kwargs["image"][item_idx][FEATURES_KEY].data.shape[0]
             return [image_token_id] * count
 
-        return [PromptReplacement(modality="image", target=[image_token_id],
-                                  replacement=get_replacement)]
+        return [
+            PromptReplacement(
+                modality="image", target=[image_token_id], replacement=get_replacement
+            )
+        ]
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -242,9 +244,7 @@ class PruMergeLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 hf_config=config.text_config,
                 prefix=maybe_prefix(prefix, "language_model"),
             )
-        self.make_empty_intermediate_tensors = (
-            self.language_model.make_empty_intermediate_tensors
-        )
+        self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
     def embed_multimodal(self, **kwargs: object) -> list[torch.Tensor] | torch.Tensor:
         features = kwargs.pop(FEATURES_KEY, None)
@@ -261,7 +261,9 @@ class PruMergeLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # The tower's tensors are the pre-processor's (PruMergeEncoder), not the engine's.
-        kept = ((n, w) for n, w in weights if not n.startswith(("vision_tower.", "model.vision_tower.")))
+        kept = (
+            (n, w) for n, w in weights if not n.startswith(("vision_tower.", "model.vision_tower."))
+        )
         return AutoWeightsLoader(self).load_weights(kept, mapper=self.hf_to_vllm_mapper)
 
     def get_mm_mapping(self) -> MultiModelKeys:

@@ -60,7 +60,9 @@ class TinyLlavaSpec:
     text_layers: int = 2
     text_heads: int = 4  # head_dim 32: vLLM's CPU attention rejects e.g. 24
     text_intermediate_size: int = 256
-    vocab_size: int = 512  # tokenizer size; the model's embedding table is padded to a multiple of 64
+    vocab_size: int = (
+        512  # tokenizer size; the model's embedding table is padded to a multiple of 64
+    )
     # Scales the vision tower's q/k weights so class attention is peaked like a trained CLIP's,
     # instead of the near-uniform attention of a fresh random init.
     attention_sharpness: float = 4.0
@@ -185,8 +187,15 @@ def write_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec | None = No
     config_dict.pop("transformers_version", None)
     (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     (out / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id,
-                    "pad_token_id": text.pad_token_id}, indent=2) + "\n"
+        json.dumps(
+            {
+                "bos_token_id": text.bos_token_id,
+                "eos_token_id": text.eos_token_id,
+                "pad_token_id": text.pad_token_id,
+            },
+            indent=2,
+        )
+        + "\n"
     )
 
     image_processor = CLIPImageProcessor(
@@ -215,7 +224,9 @@ def default_cache_dir() -> Path:
     return Path(root) / "checkpoints"
 
 
-def cached_tiny_llava(spec: TinyLlavaSpec | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+def cached_tiny_llava(
+    spec: TinyLlavaSpec | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
     """Return the folder of the tiny checkpoint for `spec`, generating it once per cache.
 
     The folder name is a hash of the spec; generation writes to a temporary folder and renames it,
@@ -245,7 +256,9 @@ def main(argv: list[str] | None = None) -> None:
         description="Write a tiny, randomly initialised LLaVA-1.5-shaped checkpoint (hub layout)."
     )
     parser.add_argument("out_dir", help="folder to write (created if missing)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed of the weights (default 0)"
+    )
     args = parser.parse_args(argv)
     path = write_tiny_llava(args.out_dir, TinyLlavaSpec(seed=args.seed))
     print(path)

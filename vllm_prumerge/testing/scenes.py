@@ -17,7 +17,9 @@ def _colour(rng: random.Random) -> tuple[int, int, int]:
     return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
 
 
-def make_scene(seed: int, size: tuple[int, int] = (336, 336), complexity: int | None = None) -> Image.Image:
+def make_scene(
+    seed: int, size: tuple[int, int] = (336, 336), complexity: int | None = None
+) -> Image.Image:
     """Draw one RGB scene of `size` (width, height).
 
     `complexity` (0..10, default drawn from the seed) sets how many objects and text labels appear:
