@@ -24,7 +24,8 @@ _HOOKED = "_vllm_prumerge_hooked"
 # One line per option for `vllm serve --help`; PruMergeConfig's docstring has the details.
 OPTION_HELP = {
     "mode": "Reduction mode: prumerge (~32 tokens/image), prumerge+ (~144), fixed (budget "
-    "below) or off (stock 576). Per request: mm_processor_kwargs={'prumerge': {'mode': ...}}.",
+    "below) or off (stock 576). Per request (needs vLLM's --trust-request-mm-kwargs): "
+    "mm_processor_kwargs={'prumerge': {'mode': ...}}.",
     "iqr_multiplier": "IQR multiplier of the outlier fence Q3 + m*(Q3-Q1); larger keeps fewer.",
     "k_neighbors": "Key-similar patches merged into each kept token.",
     "merge_weighting": "reference (unnormalised sums, as the authors' code and checkpoints) or "

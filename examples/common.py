@@ -1,0 +1,214 @@
+"""Helpers shared by the example scripts (not an example itself).
+
+Command-line pieces every example uses the same way: which checkpoint (`--model` or `--tiny`),
+which reduction (`--mode`, `--budget`, `--option KEY=VALUE`), vLLM engine settings, and finding
+and opening images. Nothing here imports vLLM, so `--help` and input errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# LLaVA-1.5's conversation format (llava-hf/llava-1.5-*-hf): one image, one question.
+DEFAULT_PROMPT = "USER: <image>\n{question} ASSISTANT:"
+DEFAULT_QUESTION = "What is shown in this image?"
+MODES = ("prumerge", "prumerge+", "fixed", "off")
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def use_cpu_if_no_gpu() -> None:
+    """On a machine without CUDA, run vLLM on its CPU platform with a 1 GiB KV cache.
+
+    vLLM cannot infer the device with PyPI's torch on a CPU-only machine; both variables can be
+    overridden from the environment.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+# --- which checkpoint -------------------------------------------------------------------------
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument(
+        "--model",
+        help="LLaVA-1.5 checkpoint: a Hugging Face hub id (e.g. llava-hf/llava-1.5-7b-hf) or a "
+        "local folder in the hub layout.",
+    )
+    group.add_argument(
+        "--tiny",
+        action="store_true",
+        help="Use the generated tiny LLaVA-1.5-shaped checkpoint (random weights, made once and "
+        "cached in ~/.cache/vllm-prumerge or $VLLM_PRUMERGE_CACHE): runs offline on any "
+        "machine; token counts are real, answers are gibberish.",
+    )
+
+
+def resolve_model(args: argparse.Namespace) -> str:
+    """The checkpoint to load: `--model` as given, or the tiny checkpoint's folder."""
+    if args.tiny:
+        from vllm_prumerge.testing import cached_tiny_llava
+
+        return str(cached_tiny_llava())
+    return args.model
+
+
+# --- which reduction --------------------------------------------------------------------------
+
+
+def add_reduction_arguments(parser: argparse.ArgumentParser, *, mode_default: str | None) -> None:
+    """`--mode` (unless the script adds its own), `--budget`, `--budget-ratio`, `--option`."""
+    if mode_default is not None:
+        parser.add_argument(
+            "--mode",
+            default=mode_default,
+            choices=MODES,
+            help="Reduction mode: prumerge (adaptive, ~32 of 576 tokens per image on "
+            "LLaVA-1.5-7B), prumerge+ (adaptive + spatial samples, ~144), fixed (keep "
+            "--budget or --budget-ratio tokens) or off (stock LLaVA, 576). "
+            f"Default: {mode_default}.",
+        )
+    parser.add_argument(
+        "--budget", type=int, default=None, help="fixed mode: tokens to keep per image."
+    )
+    parser.add_argument(
+        "--budget-ratio",
+        type=float,
+        default=None,
+        help="fixed mode: fraction of the 576 patches to keep (instead of --budget).",
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Any other PruMergeConfig option, repeatable: iqr_multiplier, k_neighbors, "
+        "merge_weighting (reference|normalized), order (reference|raster), min_tokens, "
+        "spatial_samples (fixed mode). E.g. --option iqr_multiplier=2.0.",
+    )
+
+
+def reduction_options(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """`mode` plus the options given on the command line, validated by PruMergeConfig.
+
+    The fixed-budget options are dropped for the other modes, so one command line can cover
+    several modes. Raises ValueError naming the bad option.
+    """
+    from vllm_prumerge import PruMergeConfig
+
+    options: dict[str, Any] = {"mode": mode}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option expects KEY=VALUE, got {item!r}")
+        options[key.strip()] = value
+    if args.budget is not None:
+        options["budget"] = args.budget
+    if args.budget_ratio is not None:
+        options["budget_ratio"] = args.budget_ratio
+    if mode.strip().lower() != "fixed":
+        for key in ("budget", "budget_ratio", "spatial_samples"):
+            options.pop(key, None)
+    return PruMergeConfig.from_dict(options).to_dict()
+
+
+# --- the vLLM engine --------------------------------------------------------------------------
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("vLLM engine")
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        help="Model dtype: auto (the checkpoint's; bfloat16 for float16 checkpoints on CPU), "
+        "float32, bfloat16 or float16. Default: auto.",
+    )
+    group.add_argument(
+        "--max-model-len", type=int, default=2048, help="Context length. Default: 2048."
+    )
+    group.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=8,
+        help="Sequences the engine runs at once. Default: 8.",
+    )
+    group.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Skip torch.compile / CUDA graphs (fast start; --no-enforce-eager for long jobs on "
+        "a GPU). Default: on.",
+    )
+    group.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Any other vllm.LLM keyword, repeatable; VALUE is parsed as JSON when it can be "
+        "(e.g. --engine-arg gpu_memory_utilization=0.8 --engine-arg seed=1).",
+    )
+
+
+def engine_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM`, PruMerge's excluded (see `engine_kwargs`)."""
+    kwargs: dict[str, Any] = {
+        "dtype": args.dtype,
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs,
+        "enforce_eager": args.enforce_eager,
+        "limit_mm_per_prompt": {"image": 1},
+    }
+    for item in args.engine_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
+        try:
+            kwargs[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key.strip()] = value
+    return kwargs
+
+
+# --- images -----------------------------------------------------------------------------------
+
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly in `folder` (by extension), sorted by name.
+
+    Raises FileNotFoundError / NotADirectoryError with the path.
+    """
+    root = Path(folder)
+    if not root.exists():
+        raise FileNotFoundError(f"no such folder: {root}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a folder: {root}")
+    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def open_image(path: str | os.PathLike):
+    """Open and fully decode an image as RGB; raises ValueError with the reason on failure."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    except Exception as exc:  # truncated or malformed data surfaces as many exception types
+        raise ValueError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None

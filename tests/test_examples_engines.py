@@ -1,0 +1,202 @@
+"""The vLLM examples end to end, run like a user would: their token counts equal the core's.
+
+Each test starts one engine (or one server) on the generated tiny checkpoint, runs the example
+as a subprocess with `--tiny` (pointed at the session's checkpoint) and checks what it wrote:
+one record per question, errors recorded for bad inputs, and per-image visual token counts equal
+to `len(features)` of `PruMergeEncoder.encode` on the same image and config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vllm_prumerge import PruMergeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER_ARGS = [
+    *shlex.split("--plugin prumerge --dtype float32 --enforce-eager --max-model-len 2048"),
+    *["--max-num-seqs", "8", "--limit-mm-per-prompt", '{"image": 1}'],
+    "--trust-request-mm-kwargs",  # lets requests choose the reduction (mm_processor_kwargs)
+]
+
+
+def tiny_cache_env(checkpoint: str, tmp_path: Path) -> dict[str, str]:
+    """Environment in which `--tiny` resolves to the session's checkpoint (no regeneration)."""
+    cache = tmp_path / "cache"
+    (cache / "checkpoints").mkdir(parents=True, exist_ok=True)
+    link = cache / "checkpoints" / Path(checkpoint).name
+    if not link.exists():
+        link.symlink_to(checkpoint, target_is_directory=True)
+    return {
+        **os.environ,
+        "VLLM_PRUMERGE_CACHE": str(cache),
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+    }
+
+
+def run_example(script: str, *args, env=None, timeout=900):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stderr[-6000:]}"
+    return done
+
+
+def encoder_tokens(checkpoint: str, paths: list[Path], config: PruMergeConfig) -> dict[str, int]:
+    """Image file name -> len(features) of PruMergeEncoder.encode (the core reduction)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from vllm_prumerge.encoder import PruMergeEncoder
+
+    hf_config = AutoConfig.from_pretrained(checkpoint)
+    processor = AutoProcessor.from_pretrained(checkpoint).image_processor
+    encoder = PruMergeEncoder(checkpoint, hf_config.vision_config, device="cpu")
+    images = [Image.open(p).convert("RGB") for p in paths]
+    encoded = encoder.encode(processor(images, return_tensors="pt")["pixel_values"], config)
+    return {p.name: len(f) for p, f in zip(paths, encoded.features, strict=True)}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """3 scenes, questions.jsonl, a broken image, a missing one and a malformed line."""
+    folder = tmp_path_factory.mktemp("inputs")
+    run_example("make_inputs.py", folder, "--images", 3, "--broken")
+    return folder
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(900)
+def test_batch_offline_answers_every_question_with_the_cores_token_counts(
+    tiny_llava, inputs, tmp_path
+):
+    fixed_7 = {"mode": "fixed", "budget": 7}
+    overrides = [
+        {"id": "as-off", "image": "scene_01.png", "question": "Q?", "prumerge": "off"},
+        {"id": "as-fixed", "image": "scene_01.png", "question": "Q?", "prumerge": fixed_7},
+        {"id": "bad-mode", "image": "scene_01.png", "question": "Q?", "prumerge": "nope"},
+    ]
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        (inputs / "questions.jsonl").read_text() + "".join(json.dumps(o) + "\n" for o in overrides)
+    )
+    output = tmp_path / "out" / "answers.jsonl"
+    args = shlex.split("--tiny --mode prumerge+ --dtype float32 --max-tokens 4 --batch-size 2")
+    env = tiny_cache_env(tiny_llava, tmp_path)
+    done = run_example(
+        "batch_offline.py", inputs, *args, "--questions", questions, "--output", output, env=env
+    )
+    assert "answering" in done.stderr  # the progress bar
+
+    records = read_jsonl(output)
+    ids = ["00-0", "01-0", "02-0", "broken", "missing", "6", "as-off", "as-fixed", "bad-mode"]
+    assert [r["id"] for r in records] == ids
+    errors = {r["id"]: r["error"] for r in records if r["error"]}
+    assert set(errors) == {"broken", "missing", "6", "bad-mode"}
+    assert "cannot read image" in errors["broken"] and "not found" in errors["missing"]
+    assert "invalid JSON" in errors["6"] and "nope" in errors["bad-mode"]
+
+    scenes = sorted(inputs.glob("scene_*.png"))
+    plus = encoder_tokens(tiny_llava, scenes, PruMergeConfig(mode="prumerge+"))
+    fixed = encoder_tokens(tiny_llava, scenes, PruMergeConfig(mode="fixed", budget=7))
+    expected = {f"0{i}-0": plus[f"scene_0{i}.png"] for i in range(3)}
+    expected.update({"as-off": 576, "as-fixed": fixed["scene_01.png"]})
+    answered = {r["id"]: r for r in records if not r["error"]}
+    assert {k: r["image_tokens"] for k, r in answered.items()} == expected
+    assert answered["as-fixed"]["image_tokens"] == 8  # budget 7 + the extra token
+    assert [answered[k]["mode"] for k in expected] == ["prumerge+"] * 3 + ["off", "fixed"]
+    for r in answered.values():
+        assert isinstance(r["answer"], str) and r["output_tokens"] >= 1
+        assert r["prompt_tokens"] > r["image_tokens"]
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(900)
+def test_ray_batch_maps_images_through_an_engine_actor(tiny_llava, tmp_path):
+    from vllm_prumerge.testing import make_scenes
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, scene in enumerate(make_scenes(2, seed=5)):
+        scene.save(folder / f"img_{i}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    (folder / "notes.txt").write_text("not an image: ignored")
+    output = tmp_path / "ray_answers.jsonl"
+    args = shlex.split("--tiny --dtype float32 --max-tokens 4 --concurrency 1 --batch-size 2")
+    questions = ["--question", "What is this?", "--question", "Any text?"]
+    env = tiny_cache_env(tiny_llava, tmp_path)
+    run_example("ray_batch.py", folder, *args, *questions, "--output", output, env=env)
+    records = read_jsonl(output)
+    assert len(records) == 6  # 3 image files x 2 questions
+    by_image: dict[str, list[dict]] = {}
+    for r in records:
+        by_image.setdefault(Path(r["image"]).name, []).append(r)
+    assert sorted(by_image) == ["broken.jpg", "img_0.png", "img_1.png"]
+    assert all("cannot read image" in r["error"] for r in by_image.pop("broken.jpg"))
+    expected = encoder_tokens(
+        tiny_llava, sorted(folder.glob("img_*.png")), PruMergeConfig(mode="prumerge")
+    )
+    for name, rows in by_image.items():
+        assert sorted(r["question"] for r in rows) == ["Any text?", "What is this?"]
+        for r in rows:
+            assert r["error"] is None and r["mode"] == "prumerge"
+            assert r["image_tokens"] == expected[name]
+            assert isinstance(r["answer"], str) and r["output_tokens"] >= 1
+
+
+@pytest.mark.server
+@pytest.mark.timeout(900)
+def test_openai_client_chooses_the_mode_per_request(tiny_llava, inputs, tmp_path):
+    from vllm_prumerge.testing.server import serve
+
+    scenes = [inputs / "scene_00.png", inputs / "scene_02.png"]
+    output = tmp_path / "client.jsonl"
+    with serve(tiny_llava, args=SERVER_ARGS, log_path=tmp_path / "serve.log") as url:
+        modes = shlex.split("--mode server --mode prumerge+ --mode off --mode fixed --budget 5")
+        images = [*scenes, inputs / "broken.png"]
+        run_example(
+            "openai_client.py",
+            *images,
+            "--base-url",
+            f"{url}/v1",
+            *modes,
+            "--max-tokens",
+            "4",
+            "--output",
+            output,
+        )
+    records = read_jsonl(output)
+    errors = [r for r in records if r["error"]]
+    assert [Path(r["image"]).name for r in errors] == ["broken.png"]
+    expected = {
+        "server": encoder_tokens(tiny_llava, scenes, PruMergeConfig(mode="prumerge")),
+        "prumerge+": encoder_tokens(tiny_llava, scenes, PruMergeConfig(mode="prumerge+")),
+        "off": {p.name: 576 for p in scenes},
+        "fixed": {p.name: 6 for p in scenes},
+    }
+    answered = [r for r in records if not r["error"]]
+    assert len(answered) == len(scenes) * len(expected)
+    text_tokens: dict[str, set[int]] = {}
+    for r in answered:
+        name = Path(r["image"]).name
+        assert r["image_tokens"] == expected[r["mode"]][name], r
+        assert isinstance(r["answer"], str) and r["completion_tokens"] >= 1
+        # usage.prompt_tokens counts the reduced visual tokens: the rest is the same text.
+        text_tokens.setdefault(name, set()).add(r["prompt_tokens"] - r["image_tokens"])
+    assert all(len(counts) == 1 for counts in text_tokens.values()), text_tokens
