@@ -1,0 +1,221 @@
+"""The batched entry point: class attention -> selection -> merge -> packed ragged output."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vllm_prumerge.config import PruMergeConfig
+from vllm_prumerge.reduction.attention import class_attention
+from vllm_prumerge.reduction.merge import merge_kept_tokens
+from vllm_prumerge.reduction.selection import select_tokens
+
+__all__ = ["ReducedTokens", "reduce_tokens"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ReducedTokens:
+    """The reduced visual tokens of a batch of B images, packed (ragged) along the first dim.
+
+    Image ``b`` contributes ``lengths[b]`` consecutive rows of ``features``: its
+    ``num_kept[b]`` kept tokens in output order, then the extra token (none in mode ``"off"``).
+
+    Attributes:
+        features: ``[T, C]`` in the input features' dtype, ``T = sum(lengths)``.
+        lengths: ``[B]`` int64, tokens per image: ``num_kept + 1`` (``N`` in mode ``"off"``).
+        kept_indices: ``[sum(num_kept)]`` int64, packed per image: the patch index (``0..N-1``,
+            row-major) behind each kept output token, in output order.
+        num_kept: ``[B]`` int64, kept patches per image (attention-selected + spatial samples).
+        num_outliers: ``[B]`` int64, patches kept for their attention: the IQR outliers after the
+            ``min_tokens`` safeguard, or the fixed budget (0 in mode ``"off"``). In reference
+            order they are the first ``num_outliers[b]`` tokens.
+        class_attention: ``[B, N]`` float32, the CLS attention used (for visualisation; NaN in
+            mode ``"off"`` when no queries/keys were given).
+        fence: ``[B]`` float32, each image's IQR upper fence (NaN unless the mode is adaptive);
+            ``(class_attention > fence[:, None]).sum(-1)`` is the raw outlier count before the
+            safeguard.
+        merge_target: ``[B, N]`` int64, for every patch the position within its image's output
+            (``0..lengths[b]-1``) of the token that absorbed it most strongly: a kept patch its
+            own position; a pruned patch the kept token that picked it as a neighbour with the
+            highest key cosine similarity, or the extra token (position ``num_kept[b]``) when
+            none picked it. Identity in mode ``"off"``.
+        host_lengths: ``lengths`` as Python ints (already on the host; no further sync).
+        host_num_kept: ``num_kept`` as Python ints.
+    """
+
+    features: torch.Tensor
+    lengths: torch.Tensor
+    kept_indices: torch.Tensor
+    num_kept: torch.Tensor
+    num_outliers: torch.Tensor
+    class_attention: torch.Tensor
+    fence: torch.Tensor
+    merge_target: torch.Tensor
+    host_lengths: tuple[int, ...]
+    host_num_kept: tuple[int, ...]
+
+    @property
+    def batch_size(self) -> int:
+        """B, the number of images."""
+        return len(self.host_lengths)
+
+    def split(self) -> list[torch.Tensor]:
+        """Per-image token tensors ``[L_b, C]`` (views of ``features``), no host sync."""
+        return list(self.features.split(list(self.host_lengths)))
+
+    def split_kept_indices(self) -> list[torch.Tensor]:
+        """Per-image kept patch indices ``[num_kept[b]]`` (views of ``kept_indices``)."""
+        return list(self.kept_indices.split(list(self.host_num_kept)))
+
+
+def _check_shapes(
+    features: torch.Tensor, q_cls: torch.Tensor | None, keys: torch.Tensor | None
+) -> None:
+    if features.dim() != 3 or features.shape[1] < 1:
+        raise ValueError(
+            f"reduce_tokens: features must be [B, N, C] with N >= 1, got {tuple(features.shape)}"
+        )
+    if not features.is_floating_point():
+        raise TypeError(f"reduce_tokens: features must be floating point, got {features.dtype}")
+    if q_cls is None or keys is None:
+        return
+    batch, n_patches, _ = features.shape
+    if q_cls.dim() != 2 or q_cls.shape[0] != batch:
+        raise ValueError(
+            f"reduce_tokens: q_cls must be [B, D] with B = {batch}, got {tuple(q_cls.shape)}"
+        )
+    if keys.shape != (batch, n_patches + 1, q_cls.shape[1]):
+        raise ValueError(
+            f"reduce_tokens: keys must be [B, N + 1, D] = {(batch, n_patches + 1, q_cls.shape[1])}"
+            f" (CLS row first), got {tuple(keys.shape)}"
+        )
+    if not (features.device == q_cls.device == keys.device):
+        raise ValueError(
+            "reduce_tokens: features, q_cls and keys must be on one device, got "
+            f"{features.device}, {q_cls.device}, {keys.device}"
+        )
+
+
+def _passthrough(
+    features: torch.Tensor, q_cls: torch.Tensor | None, keys: torch.Tensor | None
+) -> ReducedTokens:
+    batch, n_patches, width = features.shape
+    device = features.device
+    if q_cls is not None and keys is not None:
+        attention = class_attention(q_cls, keys)
+    else:
+        attention = torch.full((batch, n_patches), float("nan"), device=device)
+    patches = torch.arange(n_patches, device=device)
+    counts = torch.full((batch,), n_patches, dtype=torch.int64, device=device)
+    return ReducedTokens(
+        features=features.reshape(batch * n_patches, width),
+        lengths=counts,
+        kept_indices=patches.repeat(batch),
+        num_kept=counts.clone(),
+        num_outliers=torch.zeros_like(counts),
+        class_attention=attention,
+        fence=torch.full((batch,), float("nan"), device=device),
+        merge_target=patches.expand(batch, n_patches).clone(),
+        host_lengths=(n_patches,) * batch,
+        host_num_kept=(n_patches,) * batch,
+    )
+
+
+def _pack_index(counts: torch.Tensor, total: int, stride: int, extra_row: bool) -> torch.Tensor:
+    """Flat row indices into a padded ``[B, stride]`` layout picking each image's first
+    ``counts[b]`` rows (and then row ``stride - 1``, the extra token, when ``extra_row``)."""
+    device = counts.device
+    lengths = counts + 1 if extra_row else counts
+    ends = torch.cumsum(lengths, 0)
+    slot = torch.arange(total, device=device)
+    image = torch.searchsorted(ends, slot, right=True)
+    position = slot - (ends - lengths)[image]
+    if extra_row:
+        position = torch.where(position == counts[image], stride - 1, position)
+    return image * stride + position
+
+
+def reduce_tokens(
+    features: torch.Tensor,
+    q_cls: torch.Tensor | None,
+    keys: torch.Tensor | None,
+    config: PruMergeConfig | None = None,
+) -> ReducedTokens:
+    """PruMerge / PruMerge+ / fixed-budget reduction of a batch of images, each on its own.
+
+    Takes the three tensors of :class:`vllm_prumerge.vision.PruMergeInputs` explicitly
+    (``reduce_tokens(*inputs, config)`` works too). Every image is reduced independently
+    (statistics are never pooled across the batch), so a request's result does not depend on
+    its neighbours. Exactly one device-to-host sync (the kept counts, to size the ragged
+    output); deterministic; float32/bfloat16/float16 inputs (all statistics and the merge in
+    float32, output cast back to the features' dtype); CPU or CUDA.
+
+    Steps (see :class:`PruMergeConfig` for every option and edge case):
+    1. class attention ``softmax(q_cls K^T / sqrt(D))`` over CLS + patches, CLS column dropped;
+    2. selection: IQR outliers per image (or the fixed budget), the ``min_tokens`` safeguard,
+       PruMerge+ spatial samples;
+    3. merge: each kept token absorbs its ``k_neighbors`` key-nearest patches weighted by
+       attention; one extra token sums the pruned patches.
+
+    Never raises on odd attention: uniform attention keeps the top ``min_tokens`` patches
+    (ties: lower index first), ``r > 1/3`` uses spatial stride 1, non-finite attention is
+    treated as 0. Shape errors raise ``ValueError``.
+
+    Args:
+        features: ``[B, N, C]`` patch features (e.g. CLIP ``hidden_states[-2]`` without CLS).
+        q_cls: ``[B, D]`` the CLS row of the scoring layer's raw ``q_proj`` output. May be None
+            only in mode ``"off"``.
+        keys: ``[B, N + 1, D]`` that layer's raw ``k_proj`` output, CLS row first. May be None
+            only in mode ``"off"``.
+        config: a :class:`PruMergeConfig`; ``None`` means ``PruMergeConfig()`` (PruMerge).
+
+    Returns:
+        :class:`ReducedTokens`; in mode ``"off"`` all ``N`` features per image unchanged, with
+        no extra token (``lengths = N``), so callers need only one code path.
+    """
+    config = PruMergeConfig() if config is None else config
+    _check_shapes(features, q_cls, keys)
+    if not config.enabled:
+        return _passthrough(features, q_cls, keys)
+    if q_cls is None or keys is None:
+        raise ValueError(f"reduce_tokens: mode {config.mode!r} needs q_cls and keys")
+
+    batch, _, width = features.shape
+    attention = class_attention(q_cls, keys)
+    selection = select_tokens(attention, config)
+
+    host_num_kept = tuple(selection.num_kept.tolist())  # the one host sync: sizes the output
+    rows = max(host_num_kept, default=0)
+    total_kept = sum(host_num_kept)
+    kept_rows = selection.order[:, :rows]
+    row_valid = torch.arange(rows, device=features.device) < selection.num_kept.unsqueeze(-1)
+
+    merged = merge_kept_tokens(
+        features,
+        attention,
+        keys[:, 1:],
+        kept_rows,
+        row_valid,
+        selection.kept,
+        config.k_neighbors,
+        config.merge_weighting,
+    )
+    padded = torch.cat([merged.tokens, merged.extra.unsqueeze(1)], dim=1)  # [B, M + 1, C]
+    flat_tokens = padded.reshape(batch * (rows + 1), width)
+    token_index = _pack_index(selection.num_kept, total_kept + batch, rows + 1, extra_row=True)
+    kept_index = _pack_index(selection.num_kept, total_kept, rows, extra_row=False)
+    return ReducedTokens(
+        features=flat_tokens.index_select(0, token_index).to(features.dtype),
+        lengths=selection.num_kept + 1,
+        kept_indices=kept_rows.reshape(-1).index_select(0, kept_index),
+        num_kept=selection.num_kept,
+        num_outliers=selection.num_outliers,
+        class_attention=attention,
+        fence=selection.fence,
+        merge_target=torch.where(
+            merged.target == rows, selection.num_kept.unsqueeze(-1), merged.target
+        ),
+        host_lengths=tuple(n + 1 for n in host_num_kept),
+        host_num_kept=host_num_kept,
+    )
