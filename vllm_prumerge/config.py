@@ -83,9 +83,11 @@ class PruMergeConfig:
         patches by class attention are kept instead (ties: lower patch index first), so an
         image always yields at least ``min(min_tokens, N) + 1`` tokens. In ``prumerge+`` the
         spatial stride is then derived from this safeguarded count. In ``fixed`` mode it is a
-        floor on the budget. ``0`` reproduces the reference exactly (``prumerge``: just the extra
-        token; ``prumerge+``: only patch 0 is sampled, the limit of the reference's stride for
-        vanishing ratio, where the reference divides by zero).
+        floor on the budget. The default 1 differs from the reference only when no patch is an
+        outlier (2 tokens instead of the reference's lone extra token). ``0`` disables the
+        safeguard: ``prumerge`` then returns just the extra token, exactly as the reference;
+        ``prumerge+`` (where the reference divides by zero) samples only patch 0, the limit of
+        the reference's stride as the outlier ratio goes to 0.
     budget (int >= 0 or None, default None)
         ``fixed`` mode: how many patches to keep by class attention (clipped to ``N``).
     budget_ratio (float in (0, 1] or None, default None)

@@ -71,7 +71,7 @@ def _merge_target(
     own_row = torch.full((batch, n_patches), rows, dtype=torch.int64, device=device)
     own_row.scatter_(1, kept_rows, torch.arange(rows, device=device).expand(batch, rows))
     if rows == 0 or k == 0:
-        return own_row
+        return torch.where(kept, own_row, rows)
     pairs = neighbours.reshape(batch, rows * k)
     similarity = torch.where(row_valid.unsqueeze(-1), neighbour_similarity, float("-inf"))
     similarity = similarity.reshape(batch, rows * k)
