@@ -1,18 +1,16 @@
 """The exact user command, `vllm serve CKPT --plugin prumerge`, as a subprocess on loopback.
 
 Checked through the OpenAI client: usage.prompt_tokens carries the reduced count, per-request
-modes, bad input answered with HTTP 400 while the server keeps serving, /metrics, the startup
-log, and that a small KV cache runs more PruMerge requests at once than stock-length ones.
+modes, bad input answered with HTTP 400 while the server keeps serving, /metrics and the
+startup log. (KV-cache concurrency is pinned offline from vLLM's per-step stats, in
+test_kv_concurrency.py: sampling the server's gauge could miss the peak.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import re
-import threading
-import time
 import urllib.request
 
 import pytest
@@ -24,7 +22,6 @@ from vllm_prumerge.testing.server import serve
 
 pytestmark = pytest.mark.server
 
-KV_BLOCKS = 25  # 24 usable x 128 tokens (+1 null block): at most 4 stock-length prompts fit
 SERVER_ARGS = [
     "--plugin",
     "prumerge",
@@ -38,8 +35,6 @@ SERVER_ARGS = [
     "8",
     "--limit-mm-per-prompt",
     '{"image": 2}',
-    "--num-gpu-blocks-override",
-    str(KV_BLOCKS),
 ]
 QUESTION = "What is shown in this image?"
 
@@ -188,50 +183,3 @@ def test_metrics_expose_visual_tokens_and_reduction_time(server, client, model_n
     assert 'vllm_prumerge:visual_tokens_per_image_bucket{le="32.0",mode="prumerge"}' in text
     seconds = re.search(r'vllm_prumerge:reduction_seconds_sum\{mode="prumerge"\} (\S+)', text)
     assert seconds and float(seconds.group(1)) > 0
-
-
-def _peak_running(base_url, client, model, urls, mode) -> int:
-    """Send all requests at once; sample vLLM's running-requests gauge until they finish."""
-    from openai import AsyncOpenAI
-
-    peak, done = [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            m = re.search(r"^vllm:num_requests_running\{[^}]*\} (\S+)", _metrics(base_url), re.M)
-            peak[0] = max(peak[0], int(float(m.group(1))))
-            time.sleep(0.02)
-
-    async def burst():
-        aclient = AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
-        await asyncio.gather(
-            *[
-                aclient.chat.completions.create(
-                    model=model,
-                    messages=_messages(url),
-                    max_tokens=400,
-                    temperature=0.0,
-                    extra_body={"mm_processor_kwargs": {"prumerge": mode}, "ignore_eos": True},
-                )
-                for url in urls
-            ]
-        )
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        asyncio.run(burst())
-    finally:
-        done.set()
-        sampler.join()
-    return peak[0]
-
-
-def test_small_kv_cache_runs_more_prumerge_requests_at_once(server, client, model_name, scenes):
-    urls = [_data_url(img) for img in scenes]
-    stock_peak = _peak_running(server[0], client, model_name, urls, "off")
-    prumerge_peak = _peak_running(server[0], client, model_name, urls, "prumerge")
-    # 24 usable blocks of 128 tokens hold at most 4 prompts of 576 image tokens (5 blocks each).
-    assert stock_peak <= 4
-    print(f"peak running requests: off {stock_peak}, prumerge {prumerge_peak}")
-    assert prumerge_peak > stock_peak, (prumerge_peak, stock_peak)
