@@ -48,10 +48,13 @@ def cosine_similarity_rows(keys: torch.Tensor, rows: torch.Tensor) -> torch.Tens
     Returns:
         ``[B, M, N]`` float32.
     """
-    batch, _, depth = keys.shape
+    batch, n_keys, depth = keys.shape
     keys = keys.float()
     norms = torch.linalg.vector_norm(keys, ord=2, dim=-1).clamp_min(1e-12)  # [B, N]
-    selected = keys.gather(1, rows.unsqueeze(-1).expand(batch, rows.shape[1], depth))
+    # index_select on the flattened rows: same values as a gather, several times faster on CPU.
+    flat = (rows + torch.arange(batch, device=rows.device).view(batch, 1) * n_keys).reshape(-1)
+    selected = keys.reshape(batch * n_keys, depth).index_select(0, flat)
+    selected = selected.reshape(batch, rows.shape[1], depth)
     selected = selected / norms.gather(1, rows).unsqueeze(-1)
     dots = torch.bmm(selected, keys.transpose(1, 2))
     return dots / norms.unsqueeze(1)
