@@ -87,18 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"question for images without questions. Default: {common.DEFAULT_QUESTION!r}.",
     )
     common.add_reduction_arguments(parser, mode_default="prumerge")
-    parser.add_argument(
-        "--prompt-template",
-        default=common.DEFAULT_PROMPT,
-        help="prompt with one <image> and a {question} field. Default: LLaVA-1.5's "
-        f"{common.DEFAULT_PROMPT!r}.",
-    )
-    parser.add_argument(
-        "--max-tokens", type=int, default=64, help="tokens to generate per answer. Default: 64."
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature. Default: 0 (greedy)."
-    )
+    common.add_generation_arguments(parser)
     parser.add_argument(
         "--batch-size",
         type=int,

@@ -125,6 +125,21 @@ def reduction_options(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     return PruMergeConfig.from_dict(options).to_dict()
 
 
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """--prompt-template, --max-tokens and --temperature, shared by the vLLM examples."""
+    parser.add_argument(
+        "--prompt-template",
+        default=DEFAULT_PROMPT,
+        help=f"prompt with one <image> and a {{question}} field. Default: {DEFAULT_PROMPT!r}.",
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=64, help="tokens to generate per answer. Default: 64."
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature. Default: 0 (greedy)."
+    )
+
+
 # --- the vLLM engine --------------------------------------------------------------------------
 
 

@@ -182,18 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"question asked about every image, repeatable. Default: {common.DEFAULT_QUESTION!r}.",
     )
     common.add_reduction_arguments(parser, mode_default="prumerge")
-    parser.add_argument(
-        "--prompt-template",
-        default=common.DEFAULT_PROMPT,
-        help="prompt with one <image> and a {question} field. Default: "
-        f"{common.DEFAULT_PROMPT!r}.",
-    )
-    parser.add_argument(
-        "--max-tokens", type=int, default=64, help="tokens to generate per answer. Default: 64."
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature. Default: 0."
-    )
+    common.add_generation_arguments(parser)
 
     ray_group = parser.add_argument_group("Ray")
     ray_group.add_argument(
