@@ -7,8 +7,8 @@ server must run with `--trust-request-mm-kwargs` to accept it); without one the 
 reduced visual tokens) and the visual tokens themselves, counted in the prompt token ids vLLM
 returns with `return_token_ids`.
 
-    python -m vllm_prumerge.testing.checkpoint /tmp/tiny-llava
-    VLLM_TARGET_DEVICE=cpu vllm serve /tmp/tiny-llava --plugin prumerge --dtype float32 \\
+    python -m vllm_prumerge.testing.checkpoint out/tiny-llava
+    VLLM_TARGET_DEVICE=cpu vllm serve out/tiny-llava --plugin prumerge --dtype float32 \\
         --enforce-eager --max-model-len 2048 --trust-request-mm-kwargs --port 8000 &
     python examples/openai_client.py inputs --mode server --mode prumerge+ --mode off
 """

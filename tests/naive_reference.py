@@ -1,6 +1,6 @@
 """A deliberately naive transcription of the PruMerge / PruMerge+ reference, one image at a time.
 
-Written step by step from /work/shared/docs/prumerge-reference.md (the authors' clip_encoder.py
+Written step by step from the shared docs' prumerge-reference.md (the authors' clip_encoder.py
 semantics): a Python loop per kept token, NumPy quartiles on the host, batch size 1. It does not
 import the production code; the tests and the benchmark compare against it.
 
