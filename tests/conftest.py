@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +36,18 @@ def scenes():
     from vllm_prumerge.testing import make_scenes
 
     return make_scenes(8, seed=1)
+
+
+def tiny_cache_env(checkpoint: str, tmp_path: Path) -> dict[str, str]:
+    """Environment in which `--tiny` resolves to the session's checkpoint (no regeneration)."""
+    cache = tmp_path / "cache"
+    (cache / "checkpoints").mkdir(parents=True, exist_ok=True)
+    link = cache / "checkpoints" / Path(checkpoint).name
+    if not link.exists():
+        link.symlink_to(checkpoint, target_is_directory=True)
+    return {
+        **os.environ,
+        "VLLM_PRUMERGE_CACHE": str(cache),
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+    }

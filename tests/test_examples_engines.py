@@ -9,7 +9,6 @@ to `len(features)` of `PruMergeEncoder.encode` on the same image and config.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.conftest import tiny_cache_env
 from vllm_prumerge import PruMergeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,21 +26,6 @@ SERVER_ARGS = [
     *["--max-num-seqs", "8", "--limit-mm-per-prompt", '{"image": 1}'],
     "--trust-request-mm-kwargs",  # lets requests choose the reduction (mm_processor_kwargs)
 ]
-
-
-def tiny_cache_env(checkpoint: str, tmp_path: Path) -> dict[str, str]:
-    """Environment in which `--tiny` resolves to the session's checkpoint (no regeneration)."""
-    cache = tmp_path / "cache"
-    (cache / "checkpoints").mkdir(parents=True, exist_ok=True)
-    link = cache / "checkpoints" / Path(checkpoint).name
-    if not link.exists():
-        link.symlink_to(checkpoint, target_is_directory=True)
-    return {
-        **os.environ,
-        "VLLM_PRUMERGE_CACHE": str(cache),
-        "VLLM_TARGET_DEVICE": "cpu",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-    }
 
 
 def run_example(script: str, *args, env=None, timeout=900):

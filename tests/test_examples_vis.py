@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -14,20 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import tiny_cache_env
 from vllm_prumerge import PruMergeConfig, vis
 from vllm_prumerge.reduction import reduce_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_cache_env(checkpoint: str, tmp_path: Path) -> dict[str, str]:
-    """Environment in which `--tiny` resolves to the session's checkpoint (no regeneration)."""
-    cache = tmp_path / "cache"
-    (cache / "checkpoints").mkdir(parents=True, exist_ok=True)
-    link = cache / "checkpoints" / Path(checkpoint).name
-    if not link.exists():
-        link.symlink_to(checkpoint, target_is_directory=True)
-    return {**os.environ, "VLLM_PRUMERGE_CACHE": str(cache)}
 
 
 def run_example(script: str, *args: str, env=None, cwd=None, timeout=600):
