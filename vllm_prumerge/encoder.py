@@ -40,6 +40,12 @@ def _strip_tower_prefix(key: str) -> str | None:
     return None
 
 
+def _tower_shards(index_file: Path) -> list[str]:
+    """The safetensors files that hold vision-tower tensors, from a sharded checkpoint's index."""
+    weight_map = json.loads(index_file.read_text())["weight_map"]
+    return sorted({f for k, f in weight_map.items() if _strip_tower_prefix(k) is not None})
+
+
 def _checkpoint_folder(model: str, revision: str | None, download_dir: str | None) -> Path:
     """A local folder holding the checkpoint's config and the safetensors with the tower."""
     if os.path.isdir(model):
@@ -60,8 +66,7 @@ def _checkpoint_folder(model: str, revision: str | None, download_dir: str | Non
                 allow_patterns=["*.json", "model.safetensors"],
             )
         )
-    weight_map = json.loads(Path(index_file).read_text())["weight_map"]
-    shards = sorted({f for k, f in weight_map.items() if _strip_tower_prefix(k) is not None})
+    shards = _tower_shards(Path(index_file))
     return Path(
         snapshot_download(
             model,
@@ -78,8 +83,7 @@ def _tower_tensors(folder: Path) -> Iterable[tuple[str, torch.Tensor]]:
 
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({f for k, f in weight_map.items() if _strip_tower_prefix(k) is not None})
+        files = _tower_shards(index)
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
