@@ -260,6 +260,16 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def write_outputs(out: Path, name: str, data: dict[str, Any], report: str) -> None:
+    """Write `name`.json (every figure) and `name`.md (the report), print the report and a
+    summary of what was written (with any plots listed in `data["plots"]`)."""
+    write_json(out / f"{name}.json", data)
+    (out / f"{name}.md").write_text(report)
+    print(report)
+    written = [f"{name}.json", f"{name}.md", *data.get("plots", [])]
+    print(f"wrote {out}/{', '.join(written)} ({data['total_seconds']:.0f} s)")
+
+
 def fmt(value: Any, digits: int = 2) -> str:
     """Compact number formatting for Markdown tables ("-" for missing / NaN)."""
     if value is None:

@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import environment, markdown_table, progress, write_json
+from _common import environment, markdown_table, progress, write_outputs
 
 # Model shapes: LLaVA-1.5-7B (Vicuna-7B + CLIP-L/14-336) and a tiny one for CPU validation.
 SHAPES: dict[str, dict[str, int]] = {
@@ -607,11 +607,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data["total_seconds"] = time.perf_counter() - wall
     if not args.no_plots and data["prefill"]:
         data["plots"] = plot(data, out)
-    write_json(out / "prefill.json", data)
-    report = markdown_report(data)
-    (out / "prefill.md").write_text(report)
-    print(report)
-    print(f"wrote {out}/prefill.json, prefill.md ({data['total_seconds']:.0f} s)")
+    write_outputs(out, "prefill", data, markdown_report(data))
     return data
 
 

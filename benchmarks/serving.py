@@ -50,7 +50,7 @@ from _common import (
     progress,
     summary,
     synthetic_checkpoint,
-    write_json,
+    write_outputs,
 )
 
 VISUAL_METRIC = "vllm_prumerge:visual_tokens_per_image"
@@ -771,11 +771,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if not args.no_plots:
         result["plots"] = plot(result, out)
-    write_json(out / "serving.json", result)
-    report = markdown_report(result)
-    (out / "serving.md").write_text(report)
-    print(report)
-    print(f"wrote {out}/serving.json, serving.md ({result['total_seconds']:.0f} s)")
+    write_outputs(out, "serving", result, markdown_report(result))
     return result
 
 

@@ -54,7 +54,7 @@ from _common import (
     progress,
     summary,
     synthetic_checkpoint,
-    write_json,
+    write_outputs,
 )
 
 from vllm_prumerge.serving.stats import StepTracker, stat_logger_factory
@@ -832,15 +832,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data["total_seconds"] = time.perf_counter() - wall_start
     if not args.no_plots:
         data["plots"] = plot(data, out)
-    write_json(out / "throughput.json", data)
-    report = markdown_report(data)
-    (out / "throughput.md").write_text(report)
-    print(report)
-    print(
-        f"wrote {out}/throughput.json, throughput.md"
-        + "".join(f", {name}" for name in data.get("plots", []))
-        + f" ({data['total_seconds']:.0f} s)"
-    )
+    write_outputs(out, "throughput", data, markdown_report(data))
     return data
 
 
