@@ -1,0 +1,19 @@
+"""Answer-quality metrics for comparing reduction modes (pure Python; no vLLM)."""
+
+from vllm_prumerge.evaluation.vqa import (
+    answers_agree,
+    exact_match,
+    normalize_answer,
+    process_digit_article,
+    process_punctuation,
+    vqa_accuracy,
+)
+
+__all__ = [
+    "answers_agree",
+    "exact_match",
+    "normalize_answer",
+    "process_digit_article",
+    "process_punctuation",
+    "vqa_accuracy",
+]
