@@ -2,7 +2,7 @@
 # first if it is missing (scripts/env.sh), so a new machine needs nothing but Python.
 SHELL := /bin/bash
 
-.PHONY: env demo test lint format
+.PHONY: env demo test lint format compat
 env:
 	@bash scripts/env.sh | tail -n 1
 
@@ -20,3 +20,7 @@ lint:
 format:
 	@env_dir="$$(bash scripts/env.sh | tail -n 1)" && \
 	  "$$env_dir/bin/ruff" check --fix . && "$$env_dir/bin/ruff" format .
+
+# The front end against vLLM 0.33 (separate cached environment, no engine): scripts/compat.sh.
+compat:
+	@bash scripts/compat.sh $(ARGS)
