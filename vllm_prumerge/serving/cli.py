@@ -17,7 +17,9 @@ from typing import Any
 from vllm_prumerge.config import MERGE_WEIGHTINGS, MODES, ORDERS, PruMergeConfig
 from vllm_prumerge.serving.options import ARCHITECTURE, CONFIG_KEY
 
-SUPPORTED_VLLM = "0.32."
+# vLLM releases whose `EngineArgs.add_cli_args` / parser flow the hook was checked against
+# (0.33 by `make compat`: scripts/compat.sh).
+SUPPORTED_VLLM = ("0.32.", "0.33.")
 PLUGIN_NAME = "prumerge"
 _HOOKED = "_vllm_prumerge_hooked"
 
@@ -114,9 +116,9 @@ def install_cli_hook() -> bool:
         from vllm.logger import init_logger
 
         init_logger(__name__).warning(
-            "vllm-prumerge's --plugin flag supports vLLM %sx, found %s; use "
+            "vllm-prumerge's --plugin flag supports vLLM %s, found %s; use "
             '--hf-overrides \'{"architectures": ["%s"]}\' instead.',
-            SUPPORTED_VLLM,
+            " and ".join(version + "x" for version in SUPPORTED_VLLM),
             vllm.__version__,
             ARCHITECTURE,
         )
