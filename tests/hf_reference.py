@@ -1,66 +1,120 @@
-"""An independent LLaVA + PruMerge pipeline in plain transformers, for checking what vLLM serves.
+"""An independent LLaVA-family + PruMerge pipeline in plain transformers, for checking vLLM.
 
-Nothing here goes through the plugin's serving code or its CLIP path: the tower runs as
-transformers' full forward (eager attention), the scoring layer's q/k are read with forward hooks,
-the core reduction is applied to those, the projected features are spliced into
-`inputs_embeds`, and decoding is an explicit greedy loop over raw logits.
+Nothing here goes through the plugin's serving code, its encoder or its tower path: the tower
+runs as transformers' full forward (eager attention); the scoring layer's q/k are read with
+forward hooks (CLIP: the CLS row's class attention, by the core ``reduce_tokens``), or its
+attention probabilities are read from ``output_attentions`` (SigLIP: averaged over heads and
+queries by hand here); the core reduction (``reduce_tokens`` / ``reduce_by_importance``) is
+applied per image or per LLaVA-NeXT crop (crops counted by transformers' own anyres helper);
+``off`` on LLaVA-NeXT uses transformers' own ``get_image_features`` + ``pack_image_features``
+(unpadding and newlines); the projected features are spliced into ``inputs_embeds``, and
+decoding is an explicit greedy loop over raw logits.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionConfig
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from vllm_prumerge.config import PruMergeConfig
-from vllm_prumerge.reduction import reduce_tokens
+from vllm_prumerge.reduction import reduce_by_importance, reduce_tokens
 
 
 class HFPruMergeLlava:
+    """LLaVA-1.5, SigLIP-LLaVA (LLaVA-Interleave-shaped) and LLaVA-NeXT, by the checkpoint."""
+
     def __init__(self, checkpoint: str) -> None:
-        self.model = LlavaForConditionalGeneration.from_pretrained(
+        self.model = AutoModelForImageTextToText.from_pretrained(
             checkpoint, dtype=torch.float32, attn_implementation="eager"
         ).eval()
         self.processor = AutoProcessor.from_pretrained(checkpoint)
         self.config = self.model.config
         self.image_token = self.config.image_token_index
+        self.is_next = hasattr(self.config, "image_grid_pinpoints")
+        self.has_cls = isinstance(self.config.vision_config, CLIPVisionConfig)
 
     def _tower(self):
         tower = self.model.model.vision_tower
         return getattr(tower, "vision_model", tower)
 
+    def _scoring_layer_index(self) -> int:
+        # hidden_states[i] is the input of encoder layer i; for -1 no layer consumes the output,
+        # so the last layer (on its own input) scores.
+        n = len(self._tower().encoder.layers)
+        index = self.config.vision_feature_layer % (n + 1)
+        return min(index, n - 1)
+
     @torch.no_grad()
-    def image_features(self, image, config: PruMergeConfig) -> torch.Tensor:
-        """`[L, C]` reduced CLIP-space features of one PIL image."""
-        pixel_values = self.processor.image_processor([image], return_tensors="pt")["pixel_values"]
+    def _reduce_crops(self, pixel_values: torch.Tensor, config: PruMergeConfig) -> torch.Tensor:
+        """`[L, C]`: every row of `[K, 3, H, W]` reduced on its own, concatenated."""
         tower = self._tower()
-        # hidden_states[i] is the input of encoder layer i: for -2 the scoring layer is the last.
-        layers = tower.encoder.layers
-        layer = layers[self.config.vision_feature_layer + len(layers) + 1]
+        layer = tower.encoder.layers[self._scoring_layer_index()]
         captured = {}
         hooks = [
             layer.self_attn.q_proj.register_forward_hook(lambda m, i, o: captured.update(q=o)),
             layer.self_attn.k_proj.register_forward_hook(lambda m, i, o: captured.update(k=o)),
         ]
         try:
-            out = tower(pixel_values, output_hidden_states=True)
+            out = tower(pixel_values, output_hidden_states=True, output_attentions=not self.has_cls)
         finally:
             for h in hooks:
                 h.remove()
-        features = out.hidden_states[self.config.vision_feature_layer][:, 1:]
-        return reduce_tokens(features, captured["q"][:, 0], captured["k"], config).split()[0]
+        hidden = out.hidden_states[self.config.vision_feature_layer]
+        if self.has_cls:
+            reduced = reduce_tokens(hidden[:, 1:], captured["q"][:, 0], captured["k"], config)
+        else:
+            probs = out.attentions[self._scoring_layer_index()]  # [K, H, T, T] softmax rows
+            received = probs.float().mean(dim=1).mean(dim=1)  # over heads, then queries
+            reduced = reduce_by_importance(hidden, received, captured["k"], config)
+        return reduced.features
+
+    def _crops(self, image):
+        processed = self.processor.image_processor([image], return_tensors="pt")
+        pixel_values = processed["pixel_values"]
+        if not self.is_next:
+            return pixel_values, None
+        height, width = (int(v) for v in processed["image_sizes"][0])
+        rows, cols = get_anyres_image_grid_shape(
+            (height, width),
+            self.config.image_grid_pinpoints,
+            self.config.vision_config.image_size,
+        )
+        return pixel_values[0, : 1 + rows * cols], processed["image_sizes"]
+
+    @torch.no_grad()
+    def image_features(self, image, config: PruMergeConfig) -> torch.Tensor:
+        """`[L, C]` reduced tower-space features of one PIL image (crops concatenated)."""
+        return self._reduce_crops(self._crops(image)[0], config)
+
+    @torch.no_grad()
+    def image_embeds(self, image, config: PruMergeConfig) -> torch.Tensor:
+        """`[L, H]` what the LLM receives for one PIL image."""
+        crops, image_sizes = self._crops(image)
+        if self.is_next and not config.enabled:  # transformers' own anyres packing
+            model = self.model.model
+            features = model.get_image_features(
+                crops[None], image_sizes, vision_feature_layer=self.config.vision_feature_layer
+            )
+            features = getattr(features, "pooler_output", features)
+            packed, _ = model.pack_image_features(
+                list(features), image_sizes, image_newline=model.image_newline
+            )
+            return packed
+        return self.model.model.multi_modal_projector(self._reduce_crops(crops, config))
 
     @torch.no_grad()
     def generate(self, prompt: str, images, configs, max_new_tokens: int):
         """Greedy decoding: (token ids, their log-probabilities, visual tokens per image)."""
         ids = self.processor.tokenizer(prompt).input_ids
-        feats = [self.image_features(img, cfg) for img, cfg in zip(images, configs, strict=True)]
+        embeds = [self.image_embeds(i, c) for i, c in zip(images, configs, strict=True)]
         embed = self.model.get_input_embeddings()
-        pieces, counts, it = [], [], iter(feats)
+        pieces, counts, it = [], [], iter(embeds)
         for tok in ids:
             if tok == self.image_token:
-                f = next(it)
-                pieces.append(self.model.model.multi_modal_projector(f))
-                counts.append(f.shape[0])
+                e = next(it)
+                pieces.append(e)
+                counts.append(e.shape[0])
             else:
                 pieces.append(embed(torch.tensor([tok])))
         inputs_embeds = torch.cat(pieces)[None]

@@ -104,7 +104,7 @@ def test_class_attention_is_one_head_over_all_channels_as_the_reference(tower, p
     out = reduce_tokens(*inputs, PruMergeConfig())
     for b in range(2):
         expected = naive_class_attention(q[b, 0], k[b])
-        torch.testing.assert_close(out.class_attention[b], expected, **TOL)
+        torch.testing.assert_close(out.importance[b], expected, **TOL)
 
 
 @pytest.mark.parametrize("plus", [False, True], ids=["prumerge", "prumerge+"])

@@ -67,7 +67,7 @@ def test_counts_lengths_and_indices_are_always_consistent(case):
     assert out.features.shape == (sum(out.host_lengths), width)
     assert out.features.dtype == features.dtype
     assert out.kept_indices.shape == (sum(out.host_num_kept),)
-    assert out.class_attention.shape == (batch, n_patches)
+    assert out.importance.shape == (batch, n_patches)
     assert torch.isfinite(out.features).all()
 
     for b, (tokens, kept) in enumerate(_per_image(out)):
@@ -86,7 +86,7 @@ def test_attention_selected_tokens_are_the_top_ones_in_descending_order(case):
     config = config.replace(order="reference")
     out = reduce_tokens(features, q_cls, keys, config)
     for b, (_, kept) in enumerate(_per_image(out)):
-        attention = out.class_attention[b]
+        attention = out.importance[b]
         head = kept[: int(out.num_outliers[b])]
         values = attention[head]
         assert torch.all(values[:-1] >= values[1:])

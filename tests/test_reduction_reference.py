@@ -243,7 +243,7 @@ def test_off_mode_passes_every_patch_feature_through_unchanged():
         assert torch.equal(out.features, features.reshape(-1, 32))
         assert out.kept_indices.tolist() == list(range(576)) * 3
         assert torch.equal(out.merge_target, torch.arange(576).expand(3, 576))
-    attention = reduce_tokens(features, q_cls, keys, PruMergeConfig(mode="off")).class_attention
+    attention = reduce_tokens(features, q_cls, keys, PruMergeConfig(mode="off")).importance
     torch.testing.assert_close(attention[0], naive_class_attention(q_cls[0], keys[0]))
 
 
@@ -300,7 +300,7 @@ def test_half_precision_inputs_give_the_float32_result_rounded_to_their_dtype(dt
     for seed in range(4):
         features, q_cls, keys = synthetic_inputs(2, 576, 64, "clip", seed=seed, dtype=dtype)
         out = reduce_tokens(features, q_cls, keys, _config(plus))
-        assert out.features.dtype == dtype and out.class_attention.dtype == torch.float32
+        assert out.features.dtype == dtype and out.importance.dtype == torch.float32
         for b in range(2):
             tokens, kept, _ = naive_prumerge(
                 features[b], q_cls[b], keys[b], plus=plus, dtype=torch.float32

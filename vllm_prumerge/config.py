@@ -7,11 +7,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MERGE_WEIGHTINGS", "MODES", "ORDERS", "PruMergeConfig"]
+__all__ = ["IMPORTANCES", "MERGE_WEIGHTINGS", "MODES", "ORDERS", "PruMergeConfig"]
 
 MODES = ("prumerge", "prumerge+", "fixed", "off")
 MERGE_WEIGHTINGS = ("reference", "normalized")
 ORDERS = ("reference", "raster")
+IMPORTANCES = ("auto", "cls", "received")
 
 _MODE_ALIASES = {
     "prumerge": "prumerge",
@@ -97,6 +98,15 @@ class PruMergeConfig:
     spatial_samples (bool, default False)
         ``fixed`` mode only: add PruMerge+-style spatial samples, computed from the budget
         exactly as ``prumerge+`` computes them from the outlier count.
+    importance (str, default ``"auto"``)
+        Which per-patch score ranks, selects and weights the patches ("class attention" above).
+        ``"cls"``: the CLS token's attention, single head over all channels, exactly as the
+        reference (towers with a CLS token only: CLIP). ``"received"``: the attention each
+        patch receives, ``s_j = mean_h mean_i softmax_j(q_i^h . k_j^h / sqrt(d_h))`` over the
+        tower's heads and all query tokens of the scoring layer (the field's importance for
+        CLS-free towers such as SigLIP; on CLIP an ablation, CLS included among the queries
+        and keys, its column dropped). ``"auto"``: ``"cls"`` when the tower has a CLS token,
+        else ``"received"``. Asking for ``"cls"`` on a tower without CLS is an error.
     """
 
     mode: str = "prumerge"
@@ -108,6 +118,7 @@ class PruMergeConfig:
     budget: int | None = None
     budget_ratio: float | None = None
     spatial_samples: bool = False
+    importance: str = "auto"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # the dataclass is frozen; normalise in place once, here
@@ -135,7 +146,11 @@ class PruMergeConfig:
             raise ValueError(
                 f"PruMergeConfig.k_neighbors must be an integer >= 1, got {self.k_neighbors!r}"
             )
-        for name, allowed in (("merge_weighting", MERGE_WEIGHTINGS), ("order", ORDERS)):
+        for name, allowed in (
+            ("merge_weighting", MERGE_WEIGHTINGS),
+            ("order", ORDERS),
+            ("importance", IMPORTANCES),
+        ):
             value = getattr(self, name)
             if not isinstance(value, str) or value.strip().lower() not in allowed:
                 raise ValueError(

@@ -1,9 +1,12 @@
-"""A LLaVA checkpoint's CLIP tower plus the reduction: images in, reduced CLIP-space features out.
+"""A LLaVA checkpoint's vision tower plus the reduction: images in, reduced tower-space features.
 
 This is the front half of LLaVA with PruMerge, independent of vLLM: the vLLM adapter runs it in
 the request pre-processor (so the exact reduced count is known before scheduling), and examples
 and benchmarks use it directly. The tower is read from the same checkpoint the LLM is served
-from: only its `vision_tower.*` tensors are loaded (local folder or hub id).
+from: only its `vision_tower.*` tensors are loaded (local folder or hub id). CLIP towers (with a
+CLS token) and SigLIP towers (without) are both supported; the importance that ranks patches is
+chosen per request (`PruMergeConfig.importance`). Crops of tiled (anyres) families are just more
+rows of the batch: each row is reduced on its own.
 """
 
 from __future__ import annotations
@@ -17,11 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from torch import nn
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PretrainedConfig,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from vllm_prumerge.config import PruMergeConfig
-from vllm_prumerge.reduction import ReducedTokens, reduce_tokens
-from vllm_prumerge.vision.clip import clip_prumerge_inputs, resolve_vision_feature_layer
+from vllm_prumerge.reduction import ReducedTokens, reduce_by_importance
+from vllm_prumerge.vision import resolve_vision_feature_layer, tower_scores
+
+# The vision-tower classes the encoder builds, by the checkpoint's vision_config type.
+_TOWER_CLASSES = {CLIPVisionConfig: CLIPVisionModel, SiglipVisionConfig: SiglipVisionModel}
+# Tensors of the checkpoint's tower that PruMerge never reads (LLaVA skips them too).
+_UNUSED_TOWER_PREFIXES = ("post_layernorm.", "head.")
 
 # Checkpoint key prefixes of the vision tower, most specific first: the hub layout
 # (llava-hf/llava-1.5-7b-hf) and the layouts transformers 4.52+ and 5.x write.
@@ -96,26 +111,40 @@ def _tower_tensors(folder: Path) -> Iterable[tuple[str, torch.Tensor]]:
                     yield short, f.get_tensor(key)
 
 
-def load_clip_tower(
+def supported_vision_config(vision_config: PretrainedConfig) -> bool:
+    """Whether the encoder can build this tower (CLIP or SigLIP vision config)."""
+    return type(vision_config) in _TOWER_CLASSES
+
+
+def load_vision_tower(
     model: str,
-    vision_config: CLIPVisionConfig,
+    vision_config: PretrainedConfig,
     *,
     vision_feature_layer: int = -2,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     revision: str | None = None,
     download_dir: str | None = None,
-) -> CLIPVisionModel:
-    """Build the CLIP tower of a LLaVA checkpoint with SDPA attention and load its weights.
+) -> nn.Module:
+    """Build the CLIP or SigLIP tower of a LLaVA checkpoint with SDPA attention, load its weights.
 
-    Only the layers PruMerge reads are built (up to the layer after `vision_feature_layer`).
+    Only the layers PruMerge reads are built (up to the layer after `vision_feature_layer`);
+    SigLIP's pooling head is never built (llava-hf checkpoints carry none).
     `model` is a local folder or a hub id (resolved through the Hugging Face cache).
     """
+    tower_class = _TOWER_CLASSES.get(type(vision_config))
+    if tower_class is None:
+        raise TypeError(
+            "vllm-prumerge supports CLIP and SigLIP vision towers, got "
+            f"{type(vision_config).__name__}"
+        )
     num_layers = vision_config.num_hidden_layers
     feature_index = resolve_vision_feature_layer(vision_feature_layer, num_layers)
-    config = CLIPVisionConfig.from_dict(vision_config.to_dict())
+    config = type(vision_config).from_dict(vision_config.to_dict())
     config.num_hidden_layers = min(num_layers, feature_index + 1)
-    tower = CLIPVisionModel._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    if isinstance(config, SiglipVisionConfig):
+        config.vision_use_head = False
+    tower = tower_class._from_config(config, attn_implementation="sdpa", dtype=dtype)
     target = tower.vision_model if hasattr(tower, "vision_model") else tower
     wanted = set(target.state_dict().keys())
     state = {
@@ -123,7 +152,7 @@ def load_clip_tower(
         for key, tensor in _tower_tensors(_checkpoint_folder(model, revision, download_dir))
         if key in wanted
     }
-    missing = sorted(k for k in wanted - state.keys() if not k.startswith("post_layernorm."))
+    missing = sorted(k for k in wanted - state.keys() if not k.startswith(_UNUSED_TOWER_PREFIXES))
     if missing:
         raise ValueError(f"checkpoint {model} lacks vision-tower weights: {missing[:5]} ...")
     target.load_state_dict(state, strict=False)  # post_layernorm is unused by PruMerge
@@ -134,17 +163,18 @@ def load_clip_tower(
 class EncodedImages:
     """The result of :meth:`PruMergeEncoder.encode` for a batch of B images."""
 
-    features: list[torch.Tensor]  # B tensors [L_i, C] on the CPU, CLIP space (before projector)
+    features: list[torch.Tensor]  # B tensors [L_i, C] on the CPU, tower space (before projector)
     reduced: ReducedTokens  # the full reduction result (kept indices, counts, attention)
     seconds: float  # wall time of tower + reduction for the batch
 
 
 class PruMergeEncoder:
-    """CLIP tower + reduction of one LLaVA checkpoint, loaded on first use (thread-safe).
+    """Vision tower (CLIP or SigLIP) + reduction of one LLaVA checkpoint, loaded on first use
+    (thread-safe).
 
     Args:
         model: local checkpoint folder or hub id (the LLaVA checkpoint itself).
-        vision_config: the checkpoint's `vision_config`.
+        vision_config: the checkpoint's `vision_config` (CLIP or SigLIP).
         vision_feature_layer: LLaVA's `vision_feature_layer` (-2 for LLaVA-1.5).
         dtype: compute dtype of the tower (statistics of the reduction are float32 regardless).
         device: "cuda" when available, else "cpu", unless given.
@@ -153,7 +183,7 @@ class PruMergeEncoder:
     def __init__(
         self,
         model: str,
-        vision_config: CLIPVisionConfig,
+        vision_config: PretrainedConfig,
         *,
         vision_feature_layer: int = -2,
         dtype: torch.dtype = torch.float32,
@@ -168,18 +198,24 @@ class PruMergeEncoder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.revision = revision
         self.download_dir = download_dir
-        self._tower: CLIPVisionModel | None = None
+        self._tower: nn.Module | None = None
         self._lock = threading.Lock()
 
     @property
     def num_patches(self) -> int:
+        """Patch tokens per image or crop (576 for CLIP-L/14-336, 729 for SigLIP 384/14)."""
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
 
     @property
-    def tower(self) -> CLIPVisionModel:
+    def has_cls(self) -> bool:
+        """Whether the tower prepends a CLS token (CLIP) or has only patches (SigLIP)."""
+        return isinstance(self.vision_config, CLIPVisionConfig)
+
+    @property
+    def tower(self) -> nn.Module:
         with self._lock:
             if self._tower is None:
-                self._tower = load_clip_tower(
+                self._tower = load_vision_tower(
                     self.model,
                     self.vision_config,
                     vision_feature_layer=self.vision_feature_layer,
@@ -192,10 +228,11 @@ class PruMergeEncoder:
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, config: PruMergeConfig) -> EncodedImages:
-        """Reduce a batch of preprocessed images `[B, 3, H, W]` with `config`."""
+        """Reduce a batch of preprocessed images (or crops) `[B, 3, H, W]` with `config`, each
+        row on its own. Raises ValueError for an importance the tower cannot give."""
         tower = self.tower
         start = time.perf_counter()
-        inputs = clip_prumerge_inputs(tower, pixel_values, self.vision_feature_layer)
-        reduced = reduce_tokens(*inputs, config)
+        scores = tower_scores(tower, pixel_values, self.vision_feature_layer, config.importance)
+        reduced = reduce_by_importance(*scores, config)
         features = [f.to("cpu") for f in reduced.split()]
         return EncodedImages(features, reduced, time.perf_counter() - start)

@@ -1,14 +1,22 @@
 """vLLM general-plugin entry point (`vllm.general_plugins`, name `prumerge`).
 
 vLLM calls `register()` once in every process (CLI, API server, engine core, workers). It must be
-cheap and idempotent: the model is registered lazily by name (no model code is imported here) and
-the CLI gains `--plugin prumerge`. Nothing is served differently until a model is started with
-`--plugin prumerge` (or `hf_overrides` naming our architecture).
+cheap and idempotent: the models are registered lazily by name (no model code is imported here)
+and the CLI gains `--plugin prumerge`. Nothing is served differently until a model is started with
+`--plugin prumerge` (or `hf_overrides` naming one of our architectures).
 """
 
-from vllm_prumerge.serving.options import ARCHITECTURE
+from vllm_prumerge.serving.options import ARCHITECTURES
 
-MODEL_CLASS = "vllm_prumerge.serving.model:PruMergeLlavaForConditionalGeneration"
+# Our architecture name -> "module:Class", one adapter module per LLaVA family.
+MODEL_CLASSES = {
+    ARCHITECTURES["LlavaForConditionalGeneration"]: (
+        "vllm_prumerge.serving.llava:PruMergeLlavaForConditionalGeneration"
+    ),
+    ARCHITECTURES["LlavaNextForConditionalGeneration"]: (
+        "vllm_prumerge.serving.llava_next:PruMergeLlavaNextForConditionalGeneration"
+    ),
+}
 
 
 def register() -> None:
@@ -16,6 +24,8 @@ def register() -> None:
 
     from vllm_prumerge.serving.cli import install_cli_hook
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    supported = ModelRegistry.get_supported_archs()
+    for name, model_class in MODEL_CLASSES.items():
+        if name not in supported:
+            ModelRegistry.register_model(name, model_class)
     install_cli_hook()

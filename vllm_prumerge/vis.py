@@ -150,7 +150,7 @@ def _grid_side(num_patches: int) -> int:
 def token_map(reduced: ReducedTokens, index: int = 0) -> TokenMap:
     """The :class:`TokenMap` of image ``index`` of a batch reduced by ``reduce_tokens``.
 
-    Uses ``reduced.kept_indices``, ``num_outliers``, ``merge_target`` and ``class_attention``.
+    Uses ``reduced.kept_indices``, ``num_outliers``, ``merge_target`` and ``importance``.
     The attention outliers are the top ``num_outliers`` patches by class attention (stable
     descending order, as the selection), so the split into outliers and samples is the same
     whichever ``order`` the tokens were emitted in.
@@ -161,7 +161,7 @@ def token_map(reduced: ReducedTokens, index: int = 0) -> TokenMap:
     """
     if not 0 <= index < reduced.batch_size:
         raise IndexError(f"image index {index} out of range for a batch of {reduced.batch_size}")
-    attention = reduced.class_attention[index].detach().float().cpu()
+    attention = reduced.importance[index].detach().float().cpu()
     grid = _grid_side(attention.shape[0])
     n_patches = grid * grid
     kept = reduced.split_kept_indices()[index].detach().cpu().to(torch.int64)

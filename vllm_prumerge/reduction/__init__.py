@@ -2,15 +2,17 @@
 
 Small pure functions, batched and vectorised, composed by :func:`reduce_tokens`:
 
-- :func:`class_attention` (``attention.py``): CLS attention from one layer's raw q/k.
+- :func:`class_attention` / :func:`received_attention` (``attention.py``): importance scores
+  from one layer's raw q/k (CLS attention; attention received, for CLS-free towers).
 - :func:`select_tokens` (``selection.py``): IQR outliers / fixed budget, safeguard, PruMerge+
   spatial samples, output order.
 - :func:`merge_kept_tokens` (``merge.py``): key-similarity merge and the extra token.
-- :func:`reduce_tokens` (``core.py``): all of the above, packed into :class:`ReducedTokens`.
+- :func:`reduce_by_importance` (``core.py``): selection + merge from any importance scores,
+  packed into :class:`ReducedTokens`; :func:`reduce_tokens`: the reference's CLS-attention entry.
 """
 
-from vllm_prumerge.reduction.attention import class_attention
-from vllm_prumerge.reduction.core import ReducedTokens, reduce_tokens
+from vllm_prumerge.reduction.attention import class_attention, received_attention
+from vllm_prumerge.reduction.core import ReducedTokens, reduce_by_importance, reduce_tokens
 from vllm_prumerge.reduction.merge import MergeResult, merge_kept_tokens
 from vllm_prumerge.reduction.selection import (
     Selection,
@@ -29,6 +31,8 @@ __all__ = [
     "class_attention",
     "iqr_upper_fence",
     "merge_kept_tokens",
+    "received_attention",
+    "reduce_by_importance",
     "reduce_tokens",
     "reference_count",
     "select_tokens",

@@ -1,4 +1,10 @@
-"""The batched entry point: class attention -> selection -> merge -> packed ragged output."""
+"""The batched entry points: importance -> selection -> merge -> packed ragged output.
+
+:func:`reduce_by_importance` is the one core: it takes per-patch importance scores from any tower
+adapter (CLS attention for CLIP, received attention for CLS-free towers such as SigLIP).
+:func:`reduce_tokens` is the reference's CLIP entry point: class attention from ``q_cls`` / ``K``,
+then the core.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from vllm_prumerge.reduction.attention import class_attention
 from vllm_prumerge.reduction.merge import merge_kept_tokens
 from vllm_prumerge.reduction.selection import select_tokens
 
-__all__ = ["ReducedTokens", "reduce_tokens"]
+__all__ = ["ReducedTokens", "reduce_by_importance", "reduce_tokens"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +36,11 @@ class ReducedTokens:
         num_outliers: ``[B]`` int64, patches kept for their attention: the IQR outliers after the
             ``min_tokens`` safeguard, or the fixed budget (0 in mode ``"off"``). In reference
             order they are the first ``num_outliers[b]`` tokens.
-        class_attention: ``[B, N]`` float32, the CLS attention used (for visualisation; NaN in
-            mode ``"off"`` when no queries/keys were given).
+        importance: ``[B, N]`` float32, the importance scores used: CLS attention
+            (:func:`reduce_tokens`) or whatever the caller of :func:`reduce_by_importance` gave
+            (for visualisation; NaN in mode ``"off"`` when no scores were given).
         fence: ``[B]`` float32, each image's IQR upper fence (NaN unless the mode is adaptive);
-            ``(class_attention > fence[:, None]).sum(-1)`` is the raw outlier count before the
+            ``(importance > fence[:, None]).sum(-1)`` is the raw outlier count before the
             safeguard.
         merge_target: ``[B, N]`` int64, for every patch the position within its image's output
             (``0..lengths[b]-1``) of the token that absorbed it most strongly: a kept patch its
@@ -49,7 +56,7 @@ class ReducedTokens:
     kept_indices: torch.Tensor
     num_kept: torch.Tensor
     num_outliers: torch.Tensor
-    class_attention: torch.Tensor
+    importance: torch.Tensor
     fence: torch.Tensor
     merge_target: torch.Tensor
     host_lengths: tuple[int, ...]
@@ -69,17 +76,16 @@ class ReducedTokens:
         return list(self.kept_indices.split(list(self.host_num_kept)))
 
 
-def _check_shapes(
-    features: torch.Tensor, q_cls: torch.Tensor | None, keys: torch.Tensor | None
-) -> None:
+def _check_features(features: torch.Tensor) -> None:
     if features.dim() != 3 or features.shape[1] < 1:
         raise ValueError(
             f"reduce_tokens: features must be [B, N, C] with N >= 1, got {tuple(features.shape)}"
         )
     if not features.is_floating_point():
         raise TypeError(f"reduce_tokens: features must be floating point, got {features.dtype}")
-    if q_cls is None or keys is None:
-        return
+
+
+def _check_cls_inputs(features: torch.Tensor, q_cls: torch.Tensor, keys: torch.Tensor) -> None:
     batch, n_patches, _ = features.shape
     if q_cls.dim() != 2 or q_cls.shape[0] != batch:
         raise ValueError(
@@ -97,15 +103,30 @@ def _check_shapes(
         )
 
 
-def _passthrough(
-    features: torch.Tensor, q_cls: torch.Tensor | None, keys: torch.Tensor | None
-) -> ReducedTokens:
+def _check_scores(features: torch.Tensor, importance: torch.Tensor, keys: torch.Tensor) -> None:
+    batch, n_patches, _ = features.shape
+    if importance.shape != (batch, n_patches):
+        raise ValueError(
+            f"reduce_by_importance: importance must be [B, N] = {(batch, n_patches)}, "
+            f"got {tuple(importance.shape)}"
+        )
+    if keys.dim() != 3 or keys.shape[:2] != (batch, n_patches):
+        raise ValueError(
+            f"reduce_by_importance: keys must be [B, N, D] with (B, N) = {(batch, n_patches)}, "
+            f"got {tuple(keys.shape)}"
+        )
+    if not (features.device == importance.device == keys.device):
+        raise ValueError(
+            "reduce_by_importance: features, importance and keys must be on one device, got "
+            f"{features.device}, {importance.device}, {keys.device}"
+        )
+
+
+def _passthrough(features: torch.Tensor, importance: torch.Tensor | None) -> ReducedTokens:
     batch, n_patches, width = features.shape
     device = features.device
-    if q_cls is not None and keys is not None:
-        attention = class_attention(q_cls, keys)
-    else:
-        attention = torch.full((batch, n_patches), float("nan"), device=device)
+    if importance is None:
+        importance = torch.full((batch, n_patches), float("nan"), device=device)
     patches = torch.arange(n_patches, device=device)
     counts = torch.full((batch,), n_patches, dtype=torch.int64, device=device)
     return ReducedTokens(
@@ -114,7 +135,7 @@ def _passthrough(
         kept_indices=patches.repeat(batch),
         num_kept=counts.clone(),
         num_outliers=torch.zeros_like(counts),
-        class_attention=attention,
+        importance=importance,
         fence=torch.full((batch,), float("nan"), device=device),
         merge_target=patches.expand(batch, n_patches).clone(),
         host_lengths=(n_patches,) * batch,
@@ -142,25 +163,13 @@ def reduce_tokens(
     keys: torch.Tensor | None,
     config: PruMergeConfig | None = None,
 ) -> ReducedTokens:
-    """PruMerge / PruMerge+ / fixed-budget reduction of a batch of images, each on its own.
+    """PruMerge / PruMerge+ / fixed-budget reduction by CLS attention, as the reference (CLIP).
 
     Takes the three tensors of :class:`vllm_prumerge.vision.PruMergeInputs` explicitly
-    (``reduce_tokens(*inputs, config)`` works too). Every image is reduced independently
-    (statistics are never pooled across the batch), so a request's result does not depend on
-    its neighbours. Exactly one device-to-host sync (the kept counts, to size the ragged
-    output); deterministic; float32/bfloat16/float16 inputs (all statistics and the merge in
-    float32, output cast back to the features' dtype); CPU or CUDA.
-
-    Steps (see :class:`PruMergeConfig` for every option and edge case):
-    1. class attention ``softmax(q_cls K^T / sqrt(D))`` over CLS + patches, CLS column dropped;
-    2. selection: IQR outliers per image (or the fixed budget), the ``min_tokens`` safeguard,
-       PruMerge+ spatial samples;
-    3. merge: each kept token absorbs its ``k_neighbors`` key-nearest patches weighted by
-       attention; one extra token sums the pruned patches.
-
-    Never raises on odd attention: uniform attention keeps the top ``min_tokens`` patches
-    (ties: lower index first), ``r > 1/3`` uses spatial stride 1, non-finite attention is
-    treated as 0. Shape errors raise ``ValueError``.
+    (``reduce_tokens(*inputs, config)`` works too): the class attention
+    ``softmax(q_cls K^T / sqrt(D))`` over CLS + patches (CLS column dropped, see
+    :func:`~vllm_prumerge.reduction.class_attention`) is the importance, the patch keys
+    ``keys[:, 1:]`` the merge keys, then :func:`reduce_by_importance`.
 
     Args:
         features: ``[B, N, C]`` patch features (e.g. CLIP ``hidden_states[-2]`` without CLS).
@@ -171,19 +180,62 @@ def reduce_tokens(
         config: a :class:`PruMergeConfig`; ``None`` means ``PruMergeConfig()`` (PruMerge).
 
     Returns:
+        :class:`ReducedTokens`, as :func:`reduce_by_importance`.
+    """
+    config = PruMergeConfig() if config is None else config
+    _check_features(features)
+    if q_cls is None or keys is None:
+        if config.enabled:
+            raise ValueError(f"reduce_tokens: mode {config.mode!r} needs q_cls and keys")
+        return _passthrough(features, None)
+    _check_cls_inputs(features, q_cls, keys)
+    return reduce_by_importance(features, class_attention(q_cls, keys), keys[:, 1:], config)
+
+
+def reduce_by_importance(
+    features: torch.Tensor,
+    importance: torch.Tensor,
+    keys: torch.Tensor,
+    config: PruMergeConfig | None = None,
+) -> ReducedTokens:
+    """PruMerge / PruMerge+ / fixed-budget reduction of a batch of images, each on its own.
+
+    Every image (or crop) is reduced independently (statistics are never pooled across the
+    batch), so a request's result does not depend on its neighbours. Exactly one device-to-host
+    sync (the kept counts, to size the ragged output); deterministic; float32/bfloat16/float16
+    inputs (all statistics and the merge in float32, output cast back to the features' dtype);
+    CPU or CUDA.
+
+    Steps (see :class:`PruMergeConfig` for every option and edge case):
+    1. selection: IQR outliers of the importance per image (or the fixed budget), the
+       ``min_tokens`` safeguard, PruMerge+ spatial samples;
+    2. merge: each kept token absorbs its ``k_neighbors`` key-nearest patches (cosine similarity
+       of ``keys``) weighted by importance; one extra token sums the pruned patches.
+
+    Never raises on odd scores: uniform importance keeps the top ``min_tokens`` patches (ties:
+    lower index first), ``r > 1/3`` uses spatial stride 1, non-finite scores are treated as 0.
+    Shape errors raise ``ValueError``.
+
+    Args:
+        features: ``[B, N, C]`` patch features.
+        importance: ``[B, N]`` per-patch importance (CLS attention, received attention, ...);
+            used in float32.
+        keys: ``[B, N, D]`` the scoring layer's raw patch keys (no CLS row), for the merge.
+        config: a :class:`PruMergeConfig`; ``None`` means ``PruMergeConfig()`` (PruMerge).
+
+    Returns:
         :class:`ReducedTokens`; in mode ``"off"`` all ``N`` features per image unchanged, with
         no extra token (``lengths = N``), so callers need only one code path.
     """
     config = PruMergeConfig() if config is None else config
-    _check_shapes(features, q_cls, keys)
+    _check_features(features)
+    _check_scores(features, importance, keys)
+    importance = torch.nan_to_num(importance.float(), nan=0.0, posinf=0.0, neginf=0.0)
     if not config.enabled:
-        return _passthrough(features, q_cls, keys)
-    if q_cls is None or keys is None:
-        raise ValueError(f"reduce_tokens: mode {config.mode!r} needs q_cls and keys")
+        return _passthrough(features, importance)
 
     batch, _, width = features.shape
-    attention = class_attention(q_cls, keys)
-    selection = select_tokens(attention, config)
+    selection = select_tokens(importance, config)
 
     host_num_kept = tuple(selection.num_kept.tolist())  # the one host sync: sizes the output
     rows = max(host_num_kept, default=0)
@@ -193,8 +245,8 @@ def reduce_tokens(
 
     merged = merge_kept_tokens(
         features,
-        attention,
-        keys[:, 1:],
+        importance,
+        keys,
         kept_rows,
         row_valid,
         selection.kept,
@@ -211,7 +263,7 @@ def reduce_tokens(
         kept_indices=kept_rows.reshape(-1).index_select(0, kept_index),
         num_kept=selection.num_kept,
         num_outliers=selection.num_outliers,
-        class_attention=attention,
+        importance=importance,
         fence=selection.fence,
         merge_target=torch.where(
             merged.target == rows, selection.num_kept.unsqueeze(-1), merged.target

@@ -102,7 +102,7 @@ def merge_kept_tokens(
     For a kept patch ``i`` the candidates are all other patches (other kept patches with their
     original, unmerged features, and all pruned patches); the ``k`` with the highest cosine
     similarity of their keys are its neighbours ``J_i`` (ties at the k-th place are broken by
-    ``torch.topk``). With ``a`` the class attention:
+    ``torch.topk``). With ``a`` the importance (e.g. class attention):
 
     - ``weighting="reference"``: ``y_i = x_i + sum_{j in J_i} a_j x_j`` (centre weight 1, raw
       attention, unnormalised) and ``extra = sum_{j pruned} a_j x_j``, exactly as the reference.
@@ -113,7 +113,7 @@ def merge_kept_tokens(
 
     Args:
         features: ``[B, N, C]`` patch features (any float dtype).
-        attention: ``[B, N]`` float32 class attention.
+        attention: ``[B, N]`` float32 importance (class or received attention).
         keys: ``[B, N, D]`` patch keys (CLS row removed), any float dtype.
         kept_rows: ``[B, M]`` int64 patch index of each output row (padding rows hold distinct
             pruned patch indices: they are computed and then ignored).

@@ -1,4 +1,4 @@
-"""Which patches survive: IQR outliers of the class attention, budgets and spatial samples.
+"""Which patches survive: IQR outliers of the importance scores, budgets and spatial samples.
 
 Everything here is per image and vectorised over the batch; nothing syncs with the host.
 """
@@ -47,7 +47,7 @@ def attention_order(attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     ``torch.topk`` leaves the order of equal values unspecified; a stable descending sort pins it.
 
     Args:
-        attention: ``[B, N]`` float class attention.
+        attention: ``[B, N]`` float importance (class or received attention).
 
     Returns:
         ``(values, order)``: ``[B, N]`` attention sorted descending and ``[B, N]`` int64 patch
@@ -154,7 +154,7 @@ def select_tokens(attention: torch.Tensor, config: PruMergeConfig) -> Selection:
     patches ascending.
 
     Args:
-        attention: ``[B, N]`` float32 class attention.
+        attention: ``[B, N]`` float32 importance (class or received attention).
         config: a validated :class:`PruMergeConfig` whose mode is not ``"off"``.
 
     Returns:

@@ -3,8 +3,9 @@
 vLLM has no `--plugin` flag, but it loads general plugins while it builds its argument parser,
 right before `EngineArgs.add_cli_args(parser)`. We wrap that one static method (vLLM 0.32 only)
 to add our argument group, and wrap that parser's `parse_known_args` to turn the parsed flags
-into the real engine argument `hf_overrides` (architectures + our options), so everything after
-parsing is stock vLLM. Without `--plugin prumerge` nothing changes.
+into the real engine argument `hf_overrides` (a :class:`PruMergeOverrides` that picks the
+family's model class and sets our options), so everything after parsing is stock vLLM. Without
+`--plugin prumerge` nothing changes.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ import dataclasses
 import functools
 from typing import Any
 
-from vllm_prumerge.config import MERGE_WEIGHTINGS, MODES, ORDERS, PruMergeConfig
-from vllm_prumerge.serving.options import ARCHITECTURE, CONFIG_KEY
+from vllm_prumerge.config import IMPORTANCES, MERGE_WEIGHTINGS, MODES, ORDERS, PruMergeConfig
+from vllm_prumerge.serving.options import (
+    ARCHITECTURE,
+    ARCHITECTURES,
+    PruMergeOverrides,
+    resolve_architecture,
+)
 
 # vLLM releases whose `EngineArgs.add_cli_args` / parser flow the hook was checked against
 # (0.33 by `make compat`: scripts/compat.sh).
@@ -38,6 +44,9 @@ OPTION_HELP = {
     "budget": "fixed mode: tokens to keep per image.",
     "budget_ratio": "fixed mode: fraction of patches to keep (instead of --prumerge-budget).",
     "spatial_samples": "fixed mode: add PruMerge+-style spatial samples.",
+    "importance": "Patch score: cls (CLS attention, the reference; CLIP only), received "
+    "(attention each patch receives, averaged over heads and queries; SigLIP) or auto (cls "
+    "when the tower has a CLS token, else received).",
 }
 _METAVARS = {
     "iqr_multiplier": "FLOAT",
@@ -46,7 +55,12 @@ _METAVARS = {
     "budget": "N",
     "budget_ratio": "RATIO",
 }
-_CHOICES = {"mode": list(MODES), "merge_weighting": list(MERGE_WEIGHTINGS), "order": list(ORDERS)}
+_CHOICES = {
+    "mode": list(MODES),
+    "merge_weighting": list(MERGE_WEIGHTINGS),
+    "order": list(ORDERS),
+    "importance": list(IMPORTANCES),
+}
 
 
 def _flag(name: str) -> str:
@@ -56,15 +70,18 @@ def _flag(name: str) -> str:
 def add_plugin_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "PruMerge",
-        "vllm-prumerge plugin: serve LLaVA-1.5 with PruMerge / PruMerge+ visual-token "
-        "reduction; each image costs the LLM only its reduced, content-dependent token count.",
+        "vllm-prumerge plugin: serve LLaVA-family checkpoints (LLaVA-1.5, LLaVA-NeXT, "
+        "SigLIP-based LLaVA-Interleave) with PruMerge / PruMerge+ visual-token reduction; each "
+        "image costs the LLM only its reduced, content-dependent token count. Unset options come "
+        "from the checkpoint's own 'prumerge' config if it has one, else the defaults below.",
     )
     group.add_argument(
         "--plugin",
         choices=[PLUGIN_NAME],
         default=None,
-        help="Enable the vllm-prumerge plugin for this model (a LLaVA checkpoint with a CLIP "
-        "tower). Without it the --prumerge-* options are rejected and vLLM runs unchanged.",
+        help="Enable the vllm-prumerge plugin for this model; the PruMerge model class is picked "
+        f"from the checkpoint's architecture ({', '.join(ARCHITECTURES)}). Without it the "
+        "--prumerge-* options are rejected and vLLM runs unchanged.",
     )
     for field in dataclasses.fields(PruMergeConfig):
         # SUPPRESS: unset options stay out of the namespace (and out of vLLM's "(default: ...)").
@@ -86,8 +103,27 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> None:
         group.add_argument(_flag(field.name), **kwargs)
 
 
+def _checkpoint_architectures(namespace: argparse.Namespace) -> list[str] | None:
+    """The checkpoint's `architectures` from its config.json, or None if it cannot be read now
+    (vLLM then reads it itself and our override reports an unsupported one)."""
+    model = getattr(namespace, "model", None)
+    if not model:
+        return None
+    try:
+        from transformers import PretrainedConfig
+
+        config, _ = PretrainedConfig.get_config_dict(
+            getattr(namespace, "hf_config_path", None) or model,
+            revision=getattr(namespace, "revision", None),
+        )
+    except Exception:  # unreachable hub, gated repo, ...: not ours to report here
+        return None
+    return config.get("architectures")
+
+
 def apply_plugin_args(namespace: argparse.Namespace) -> None:
-    """Turn `--plugin prumerge --prumerge-*` into `hf_overrides`; raise ValueError if invalid."""
+    """Turn `--plugin prumerge --prumerge-*` into `hf_overrides`; raise ValueError if invalid
+    (bad option values, or a checkpoint whose architecture has no PruMerge model)."""
     options = {
         field.name: getattr(namespace, "prumerge_" + field.name)
         for field in dataclasses.fields(PruMergeConfig)
@@ -99,12 +135,14 @@ def apply_plugin_args(namespace: argparse.Namespace) -> None:
                 f"{', '.join(_flag(k) for k in options)} need(s) --plugin {PLUGIN_NAME}"
             )
         return
-    config = PruMergeConfig.from_dict(options)
+    PruMergeConfig.from_dict(options)  # validated now; merged with the checkpoint's later
     overrides = getattr(namespace, "hf_overrides", None) or {}
     if not isinstance(overrides, dict):
         raise ValueError("--plugin prumerge needs --hf-overrides to be a JSON object")
-    overrides = {"architectures": [ARCHITECTURE], **overrides, CONFIG_KEY: config.to_dict()}
-    namespace.hf_overrides = overrides
+    architectures = _checkpoint_architectures(namespace)
+    if architectures is not None:
+        resolve_architecture(overrides.get("architectures", architectures))
+    namespace.hf_overrides = PruMergeOverrides(options=options, extra=overrides)
 
 
 def install_cli_hook() -> bool:

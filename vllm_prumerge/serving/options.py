@@ -1,8 +1,13 @@
 """Where PruMerge options live in vLLM, and how per-request options combine with the engine's.
 
-- Engine level: `hf_overrides={"architectures": [ARCHITECTURE], "prumerge": {...}}` (written by
-  `--plugin prumerge` or :func:`engine_kwargs`); the dict becomes `hf_config.prumerge` in every
-  vLLM process.
+- Model class: one PruMerge class per supported LLaVA family (:data:`ARCHITECTURES` maps the
+  checkpoint's own architecture to it); `--plugin prumerge` and :func:`engine_kwargs` pick it from
+  the checkpoint's config through :class:`PruMergeOverrides`, vLLM's callable `hf_overrides`.
+- Engine level: the options end up in `hf_config.prumerge` in every vLLM process. A checkpoint
+  may carry its own `prumerge` options in `config.json` (e.g. one converted for a fine-tuned
+  PruMerge+ adapter); they are the defaults that explicit options override. The plain dict form
+  `hf_overrides={"architectures": [ARCHITECTURES[arch]], "prumerge": {...}}` works too (e.g.
+  `--hf-overrides` where `--plugin` is not available).
 - Request level: `mm_processor_kwargs={"prumerge": {...}}` (or just a mode string,
   `{"prumerge": "prumerge+"}`); vLLM puts these kwargs into the processor-cache key, so
   features computed for one mode are never served to a request that asked for another.
@@ -10,12 +15,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from vllm_prumerge.config import PruMergeConfig
 
-ARCHITECTURE = "PruMergeLlavaForConditionalGeneration"
+# The checkpoint's own architecture -> the plugin's model class for that family.
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "PruMergeLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "PruMergeLlavaNextForConditionalGeneration",
+}
+# LLaVA-1.5's, the first family; kept as a name for users of the dict form.
+ARCHITECTURE = ARCHITECTURES["LlavaForConditionalGeneration"]
 CONFIG_KEY = "prumerge"
 # Marks vLLM's start-up dummy inputs (memory profiling): they get worst-case-length features
 # without running the tower, so no process loads the tower just to profile.
@@ -25,15 +37,78 @@ PROFILE_KEY = "_prumerge_profile"
 _FIXED_ONLY = ("budget", "budget_ratio", "spatial_samples")
 
 
-def engine_kwargs(mode: str = "prumerge", **options: Any) -> dict[str, Any]:
-    """Keyword arguments for `vllm.LLM(...)` that serve a LLaVA checkpoint with PruMerge.
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture has no PruMerge model class."""
 
-    `LLM(model="llava-hf/llava-1.5-7b-hf", **engine_kwargs("prumerge+"))`. `options` are any
-    :class:`~vllm_prumerge.config.PruMergeConfig` fields; they are validated here, so a typo
-    fails before the engine starts. To combine with your own `hf_overrides`, merge the dicts.
+
+def resolve_architecture(architectures: list[str] | None) -> str:
+    """The PruMerge model class for a checkpoint's `architectures` (already ours: unchanged)."""
+    for name in architectures or ():
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+        if name in ARCHITECTURES.values():
+            return name
+    supported = ", ".join(ARCHITECTURES)
+    raise UnsupportedModelError(
+        f"vllm-prumerge: no PruMerge model for architectures {list(architectures or [])}; "
+        f"supported: {supported}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PruMergeOverrides:
+    """vLLM's callable `hf_overrides`: selects the family's PruMerge class, sets the options.
+
+    Applied by vLLM to the checkpoint's HF config right after loading it, in the process that
+    builds the engine config; the result travels to every other process with that config.
+    Picklable (a module-level frozen dataclass of plain values).
+
+    Attributes:
+        options: explicit PruMerge options (validated partial dict); they override the
+            checkpoint's own `prumerge` options, which override the defaults.
+        extra: any other `hf_overrides` keys the user gave (applied first, as vLLM would).
     """
-    config = PruMergeConfig.from_dict({"mode": mode, **options})
-    return {"hf_overrides": {"architectures": [ARCHITECTURE], CONFIG_KEY: config.to_dict()}}
+
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, hf_config: Any) -> Any:
+        if list(getattr(hf_config, "architectures", None) or []) == [""]:
+            # vLLM first probes callable overrides with a dummy config (to see whether they
+            # change model_type); ours never does.
+            return hf_config
+        for key, value in self.extra.items():
+            if isinstance(value, Mapping) and hasattr(hf_config, key):
+                sub = getattr(hf_config, key)
+                if hasattr(sub, "update"):
+                    sub.update(dict(value))
+                    continue
+            setattr(hf_config, key, value)
+        hf_config.architectures = [resolve_architecture(hf_config.architectures)]
+        config = request_config(engine_config(hf_config), dict(self.options) or None)
+        setattr(hf_config, CONFIG_KEY, config.to_dict())
+        return hf_config
+
+    def describe(self) -> str:
+        return f"PruMergeOverrides(options={dict(self.options)}, extra={dict(self.extra)})"
+
+
+def engine_kwargs(mode: str | None = None, **options: Any) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM(...)` that serve a LLaVA-family checkpoint with PruMerge.
+
+    `LLM(model="llava-hf/llava-1.5-7b-hf", **engine_kwargs("prumerge+"))`. The model class is
+    picked from the checkpoint's own architecture (LLaVA-1.5 / LLaVA-Interleave, LLaVA-NeXT);
+    another architecture fails with a ValueError naming the supported ones. `mode` and `options`
+    are any :class:`~vllm_prumerge.config.PruMergeConfig` fields, validated here, so a typo
+    fails before the engine starts; unset ones come from the checkpoint's own `prumerge` config
+    if it has one, else the defaults. Your own `hf_overrides` (a dict) go in `hf_overrides=`.
+    """
+    hf_overrides = options.pop("hf_overrides", None) or {}
+    if not isinstance(hf_overrides, Mapping):
+        raise TypeError("engine_kwargs(hf_overrides=...) must be a dict")
+    given = dict(options) if mode is None else {"mode": mode, **options}
+    PruMergeConfig.from_dict(given)  # validate now; merged with the checkpoint's later
+    return {"hf_overrides": PruMergeOverrides(options=given, extra=dict(hf_overrides))}
 
 
 def engine_config(hf_config: Any) -> PruMergeConfig:

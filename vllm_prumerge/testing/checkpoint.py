@@ -1,6 +1,10 @@
-"""Write a LLaVA-1.5-shaped tiny checkpoint that vLLM 0.32 and transformers both load.
+"""Write tiny LLaVA-family checkpoints that vLLM 0.32 and transformers both load.
 
-The vision tower has the real geometry (336 px, patch 14: 576 patches + CLS, on a 24x24 grid) with a
+Families (`TinyLlavaSpec.family`): `"llava"` (LLaVA-1.5), `"llava_next"` (LLaVA-NeXT anyres, with
+several `image_grid_pinpoints`) and `"siglip"` (SigLIP-based LLaVA like LLaVA-Interleave: SigLIP
+384/14, 729 patches without CLS, `vision_feature_layer=-1`, strategy `full`).
+
+The CLIP towers have the real geometry (336 px, patch 14: 576 patches + CLS, on a 24x24 grid) with a
 tiny width and depth; the text model is a tiny Llama whose head size (32) vLLM's CPU attention
 supports; the tokenizer is built locally (byte-level BPE trained on a fixed corpus, with `<image>`);
 image processor and chat template follow llava-hf/llava-1.5-7b-hf. Weights are written in the hub
@@ -46,12 +50,19 @@ _CORPUS = [
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
+FAMILIES = ("llava", "llava_next", "siglip")
+# LLaVA-NeXT grids of the tiny checkpoint: 1x2, 2x1 and 2x2 tiles of 336 px (up to 5 crops).
+NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672]]
+_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
 
 @dataclasses.dataclass(frozen=True)
 class TinyLlavaSpec:
     """Shapes of the generated checkpoint. Defaults give a ~10 MB model that loads in seconds."""
 
     seed: int = 0
+    family: str = "llava"  # one of FAMILIES
     vision_hidden_size: int = 64
     vision_layers: int = 3  # >= 2 so that "penultimate" (-2) and "last" (-1) are distinct layers
     vision_heads: int = 4
@@ -67,8 +78,15 @@ class TinyLlavaSpec:
     # instead of the near-uniform attention of a fresh random init.
     attention_sharpness: float = 4.0
 
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"TinyLlavaSpec.family must be one of {FAMILIES}, got {self.family!r}")
+
     def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        fields = dataclasses.asdict(self)
+        if self.family == "llava":  # the key of the original (family-less) spec: caches stay valid
+            fields.pop("family")
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -104,6 +122,7 @@ def _build_tokenizer(spec: TinyLlavaSpec):
 def _hub_key(key: str) -> str:
     """Map a transformers-5 LLaVA state-dict key to the hub (llava-hf) layout."""
     for new, old in (
+        ("model.image_newline", "image_newline"),
         ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
         ("model.vision_tower.", "vision_tower.vision_model."),
         ("model.multi_modal_projector.", "multi_modal_projector."),
@@ -115,40 +134,120 @@ def _hub_key(key: str) -> str:
     raise ValueError(f"unexpected LLaVA state-dict key {key!r}")
 
 
+def _vision_config(spec: TinyLlavaSpec):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    shape = dict(
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=spec.vision_intermediate_size,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        patch_size=14,
+    )
+    if spec.family == "siglip":
+        return SiglipVisionConfig(image_size=384, vision_use_head=False, **shape)
+    return CLIPVisionConfig(
+        image_size=336, projection_dim=spec.vision_hidden_size, hidden_act="quick_gelu", **shape
+    )
+
+
+def _model_and_processor(spec: TinyLlavaSpec, tokenizer, vision, text):
+    """The family's transformers config, model (random weights) and processor."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        LlavaProcessor,
+        SiglipImageProcessor,
+    )
+
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    common = dict(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    clip_processor = dict(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        do_center_crop=True,
+        image_mean=_CLIP_MEAN,
+        image_std=_CLIP_STD,
+    )
+    if spec.family == "llava_next":
+        config = LlavaNextConfig(
+            **common,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            image_grid_pinpoints=NEXT_GRID_PINPOINTS,
+        )
+        architecture, model_class = (
+            "LlavaNextForConditionalGeneration",
+            (LlavaNextForConditionalGeneration),
+        )
+        image_processor = LlavaNextImageProcessor(
+            image_grid_pinpoints=NEXT_GRID_PINPOINTS, **clip_processor
+        )
+        processor_class, extra = LlavaNextProcessor, {"num_additional_image_tokens": 1}
+    elif spec.family == "siglip":
+        config = LlavaConfig(
+            **common,
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,
+            image_seq_length=729,
+        )
+        architecture, model_class = "LlavaForConditionalGeneration", LlavaForConditionalGeneration
+        image_processor = SiglipImageProcessor(
+            size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        )
+        processor_class, extra = LlavaProcessor, {"num_additional_image_tokens": 0}
+    else:
+        config = LlavaConfig(
+            **common,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            image_seq_length=576,
+        )
+        architecture, model_class = "LlavaForConditionalGeneration", LlavaForConditionalGeneration
+        image_processor = CLIPImageProcessor(**clip_processor)
+        processor_class, extra = LlavaProcessor, {"num_additional_image_tokens": 1}
+    config.architectures = [architecture]
+    config.dtype = "float32"
+    torch.manual_seed(spec.seed)
+    model = model_class(config).eval()
+    processor = processor_class(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=CHAT_TEMPLATE,
+        **extra,
+    )
+    return config, model, processor
+
+
 def write_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec | None = None) -> Path:
-    """Write a tiny LLaVA-1.5-shaped checkpoint to `out_dir` (created) and return its path.
+    """Write a tiny LLaVA-family checkpoint (`spec.family`) to `out_dir` (created); return it.
 
     Deterministic: the same spec writes byte-identical weights.
     """
     import torch
     from safetensors.torch import save_file
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import LlamaConfig
 
     spec = spec or TinyLlavaSpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = _build_tokenizer(spec)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     vocab = (len(tokenizer) + 63) // 64 * 64
-
-    vision = CLIPVisionConfig(
-        image_size=336,
-        patch_size=14,
-        hidden_size=spec.vision_hidden_size,
-        intermediate_size=spec.vision_intermediate_size,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        projection_dim=spec.vision_hidden_size,
-        hidden_act="quick_gelu",
-    )
     text = LlamaConfig(
         vocab_size=vocab,
         hidden_size=spec.text_hidden_size,
@@ -162,21 +261,7 @@ def write_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec | None = No
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_token_id,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        image_seq_length=576,
-        tie_word_embeddings=False,
-    )
-    config.architectures = ["LlavaForConditionalGeneration"]
-    config.dtype = "float32"
-
-    torch.manual_seed(spec.seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    config, model, processor = _model_and_processor(spec, tokenizer, _vision_config(spec), text)
     state = {}
     for key, value in model.state_dict().items():
         if key.endswith((".q_proj.weight", ".k_proj.weight")) and "vision_tower" in key:
@@ -196,22 +281,6 @@ def write_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec | None = No
             indent=2,
         )
         + "\n"
-    )
-
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        do_center_crop=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
     )
     processor.save_pretrained(str(out))
     return out
@@ -253,14 +322,22 @@ def cached_tiny_llava(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description="Write a tiny, randomly initialised LLaVA-1.5-shaped checkpoint (hub layout)."
+        description="Write a tiny, randomly initialised LLaVA-family checkpoint (hub layout)."
     )
     parser.add_argument("out_dir", help="folder to write (created if missing)")
     parser.add_argument(
         "--seed", type=int, default=0, help="random seed of the weights (default 0)"
     )
+    parser.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="llava",
+        help="llava: LLaVA-1.5 (CLIP 336/14, 576 patches); llava_next: LLaVA-NeXT anyres "
+        f"(grids {NEXT_GRID_PINPOINTS}); siglip: SigLIP-LLaVA like LLaVA-Interleave (384/14, 729 "
+        "patches, no CLS). Default: llava.",
+    )
     args = parser.parse_args(argv)
-    path = write_tiny_llava(args.out_dir, TinyLlavaSpec(seed=args.seed))
+    path = write_tiny_llava(args.out_dir, TinyLlavaSpec(seed=args.seed, family=args.family))
     print(path)
 
 

@@ -1,13 +1,17 @@
-"""LLaVA-1.5 with PruMerge for vLLM: the four pieces of a vLLM multimodal model, in vLLM's order.
+"""What every PruMerge family adapter shares: the three vLLM pieces, minus the family specifics.
 
-Design: the exact reduced token count of an image is known only after the CLIP tower has run,
+Design: the exact reduced token count of an image is known only after the vision tower has run,
 but vLLM fixes a request's placeholder tokens when it pre-processes the prompt, before
 scheduling. So the pre-processor (front-end process) runs the tower and the reduction
 (:class:`vllm_prumerge.encoder.PruMergeEncoder`) and sets each image's placeholders to the
-length of its reduced features; the model in the engine only applies LLaVA's projector to those
-features and never builds the tower. The scheduler and the paged KV cache therefore see the
-reduced, per-image count, and vLLM's processor cache (keyed by image + request options) reuses
-the features of repeated images.
+length of its reduced features; the model in the engine only applies the family's projector
+(and packing) to those features and never builds the tower. The scheduler and the paged KV
+cache therefore see the reduced, per-image count, and vLLM's processor cache (keyed by image +
+request options) reuses the features of repeated images.
+
+Each family file (``llava.py``, ``llava_next.py``) mixes these classes in front of vLLM's own
+classes for that family, in vLLM's order (processing info, processor, model), and holds only
+what differs: how crops are cut, counted and packed.
 """
 
 from __future__ import annotations
@@ -18,33 +22,25 @@ from functools import cached_property
 from typing import Annotated, Literal
 
 import torch
-from torch import nn
 from transformers import BatchFeature, CLIPVisionConfig
 from vllm.config import VllmConfig
 from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.logger import init_logger
-from vllm.model_executor.models.llava import (
-    BaseLlavaMultiModalProcessor,
-    LlavaDummyInputsBuilder,
-    LlavaForConditionalGeneration,
-    LlavaMultiModalProjector,
-    LlavaProcessingInfo,
-)
+from vllm.model_executor.models.llava import LlavaMultiModalProjector
 from vllm.model_executor.models.module_mapping import MultiModelKeys
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     init_vllm_registered_model,
     maybe_prefix,
 )
-from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from vllm_prumerge.config import PruMergeConfig
-from vllm_prumerge.encoder import PruMergeEncoder
+from vllm_prumerge.encoder import PruMergeEncoder, supported_vision_config
 from vllm_prumerge.serving import metrics
 from vllm_prumerge.serving.options import (
     CONFIG_KEY,
@@ -53,6 +49,7 @@ from vllm_prumerge.serving.options import (
     engine_config,
     request_config,
 )
+from vllm_prumerge.vision import resolve_vision_feature_layer
 
 # Under "vllm." so that vLLM's logging configuration prints it like its own messages.
 logger = init_logger("vllm.prumerge")
@@ -60,28 +57,34 @@ logger = init_logger("vllm.prumerge")
 FEATURES_KEY = "prumerge_features"
 
 
-def _check_supported(hf_config) -> None:
-    """PruMerge needs a LLaVA-1.5-style config: CLIP tower, one feature layer, no CLS token."""
+def check_supported(hf_config) -> None:
+    """PruMerge needs a CLIP tower with the "default" strategy (CLS dropped) or a SigLIP tower
+    with "full" (no CLS to drop), and one feature layer. Raises ValueError naming the problem."""
     vision = getattr(hf_config, "vision_config", None)
-    if not isinstance(vision, CLIPVisionConfig):
+    if not supported_vision_config(vision):
         raise ValueError(
-            "vllm-prumerge serves LLaVA checkpoints with a CLIP vision tower "
-            f"(e.g. llava-hf/llava-1.5-7b-hf); this model's vision_config is "
-            f"{type(vision).__name__}"
+            "vllm-prumerge serves LLaVA checkpoints with a CLIP or SigLIP vision tower; this "
+            f"model's vision_config is {type(vision).__name__}"
         )
-    if getattr(hf_config, "vision_feature_select_strategy", "default") != "default":
+    expected = "default" if isinstance(vision, CLIPVisionConfig) else "full"
+    strategy = getattr(hf_config, "vision_feature_select_strategy", "default")
+    if strategy != expected:
         raise ValueError(
-            "vllm-prumerge supports vision_feature_select_strategy='default' (patch tokens "
-            f"without CLS), got {hf_config.vision_feature_select_strategy!r}"
+            f"vllm-prumerge supports vision_feature_select_strategy={expected!r} for a "
+            f"{type(vision).__name__} tower (patch tokens only), got {strategy!r}"
         )
+    try:
+        resolve_vision_feature_layer(hf_config.vision_feature_layer, vision.num_hidden_layers)
+    except TypeError as exc:
+        raise ValueError(f"vllm-prumerge: {exc}") from None
 
 
 class PruMergeImageFeatureInputs(TensorSchema):
-    """Reduced CLIP-space features of a batch of images.
+    """Reduced tower-space features of a batch of images.
 
     Dimensions:
         - bn: Batch size * number of images
-        - nt: Visual tokens of an image after PruMerge (differs from image to image)
+        - nt: Tower-space tokens of an image (differs from image to image)
         - c: Vision tower width
     """
 
@@ -92,7 +95,9 @@ class PruMergeImageFeatureInputs(TensorSchema):
     ]
 
 
-class PruMergeLlavaProcessingInfo(LlavaProcessingInfo):
+class PruMergeProcessingInfoMixin:
+    """Goes in front of a family's vLLM ProcessingInfo: options, encoder, token bounds."""
+
     def get_hf_processor(self, **kwargs: object):
         # Our options are for our processor only; vLLM would pass them on to transformers.
         kwargs.pop(CONFIG_KEY, None)
@@ -102,7 +107,7 @@ class PruMergeLlavaProcessingInfo(LlavaProcessingInfo):
     @cached_property
     def engine_config(self) -> PruMergeConfig:
         hf_config = self.get_hf_config()
-        _check_supported(hf_config)
+        check_supported(hf_config)
         config = engine_config(hf_config)
         logger.info_once("PruMerge visual-token reduction: %s", describe(config))
         return config
@@ -119,13 +124,10 @@ class PruMergeLlavaProcessingInfo(LlavaProcessingInfo):
             revision=model_config.revision,
         )
 
-    def get_num_patches(self) -> int:
-        """Patch tokens of the stock model (576 for CLIP-L/14-336)."""
-        return super().get_max_image_tokens()
-
-    def get_max_image_tokens(self) -> int:
-        # Every patch kept plus the extra token: the bound of every mode.
-        return self.get_num_patches() + 1
+    def get_patches_per_crop(self) -> int:
+        """Tower patches of one image or crop (576 for CLIP-L/14-336, 729 for SigLIP 384/14)."""
+        vision = self.get_hf_config().vision_config
+        return (vision.image_size // vision.patch_size) ** 2
 
     def get_mm_max_tokens_per_item(
         self, seq_len: int, mm_counts: Mapping[str, int]
@@ -133,11 +135,13 @@ class PruMergeLlavaProcessingInfo(LlavaProcessingInfo):
         return {"image": self.get_max_image_tokens()}
 
 
-class PruMergeLlavaDummyInputsBuilder(LlavaDummyInputsBuilder[PruMergeLlavaProcessingInfo]):
-    pass
+class PruMergeProcessorMixin:
+    """Goes in front of a family's vLLM multimodal processor: runs the tower + reduction.
 
+    Families implement :meth:`_reduce_images` (pixel values -> per-image features and fields)
+    and :meth:`_profile_features`, and may refine :meth:`_num_placeholders`.
+    """
 
-class PruMergeLlavaMultiModalProcessor(BaseLlavaMultiModalProcessor[PruMergeLlavaProcessingInfo]):
     def get_dummy_inputs(
         self,
         seq_len: int,
@@ -166,21 +170,24 @@ class PruMergeLlavaMultiModalProcessor(BaseLlavaMultiModalProcessor[PruMergeLlav
             )
 
         processed = super()._call_hf_processor(hf_data, hf_kwargs)
-        pixel_values = processed.pop("pixel_values")
-        encoded = self.info.encoder.encode(pixel_values, config)
-        processed[FEATURES_KEY] = [f.to(dtype) for f in encoded.features]
-        metrics.record(config.mode, [len(f) for f in encoded.features], encoded.seconds)
+        if "pixel_values" not in processed:  # text only
+            return processed
+        counts, seconds = self._reduce_images(processed, config)
+        processed[FEATURES_KEY] = [f.to(dtype) for f in processed[FEATURES_KEY]]
+        metrics.record(config.mode, counts, seconds)
         return processed
 
-    def _get_mm_fields_config(
-        self,
-        hf_inputs: BatchFeature,
-        hf_processor_mm_kwargs: Mapping[str, object],
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        return {
-            FEATURES_KEY: MultiModalFieldConfig.batched("image"),
-            "image_embeds": MultiModalFieldConfig.batched("image"),
-        }
+    def _reduce_images(
+        self, processed: BatchFeature, config: PruMergeConfig
+    ) -> tuple[list[int], float]:
+        """Replace `processed["pixel_values"]` by `processed[FEATURES_KEY]` (one `[L_i, C]`
+        tensor per image, plus any family fields); return the visual tokens per image and the
+        tower + reduction seconds."""
+        raise NotImplementedError
+
+    def _num_placeholders(self, item, image_size) -> int:
+        """Placeholder tokens of one processed image: its feature rows, by default."""
+        return item[FEATURES_KEY].data.shape[0]
 
     def _get_prompt_updates(
         self,
@@ -195,7 +202,8 @@ class PruMergeLlavaMultiModalProcessor(BaseLlavaMultiModalProcessor[PruMergeLlav
             if isinstance(images, ImageEmbeddingItems):
                 count = images.get_feature_size(item_idx)
             else:  # the exact reduced count of this image
-                count = out_mm_kwargs["image"][item_idx][FEATURES_KEY].data.shape[0]
+                item = out_mm_kwargs["image"][item_idx]
+                count = self._num_placeholders(item, images.get_image_size(item_idx))
             return [image_token_id] * count
 
         return [
@@ -205,22 +213,16 @@ class PruMergeLlavaMultiModalProcessor(BaseLlavaMultiModalProcessor[PruMergeLlav
         ]
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    PruMergeLlavaMultiModalProcessor,
-    info=PruMergeLlavaProcessingInfo,
-    dummy_inputs=PruMergeLlavaDummyInputsBuilder,
-)
-class PruMergeLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """LLaVA whose images arrive as PruMerge-reduced CLIP features: projector + LLM only."""
+class PruMergeModelMixin:
+    """Goes in front of a family's vLLM model class: no tower; features -> projector -> LLM."""
 
     supports_tower_connector_lora = False
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        # LlavaForConditionalGeneration.__init__ minus the vision tower, which runs in the
-        # pre-processor instead.
-        nn.Module.__init__(self)
+    def _init_without_tower(self, vllm_config: VllmConfig, prefix: str) -> None:
+        """The family's ``__init__`` minus the vision tower, which runs in the pre-processor:
+        config, multimodal token handling, projector (in the tower slot) and language model."""
         config = vllm_config.model_config.hf_config
-        _check_supported(config)
+        check_supported(config)
         self.config = config
         self.multimodal_config = vllm_config.model_config.multimodal_config
         self.configure_mm_token_handling(
@@ -228,7 +230,6 @@ class PruMergeLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             mm_token_ids=[config.image_token_index],
         )
         logger.info("PruMerge visual-token reduction: %s", describe(engine_config(config)))
-
         with self._mark_tower_model(vllm_config, "image"):
             self.multi_modal_projector = LlavaMultiModalProjector(
                 vision_hidden_size=config.vision_config.hidden_size,
@@ -238,6 +239,7 @@ class PruMergeLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 quant_config=vllm_config.quant_config,
                 prefix=maybe_prefix(prefix, "multi_modal_projector"),
             )
+            self._init_family_parameters(config)
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config,
@@ -246,6 +248,22 @@ class PruMergeLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
+    def _init_family_parameters(self, config) -> None:
+        """Extra connector parameters of a family (e.g. LLaVA-NeXT's ``image_newline``)."""
+
+    def _project(self, per_image: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``[L_i, C]`` tower-space features -> ``[L_i, H]`` LLM embeddings, one projector call."""
+        sizes = [f.shape[0] for f in per_image]
+        weight = self.multi_modal_projector.linear_1.weight
+        embeds = self.multi_modal_projector(torch.cat(per_image).to(weight.dtype))
+        return list(torch.split(embeds, sizes))
+
+    def _embed_features(
+        self, per_image: list[torch.Tensor], kwargs: dict[str, object]
+    ) -> list[torch.Tensor]:
+        """Per-image LLM embeddings from per-image features; families may pack them."""
+        return self._project(per_image)
+
     def embed_multimodal(self, **kwargs: object) -> list[torch.Tensor] | torch.Tensor:
         features = kwargs.pop(FEATURES_KEY, None)
         if features is None:
@@ -253,11 +271,7 @@ class PruMergeLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         inputs = PruMergeImageFeatureInputs(
             data=features, resolve_bindings={"c": self.config.vision_config.hidden_size}
         )
-        per_image = list(inputs["data"])
-        sizes = [f.shape[0] for f in per_image]
-        weight = self.multi_modal_projector.linear_1.weight
-        embeds = self.multi_modal_projector(torch.cat(per_image).to(weight.dtype))
-        return list(torch.split(embeds, sizes))
+        return self._embed_features(list(inputs["data"]), kwargs)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # The tower's tensors are the pre-processor's (PruMergeEncoder), not the engine's.

@@ -1,0 +1,74 @@
+"""LLaVA-1.5 and SigLIP-based LLaVA (LLaVA-Interleave) with PruMerge: vLLM's four pieces, in order.
+
+One image is one tower input: its reduced features are its visual tokens (kept tokens + the
+extra token; ``off``: the stock patch features, 576 for CLIP-L/14-336, 729 for SigLIP 384/14).
+See :mod:`vllm_prumerge.serving.base` for the design.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+from transformers import BatchFeature
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llava import (
+    BaseLlavaMultiModalProcessor,
+    LlavaDummyInputsBuilder,
+    LlavaForConditionalGeneration,
+    LlavaProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+
+from vllm_prumerge.config import PruMergeConfig
+from vllm_prumerge.serving.base import (
+    FEATURES_KEY,
+    PruMergeModelMixin,
+    PruMergeProcessingInfoMixin,
+    PruMergeProcessorMixin,
+)
+
+
+class PruMergeLlavaProcessingInfo(PruMergeProcessingInfoMixin, LlavaProcessingInfo):
+    def get_max_image_tokens(self) -> int:
+        # Every patch kept plus the extra token: the bound of every mode.
+        return self.get_patches_per_crop() + 1
+
+
+class PruMergeLlavaDummyInputsBuilder(LlavaDummyInputsBuilder[PruMergeLlavaProcessingInfo]):
+    pass
+
+
+class PruMergeLlavaMultiModalProcessor(
+    PruMergeProcessorMixin, BaseLlavaMultiModalProcessor[PruMergeLlavaProcessingInfo]
+):
+    def _reduce_images(
+        self, processed: BatchFeature, config: PruMergeConfig
+    ) -> tuple[list[int], float]:
+        encoded = self.info.encoder.encode(processed.pop("pixel_values"), config)
+        processed[FEATURES_KEY] = encoded.features
+        return [len(f) for f in encoded.features], encoded.seconds
+
+    def _get_mm_fields_config(
+        self,
+        hf_inputs: BatchFeature,
+        hf_processor_mm_kwargs: Mapping[str, object],
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        return {
+            FEATURES_KEY: MultiModalFieldConfig.batched("image"),
+            "image_embeds": MultiModalFieldConfig.batched("image"),
+        }
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PruMergeLlavaMultiModalProcessor,
+    info=PruMergeLlavaProcessingInfo,
+    dummy_inputs=PruMergeLlavaDummyInputsBuilder,
+)
+class PruMergeLlavaForConditionalGeneration(PruMergeModelMixin, LlavaForConditionalGeneration):
+    """LLaVA whose images arrive as PruMerge-reduced tower features: projector + LLM only."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        nn.Module.__init__(self)
+        self._init_without_tower(vllm_config, prefix)

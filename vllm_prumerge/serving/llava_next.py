@@ -1,0 +1,155 @@
+"""LLaVA-NeXT (anyres) with PruMerge: vLLM's four pieces, in order; only the crops differ.
+
+Semantics (per image): the crops in the order the checkpoint's image processor makes them (the
+base view first, then the high-resolution tiles in row-major order) are one tower batch; each
+crop is reduced on its own, exactly as a LLaVA-1.5 image (its own importance, IQR fence,
+PruMerge+ samples, merge within the crop), and contributes its kept tokens followed by its own
+extra token. Crops are concatenated in that order with no unpadding and no ``image_newline``, so
+an image costs ``sum over crops (kept_c + 1)`` tokens (the convention of FasterVLM, VisionZip and
+HiRED's PruMerge port). ``off`` is stock LLaVA-NeXT token for token: all crop features, packed by
+vLLM's own ``spatial_unpad`` merge (unpadding and one newline per row) in the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from transformers import BatchFeature
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+
+from vllm_prumerge.config import PruMergeConfig
+from vllm_prumerge.serving.base import (
+    FEATURES_KEY,
+    PruMergeModelMixin,
+    PruMergeProcessingInfoMixin,
+    PruMergeProcessorMixin,
+)
+
+# Per image: the number of crops whose full features the engine packs the stock way (`off`),
+# or 0 when the features are already the reduced tokens.
+STOCK_CROPS_KEY = "prumerge_stock_crops"
+
+
+class PruMergeLlavaNextProcessingInfo(PruMergeProcessingInfoMixin, LlavaNextProcessingInfo):
+    def get_num_crops(self, *, image_width: int, image_height: int) -> int:
+        """Base view + high-resolution tiles the image processor makes for this image size."""
+        hf_config = self.get_hf_config()
+        rows, cols = get_anyres_image_grid_shape(
+            (image_height, image_width),
+            hf_config.image_grid_pinpoints,
+            hf_config.vision_config.image_size,
+        )
+        return 1 + rows * cols
+
+    def get_max_crops(self) -> int:
+        hf_config = self.get_hf_config()
+        return max(
+            self.get_num_crops(image_width=w, image_height=h)
+            for h, w in hf_config.image_grid_pinpoints
+        )
+
+    def get_max_image_tokens(self) -> int:
+        # Reduced modes: every patch of every crop kept plus one extra token per crop; `off`:
+        # the stock count. The larger bounds every mode.
+        reduced = self.get_max_crops() * (self.get_patches_per_crop() + 1)
+        return max(reduced, super().get_max_image_tokens())
+
+
+class PruMergeLlavaNextDummyInputsBuilder(LlavaDummyInputsBuilder[PruMergeLlavaNextProcessingInfo]):
+    pass
+
+
+class PruMergeLlavaNextMultiModalProcessor(
+    PruMergeProcessorMixin, LlavaNextMultiModalProcessor[PruMergeLlavaNextProcessingInfo]
+):
+    def _reduce_images(
+        self, processed: BatchFeature, config: PruMergeConfig
+    ) -> tuple[list[int], float]:
+        pixel_values = processed.pop("pixel_values")  # [B, max_crops, 3, H, W] (zero-padded)
+        sizes = [(int(h), int(w)) for h, w in processed["image_sizes"]]
+        crops = [self.info.get_num_crops(image_width=w, image_height=h) for h, w in sizes]
+        batch = torch.cat([pixel_values[i][:n] for i, n in enumerate(crops)])
+        encoded = self.info.encoder.encode(batch, config)  # one row per crop
+        per_crop = encoded.features
+        features, counts, starts = [], [], 0
+        for (h, w), n in zip(sizes, crops, strict=True):
+            features.append(torch.cat(per_crop[starts : starts + n]))
+            starts += n
+            if config.enabled:
+                counts.append(len(features[-1]))
+            else:
+                counts.append(self.info.get_num_image_tokens(image_width=w, image_height=h))
+        processed[FEATURES_KEY] = features
+        processed[STOCK_CROPS_KEY] = torch.tensor(
+            [0 if config.enabled else n for n in crops], dtype=torch.int64
+        )
+        return counts, encoded.seconds
+
+    def _num_placeholders(self, item, image_size) -> int:
+        if STOCK_CROPS_KEY in item and int(item[STOCK_CROPS_KEY].data) > 0:
+            return self.info.get_num_image_tokens(
+                image_width=image_size.width, image_height=image_size.height
+            )
+        return super()._num_placeholders(item, image_size)
+
+    def _get_mm_fields_config(
+        self,
+        hf_inputs: BatchFeature,
+        hf_processor_mm_kwargs: Mapping[str, object],
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        return {
+            FEATURES_KEY: MultiModalFieldConfig.batched("image"),
+            STOCK_CROPS_KEY: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            "image_sizes": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
+            "image_embeds": MultiModalFieldConfig.batched("image"),
+        }
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PruMergeLlavaNextMultiModalProcessor,
+    info=PruMergeLlavaNextProcessingInfo,
+    dummy_inputs=PruMergeLlavaNextDummyInputsBuilder,
+)
+class PruMergeLlavaNextForConditionalGeneration(
+    PruMergeModelMixin, LlavaNextForConditionalGeneration
+):
+    """LLaVA-NeXT whose crops arrive as PruMerge-reduced tower features: projector (+ stock
+    anyres packing in ``off``) + LLM only."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        nn.Module.__init__(self)
+        self.select_layers = None
+        self._init_without_tower(vllm_config, prefix)
+
+    def _init_family_parameters(self, config) -> None:
+        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
+
+    def _embed_features(
+        self, per_image: list[torch.Tensor], kwargs: dict[str, object]
+    ) -> list[torch.Tensor]:
+        embeds = self._project(per_image)
+        stock_crops = kwargs.get(STOCK_CROPS_KEY)
+        image_sizes = kwargs.get("image_sizes")
+        if stock_crops is None:  # start-up profiling: reduced layout
+            return embeds
+        patches = (
+            self.config.vision_config.image_size // self.config.vision_config.patch_size
+        ) ** 2
+        for i, crops in enumerate(int(n) for n in stock_crops):
+            if crops > 0:
+                tiles = embeds[i].view(crops, patches, -1)
+                embeds[i] = self._merge_image_patch_embeddings(
+                    torch.as_tensor(image_sizes[i]), tiles, strategy="spatial_unpad"
+                )
+        return embeds
