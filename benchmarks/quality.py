@@ -840,13 +840,15 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
                 zorder=4 if is_off else 3,
                 label="off (stock, 576 tokens)" if is_off else None,
             )
-            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            offset = (5, -12) if is_off else (5, 5)  # off apart from a point on top of it
+            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=offset, fontsize=8)
         off_y = ys[[r["name"] for r in results].index(BASELINE)]
         ax.axhline(off_y, color="C3", linestyle="--", alpha=0.5)
         ax.set_xscale("log")
         ax.set_xticks(TOKEN_TICKS, [str(t) for t in TOKEN_TICKS])
         ax.minorticks_off()
         ax.set_ylim(-3, 103)
+        ax.set_xlim(0.8, 1000)
         ax.set_xlabel("visual tokens per image (mean, log scale)")
         ax.set_ylabel(title)
         ax.set_title(title.split(" (")[0] + " vs visual tokens")
