@@ -6,9 +6,9 @@ forward hooks (CLIP: the CLS row's class attention, by the core ``reduce_tokens`
 attention probabilities are read from ``output_attentions`` (SigLIP: averaged over heads and
 queries by hand here); the core reduction (``reduce_tokens`` / ``reduce_by_importance``) is
 applied per image or per LLaVA-NeXT crop (crops counted by transformers' own anyres helper);
-``off`` on LLaVA-NeXT uses transformers' own ``get_image_features`` + ``pack_image_features``
-(unpadding and newlines); the projected features are spliced into ``inputs_embeds``, and
-decoding is an explicit greedy loop over raw logits.
+``off`` on LLaVA-NeXT / OneVision uses transformers' own ``get_image_features``, which packs
+(unpadding, OneVision's ``anyres_max`` downscaling, newlines); the projected features are
+spliced into ``inputs_embeds``, and decoding is an explicit greedy loop over raw logits.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from vllm_prumerge.reduction import reduce_by_importance, reduce_tokens
 
 
 class HFPruMergeLlava:
-    """LLaVA-1.5, SigLIP-LLaVA (LLaVA-Interleave-shaped) and LLaVA-NeXT, by the checkpoint."""
+    """LLaVA-1.5, SigLIP-LLaVA (LLaVA-Interleave-shaped), LLaVA-NeXT and LLaVA-OneVision (images),
+    by the checkpoint."""
 
     def __init__(self, checkpoint: str) -> None:
         self.model = AutoModelForImageTextToText.from_pretrained(
@@ -92,14 +93,9 @@ class HFPruMergeLlava:
         """`[L, H]` what the LLM receives for one PIL image."""
         crops, image_sizes = self._crops(image)
         if self.is_next and not config.enabled:  # transformers' own anyres packing
-            model = self.model.model
-            features = model.get_image_features(
-                crops[None], image_sizes, vision_feature_layer=self.config.vision_feature_layer
-            )
-            features = getattr(features, "pooler_output", features)
-            packed, _ = model.pack_image_features(
-                list(features), image_sizes, image_newline=model.image_newline
-            )
+            packed = self.model.model.get_image_features(crops[None], image_sizes).pooler_output
+            if isinstance(packed, (list, tuple)):  # one [L, H] per image (one image here)
+                packed = torch.cat(list(packed))
             return packed
         return self.model.model.multi_modal_projector(self._reduce_crops(crops, config))
 

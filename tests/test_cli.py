@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_prumerge.serving.options import ARCHITECTURE
+from vllm_prumerge.serving.options import ARCHITECTURE, PruMergeOverrides
 
 
 @pytest.fixture(scope="module")
@@ -22,22 +22,36 @@ def serve_parser():
     return parser
 
 
-def _engine_args(parser, argv):
+@pytest.fixture(scope="module")
+def model(tiny_llava):
+    return tiny_llava
+
+
+def _engine_args(parser, model, argv):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    return AsyncEngineArgs.from_cli_args(parser.parse_args(["serve", "some/llava", *argv]))
+    return AsyncEngineArgs.from_cli_args(parser.parse_args(["serve", model, *argv]))
 
 
-def test_plugin_flag_selects_the_prumerge_architecture_with_default_options(serve_parser):
-    args = _engine_args(serve_parser, ["--plugin", "prumerge"])
-    assert args.hf_overrides["architectures"] == [ARCHITECTURE]
-    assert args.hf_overrides["prumerge"]["mode"] == "prumerge"
-    assert args.hf_overrides["prumerge"]["k_neighbors"] == 32
+def _hf_config(model, args):
+    """The HF config vLLM would build: the checkpoint's, through the parsed overrides."""
+    from transformers import AutoConfig
+
+    assert isinstance(args.hf_overrides, PruMergeOverrides)
+    return args.hf_overrides(AutoConfig.from_pretrained(model))
 
 
-def test_prumerge_options_reach_the_engine_config(serve_parser):
+def test_plugin_flag_selects_the_prumerge_architecture_with_default_options(serve_parser, model):
+    config = _hf_config(model, _engine_args(serve_parser, model, ["--plugin", "prumerge"]))
+    assert config.architectures == [ARCHITECTURE]
+    assert config.prumerge["mode"] == "prumerge"
+    assert config.prumerge["k_neighbors"] == 32
+
+
+def test_prumerge_options_reach_the_engine_config(serve_parser, model):
     args = _engine_args(
         serve_parser,
+        model,
         [
             "--plugin",
             "prumerge",
@@ -52,19 +66,65 @@ def test_prumerge_options_reach_the_engine_config(serve_parser):
             '{"image_seq_length": 576}',
         ],
     )
-    options = args.hf_overrides["prumerge"]
+    config = _hf_config(model, args)
+    options = config.prumerge
     assert (options["mode"], options["budget"], options["spatial_samples"], options["order"]) == (
         "fixed",
         64,
         True,
         "raster",
     )
-    assert args.hf_overrides["image_seq_length"] == 576  # the user's own overrides survive
+    assert config.image_seq_length == 576  # the user's own overrides survive
 
 
-def test_without_the_plugin_flag_nothing_changes(serve_parser):
-    args = _engine_args(serve_parser, [])
+def test_without_the_plugin_flag_nothing_changes(serve_parser, model):
+    args = _engine_args(serve_parser, model, [])
     assert not args.hf_overrides
+
+
+def test_an_unsupported_checkpoint_is_one_clean_parser_error(serve_parser, capsys, tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+    with pytest.raises(SystemExit) as exc:
+        serve_parser.parse_args(["serve", str(tmp_path), "--plugin", "prumerge"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Qwen2ForCausalLM" in err and "LlavaNextForConditionalGeneration" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "own, flags, expected",
+    [
+        ({"mode": "prumerge+"}, {}, "prumerge+"),  # the checkpoint's own mode is the default
+        ({"mode": "prumerge+"}, {"mode": "off"}, "off"),  # explicit options win
+        ({"mode": "fixed", "budget": 9}, {"mode": "prumerge"}, "prumerge"),  # budget dropped
+        (None, {}, "prumerge"),
+    ],
+)
+def test_a_checkpoints_own_prumerge_config_is_the_default(own, flags, expected):
+    from transformers import LlavaConfig
+
+    config = LlavaConfig(architectures=["LlavaForConditionalGeneration"])
+    if own is not None:
+        config.prumerge = own
+    config = PruMergeOverrides(options=flags)(config)
+    assert config.prumerge["mode"] == expected
+    assert config.architectures == [ARCHITECTURE]
+
+
+def test_engine_kwargs_overrides_pickle_and_pick_the_family(tmp_path):
+    import pickle
+
+    from transformers import LlavaNextConfig
+
+    from vllm_prumerge import engine_kwargs
+
+    overrides = pickle.loads(pickle.dumps(engine_kwargs("prumerge+")["hf_overrides"]))
+    config = overrides(LlavaNextConfig(architectures=["LlavaNextForConditionalGeneration"]))
+    assert config.architectures == ["PruMergeLlavaNextForConditionalGeneration"]
+    assert config.prumerge["mode"] == "prumerge+"
+    with pytest.raises(ValueError, match="k_neighbors"):
+        engine_kwargs("prumerge", k_neighbors=0)
 
 
 @pytest.mark.parametrize(
@@ -77,9 +137,9 @@ def test_without_the_plugin_flag_nothing_changes(serve_parser):
         (["--plugin", "other"], "invalid choice"),
     ],
 )
-def test_bad_options_are_clean_parser_errors(serve_parser, capsys, argv, message):
+def test_bad_options_are_clean_parser_errors(serve_parser, capsys, model, argv, message):
     with pytest.raises(SystemExit) as exc:
-        serve_parser.parse_args(["serve", "some/llava", *argv])
+        serve_parser.parse_args(["serve", model, *argv])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -104,5 +164,6 @@ def test_vllm_serve_help_documents_the_plugin_options():
         "--prumerge-budget",
         "--prumerge-budget-ratio",
         "--prumerge-spatial-samples",
+        "--prumerge-importance",
     ):
         assert flag in out, flag

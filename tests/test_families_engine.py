@@ -1,4 +1,5 @@
-"""LLaVA-NeXT (anyres, per-crop reduction) and SigLIP-LLaVA (received attention), offline.
+"""LLaVA-NeXT (anyres, per-crop reduction), SigLIP-LLaVA (received attention) and
+LLaVA-OneVision images (both), offline.
 
 Per family, two real engines: stock vLLM (no plugin) and the plugin's. Float32 everywhere:
 greedy tokens must be identical and log-probabilities equal within LOGPROB_ATOL to an
@@ -23,7 +24,8 @@ LOGPROB_ATOL = 2e-3
 MAX_TOKENS = 6
 PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
 PROMPT_2 = "USER: <image>\n<image>\nHow many objects are there? ASSISTANT:"
-ENGINE_ARGS = {**TINY_ENGINE_ARGS, "max_model_len": 4096}
+# OneVision's stock image counts reach ~3.7k tokens on the tiny grids (two per prompt).
+MAX_MODEL_LEN = {"llava_next": 4096, "siglip": 4096, "onevision": 8192}
 
 
 def _shutdown(llm) -> None:
@@ -48,7 +50,7 @@ def _image_count(output, image_token: int) -> int:
     return list(output.prompt_token_ids).count(image_token)
 
 
-@pytest.fixture(scope="module", params=["llava_next", "siglip"])
+@pytest.fixture(scope="module", params=["llava_next", "siglip", "onevision"])
 def family(request, tmp_path_factory):
     """(family name, checkpoint path) of a generated checkpoint of that family."""
     cache = tmp_path_factory.getbasetemp() / "checkpoints"
@@ -79,6 +81,10 @@ def _image_lists(images):
     return [[im] for im in images] + [images[1:3]]
 
 
+def _engine_args(family):
+    return {**TINY_ENGINE_ARGS, "max_model_len": MAX_MODEL_LEN[family[0]]}
+
+
 @pytest.fixture(scope="module")
 def hf(family):
     return HFPruMergeLlava(family[1])
@@ -89,7 +95,7 @@ def stock_outputs(family, images):
     """Stock vLLM (no plugin selected) on the module's prompts."""
     from vllm import LLM
 
-    llm = LLM(model=family[1], **ENGINE_ARGS)
+    llm = LLM(model=family[1], **_engine_args(family))
     try:
         yield llm.generate(_prompts(images), _sampling())
     finally:
@@ -100,7 +106,7 @@ def stock_outputs(family, images):
 def plugin_llm(family, stock_outputs):
     from vllm import LLM
 
-    llm = LLM(model=family[1], **ENGINE_ARGS, **engine_kwargs("prumerge"))
+    llm = LLM(model=family[1], **_engine_args(family), **engine_kwargs("prumerge"))
     try:
         yield llm
     finally:
@@ -149,7 +155,7 @@ def test_each_image_costs_the_sum_over_its_crops_of_kept_plus_one(plugin_llm, hf
         if family[0] == "siglip":
             assert crops == 1
         assert _image_count(out, hf.image_token) == crops * (budget + 1)
-    if family[0] == "llava_next":  # base view + 2x2, 1x2, 2x1 and 1x2 tiles
+    if family[0] != "siglip":  # base view + 2x2, 1x2, 2x1 and 1x2 tiles
         assert [_image_count(o, hf.image_token) for o in outputs] == [30, 18, 18, 18]
 
 
@@ -161,7 +167,7 @@ def test_importance_cls_is_refused_without_a_cls_token_and_received_works_on_bot
     received["mm_processor_kwargs"] = {"prumerge": {"importance": "received"}}
     out = plugin_llm.generate([received], _sampling())[0]
     config = PruMergeConfig(importance="received")
-    if family[0] == "siglip":
+    if family[0] != "llava_next":  # SigLIP towers
         with pytest.raises(ValueError, match="CLS"):
             plugin_llm.generate(
                 [dict(received, mm_processor_kwargs={"prumerge": {"importance": "cls"}})],

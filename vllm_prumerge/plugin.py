@@ -16,6 +16,9 @@ MODEL_CLASSES = {
     ARCHITECTURES["LlavaNextForConditionalGeneration"]: (
         "vllm_prumerge.serving.llava_next:PruMergeLlavaNextForConditionalGeneration"
     ),
+    ARCHITECTURES["LlavaOnevisionForConditionalGeneration"]: (
+        "vllm_prumerge.serving.llava_onevision:PruMergeLlavaOnevisionForConditionalGeneration"
+    ),
 }
 
 

@@ -104,9 +104,11 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _checkpoint_architectures(namespace: argparse.Namespace) -> list[str] | None:
-    """The checkpoint's `architectures` from its config.json, or None if it cannot be read now
-    (vLLM then reads it itself and our override reports an unsupported one)."""
-    model = getattr(namespace, "model", None)
+    """The checkpoint's `architectures` from its config.json if it is on this machine (a folder,
+    or a hub id already in the Hugging Face cache), else None: no network at parse time; vLLM
+    then reads the config itself and our override reports an unsupported architecture."""
+    # `vllm serve MODEL` parses MODEL as `model_tag` (copied to `model` after parsing).
+    model = getattr(namespace, "model_tag", None) or getattr(namespace, "model", None)
     if not model:
         return None
     try:
@@ -115,8 +117,9 @@ def _checkpoint_architectures(namespace: argparse.Namespace) -> list[str] | None
         config, _ = PretrainedConfig.get_config_dict(
             getattr(namespace, "hf_config_path", None) or model,
             revision=getattr(namespace, "revision", None),
+            local_files_only=True,
         )
-    except Exception:  # unreachable hub, gated repo, ...: not ours to report here
+    except Exception:  # not local, gated, no config.json, ...: not ours to report here
         return None
     return config.get("architectures")
 

@@ -8,6 +8,9 @@ extra token. Crops are concatenated in that order with no unpadding and no ``ima
 an image costs ``sum over crops (kept_c + 1)`` tokens (the convention of FasterVLM, VisionZip and
 HiRED's PruMerge port). ``off`` is stock LLaVA-NeXT token for token: all crop features, packed by
 vLLM's own ``spatial_unpad`` merge (unpadding and one newline per row) in the engine.
+
+The three ``Anyres*Mixin`` classes hold what every anyres family shares (LLaVA-OneVision reuses
+them in ``llava_onevision.py``); the family classes at the bottom put them in front of vLLM's.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ from vllm_prumerge.serving.base import (
 STOCK_CROPS_KEY = "prumerge_stock_crops"
 
 
-class PruMergeLlavaNextProcessingInfo(PruMergeProcessingInfoMixin, LlavaNextProcessingInfo):
+class AnyresProcessingInfoMixin(PruMergeProcessingInfoMixin):
+    """Crop counts of anyres families (before a vLLM ``LlavaNextProcessingInfo`` subclass)."""
+
     def get_num_crops(self, *, image_width: int, image_height: int) -> int:
         """Base view + high-resolution tiles the image processor makes for this image size."""
         hf_config = self.get_hf_config()
@@ -66,13 +71,9 @@ class PruMergeLlavaNextProcessingInfo(PruMergeProcessingInfoMixin, LlavaNextProc
         return max(reduced, super().get_max_image_tokens())
 
 
-class PruMergeLlavaNextDummyInputsBuilder(LlavaDummyInputsBuilder[PruMergeLlavaNextProcessingInfo]):
-    pass
+class AnyresProcessorMixin(PruMergeProcessorMixin):
+    """Per-crop reduction of anyres families (before a vLLM LLaVA-NeXT-style processor)."""
 
-
-class PruMergeLlavaNextMultiModalProcessor(
-    PruMergeProcessorMixin, LlavaNextMultiModalProcessor[PruMergeLlavaNextProcessingInfo]
-):
     def _reduce_images(
         self, processed: BatchFeature, config: PruMergeConfig
     ) -> tuple[list[int], float]:
@@ -116,21 +117,12 @@ class PruMergeLlavaNextMultiModalProcessor(
         }
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    PruMergeLlavaNextMultiModalProcessor,
-    info=PruMergeLlavaNextProcessingInfo,
-    dummy_inputs=PruMergeLlavaNextDummyInputsBuilder,
-)
-class PruMergeLlavaNextForConditionalGeneration(
-    PruMergeModelMixin, LlavaNextForConditionalGeneration
-):
-    """LLaVA-NeXT whose crops arrive as PruMerge-reduced tower features: projector (+ stock
-    anyres packing in ``off``) + LLM only."""
+class AnyresModelMixin(PruMergeModelMixin):
+    """Reduced crops pass through; ``off`` crops are packed the family's stock way."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        nn.Module.__init__(self)
-        self.select_layers = None
-        self._init_without_tower(vllm_config, prefix)
+    def _pack_stock(self, image_size: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+        """``[K, N, H]`` projected crop features -> the family's stock packed ``[L, H]``."""
+        return self._merge_image_patch_embeddings(image_size, crops, strategy="spatial_unpad")
 
     def _init_family_parameters(self, config) -> None:
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
@@ -149,7 +141,36 @@ class PruMergeLlavaNextForConditionalGeneration(
         for i, crops in enumerate(int(n) for n in stock_crops):
             if crops > 0:
                 tiles = embeds[i].view(crops, patches, -1)
-                embeds[i] = self._merge_image_patch_embeddings(
-                    torch.as_tensor(image_sizes[i]), tiles, strategy="spatial_unpad"
-                )
+                embeds[i] = self._pack_stock(torch.as_tensor(image_sizes[i]), tiles)
         return embeds
+
+
+class PruMergeLlavaNextProcessingInfo(AnyresProcessingInfoMixin, LlavaNextProcessingInfo):
+    pass
+
+
+class PruMergeLlavaNextDummyInputsBuilder(LlavaDummyInputsBuilder[PruMergeLlavaNextProcessingInfo]):
+    pass
+
+
+class PruMergeLlavaNextMultiModalProcessor(
+    AnyresProcessorMixin, LlavaNextMultiModalProcessor[PruMergeLlavaNextProcessingInfo]
+):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PruMergeLlavaNextMultiModalProcessor,
+    info=PruMergeLlavaNextProcessingInfo,
+    dummy_inputs=PruMergeLlavaNextDummyInputsBuilder,
+)
+class PruMergeLlavaNextForConditionalGeneration(
+    AnyresModelMixin, LlavaNextForConditionalGeneration
+):
+    """LLaVA-NeXT whose crops arrive as PruMerge-reduced tower features: projector (+ stock
+    anyres packing in ``off``) + LLM only."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        nn.Module.__init__(self)
+        self.select_layers = None
+        self._init_without_tower(vllm_config, prefix)

@@ -25,6 +25,7 @@ from vllm_prumerge.config import PruMergeConfig
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "PruMergeLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "PruMergeLlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": "PruMergeLlavaOnevisionForConditionalGeneration",
 }
 # LLaVA-1.5's, the first family; kept as a name for users of the dict form.
 ARCHITECTURE = ARCHITECTURES["LlavaForConditionalGeneration"]

@@ -1,8 +1,9 @@
 """Write tiny LLaVA-family checkpoints that vLLM 0.32 and transformers both load.
 
 Families (`TinyLlavaSpec.family`): `"llava"` (LLaVA-1.5), `"llava_next"` (LLaVA-NeXT anyres, with
-several `image_grid_pinpoints`) and `"siglip"` (SigLIP-based LLaVA like LLaVA-Interleave: SigLIP
-384/14, 729 patches without CLS, `vision_feature_layer=-1`, strategy `full`).
+several `image_grid_pinpoints`), `"siglip"` (SigLIP-based LLaVA like LLaVA-Interleave: SigLIP
+384/14, 729 patches without CLS, `vision_feature_layer=-1`, strategy `full`) and `"onevision"`
+(LLaVA-OneVision: that SigLIP tower per anyres crop, `anyres_max_9`, with a `<video>` token).
 
 The CLIP towers have the real geometry (336 px, patch 14: 576 patches + CLS, on a 24x24 grid) with a
 tiny width and depth; the text model is a tiny Llama whose head size (32) vLLM's CPU attention
@@ -50,9 +51,11 @@ _CORPUS = [
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
-FAMILIES = ("llava", "llava_next", "siglip")
+FAMILIES = ("llava", "llava_next", "siglip", "onevision")
 # LLaVA-NeXT grids of the tiny checkpoint: 1x2, 2x1 and 2x2 tiles of 336 px (up to 5 crops).
 NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672]]
+# LLaVA-OneVision's: the same grids of 384 px SigLIP tiles.
+ONEVISION_GRID_PINPOINTS = [[384, 768], [768, 384], [768, 768]]
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -104,6 +107,10 @@ def _build_tokenizer(spec: TinyLlavaSpec):
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
+    if (
+        spec.family == "onevision"
+    ):  # added after training: the other families' bytes stay as they were
+        tok.add_special_tokens(["<video>"])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
@@ -113,7 +120,10 @@ def _build_tokenizer(spec: TinyLlavaSpec):
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={
+            "image_token": "<image>",
+            **({"video_token": "<video>"} if spec.family == "onevision" else {}),
+        },
         chat_template=CHAT_TEMPLATE,
         model_max_length=4096,
     )
@@ -144,7 +154,7 @@ def _vision_config(spec: TinyLlavaSpec):
         num_attention_heads=spec.vision_heads,
         patch_size=14,
     )
-    if spec.family == "siglip":
+    if spec.family in ("siglip", "onevision"):
         return SiglipVisionConfig(image_size=384, vision_use_head=False, **shape)
     return CLIPVisionConfig(
         image_size=336, projection_dim=spec.vision_hidden_size, hidden_act="quick_gelu", **shape
@@ -162,6 +172,11 @@ def _model_and_processor(spec: TinyLlavaSpec, tokenizer, vision, text):
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
         LlavaNextProcessor,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
         LlavaProcessor,
         SiglipImageProcessor,
     )
@@ -196,6 +211,31 @@ def _model_and_processor(spec: TinyLlavaSpec, tokenizer, vision, text):
             image_grid_pinpoints=NEXT_GRID_PINPOINTS, **clip_processor
         )
         processor_class, extra = LlavaNextProcessor, {"num_additional_image_tokens": 1}
+    elif spec.family == "onevision":
+        config = LlavaOnevisionConfig(
+            **common,
+            video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,
+            image_grid_pinpoints=ONEVISION_GRID_PINPOINTS,
+            vision_aspect_ratio="anyres_max_9",
+        )
+        architecture, model_class = (
+            "LlavaOnevisionForConditionalGeneration",
+            (LlavaOnevisionForConditionalGeneration),
+        )
+        image_processor = LlavaOnevisionImageProcessor(
+            image_grid_pinpoints=ONEVISION_GRID_PINPOINTS,
+            size={"height": 384, "width": 384},
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
+        processor_class = LlavaOnevisionProcessor
+        extra = {
+            "video_processor": LlavaOnevisionVideoProcessor(),
+            "num_image_tokens": 729,
+            "vision_aspect_ratio": "anyres_max_9",
+        }
     elif spec.family == "siglip":
         config = LlavaConfig(
             **common,
@@ -222,10 +262,11 @@ def _model_and_processor(spec: TinyLlavaSpec, tokenizer, vision, text):
     config.dtype = "float32"
     torch.manual_seed(spec.seed)
     model = model_class(config).eval()
+    if processor_class is not LlavaOnevisionProcessor:
+        extra["patch_size"] = 14
     processor = processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=14,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         chat_template=CHAT_TEMPLATE,
         **extra,
@@ -255,7 +296,8 @@ def write_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec | None = No
         num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.text_heads,
         num_key_value_heads=spec.text_heads,
-        max_position_embeddings=4096,
+        # OneVision's stock images reach ~3.7k tokens each on the tiny grids: room for two.
+        max_position_embeddings=16384 if spec.family == "onevision" else 4096,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -334,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
         default="llava",
         help="llava: LLaVA-1.5 (CLIP 336/14, 576 patches); llava_next: LLaVA-NeXT anyres "
         f"(grids {NEXT_GRID_PINPOINTS}); siglip: SigLIP-LLaVA like LLaVA-Interleave (384/14, 729 "
-        "patches, no CLS). Default: llava.",
+        "patches, no CLS); onevision: LLaVA-OneVision (that SigLIP tower per anyres crop, grids "
+        f"{ONEVISION_GRID_PINPOINTS}). Default: llava.",
     )
     args = parser.parse_args(argv)
     path = write_tiny_llava(args.out_dir, TinyLlavaSpec(seed=args.seed, family=args.family))

@@ -1,0 +1,81 @@
+"""LLaVA-OneVision images with PruMerge: the LLaVA-NeXT per-crop semantics on a SigLIP tower.
+
+Each crop (base view first, then the anyres tiles row-major) is reduced on its own with the
+tower's importance (received attention: SigLIP has no CLS) and contributes its kept tokens plus
+its own extra token; no unpadding, no newline, no ``anyres_max`` downscaling in reduced modes.
+``off`` is stock vLLM LLaVA-OneVision for images (unpadding, ``anyres_max_9`` interpolation,
+newlines), packed in the engine by vLLM's own merge.
+
+Video is out of scope: this class accepts images only, so a request with a video is refused by
+vLLM's own input validation (HTTP 400 on the server) instead of being served differently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from transformers import BatchFeature
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llava_onevision import (
+    LlavaOnevisionDummyInputsBuilder,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionMultiModalProcessor,
+    LlavaOnevisionProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.processing import BaseMultiModalProcessor
+
+from vllm_prumerge.serving.llava_next import (
+    AnyresModelMixin,
+    AnyresProcessingInfoMixin,
+    AnyresProcessorMixin,
+)
+
+
+class PruMergeLlavaOnevisionProcessingInfo(AnyresProcessingInfoMixin, LlavaOnevisionProcessingInfo):
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"image": None}
+
+
+class PruMergeLlavaOnevisionDummyInputsBuilder(
+    LlavaOnevisionDummyInputsBuilder[PruMergeLlavaOnevisionProcessingInfo]
+):
+    pass
+
+
+class PruMergeLlavaOnevisionMultiModalProcessor(
+    AnyresProcessorMixin, LlavaOnevisionMultiModalProcessor
+):
+    def _apply_hf_processor_main(
+        self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]
+    ) -> BatchFeature:
+        # vLLM's OneVision processor calls the HF processor itself (for its video path);
+        # images only here, so the generic path, which goes through our _call_hf_processor.
+        return BaseMultiModalProcessor._apply_hf_processor_main(self, mm_items, hf_kwargs)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PruMergeLlavaOnevisionMultiModalProcessor,
+    info=PruMergeLlavaOnevisionProcessingInfo,
+    dummy_inputs=PruMergeLlavaOnevisionDummyInputsBuilder,
+)
+class PruMergeLlavaOnevisionForConditionalGeneration(
+    AnyresModelMixin, LlavaOnevisionForConditionalGeneration
+):
+    """LLaVA-OneVision whose image crops arrive as PruMerge-reduced tower features."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        nn.Module.__init__(self)
+        self._init_without_tower(vllm_config, prefix)
+
+    def _pack_stock(self, image_size: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+        return self._merge_image_patch_embeddings(
+            image_size,
+            crops,
+            image_newline=self.image_newline,
+            vision_aspect_ratio=getattr(self.config, "vision_aspect_ratio", "anyres_max_9"),
+            strategy="spatial_unpad",
+        )
