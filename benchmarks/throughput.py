@@ -231,9 +231,9 @@ def engine_settings(args: argparse.Namespace, model: str, *, stock: bool) -> dic
     if args.max_num_batched_tokens:
         settings["max_num_batched_tokens"] = args.max_num_batched_tokens
     settings.update(dict(parse_engine_arg(item) for item in args.engine_arg))
-    if not stock:  # the plugin's architecture and options, merged into any user overrides
-        plugin = engine_kwargs("prumerge")["hf_overrides"]
-        settings["hf_overrides"] = {**(settings.get("hf_overrides") or {}), **plugin}
+    if not stock:  # the plugin's architecture and options, applied after any user overrides
+        user = settings.pop("hf_overrides", None) or {}
+        settings.update(engine_kwargs("prumerge", hf_overrides=user))
     return settings
 
 
