@@ -1,0 +1,382 @@
+"""Original LLaVA (LoRA or full) + Vicuna + OpenAI CLIP -> one llava-hf LLaVA-1.5 checkpoint.
+
+`convert()` first reads every config, key, shape and rank and checks them against each other and
+against the llava-hf model they must fill (built on the meta device, so no memory); only then
+does it write, into a staging folder next to `out` that is renamed at the end. Tensors are
+streamed one at a time: read, merged in float32, cast, written, dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from vllm_prumerge.convert import assets, original
+from vllm_prumerge.convert.lora import ADAPTER_FILES, LoraAdapter
+from vllm_prumerge.convert.weights import (
+    ConversionError,
+    TensorReader,
+    WeightFile,
+    WeightFolder,
+    load_pickle,
+)
+from vllm_prumerge.convert.writer import PlannedTensor, StagingFolder, write_shards
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+NON_LORA = "non_lora_trainables.bin"
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionResult:
+    out: Path
+    mode: str
+    dtype: str
+    merged_modules: int  # LoRA-merged linear layers (0 without --lora)
+    tensors: int
+    shards: int
+    image_token_id: int
+    vocab_size: int
+
+
+def resolve(source: str, what: str, patterns: list[list[str]]) -> Path:
+    """A local folder, or a Hugging Face hub id fetched with `snapshot_download`.
+
+    `patterns`: allow-pattern sets tried in order until one brings weights (safetensors first,
+    so a repository holding both formats is not downloaded twice).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConversionError(f"{source}: the {what} must be a folder, not a file")
+    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+        raise ConversionError(f"{source}: no such folder (the {what}: a folder or a hub id)")
+    from huggingface_hub import snapshot_download
+
+    folder = None
+    for allow in patterns:
+        try:
+            folder = Path(snapshot_download(repo_id=source, allow_patterns=allow))
+        except Exception as exc:
+            raise ConversionError(
+                f"{source}: neither a local folder nor a downloadable hub id of the {what} ({exc})"
+            ) from exc
+        if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+            break
+    return folder
+
+
+_BASE_PATTERNS = [
+    ["*.json", "*.model", "*.safetensors"],
+    ["*.json", "*.model", "*.bin"],
+]
+_LORA_PATTERNS = [["*.json", "*.bin", "*.safetensors"]]
+
+
+def _producer(
+    reader: TensorReader,
+    folder: WeightFolder | None,
+    key: str,
+    dtype: torch.dtype,
+    source: dict[str, torch.Tensor] | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Callable[[], torch.Tensor]:
+    def produce() -> torch.Tensor:
+        tensor = source[key] if source is not None else reader.get(folder, key)
+        if transform is not None:
+            tensor = transform(tensor)
+        return tensor.to(dtype)
+
+    return produce
+
+
+def _extend_rows(unk_id: int, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Append copies of row `unk_id` until the matrix has `rows` rows."""
+
+    def extend(weight: torch.Tensor) -> torch.Tensor:
+        extra = rows - weight.shape[0]
+        if extra <= 0:
+            return weight
+        return torch.cat([weight, weight[unk_id : unk_id + 1].expand(extra, -1)])
+
+    return extend
+
+
+def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a llava-hf checkpoint for `config` (a meta-device model: no memory)."""
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    shapes = {}
+    for key, value in model.state_dict().items():
+        for new, old in (
+            ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+            ("model.vision_tower.", "vision_tower.vision_model."),
+            ("model.multi_modal_projector.", "multi_modal_projector."),
+            ("model.language_model.", "language_model.model."),
+            ("lm_head.", "language_model.lm_head."),
+        ):
+            if key.startswith(new):
+                shapes[old + key[len(new) :]] = tuple(value.shape)
+                break
+        else:
+            raise AssertionError(f"unexpected LLaVA state-dict key {key!r}")
+    return shapes
+
+
+def convert(
+    base: str,
+    out: str | os.PathLike,
+    lora: str | None = None,
+    vision: str | None = None,
+    mode: str = "prumerge",
+    dtype: str | None = None,
+    overwrite: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool | None = None,
+) -> ConversionResult:
+    """Convert to a llava-hf LLaVA-1.5 checkpoint in `out`; see `vllm-prumerge convert --help`.
+
+    Raises ConversionError (nothing written to `out`) for any bad input.
+    """
+    from transformers import LlamaConfig, LlavaConfig
+
+    from vllm_prumerge.config import PruMergeConfig
+
+    out = Path(out).expanduser()
+    try:
+        prumerge = PruMergeConfig(mode=mode)
+    except ValueError as exc:
+        raise ConversionError(f"--mode: {exc}") from None
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    # Fail on a non-empty --out before any download.
+    StagingFolder(out, overwrite)
+
+    base_dir = resolve(base, "base model", _BASE_PATTERNS)
+    base_config = original.read_json(base_dir / "config.json", "the base model's config")
+    adapter = None
+    lora_dir: Path | None = None
+    non_lora: dict[str, torch.Tensor] = {}
+    if lora is not None:
+        lora_dir = resolve(lora, "LoRA adapter", _LORA_PATTERNS)
+        llava_config_path = lora_dir / "config.json"
+        llava_config = original.read_json(llava_config_path, "LLaVA's config of the adapter")
+        adapter = LoraAdapter(lora_dir)
+        non_lora_path = lora_dir / NON_LORA
+        if not non_lora_path.is_file():
+            raise ConversionError(f"{non_lora_path}: missing (it holds the trained projector)")
+        non_lora = {original.strip_peft_prefix(k): v for k, v in load_pickle(non_lora_path).items()}
+        for field in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        ):
+            if field in llava_config and llava_config.get(field) != base_config.get(field):
+                raise ConversionError(
+                    f"{llava_config_path}: {field} = {llava_config.get(field)} but the base "
+                    f"model has {base_config.get(field)} ({base_dir / 'config.json'}): "
+                    "is BASE the adapter's base model?"
+                )
+    else:
+        llava_config_path = base_dir / "config.json"
+        llava_config = base_config
+        if not original.is_llava_config(llava_config):
+            raise ConversionError(
+                f"{llava_config_path}: a plain language model (no mm_projector_type); pass "
+                f"--lora with the LLaVA adapter folder ({', '.join(ADAPTER_FILES)}, {NON_LORA}), "
+                "or an original-format LLaVA checkpoint as --base"
+            )
+    original.check_llava15(llava_config, llava_config_path)
+    if original.is_llava_config(base_config) and lora is not None:
+        original.check_llava15(base_config, base_dir / "config.json")
+
+    vision_source = vision or llava_config.get("mm_vision_tower")
+    if not vision_source:
+        raise ConversionError(f"{llava_config_path}: no mm_vision_tower; pass --vision")
+    vision_dir = resolve(
+        vision_source,
+        "CLIP vision tower",
+        [["*.json", "*.safetensors"], ["*.json", "pytorch_model.bin"]],
+    )
+    vision_config = assets.vision_config(vision_dir)
+
+    base_weights = WeightFolder(base_dir, "base model")
+    tower_weights = WeightFolder(vision_dir, "CLIP vision tower")
+    base_shapes = {k: base_weights.shape(k) for k in base_weights.names()}
+    base_name = str(base_dir)
+    if adapter is not None:
+        adapter.validate(base_shapes, base_name)
+    out_dtype = DTYPES[dtype] if dtype is not None else base_weights.floating_dtype()
+    if out_dtype not in DTYPES.values():
+        raise ConversionError(
+            f"{base_dir}: weights are {out_dtype}; pass --dtype ({', '.join(DTYPES)})"
+        )
+
+    tokenizer_dir = base_dir
+    tokenizer = assets.load_tokenizer(tokenizer_dir)
+    image_token_id = tokenizer.convert_tokens_to_ids(assets.IMAGE_TOKEN)
+    unk_id = tokenizer.unk_token_id
+    embed_key = "model.embed_tokens.weight"
+    if embed_key not in base_shapes:
+        raise ConversionError(f"{base_dir}: the base model has no {embed_key!r}")
+    base_rows = base_shapes[embed_key][0]
+    rows = max(base_rows, image_token_id + 1)
+
+    text_fields = original.text_config_fields(base_config)
+    text_fields.update(vocab_size=rows, pad_token_id=tokenizer.pad_token_id)
+    text_fields.pop("torch_dtype", None)
+    text_fields.pop("dtype", None)
+    text_config = LlamaConfig(**text_fields)
+    num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=llava_config.get("mm_vision_select_layer", -2),
+        image_seq_length=num_patches,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=False,
+    )
+    expected = _expected_shapes(config)
+
+    # Plan every output tensor: where it comes from and how it is made.
+    reader = TensorReader()
+    plan: dict[str, PlannedTensor] = {}
+
+    def add(key: str, shape: tuple[int, ...], produce, origin: str) -> None:
+        if key not in expected:
+            raise ConversionError(f"{origin}: no place for it in a LLaVA-1.5 checkpoint ({key})")
+        if key in plan:
+            raise ConversionError(f"{origin}: {key} is given twice")
+        if shape != expected[key]:
+            raise ConversionError(
+                f"{origin}: shape {list(shape)}, but a LLaVA-1.5 checkpoint of this base and "
+                f"tower needs {list(expected[key])} for {key}"
+            )
+        plan[key] = PlannedTensor(key, shape, produce)
+
+    def mapped(key: str, origin: str) -> str | None:
+        try:
+            return original.hub_key(key)
+        except KeyError:
+            raise ConversionError(
+                f"{origin}: unknown key {key!r} (not part of a LLaVA-1.5 checkpoint)"
+            ) from None
+
+    rows_of = {embed_key, "lm_head.weight"}
+    for key in base_weights.names():
+        origin = f"{base_weights.file_of(key)}: {key!r}"
+        hub = mapped(key, origin)
+        if hub is None or key in non_lora:
+            continue
+        shape = base_shapes[key]
+        transform = None
+        if adapter is not None and key.removesuffix(".weight") in adapter.pairs:
+            transform = _merge(adapter, key)
+        if key in rows_of:
+            transform = _chain(transform, _extend_rows(unk_id, rows))
+            shape = (rows, *shape[1:])
+        add(
+            hub, shape, _producer(reader, base_weights, key, out_dtype, transform=transform), origin
+        )
+    for key, tensor in non_lora.items():
+        origin = f"{lora_dir / NON_LORA}: {key!r}"
+        hub = mapped(key, origin)
+        if hub is None:
+            continue
+        shape = tuple(tensor.shape)
+        transform = None
+        if key in rows_of:
+            transform = _extend_rows(unk_id, rows)
+            shape = (rows, *shape[1:])
+        add(hub, shape, _producer(reader, None, key, out_dtype, non_lora, transform), origin)
+    for key in tower_weights.names():
+        hub = original.tower_hub_key(key)
+        if hub is None or hub in plan:  # a tower saved in the LLaVA checkpoint wins
+            continue
+        origin = f"{tower_weights.file_of(key)}: {key!r}"
+        add(hub, tower_weights.shape(key), _producer(reader, tower_weights, key, out_dtype), origin)
+    missing = [k for k in expected if k not in plan]
+    if missing:
+        where = {
+            "multi_modal_projector.": f"{lora_dir / NON_LORA}" if lora is not None else base_name,
+            "vision_tower.": str(vision_dir),
+        }
+        source = next((v for p, v in where.items() if missing[0].startswith(p)), base_name)
+        raise ConversionError(
+            f"{source}: missing the weights of {missing[0]} (and {len(missing) - 1} more)"
+            if len(missing) > 1
+            else f"{source}: missing the weights of {missing[0]}"
+        )
+
+    config_dict = config.to_dict()
+    config_dict.pop("transformers_version", None)
+    config_dict["architectures"] = ["LlavaForConditionalGeneration"]
+    config_dict["dtype"] = str(out_dtype).removeprefix("torch.")
+    config_dict["prumerge"] = {"mode": prumerge.mode}
+    pad_to_square = llava_config.get("image_aspect_ratio") == "pad"
+    processor = assets.image_processor(vision_dir, pad_to_square)
+
+    ordered = list(plan.values())
+    with StagingFolder(out, overwrite) as staging:
+        bar = _progress_bar(len(ordered), progress)
+        try:
+            names = write_shards(staging, ordered, out_dtype, max_shard_size, bar.update)
+        finally:
+            bar.close()
+            reader.close()
+        (staging / "config.json").write_text(
+            json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
+        )
+        generation = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        assets.save_processor(staging, tokenizer, processor, vision_config.patch_size)
+    return ConversionResult(
+        out=out,
+        mode=prumerge.mode,
+        dtype=config_dict["dtype"],
+        merged_modules=len(adapter.pairs) if adapter is not None else 0,
+        tensors=len(ordered),
+        shards=len(names),
+        image_token_id=image_token_id,
+        vocab_size=rows,
+    )
+
+
+def _merge(adapter: LoraAdapter, key: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda weight: adapter.merged(key, weight)
+
+
+def _chain(first, second):
+    if first is None:
+        return second
+    return lambda tensor: second(first(tensor))
+
+
+def _progress_bar(total: int, enabled: bool | None):
+    from tqdm import tqdm
+
+    # enabled=None: tqdm's own rule, a bar only on a terminal.
+    return tqdm(
+        total=total, unit="tensor", desc="convert", disable=None if enabled is None else not enabled
+    )
+
+
+__all__ = ["DTYPES", "ConversionError", "ConversionResult", "WeightFile", "convert"]
