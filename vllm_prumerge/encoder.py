@@ -178,7 +178,14 @@ class PruMergeEncoder:
         vision_feature_layer: LLaVA's `vision_feature_layer` (-2 for LLaVA-1.5).
         dtype: compute dtype of the tower (statistics of the reduction are float32 regardless).
         device: "cuda" when available, else "cpu", unless given.
+        num_threads: torch intra-op threads for the tower forward and the reduction on a CPU,
+            set around every :meth:`encode` and restored after it; None keeps the caller's
+            (in vLLM's pre-processor: ``OMP_NUM_THREADS``, else 1). The server reads it from
+            the environment variable :attr:`THREADS_ENV` (:meth:`threads_from_env`).
     """
+
+    #: Environment variable with the tower's thread count in a vLLM server (a positive integer).
+    THREADS_ENV = "VLLM_PRUMERGE_TOWER_THREADS"
 
     def __init__(
         self,
@@ -190,7 +197,12 @@ class PruMergeEncoder:
         device: str | torch.device | None = None,
         revision: str | None = None,
         download_dir: str | None = None,
+        num_threads: int | None = None,
     ) -> None:
+        if num_threads is not None and (
+            isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+        ):
+            raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
         self.model = model
         self.vision_config = vision_config
         self.vision_feature_layer = vision_feature_layer
@@ -198,6 +210,7 @@ class PruMergeEncoder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.revision = revision
         self.download_dir = download_dir
+        self.num_threads = num_threads
         self._tower: nn.Module | None = None
         self._lock = threading.Lock()
 
@@ -232,7 +245,29 @@ class PruMergeEncoder:
         row on its own. Raises ValueError for an importance the tower cannot give."""
         tower = self.tower
         start = time.perf_counter()
-        scores = tower_scores(tower, pixel_values, self.vision_feature_layer, config.importance)
-        reduced = reduce_by_importance(*scores, config)
+        previous = torch.get_num_threads()
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
+        try:
+            scores = tower_scores(tower, pixel_values, self.vision_feature_layer, config.importance)
+            reduced = reduce_by_importance(*scores, config)
+        finally:
+            torch.set_num_threads(previous)
         features = [f.to("cpu") for f in reduced.split()]
         return EncodedImages(features, reduced, time.perf_counter() - start)
+
+    @classmethod
+    def threads_from_env(cls) -> int | None:
+        """The tower's thread count from :attr:`THREADS_ENV` (None when unset or empty).
+
+        Raises ValueError naming the variable when it is not a positive integer."""
+        raw = os.environ.get(cls.THREADS_ENV, "").strip()
+        if not raw:
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"{cls.THREADS_ENV} must be a positive integer, got {raw!r}")
+        return value

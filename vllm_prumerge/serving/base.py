@@ -122,6 +122,7 @@ class PruMergeProcessingInfoMixin:
             vision_feature_layer=hf_config.vision_feature_layer,
             dtype=model_config.dtype,
             revision=model_config.revision,
+            num_threads=PruMergeEncoder.threads_from_env(),  # VLLM_PRUMERGE_TOWER_THREADS
         )
 
     def get_patches_per_crop(self) -> int:
