@@ -30,7 +30,13 @@ _SAFETENSORS_DTYPES = {
 
 
 class ConversionError(Exception):
-    """Bad converter input; the message names the file and, where there is one, the key."""
+    """Bad converter input; the message names the file and, where there is one, the key.
+
+    Always one line: line breaks of wrapped library errors become spaces.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(line.strip() for line in str(message).splitlines()))
 
 
 def load_pickle(path: Path) -> dict[str, torch.Tensor]:
