@@ -211,7 +211,11 @@ def test_processor_pads_to_square_and_template_is_llava_hfs(converted):
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]},
     ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    assert text == "USER: <image>\nHi? ASSISTANT:"
+    assert text == "<s>USER: <image>\nHi? ASSISTANT:"  # llava-hf's template + LLaVA's BOS
+    ids = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) else ids
+    ids = ids[0] if isinstance(ids[0], list) else ids
+    assert ids == processor.tokenizer("USER: <image>\nHi? ASSISTANT:").input_ids  # one BOS
 
 
 def test_transformers_loads_the_converted_checkpoint_without_missing_keys(converted):

@@ -193,9 +193,9 @@ def images(scenes):
     return [scenes[0], scenes[1], wide, scenes[3]]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def llm(converted):
-    """ONE engine for the module: the converted folder, no PruMerge option given."""
+    """ONE engine (shut down before the server test): the converted folder, no option given."""
     from vllm import LLM
 
     engine = LLM(model=str(converted), **TINY_ENGINE_ARGS, **engine_kwargs())
@@ -234,28 +234,81 @@ def _check_against_reference(output, reference, prompt, imgs, config, image_id):
     return ids.count(None)
 
 
-@pytest.mark.parametrize("mode", ["prumerge", "prumerge+"])
-def test_converted_checkpoint_answers_like_the_unmerged_original(
-    llm, reference, images, converted, mode
-):
-    image_id = json.loads((converted / "config.json").read_text())["image_token_index"]
-    requests, per_request = _requests(images, mode)
-    outputs = llm.generate(requests, _sampling())
-    config = PruMergeConfig(mode=mode)
-    counts = []
-    for output, request, imgs in zip(outputs, requests, per_request, strict=True):
-        counts.append(
-            _check_against_reference(output, reference, request["prompt"], imgs, config, image_id)
+class TestOfflineEngine:
+    @pytest.mark.parametrize("mode", ["prumerge", "prumerge+"])
+    def test_converted_checkpoint_answers_like_the_unmerged_original(
+        self, llm, reference, images, converted, mode
+    ):
+        image_id = json.loads((converted / "config.json").read_text())["image_token_index"]
+        requests, per_request = _requests(images, mode)
+        outputs = llm.generate(requests, _sampling())
+        config = PruMergeConfig(mode=mode)
+        counts = []
+        for output, request, imgs in zip(outputs, requests, per_request, strict=True):
+            counts.append(
+                _check_against_reference(
+                    output, reference, request["prompt"], imgs, config, image_id
+                )
+            )
+        assert all(c < 576 for c in counts[:3]) and len(set(counts[:3])) > 1, counts
+
+    def test_the_mode_recorded_by_convert_is_the_engines_default(
+        self, llm, reference, images, converted
+    ):
+        image_id = json.loads((converted / "config.json").read_text())["image_token_index"]
+        requests, per_request = _requests(images, None)
+        output = llm.generate(requests[:1], _sampling())[0]
+        plus = _check_against_reference(
+            output, reference, PROMPT, per_request[0], PruMergeConfig(mode=RECORDED_MODE), image_id
         )
-    assert all(c < 576 for c in counts[:3]) and len(set(counts[:3])) > 1, counts
+        plain = reference.generate(PROMPT, per_request[0], PruMergeConfig(mode="prumerge"))[0]
+        assert plus > plain.count(None)  # the recorded PruMerge+, not the plugin's default
 
 
-def test_the_mode_recorded_by_convert_is_the_engines_default(llm, reference, images, converted):
-    image_id = json.loads((converted / "config.json").read_text())["image_token_index"]
-    requests, per_request = _requests(images, None)
-    output = llm.generate(requests[:1], _sampling())[0]
-    plus = _check_against_reference(
-        output, reference, PROMPT, per_request[0], PruMergeConfig(mode=RECORDED_MODE), image_id
+@pytest.mark.server
+def test_vllm_serve_with_no_mode_flag_serves_the_recorded_mode_through_the_chat_template(
+    converted, reference, images
+):
+    """The README's command: chat template, tokenizer and recorded mode through the CLI."""
+    import base64
+    import io
+
+    from openai import OpenAI
+
+    from vllm_prumerge.testing.server import serve
+
+    buf = io.BytesIO()
+    images[2].save(buf, format="PNG")  # the wide image: padded to a square first
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    question = "What is shown in this image?"
+    args = ["--plugin", "prumerge", "--dtype", "float32", "--enforce-eager"]
+    args += ["--max-model-len", "2048", "--max-num-seqs", "8"]
+    with serve(converted, args) as base_url:
+        response = OpenAI(base_url=base_url + "/v1", api_key="none").chat.completions.create(
+            model=str(converted),
+            messages=[
+                {"role": "system", "content": [{"type": "text", "text": SYSTEM}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": question},
+                    ],
+                },
+            ],
+            max_tokens=MAX_TOKENS,
+            temperature=0.0,
+            logprobs=True,
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+        )
+    # LLaVA's vicuna_v1 prompt, as the original code would build it.
+    prompt = f"{SYSTEM} USER: <image>\n{question} ASSISTANT:"
+    ids, tokens, logprobs, p_unk = reference.generate(
+        prompt, [images[2]], PruMergeConfig(mode=RECORDED_MODE)
     )
-    plain = reference.generate(PROMPT, per_request[0], PruMergeConfig(mode="prumerge"))[0]
-    assert plus > plain.count(None)  # the recorded PruMerge+, not the plugin's default
+    assert response.usage.prompt_tokens == len(ids)
+    content = response.choices[0].logprobs.content
+    assert [int(t.token.removeprefix("token_id:")) for t in content] == tokens
+    served = [t.logprob for t in content]
+    expected = [lp - math.log1p(p) for lp, p in zip(logprobs, p_unk, strict=True)]
+    assert served == pytest.approx(expected, abs=LOGPROB_ATOL)

@@ -17,9 +17,11 @@ Choices that keep the converted model answering like the original LLaVA code:
   the same around special tokens; llava-hf's tokenizer (`legacy: false`) drops that `▁`.
 - **Images.** With `image_aspect_ratio: pad` (LLaVA-1.5) the original pads each image to a square
   with the CLIP mean colour before resizing; `LlavaImageProcessor(do_pad=True)` does the same.
-- **Chat template.** llava-hf's LLaVA-1.5 template (`USER: <image>\\n... ASSISTANT:`); a system
-  message is rendered as plain text before the first turn, which gives LLaVA's `vicuna_v1`
-  prompt when that system text is sent.
+- **Chat template.** llava-hf's LLaVA-1.5 template (`USER: <image>\\n... ASSISTANT:`) with
+  `{{ bos_token }}` in front: vLLM adds no special tokens to rendered chat prompts, so with
+  llava-hf's template chat requests would reach the model without the BOS that starts every
+  LLaVA prompt. A system message is rendered as plain text before the first turn, which gives
+  LLaVA's `vicuna_v1` prompt when that system text is sent.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# llava-hf/llava-1.5-7b-hf's chat template, verbatim.
+# llava-hf/llava-1.5-7b-hf's chat template, with the BOS LLaVA always had in front.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] != 'system' %}"
     "{{ message['role'].upper() + ': '}}{% endif %}"
     "{# Render all images first #}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
