@@ -31,8 +31,10 @@ PROMPT_FORMAT = "USER: <image>\n{question} ASSISTANT:"
 
 # Shapes of the generated checkpoints (--synthetic): "tiny" is the test fixture, where fixed
 # per-request overheads dominate on a CPU; "small" has a text model large enough that prompt
-# length shows in the cost on a CPU while the whole comparison still runs in minutes. Both keep
-# the real tower geometry (336 px, 14 px patches: 576 patches + CLS).
+# length shows in the cost on a CPU while the whole comparison still runs in minutes; "medium"
+# has a text model ~8x small's per token (1024 wide, 8 layers), for workloads where the LLM, not
+# the front end, is the bottleneck. All keep the real tower geometry (336 px, 14 px patches: 576
+# patches + CLS; SigLIP 384 px: 729 patches); --tower real also gives the tower its real size.
 SYNTHETIC_SPECS: dict[str, dict[str, int]] = {
     "tiny": {},
     "small": dict(
@@ -45,7 +47,34 @@ SYNTHETIC_SPECS: dict[str, dict[str, int]] = {
         vision_heads=4,
         vision_intermediate_size=512,
     ),
+    "medium": dict(
+        text_hidden_size=1024,
+        text_layers=8,
+        text_heads=32,
+        text_intermediate_size=2816,
+        vision_hidden_size=128,
+        vision_layers=3,
+        vision_heads=4,
+        vision_intermediate_size=512,
+    ),
 }
+
+# --tower real: the family's production tower shape with random weights, so the front end
+# costs what it costs in production. CLIP ViT-L/14-336 (LLaVA-1.5, LLaVA-NeXT: 24 layers, 1024
+# wide, 16 heads, MLP 4096) and SigLIP-so400m 384/14 as llava-hf's SigLIP-LLaVA checkpoints hold
+# it (LLaVA-Interleave: 26 layers, 1152 wide, 16 heads, MLP 4304, no head).
+_CLIP_L_336 = dict(
+    vision_hidden_size=1024, vision_layers=24, vision_heads=16, vision_intermediate_size=4096
+)
+REAL_TOWERS: dict[str, dict[str, int]] = {
+    "llava": _CLIP_L_336,
+    "llava_next": _CLIP_L_336,
+    "siglip": dict(
+        vision_hidden_size=1152, vision_layers=26, vision_heads=16, vision_intermediate_size=4304
+    ),
+}
+TOWERS = ("preset", "real")
+FAMILIES = ("llava", "llava_next", "siglip")
 
 # Questions of varied length (a few tokens to a paragraph), so text cost is not a constant.
 QUESTIONS = (
@@ -67,13 +96,81 @@ QUESTIONS = (
 )
 
 
-def synthetic_checkpoint(size: str) -> tuple[str, dict[str, Any]]:
-    """(folder, spec fields) of the generated checkpoint `size` ("tiny" / "small"), made once
-    and cached under ~/.cache/vllm-prumerge/checkpoints."""
+def synthetic_checkpoint(
+    size: str, family: str = "llava", tower: str = "preset"
+) -> tuple[str, dict[str, Any]]:
+    """(folder, spec fields) of the generated checkpoint: text model and tower of preset `size`
+    (see SYNTHETIC_SPECS), of `family` ("llava", "llava_next", "siglip"), with the family's real
+    tower shape when `tower` is "real"; made once and cached under ~/.cache/vllm-prumerge."""
     from vllm_prumerge.testing import TinyLlavaSpec, cached_tiny_llava
 
-    spec = TinyLlavaSpec(**SYNTHETIC_SPECS[size])
+    if tower not in TOWERS:
+        raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+    fields = dict(SYNTHETIC_SPECS[size])
+    if tower == "real":
+        fields.update(REAL_TOWERS[family])
+    spec = TinyLlavaSpec(family=family, **fields)
     return str(cached_tiny_llava(spec)), dataclasses.asdict(spec)
+
+
+def add_model_arguments(group: Any) -> None:
+    """--synthetic, --family, --tower: the generated checkpoint used when --model is not given."""
+    group.add_argument(
+        "--synthetic",
+        choices=sorted(SYNTHETIC_SPECS),
+        default="small",
+        help="Size of the generated random-weight checkpoint used when --model is not given: "
+        "'tiny' is the test fixture (CLIP 64x3, Llama 128x2); 'small' has a 512-wide 4-layer "
+        "Llama so that prompt length shows in the cost on a CPU; 'medium' a 1024-wide 8-layer "
+        "Llama (LLM-bound workloads). All keep the family's real image geometry.",
+    )
+    group.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="llava",
+        help="Family of the generated checkpoint: llava (LLaVA-1.5: CLIP 336/14, 576 patches + "
+        "CLS), llava_next (LLaVA-NeXT anyres: base view + 2-4 tiles of 576 patches, grids "
+        "1x2, 2x1, 2x2), siglip (SigLIP-LLaVA like LLaVA-Interleave: 384/14, 729 patches, no "
+        "CLS). With --model the family is the checkpoint's own.",
+    )
+    group.add_argument(
+        "--tower",
+        choices=TOWERS,
+        default="preset",
+        help="Vision tower of the generated checkpoint: 'preset' = the --synthetic size's "
+        "(narrow, shallow); 'real' = the family's production shape with random weights "
+        "(CLIP ViT-L/14-336: 24 layers, 1024 wide, 16 heads, MLP 4096; SigLIP-so400m: 26 "
+        "layers, 1152 wide, MLP 4304), so the front end costs what it costs in production.",
+    )
+
+
+def model_label(args: Any) -> str:
+    """How a run's model is named in reports: the --model given, or the generated preset."""
+    if getattr(args, "model", None):
+        return args.model
+    tower = "+real-tower" if args.tower == "real" else ""
+    return f"generated:{args.synthetic}{tower} ({args.family})"
+
+
+def token_ticks(largest: float) -> list[int]:
+    """Log-axis ticks for visual-token counts up to `largest` (stock LLaVA-NeXT reaches 2928)."""
+    ticks = [*TOKEN_TICKS, 729, 1176, 2928]
+    return sorted(t for t in set(ticks) if t <= max(largest, 576) * 1.05)
+
+
+def filler_token_id(tokenizer: Any) -> int:
+    """An ordinary text token (" the") that stands in for visual tokens in text-equivalent
+    prompts; any text token costs the same in the LLM."""
+    ids = tokenizer.encode(" the", add_special_tokens=False)
+    if not ids:
+        raise ValueError("the tokenizer gives no token for ' the'")
+    return ids[-1]
+
+
+def text_equivalent_ids(prompt_token_ids: Sequence[int], image_token_id: int, filler: int) -> list:
+    """The text-equivalent of an image prompt: every visual (placeholder) token replaced by
+    `filler`, so the text-only prompt has exactly the image prompt's length and layout."""
+    return [filler if t == image_token_id else t for t in prompt_token_ids]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,10 +237,15 @@ def parse_configs(text: str) -> list[BenchConfig]:
 
 
 def load_images(
-    count: int, seed: int, images_dir: str | None = None, *, start: int = 0
+    count: int,
+    seed: int,
+    images_dir: str | None = None,
+    *,
+    start: int = 0,
+    size: tuple[int, int] = (336, 336),
 ) -> list[Any]:
-    """`count` RGB images: generated scenes (deterministic in `seed`), or the files of
-    `images_dir` in name order, cycled; `start` skips that many images of the sequence."""
+    """`count` RGB images: generated scenes of `size` (width, height; deterministic in `seed`),
+    or the files of `images_dir` in name order, cycled; `start` skips that many images."""
     if images_dir:
         from PIL import Image
 
@@ -160,7 +262,7 @@ def load_images(
     from vllm_prumerge.testing import make_scene
 
     # make_scenes' seeding, extended with `start`: seed * 100_003 + index.
-    return [make_scene(seed * 100_003 + i) for i in range(start, start + count)]
+    return [make_scene(seed * 100_003 + i, size=size) for i in range(start, start + count)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,16 +278,32 @@ class WorkItem:
 
 
 def build_workload(
-    count: int, seed: int, images_dir: str | None = None, *, start: int = 0
+    count: int,
+    seed: int,
+    images_dir: str | None = None,
+    *,
+    start: int = 0,
+    size: tuple[int, int] = (336, 336),
 ) -> list[WorkItem]:
-    """`count` (image, question) pairs, deterministic in `seed`.
+    """`count` (image, question) pairs, deterministic in `seed`; generated images of `size`.
 
     `start` continues the same image sequence: warm-up requests use images after the measured
     ones, so they never share an image (or a cache entry) with them.
     """
     rng = random.Random(seed * 7919 + start)
-    images = load_images(count, seed, images_dir, start=start)
+    images = load_images(count, seed, images_dir, start=start, size=size)
     return [WorkItem(image, rng.choice(QUESTIONS)) for image in images]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`"672x672"` -> (672, 672) (width, height)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"image size must be WIDTHxHEIGHT, e.g. 672x672, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {text!r}")
+    return width, height
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -1,4 +1,5 @@
-"""Online serving benchmark: `vllm serve --plugin prumerge` with stock 576 tokens vs PruMerge.
+"""Online serving benchmark: `vllm serve --plugin prumerge` with stock token counts vs PruMerge,
+against stock vLLM and against text-only requests of the same length.
 
 The same workload as `throughput.py` (generated scenes or your images, questions of varied
 length, fixed output length) is sent to one OpenAI-compatible server through the chat API, one
@@ -9,13 +10,22 @@ end-to-end latency percentiles, request and token throughput, prompt tokens (the
 histogram, read from `/metrics` around each batch) and the peak KV-cache usage / running
 requests sampled from `/metrics`, each with its ratio to `off`.
 
+The configuration `stock` is stock vLLM (no plugin: the tower runs in the engine), served by a
+second server this script starts with the same settings, in the same run. Every configuration
+is also measured as text only ("text@CONFIG", on by default: each request's chat message without
+the image, padded with a filler word to exactly the image request's prompt tokens, checked with
+the server's /tokenize; same output length, same server), right after its image requests: `of
+text` = image throughput / text throughput, 1.0 = the images cost nothing beyond their tokens.
+
     python benchmarks/serving.py --out out/serving                      # starts its own server
+    python benchmarks/serving.py --tower real --configs stock,off,prumerge --out out/real
     python benchmarks/serving.py --base-url http://127.0.0.1:8000 --out out/serving
 
 The server this script starts uses the same engine settings as `throughput.py` (prefix caching
 and the processor cache off, fixed KV-cache size); a server given with `--base-url` is used as
 it is: start it with `--plugin prumerge --trust-request-mm-kwargs` (requests choose their
-configuration) and, for comparable figures, `--no-enable-prefix-caching --mm-processor-cache-gb 0`.
+configuration) and, for comparable figures, `--no-enable-prefix-caching --mm-processor-cache-gb 0`
+(`stock` needs a started server).
 
 Writes OUT/serving.json, OUT/serving.md and OUT/serving_latency.png.
 """
@@ -26,6 +36,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import io
 import math
 import os
@@ -39,17 +50,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     DEFAULT_CONFIGS,
-    SYNTHETIC_SPECS,
-    TOKEN_TICKS,
     BenchConfig,
     WorkItem,
+    add_model_arguments,
     build_workload,
     environment,
     markdown_table,
+    model_label,
     parse_configs,
+    parse_size,
     progress,
     summary,
     synthetic_checkpoint,
+    token_ticks,
     write_outputs,
 )
 
@@ -57,6 +70,8 @@ VISUAL_METRIC = "vllm_prumerge:visual_tokens_per_image"
 KV_METRIC = "vllm:kv_cache_usage_perc"
 RUNNING_METRIC = "vllm:num_requests_running"
 WAITING_METRIC = "vllm:num_requests_waiting"
+STOCK = "stock"
+FILLER = " the"  # one text token per repetition in LLaVA's tokenizers; checked with /tokenize
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,15 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help="Checkpoint the started server serves (hub id such as llava-hf/llava-1.5-7b-hf or "
-        "a folder). Default: a generated random-weight LLaVA-1.5-shaped checkpoint (see "
-        "--synthetic). With --base-url: the served model name (default: the server's first).",
+        "a folder; LLaVA-1.5, LLaVA-NeXT or SigLIP-LLaVA). Default: a generated random-weight "
+        "checkpoint (see --synthetic, --family, --tower). With --base-url: the served model "
+        "name (default: the server's first).",
     )
-    srv.add_argument(
-        "--synthetic",
-        choices=sorted(SYNTHETIC_SPECS),
-        default="small",
-        help="Size of the generated checkpoint when --model is not given (as in throughput.py).",
-    )
+    add_model_arguments(srv)
     srv.add_argument("--dtype", default="auto", help="--dtype of the started server.")
     srv.add_argument(
         "--kv-cache-tokens",
@@ -102,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="Server's --enforce-eager (default: on without a GPU, off with one).",
+    )
+    srv.add_argument(
+        "--tower-threads",
+        type=int,
+        default=None,
+        help="Torch threads of the plugin's vision tower in the started server (sets "
+        "VLLM_PRUMERGE_TOWER_THREADS). Default: the server's own setting (vLLM's pre-processor "
+        "runs with OMP_NUM_THREADS, else 1 thread).",
+    )
+    srv.add_argument(
+        "--api-server-count",
+        type=int,
+        default=1,
+        help="--api-server-count of the started servers: API-server processes, each with its "
+        "own pre-processor (and, with the plugin, its own tower).",
     )
     srv.add_argument(
         "--server-arg",
@@ -122,8 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--configs",
         default=DEFAULT_CONFIGS,
         help="Comma-separated configurations, as in throughput.py: off, prumerge, prumerge+, "
-        "fixed:N, fixed:Ns, fixed:RATIO. Ratios are taken to 'off' (or to the configuration "
-        "with the most prompt tokens when 'off' is absent).",
+        "fixed:N, fixed:Ns, fixed:RATIO, and stock (stock vLLM, no plugin, in a second server "
+        "started by this script). Ratios are taken to 'off' (or to the configuration with the "
+        "most prompt tokens when 'off' is absent).",
+    )
+    work.add_argument(
+        "--text",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Also measure every configuration's text-equivalent (text@CONFIG: the same chat "
+        "messages without the image, padded to exactly the image request's prompt tokens), "
+        "the limit an image request can reach on this server.",
+    )
+    work.add_argument(
+        "--image-size",
+        type=parse_size,
+        default=(336, 336),
+        metavar="WxH",
+        help="Size of the generated scenes (e.g. 672x672: a 2x2 grid of LLaVA-NeXT tiles).",
     )
     work.add_argument(
         "--num-prompts", type=int, default=64, help="Measured requests per configuration."
@@ -190,12 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
 # Server
 
 
-def server_args(args: argparse.Namespace) -> list[str]:
-    """`vllm serve` arguments: the plugin and the engine settings of throughput.py."""
+def server_args(args: argparse.Namespace, *, stock: bool = False) -> list[str]:
+    """`vllm serve` arguments: the plugin (not for `stock`) and the engine settings of
+    throughput.py."""
+    plugin = [] if stock else ["--plugin", "prumerge", "--trust-request-mm-kwargs"]
     result = [
-        "--plugin",
-        "prumerge",
-        "--trust-request-mm-kwargs",  # lets each request choose its configuration
+        *plugin,  # --trust-request-mm-kwargs lets each request choose its configuration
         "--dtype",
         args.dtype,
         "--seed",
@@ -211,6 +253,8 @@ def server_args(args: argparse.Namespace) -> list[str]:
         "--no-enable-prefix-caching",
         "--mm-processor-cache-gb",
         "0",
+        "--api-server-count",
+        str(args.api_server_count),
     ]
     if args.kv_cache_tokens:
         result += [
@@ -264,40 +308,51 @@ def data_url(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-async def one_request(
-    client: Any,
-    model: str,
-    item: WorkItem,
-    url: str,
-    config: BenchConfig,
-    output_len: int,
-) -> dict[str, Any]:
-    """One streamed chat completion; timings as `vllm bench serve` (openai-chat) takes them:
-    TTFT at the first chunk with choices, ITL between later chunks, latency at the last."""
-    messages = [
+def image_messages(question: str, url: str) -> list[dict[str, Any]]:
+    return [
         {
             "role": "user",
             "content": [
                 {"type": "image_url", "image_url": {"url": url}},
-                {"type": "text", "text": item.question},
+                {"type": "text", "text": question},
             ],
         }
     ]
+
+
+def text_messages(question: str, fillers: int) -> list[dict[str, Any]]:
+    """The text-only chat message: `fillers` filler words in place of the image, then the
+    question."""
+    return [{"role": "user", "content": [{"type": "text", "text": FILLER * fillers + question}]}]
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One chat request of a batch: its messages and the PruMerge option (None: no plugin
+    kwargs, for stock vLLM and text-only requests)."""
+
+    messages: list[dict[str, Any]]
+    prumerge: str | dict[str, Any] | None
+
+
+async def one_request(client: Any, model: str, request: Request, output_len: int) -> dict[str, Any]:
+    """One streamed chat completion; timings as `vllm bench serve` (openai-chat) takes them:
+    TTFT at the first chunk with choices, ITL between later chunks, latency at the last."""
+    extra_body: dict[str, Any] = {"ignore_eos": True}
+    if request.prumerge is not None:
+        extra_body["mm_processor_kwargs"] = {"prumerge": request.prumerge}
     result: dict[str, Any] = {"ok": False, "ttft": None, "itl": [], "latency": None}
     start = time.perf_counter()
     last = start
     try:
         stream = await client.chat.completions.create(
             model=model,
-            messages=messages,
+            messages=request.messages,
             max_completion_tokens=output_len,
             temperature=0.0,
             stream=True,
             stream_options={"include_usage": True},
-            extra_body={
-                "ignore_eos": True,
-                "mm_processor_kwargs": {"prumerge": config.prumerge},
-            },
+            extra_body=extra_body,
         )
         async for chunk in stream:
             now = time.perf_counter()
@@ -337,36 +392,42 @@ async def sample_metrics(http: Any, base_url: str, interval: float, peaks: dict)
         await asyncio.sleep(interval)
 
 
+def image_requests(items: list[WorkItem], urls: list[str], config: BenchConfig) -> list[Request]:
+    option = None if config.name == STOCK else config.prumerge
+    return [
+        Request(image_messages(item.question, url), option)
+        for item, url in zip(items, urls, strict=True)
+    ]
+
+
 async def run_batch(
     client: Any,
     model: str,
-    items: list[WorkItem],
-    urls: list[str],
-    config: BenchConfig,
+    requests: list[Request],
     args: argparse.Namespace,
     rate: float,
     bar: Any,
 ) -> tuple[list[dict[str, Any]], float]:
-    """Send `items` with Poisson arrivals at `rate` (inf: all at once), at most
+    """Send `requests` with Poisson arrivals at `rate` (inf: all at once), at most
     `--max-concurrency` in flight; returns (results in order, seconds first send -> last end)."""
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency > 0 else None
     rng = random.Random(args.seed)
 
-    async def guarded(item: WorkItem, url: str) -> dict[str, Any]:
+    async def guarded(request: Request) -> dict[str, Any]:
         if limit is None:
-            result = await one_request(client, model, item, url, config, args.output_len)
+            result = await one_request(client, model, request, args.output_len)
         else:
             async with limit:
-                result = await one_request(client, model, item, url, config, args.output_len)
+                result = await one_request(client, model, request, args.output_len)
         bar.update(1)
         return result
 
     start = time.perf_counter()
     tasks = []
-    for i, (item, url) in enumerate(zip(items, urls, strict=True)):
+    for i, request in enumerate(requests):
         if i and math.isfinite(rate):
             await asyncio.sleep(rng.expovariate(rate))
-        tasks.append(asyncio.create_task(guarded(item, url)))
+        tasks.append(asyncio.create_task(guarded(request)))
     results = await asyncio.gather(*tasks)
     return list(results), time.perf_counter() - start
 
@@ -382,30 +443,29 @@ async def measure_batch(
     http: Any,
     base_url: str,
     model: str,
-    items: list[WorkItem],
-    urls: list[str],
-    config: BenchConfig,
+    requests: list[Request],
+    mode: str | None,
     args: argparse.Namespace,
     rate: float,
     bar: Any,
 ) -> dict[str, Any]:
     """One measured batch: per-request results, its duration, the server's visual-token
-    histogram change for this mode, and the /metrics peaks sampled meanwhile."""
+    histogram change for `mode` (None: not read), and the /metrics peaks sampled meanwhile."""
     before = await fetch_metrics(http, base_url)
     peaks: dict[str, Any] = {}
     sampler = asyncio.create_task(sample_metrics(http, base_url, args.metrics_interval, peaks))
     try:
-        results, seconds = await run_batch(client, model, items, urls, config, args, rate, bar)
+        results, seconds = await run_batch(client, model, requests, args, rate, bar)
     finally:
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
     after = await fetch_metrics(http, base_url)
-    visual = {}
-    for suffix in ("sum", "count"):
+    visual = {"sum": 0.0, "count": 0.0}
+    for suffix in ("sum", "count") if mode is not None else ():
         name = f"{VISUAL_METRIC}_{suffix}"
-        visual[suffix] = metric_total(after, name, mode=config.mode) - metric_total(
-            before, name, mode=config.mode
+        visual[suffix] = metric_total(after, name, mode=mode) - metric_total(
+            before, name, mode=mode
         )
     visual["mean"] = visual["sum"] / visual["count"] if visual["count"] else math.nan
     return {"results": results, "seconds": seconds, "visual": visual, "peaks": peaks}
@@ -459,17 +519,70 @@ def figures(batches: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-async def benchmark(base_url: str, args: argparse.Namespace, configs: list[BenchConfig]) -> dict:
+class TextPadder:
+    """Text-only chat messages with exactly a given number of prompt tokens: the question after
+    filler words, their count found with the server's own /tokenize (cached)."""
+
+    def __init__(self, http: Any, base_url: str, model: str) -> None:
+        self.http = http
+        self.base_url = base_url
+        self.model = model
+        self.found: dict[tuple[str, int], tuple[list[dict[str, Any]], int]] = {}
+
+    async def count(self, messages: list[dict[str, Any]]) -> int:
+        response = await self.http.post(
+            self.base_url + "/tokenize",
+            json={"model": self.model, "messages": messages, "add_generation_prompt": True},
+        )
+        response.raise_for_status()
+        return int(response.json()["count"])
+
+    async def messages(self, question: str, target: int) -> tuple[list[dict[str, Any]], int]:
+        """(messages, their prompt tokens): `target` unless no filler count reaches it."""
+        key = (question, target)
+        if key not in self.found:
+            fillers = max(0, target - await self.count(text_messages(question, 0)))
+            tokens = await self.count(text_messages(question, fillers))
+            for _ in range(4):
+                if tokens == target:
+                    break
+                fillers = max(0, fillers + target - tokens)
+                tokens = await self.count(text_messages(question, fillers))
+            self.found[key] = (text_messages(question, fillers), tokens)
+        return self.found[key]
+
+
+async def text_requests(
+    padder: TextPadder, items: list[WorkItem], batch: dict[str, Any]
+) -> tuple[list[Request], list[int]]:
+    """The text-equivalents of a measured image batch: per completed request, its question
+    padded to the prompt tokens the server reported for it; (requests, their target lengths)."""
+    requests, targets = [], []
+    for item, result in zip(items, batch["results"], strict=True):
+        if result["ok"]:
+            messages, _ = await padder.messages(item.question, result["prompt_tokens"])
+            requests.append(Request(messages, None))
+            targets.append(result["prompt_tokens"])
+    return requests, targets
+
+
+async def benchmark(
+    base_url: str, args: argparse.Namespace, configs: list[BenchConfig]
+) -> dict[str, Any]:
+    """Every configuration of `configs` (all served by the server at `base_url`), with its
+    text-equivalent when --text; returns the served model name and one run per (rate, config)."""
     import httpx
     from openai import AsyncOpenAI
 
     rates = [float(r) for r in args.request_rate.split(",") if r.strip()]
-    items = build_workload(args.num_prompts, args.seed, args.images)
+    size = tuple(args.image_size)
+    items = build_workload(args.num_prompts, args.seed, args.images, size=size)
     warm = build_workload(
         args.warmup * len(configs) * len(rates) * args.repeats + 2,
         args.seed,
         args.images,
         start=args.num_prompts,
+        size=size,
     )
     urls = [data_url(item.image) for item in items]
     warm_urls = [data_url(item.image) for item in warm]
@@ -484,14 +597,20 @@ async def benchmark(base_url: str, args: argparse.Namespace, configs: list[Bench
     )
     http = httpx.AsyncClient(timeout=30.0)
     model = args.model if args.base_url and args.model else (await client.models.list()).data[0].id
+    padder = TextPadder(http, base_url, model)
     silent = progress(0, "", disable=True)
     # A first round of every configuration: loads the tower in the server's front end and
     # touches every code path before anything is measured.
     for config in configs:
-        await run_batch(client, model, warm[:2], warm_urls[:2], config, args, math.inf, silent)
+        await run_batch(
+            client, model, image_requests(warm[:2], warm_urls[:2], config), args, math.inf, silent
+        )
     warm_index = 2
     pooled: dict[tuple[float, str], list[dict[str, Any]]] = {}
-    total = len(configs) * len(rates) * args.num_prompts * args.repeats
+    pooled_text: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    text_targets: dict[tuple[float, str], list[int]] = {}
+    per_config = args.num_prompts * (2 if args.text else 1)
+    total = len(configs) * len(rates) * per_config * args.repeats
     with progress(total, "serving", disable=args.no_progress) as bar:
         for repeat in range(args.repeats):
             shift = repeat % len(configs)
@@ -504,16 +623,22 @@ async def benchmark(base_url: str, args: argparse.Namespace, configs: list[Bench
                         await run_batch(
                             client,
                             model,
-                            warm[chosen],
-                            warm_urls[chosen],
-                            config,
+                            image_requests(warm[chosen], warm_urls[chosen], config),
                             args,
                             rate,
                             silent,
                         )
                     bar.set_description(f"{config.name} @ {rate:g} req/s")
                     measured = await measure_batch(
-                        client, http, base_url, model, items, urls, config, args, rate, bar
+                        client,
+                        http,
+                        base_url,
+                        model,
+                        image_requests(items, urls, config),
+                        None if config.name == STOCK else config.mode,
+                        args,
+                        rate,
+                        bar,
                     )
                     pooled.setdefault((rate, config.name), []).append(measured)
                     ok = sum(r["ok"] for r in measured["results"])
@@ -529,19 +654,51 @@ async def benchmark(base_url: str, args: argparse.Namespace, configs: list[Bench
                         f"{config.name}: {ok / measured['seconds']:.2f} req/s, "
                         f"{measured['visual']['mean']:.1f} visual tok/img"
                     )
-    runs = [
-        {
-            "name": config.name,
-            "prumerge": config.prumerge,
-            "request_rate": rate,
-            **figures(pooled[(rate, config.name)]),
-        }
-        for rate in rates
-        for config in configs
-    ]
+                    if args.text:
+                        bar.set_description(f"text@{config.name} @ {rate:g} req/s")
+                        requests, targets = await text_requests(padder, items, measured)
+                        text = await measure_batch(
+                            client, http, base_url, model, requests, None, args, rate, bar
+                        )
+                        pooled_text.setdefault((rate, config.name), []).append(text)
+                        text_targets.setdefault((rate, config.name), []).extend(targets)
+    runs = []
+    for rate in rates:
+        for config in configs:
+            run = {
+                "name": config.name,
+                "prumerge": None if config.name == STOCK else config.prumerge,
+                "request_rate": rate,
+                **figures(pooled[(rate, config.name)]),
+            }
+            if args.text:
+                text = figures(pooled_text[(rate, config.name)])
+                targets = text_targets[(rate, config.name)]
+                text["target_prompt_tokens"] = summary(targets)
+                run["text"] = text
+            runs.append(run)
     await client.close()
     await http.aclose()
     return {"served_model": model, "runs": runs}
+
+
+def fill_stock_visual_tokens(runs: list[dict[str, Any]]) -> None:
+    """Visual tokens of `stock` runs (no plugin histogram): its prompt tokens minus the text
+    tokens of the same requests, known from a plugin run at the same rate (prompt - visual)."""
+    for r in runs:
+        if r["name"] != STOCK:
+            continue
+        known = [
+            o
+            for o in runs
+            if o["name"] != STOCK
+            and o["request_rate"] == r["request_rate"]
+            and not math.isnan(o["visual_tokens_mean"])
+        ]
+        if known:
+            text = known[0]["prompt_tokens"]["mean"] - known[0]["visual_tokens_mean"]
+            r["visual_tokens_mean"] = r["prompt_tokens"]["mean"] - text
+            r["visual_tokens_source"] = f"prompt tokens - text tokens of {known[0]['name']}"
 
 
 def add_ratios(runs: list[dict[str, Any]]) -> None:
@@ -564,6 +721,17 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
                 "e2el_p50": r["e2el_ms"]["p50"] / base["e2el_ms"]["p50"],
                 "prompt_tokens": r["prompt_tokens"]["mean"] / base["prompt_tokens"]["mean"],
             }
+            stock = next((o for o in group if o["name"] == STOCK), None)
+            if stock is not None:
+                r["ratio_to_stock"] = {
+                    "requests_per_s": r["requests_per_s"] / stock["requests_per_s"],
+                    "ttft_p50": r["ttft_ms"]["p50"] / stock["ttft_ms"]["p50"],
+                }
+            if "text" in r:
+                r["fraction_of_text"] = {
+                    "requests_per_s": r["requests_per_s"] / r["text"]["requests_per_s"],
+                    "ttft_p50": r["ttft_ms"]["p50"] / r["text"]["ttft_ms"]["p50"],
+                }
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,9 +751,13 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"{env.get('gpu') or env['cpu']} ({env['cpu_count']} CPUs); {env['date']}.",
         "",
         "Latencies in ms (p50 / p99). `x` = ratio to the baseline (`off`) at the same request "
-        "rate; `ideal x` = prompt-token ratio (the speed-up if cost were proportional to prompt "
-        "tokens). Visual tokens: the server's own histogram; peak KV and running: sampled from "
-        "/metrics.",
+        "rate; `prompt-ratio ideal x` = prompt-token ratio (the speed-up if cost were "
+        "proportional to prompt tokens; no engine reaches it, decode steps do not shrink). "
+        "Visual tokens: the server's own histogram (`stock`: prompt tokens minus the requests' "
+        "text tokens); peak KV and running: sampled from /metrics.",
+        "",
+        *text_section(data),
+        "## All figures",
         "",
         markdown_table(
             [
@@ -595,7 +767,7 @@ def markdown_report(data: dict[str, Any]) -> str:
                 "prompt tok",
                 "req/s",
                 "x",
-                "ideal x",
+                "prompt-ratio ideal x",
                 "out tok/s",
                 "TTFT p50",
                 "TTFT p99",
@@ -644,6 +816,61 @@ def markdown_report(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def text_section(data: dict[str, Any]) -> list[str]:
+    """The "true limit" table: each configuration against its text-equivalent (and stock)."""
+    runs = [r for r in data["runs"] if "text" in r]
+    if not runs:
+        return []
+    has_stock = any("ratio_to_stock" in r for r in runs)
+    header = [
+        "config",
+        "rate",
+        "visual tok/img",
+        "prompt tok",
+        "text prompt tok",
+        "req/s",
+        "text-equiv. req/s",
+        "of text",
+        "x off",
+        *(["x stock"] if has_stock else []),
+        "TTFT p50",
+        "text TTFT p50",
+        "E2E p50",
+        "text E2E p50",
+    ]
+    rows = [
+        [
+            r["name"],
+            r["request_rate"],
+            r["visual_tokens_mean"],
+            r["prompt_tokens"]["mean"],
+            r["text"]["prompt_tokens"]["mean"],
+            r["requests_per_s"],
+            r["text"]["requests_per_s"],
+            r["fraction_of_text"]["requests_per_s"],
+            r["ratio_to_baseline"]["requests_per_s"],
+            *([r.get("ratio_to_stock", {}).get("requests_per_s")] if has_stock else []),
+            r["ttft_ms"]["p50"],
+            r["text"]["ttft_ms"]["p50"],
+            r["e2el_ms"]["p50"],
+            r["text"]["e2el_ms"]["p50"],
+        ]
+        for r in runs
+    ]
+    return [
+        "## Against the true limit (text-equivalent requests)",
+        "",
+        "`text@CONFIG`: each completed request's chat message without the image, padded with a "
+        "filler word to the prompt tokens the server reported for the image request (`text "
+        "prompt tok` shows the match), same output length, same server, measured right after "
+        "the image requests. `of text` = image req/s / text req/s: 1.0 = the images cost "
+        "nothing beyond their tokens. `x stock` = ratio to stock vLLM's req/s for the same "
+        "images.",
+        "",
+        markdown_table(header, rows),
+    ]
+
+
 def plot(data: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
 
@@ -666,6 +893,16 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
             )
             ax.set_title(title)
         axes[2].scatter(xs, [r["requests_per_s"] for r in group], color=f"C{i}", label=tag)
+        texts = [r for r in group if "text" in r and not math.isnan(r["visual_tokens_mean"])]
+        if texts:
+            axes[2].scatter(
+                [r["visual_tokens_mean"] for r in texts],
+                [r["text"]["requests_per_s"] for r in texts],
+                facecolors="none",
+                edgecolors=f"C{i}",
+                marker="s",
+                label=f"text-equivalent, {tag}",
+            )
         axes[2].set_title("requests / s")
         for r in group:
             axes[2].annotate(
@@ -675,9 +912,14 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
                 xytext=(4, 4),
                 fontsize=7,
             )
+    largest = max(
+        (r["visual_tokens_mean"] for r in data["runs"] if not math.isnan(r["visual_tokens_mean"])),
+        default=576,
+    )
+    ticks = token_ticks(largest)
     for ax in axes:
         ax.set_xscale("log")
-        ax.set_xticks(TOKEN_TICKS, [str(t) for t in TOKEN_TICKS])
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel("visual tokens per image (mean, log scale)")
         ax.legend(fontsize=7)
@@ -706,15 +948,58 @@ METHOD = (
     "other images. Prompt tokens are the server's usage.prompt_tokens; visual tokens the "
     "change of the server's vllm_prumerge:visual_tokens_per_image histogram (sum / count) over "
     "the measured requests; peak KV-cache usage and running requests are the maxima of "
-    "vllm:kv_cache_usage_perc and vllm:num_requests_running sampled from /metrics."
+    "vllm:kv_cache_usage_perc and vllm:num_requests_running sampled from /metrics. "
+    "Text-equivalents (text@CONFIG) follow each measured batch: the same questions as text-only "
+    "chat messages padded with a filler word to the image request's usage.prompt_tokens (the "
+    "filler count found with the server's /tokenize), no mm_processor_kwargs. `stock` runs on "
+    "a second server (stock vLLM: no --plugin) with the same settings, before the plugin's."
 )
+
+
+def start_and_measure(
+    args: argparse.Namespace,
+    model: str,
+    configs: list[BenchConfig],
+    *,
+    stock: bool,
+    out: Path,
+) -> tuple[dict[str, Any], str, float]:
+    """Start `vllm serve` (stock vLLM, or with the plugin), measure `configs` on it, stop it;
+    (benchmark data, the server command, start-up seconds)."""
+    import torch
+
+    from vllm_prumerge.encoder import PruMergeEncoder
+    from vllm_prumerge.testing.server import serve
+
+    server_env: dict[str, str] = {}
+    if not torch.cuda.is_available():
+        server_env["VLLM_TARGET_DEVICE"] = "cpu"
+        server_env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.tower_threads and not stock:
+        server_env[PruMergeEncoder.THREADS_ENV] = str(args.tower_threads)
+    cli = server_args(args, stock=stock)
+    t0 = time.perf_counter()
+    log = out / ("server-stock.log" if stock else "server.log")
+    with serve(model, cli, env=server_env, timeout=args.server_timeout, log_path=log) as base:
+        started = time.perf_counter() - t0
+        data = asyncio.run(benchmark(base, args, configs))
+    prefix = " ".join(f"{k}={v}" for k, v in server_env.items() if k.startswith("VLLM_PRUMERGE"))
+    command = f"`{prefix + ' ' if prefix else ''}vllm serve MODEL {' '.join(cli)}`"
+    return data, command, started
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.num_prompts < 1 or args.output_len < 1 or args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--num-prompts, --output-len and --repeats must be >= 1, --warmup >= 0")
-    configs = parse_configs(args.configs)
+    if args.api_server_count < 1 or (args.tower_threads is not None and args.tower_threads < 1):
+        raise SystemExit("--api-server-count and --tower-threads must be >= 1")
+    names = [c.strip().lower() for c in args.configs.split(",") if c.strip()]
+    plugin_names = [n for n in names if n != STOCK]
+    configs = parse_configs(",".join(plugin_names)) if plugin_names else []
+    stock_configs = [BenchConfig(STOCK, "off")] if STOCK in names else []
+    if stock_configs and args.base_url:
+        raise SystemExit("the stock configuration needs a server started by this script")
     import torch
 
     has_gpu = torch.cuda.is_available()
@@ -724,49 +1009,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     env = environment({"device": "cuda" if has_gpu else "cpu"})
     wall = time.perf_counter()
-    started = None
+    started: dict[str, float] = {}
+    servers: dict[str, str] = {}
+    runs: list[dict[str, Any]] = []
+    served_model = None
     if args.base_url:
         model = args.model or "(served model)"
         base = args.base_url.rstrip("/")
         data = asyncio.run(benchmark(base, args, configs))
-        server = f"given ({base})"
+        runs, served_model = data["runs"], data["served_model"]
+        servers["plugin"] = f"given ({base})"
     else:
-        if args.model:
-            model = args.model
-        else:
-            model, _ = synthetic_checkpoint(args.synthetic)
-        from vllm_prumerge.testing.server import serve
-
-        server_env = {} if has_gpu else {"VLLM_TARGET_DEVICE": "cpu"}
-        if not has_gpu:
-            server_env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
-        cli = server_args(args)
-        t0 = time.perf_counter()
-        with serve(
-            model,
-            cli,
-            env=server_env,
-            timeout=args.server_timeout,
-            log_path=out / "server.log",
-        ) as base:
-            started = time.perf_counter() - t0
-            data = asyncio.run(benchmark(base, args, configs))
-        server = "`vllm serve MODEL " + " ".join(cli) + "`"
+        model = args.model or synthetic_checkpoint(args.synthetic, args.family, args.tower)[0]
+        for stock, group in ((True, stock_configs), (False, configs)):
+            if not group:
+                continue
+            key = "stock" if stock else "plugin"
+            data, servers[key], started[key] = start_and_measure(
+                args, model, group, stock=stock, out=out
+            )
+            runs += data["runs"]
+            served_model = data["served_model"]
     if args.base_url and not args.model:
-        model = data["served_model"]
-    add_ratios(data["runs"])
+        model = served_model
+    fill_stock_visual_tokens(runs)
+    add_ratios(runs)
     result: dict[str, Any] = {
         "benchmark": "serving (vllm serve, OpenAI chat API)",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "model": model if args.model or args.base_url else f"generated:{args.synthetic}",
+        "model": model_label(args) if not args.base_url else model,
         "model_path": model,
-        "served_model": data["served_model"],
-        "server": server,
+        "served_model": served_model,
+        "server": "; ".join(f"{k}: {v}" for k, v in servers.items()),
+        "servers": servers,
         "server_startup_s": started,
         "settings": dict(vars(args)),
         "method": METHOD,
         "environment": env,
-        "runs": data["runs"],
+        "runs": runs,
         "total_seconds": time.perf_counter() - wall,
     }
     if not args.no_plots:

@@ -1,11 +1,18 @@
-"""Offline throughput of LLaVA-1.5 in vLLM: stock 576 tokens vs PruMerge, PruMerge+, fixed budgets.
+"""Offline throughput of LLaVA-family models in vLLM: stock token counts vs PruMerge, PruMerge+,
+fixed budgets, each against its text-only equivalent.
 
 One workload (N image + question prompts, fixed seed, fixed output length) runs through vLLM's
 offline engine in every configuration, all in one run on one machine, and every figure is
 measured: requests/s, output and total tokens/s, prompt and visual tokens per image (mean, p50,
 p95, min, max), peak KV-cache usage, the most requests generating at once, preemptions and
-time to first token, each with its ratio to `off` (576 visual tokens, the stock count) and the
-ideal ratio if cost were proportional to prompt tokens.
+time to first token, each with its ratio to `off` (the stock count: 576 for LLaVA-1.5, 729 for
+SigLIP, base + tiles for LLaVA-NeXT) and the prompt-ratio ideal (the ratio if cost were
+proportional to prompt tokens).
+
+The true limit: every configuration is also measured as text only ("text@CONFIG": each request's
+prompt with its visual tokens replaced by an ordinary text token, so it has exactly the image
+prompt's length; same output length, same engine). `of text` = image throughput / text
+throughput: 1.0 means the images cost nothing beyond their tokens.
 
 Each configuration is measured twice per repeat: "engine" (every request pre-processed first,
 then all released at once: the LLM's prefill + decode cost, limited by the KV cache) and
@@ -22,10 +29,12 @@ length is fixed (`ignore_eos`). The optional `stock` configuration runs vLLM's o
 the engine) in a second engine with the same settings.
 
     python benchmarks/throughput.py --out out/throughput                   # generated checkpoint
+    python benchmarks/throughput.py --family llava_next --image-size 672x672 --out out/next
     python benchmarks/throughput.py --model llava-hf/llava-1.5-7b-hf --out out/7b   # on a GPU
 
 Writes OUT/throughput.json (every figure, per-request counts, environment), OUT/throughput.md
-(tables), OUT/throughput_vs_tokens.png and OUT/visual_tokens_hist.png.
+(tables), OUT/throughput_vs_tokens.png, OUT/scaling.png (requests/s and TTFT against visual
+tokens per image, with the text-equivalent line) and OUT/visual_tokens_hist.png.
 """
 
 from __future__ import annotations
@@ -43,17 +52,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     DEFAULT_CONFIGS,
-    SYNTHETIC_SPECS,
-    TOKEN_TICKS,
     BenchConfig,
     WorkItem,
+    add_model_arguments,
     build_workload,
     environment,
+    filler_token_id,
     markdown_table,
+    model_label,
     parse_configs,
+    parse_size,
     progress,
     summary,
     synthetic_checkpoint,
+    text_equivalent_ids,
+    token_ticks,
     write_outputs,
 )
 
@@ -72,18 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--model",
         default=None,
-        help="LLaVA-1.5 checkpoint (hub id such as llava-hf/llava-1.5-7b-hf, or a local folder). "
-        "Default: a generated random-weight LLaVA-1.5-shaped checkpoint (see --synthetic).",
+        help="LLaVA-1.5, LLaVA-NeXT or SigLIP-LLaVA checkpoint (hub id such as "
+        "llava-hf/llava-1.5-7b-hf, or a local folder). Default: a generated random-weight "
+        "checkpoint (see --synthetic, --family, --tower).",
     )
-    model.add_argument(
-        "--synthetic",
-        choices=sorted(SYNTHETIC_SPECS),
-        default="small",
-        help="Size of the generated checkpoint used when --model is not given: 'tiny' is the "
-        "test fixture (CLIP 64x3, Llama 128x2); 'small' has a 512-wide 4-layer Llama so that "
-        "prompt length dominates the cost on a CPU. Both keep the real 336 px / 576-patch tower "
-        "geometry.",
-    )
+    add_model_arguments(model)
     model.add_argument(
         "--dtype",
         default="auto",
@@ -112,6 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="Use the images in DIR (png/jpg/webp/..., name order, cycled) instead of generated "
         "scenes of shapes, text and gradients.",
+    )
+    work.add_argument(
+        "--image-size",
+        type=parse_size,
+        default=(336, 336),
+        metavar="WxH",
+        help="Size of the generated scenes (e.g. 672x672: a 2x2 grid of LLaVA-NeXT tiles).",
+    )
+    work.add_argument(
+        "--text",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Also measure every configuration's text-equivalent (text@CONFIG: the same "
+        "prompts with every visual token replaced by a text token; same length, same output, "
+        "same engine), the limit an image request can reach.",
     )
     work.add_argument(
         "--configs",
@@ -269,13 +290,13 @@ def make_prompt(item: WorkItem, config: BenchConfig) -> dict[str, Any]:
     return prompt
 
 
-def render(engine: Any, item: WorkItem, config: BenchConfig) -> Any:
+def render(engine: Any, prompt: dict[str, Any]) -> Any:
     """Pre-process one prompt as `LLM.generate` does (tokenizer, image processor and, with the
-    plugin, the CLIP tower + reduction): an EngineInput ready for `add_request`."""
+    plugin, the vision tower + reduction): an EngineInput ready for `add_request`."""
     from vllm.renderers.inputs.preprocess import parse_model_prompt
 
     renderer = engine.renderer
-    parsed = parse_model_prompt(engine.model_config, make_prompt(item, config))
+    parsed = parse_model_prompt(engine.model_config, prompt)
     (engine_input,) = renderer.render_cmpl([parsed], renderer.default_cmpl_tok_params)
     return engine_input
 
@@ -295,32 +316,32 @@ def drain(engine: Any, ids: list[str], bar: Any) -> list[Any]:
 
 
 def run_end_to_end(
-    engine: Any, items: list[WorkItem], config: BenchConfig, sampling: Any, tag: str, bar: Any
+    engine: Any, prompts: list[dict[str, Any]], sampling: Any, tag: str, bar: Any
 ) -> tuple[list[Any], float, float]:
     """Pre-process and submit the requests one after another (as `LLM.generate`), while the
     engine core (another process) already runs the first ones; step until all finish.
 
     Returns (outputs, seconds from the first pre-processing to the last output, seconds spent
     pre-processing and submitting)."""
-    ids = [f"{tag}-{i}" for i in range(len(items))]
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
     start = time.perf_counter()
-    for request_id, item in zip(ids, items, strict=True):
-        engine.add_request(request_id, render(engine, item, config), sampling)
+    for request_id, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(request_id, render(engine, prompt), sampling)
     submitted = time.perf_counter() - start
     outputs = drain(engine, ids, bar)
     return outputs, time.perf_counter() - start, submitted
 
 
 def run_engine_only(
-    engine: Any, items: list[WorkItem], config: BenchConfig, sampling: Any, tag: str, bar: Any
+    engine: Any, prompts: list[dict[str, Any]], sampling: Any, tag: str, bar: Any
 ) -> tuple[list[Any], float, float]:
     """Pre-process every request first, then release them all at once and step until done:
     the LLM's cost alone (prefill + decode), limited only by the KV cache and max_num_seqs.
 
     Returns (outputs, engine seconds (release to last output), pre-processing seconds)."""
-    ids = [f"{tag}-{i}" for i in range(len(items))]
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
     start = time.perf_counter()
-    inputs = [render(engine, item, config) for item in items]
+    inputs = [render(engine, prompt) for prompt in prompts]
     rendered = time.perf_counter() - start
     start = time.perf_counter()
     for request_id, engine_input in zip(ids, inputs, strict=True):
@@ -348,6 +369,31 @@ def phase_figures(outputs: list[Any], seconds: float, tracker: StepTracker) -> d
     }
 
 
+def measure_phases(
+    engine: Any,
+    tracker: StepTracker,
+    prompts: list[dict[str, Any]],
+    sampling: Any,
+    tag: str,
+    bar: Any,
+) -> tuple[dict[str, Any], list[Any], list[Any]]:
+    """The end-to-end phase, then the engine-only phase, of the same prompts: (figures, outputs
+    of the end-to-end phase, outputs of the engine phase)."""
+    tracker.reset()
+    e2e_outputs, seconds, submitted = run_end_to_end(engine, prompts, sampling, f"{tag}-e2e", bar)
+    end_to_end = {**phase_figures(e2e_outputs, seconds, tracker), "submit_seconds": submitted}
+    tracker.reset()
+    outputs, seconds, rendered = run_engine_only(engine, prompts, sampling, f"{tag}-eng", bar)
+    figures = {
+        "engine": phase_figures(outputs, seconds, tracker),
+        "end_to_end": end_to_end,
+        "frontend_ms_per_image": 1e3 * rendered / len(prompts),
+        "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
+        "output_tokens": [len(o.outputs[0].token_ids) for o in outputs],
+    }
+    return figures, e2e_outputs, outputs
+
+
 def measure(
     engine: Any,
     tracker: StepTracker,
@@ -355,27 +401,29 @@ def measure(
     config: BenchConfig,
     sampling: Any,
     image_token: int,
+    filler: int | None,
     tag: str,
     bar: Any,
 ) -> dict[str, Any]:
-    """One repeat of `config` over `items`: the end-to-end phase, then the engine-only phase."""
-    tracker.reset()
-    outputs, seconds, submitted = run_end_to_end(engine, items, config, sampling, f"{tag}-e2e", bar)
-    end_to_end = {**phase_figures(outputs, seconds, tracker), "submit_seconds": submitted}
-    e2e_visual = [o.prompt_token_ids.count(image_token) for o in outputs]
-    tracker.reset()
-    outputs, seconds, rendered = run_engine_only(engine, items, config, sampling, f"{tag}-eng", bar)
+    """One repeat of `config` over `items`: the end-to-end phase, then the engine-only phase;
+    then (`filler` given) both phases again for the text-equivalent prompts, built from the
+    image requests' own prompt token ids (visual tokens replaced by `filler`)."""
+    prompts = [make_prompt(item, config) for item in items]
+    result, e2e_outputs, outputs = measure_phases(engine, tracker, prompts, sampling, tag, bar)
     visual = [o.prompt_token_ids.count(image_token) for o in outputs]
-    if visual != e2e_visual:
+    if visual != [o.prompt_token_ids.count(image_token) for o in e2e_outputs]:
         raise RuntimeError(f"{config.name}: visual token counts differ between the two phases")
-    return {
-        "engine": phase_figures(outputs, seconds, tracker),
-        "end_to_end": end_to_end,
-        "frontend_ms_per_image": 1e3 * rendered / len(items),
-        "prompt_tokens": [len(o.prompt_token_ids) for o in outputs],
-        "visual_tokens": visual,
-        "output_tokens": [len(o.outputs[0].token_ids) for o in outputs],
-    }
+    result["visual_tokens"] = visual
+    if filler is not None:
+        text_prompts = [
+            {"prompt_token_ids": text_equivalent_ids(o.prompt_token_ids, image_token, filler)}
+            for o in outputs
+        ]
+        text, _, _ = measure_phases(engine, tracker, text_prompts, sampling, f"{tag}-text", bar)
+        if text["prompt_tokens"] != result["prompt_tokens"]:
+            raise RuntimeError(f"text@{config.name}: prompt lengths differ from the image prompts")
+        result["text"] = text
+    return result
 
 
 def median(values: list[float]) -> float:
@@ -397,8 +445,30 @@ PHASE_KEYS = (
 )
 
 
+def phase_medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per phase: the median over repeats of every figure."""
+    result: dict[str, Any] = {}
+    for phase in PHASES:
+        result[phase] = {key: median([r[phase][key] for r in runs]) for key in PHASE_KEYS}
+        for stat in ("mean", "p50", "p90"):
+            result[phase][f"ttft_s_{stat}"] = median([r[phase]["ttft_s"][stat] for r in runs])
+    return result
+
+
+def without_token_lists(run: dict[str, Any]) -> dict[str, Any]:
+    """A repeat's figures without its per-request token lists (kept once per configuration)."""
+    return {
+        k: without_token_lists(v) if isinstance(v, dict) and k == "text" else v
+        for k, v in run.items()
+        if not k.endswith("_tokens")
+    }
+
+
 def aggregate(config: BenchConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Figures of one configuration over its repeats (medians; token counts are identical)."""
+    """Figures of one configuration over its repeats (medians; token counts are identical).
+
+    With text-equivalents: `text` holds their medians and `fraction_of_text` the median over
+    repeats of (image requests/s) / (text requests/s) of the same repeat, per phase."""
     first = runs[0]
     result: dict[str, Any] = {
         "name": config.name,
@@ -409,15 +479,27 @@ def aggregate(config: BenchConfig, runs: list[dict[str, Any]]) -> dict[str, Any]
         "output_tokens": summary(first["output_tokens"]),
         "frontend_ms_per_image": median([r["frontend_ms_per_image"] for r in runs]),
     }
-    for phase in PHASES:
-        result[phase] = {key: median([r[phase][key] for r in runs]) for key in PHASE_KEYS}
-        for stat in ("mean", "p50", "p90"):
-            result[phase][f"ttft_s_{stat}"] = median([r[phase]["ttft_s"][stat] for r in runs])
+    result.update(phase_medians(runs))
     result["end_to_end"]["submit_seconds"] = median(
         [r["end_to_end"]["submit_seconds"] for r in runs]
     )
     result["visual_tokens_per_request"] = first["visual_tokens"]
-    result["runs"] = [{k: v for k, v in r.items() if not k.endswith("_tokens")} for r in runs]
+    if "text" in first:
+        text_runs = [r["text"] for r in runs]
+        result["text"] = {
+            "prompt_tokens": summary(text_runs[0]["prompt_tokens"]),
+            **phase_medians(text_runs),
+        }
+        result["fraction_of_text"] = {
+            phase: median(
+                [r[phase]["requests_per_s"] / r["text"][phase]["requests_per_s"] for r in runs]
+            )
+            for phase in PHASES
+        }
+        result["ttft_ratio_to_text"] = median(
+            [r["engine"]["ttft_s"]["mean"] / r["text"]["engine"]["ttft_s"]["mean"] for r in runs]
+        )
+    result["runs"] = [without_token_lists(r) for r in runs]
     return result
 
 
@@ -486,12 +568,14 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"torch {versions.get('torch')}, transformers {versions.get('transformers')}; "
         f"{env['date']}; {settings['repeats']} repeat(s), medians.",
         "",
-        f"Ratios (x) are to `{base}`. Ideal x = the ratio if cost were proportional to prompt "
-        "tokens (P_base / P). `engine`: requests pre-processed first, then released at once "
-        "(LLM prefill + decode only, limited by the KV cache); `e2e`: pre-processing (tokenizer, "
-        "image processor, CLIP tower + reduction, in the front-end process) and submission one "
-        "by one while the engine runs, as `LLM.generate`.",
+        f"Ratios (x) are to `{base}`. Prompt-ratio ideal x = the ratio if cost were "
+        "proportional to prompt tokens (P_base / P); no engine reaches it, since decode steps "
+        "do not shrink with the prompt. `engine`: requests pre-processed first, then released "
+        "at once (LLM prefill + decode only, limited by the KV cache); `e2e`: pre-processing "
+        "(tokenizer, image processor, vision tower + reduction, in the front-end process) and "
+        "submission one by one while the engine runs, as `LLM.generate`.",
         "",
+        *text_section(data),
         "## Tokens per request",
         "",
         markdown_table(
@@ -526,13 +610,13 @@ def markdown_report(data: dict[str, Any]) -> str:
                 "config",
                 "engine req/s",
                 "x",
-                "ideal x",
+                "prompt-ratio ideal x",
                 "of ideal",
                 "out tok/s",
                 "x",
                 "total tok/s",
                 "x",
-                "ideal x",
+                "prompt-ratio ideal x",
                 "peak KV %",
                 "max concurrent",
                 "x",
@@ -568,12 +652,13 @@ def markdown_report(data: dict[str, Any]) -> str:
                 for r in results
             ],
         ),
-        "`of ideal` = measured engine req/s ratio / ideal ratio. `peak KV %`, `max concurrent` "
-        "(most requests that produced a token in one engine step) and `preempt` (preemptions) "
+        "`of ideal` = measured engine req/s ratio / prompt-ratio ideal. `peak KV %`, "
+        "`max concurrent` (most requests that produced a token in one engine step) and "
+        "`preempt` (preemptions) "
         "are from the engine phase; the JSON also has the scheduler's running count, which "
         "includes partially prefilled requests. `burst TTFT` = mean time to first token when "
         "all requests arrive at once (engine phase). `front-end ms/img` = pre-processing time per "
-        "request at batch 1 (tokenizer, image processor, CLIP tower and reduction).",
+        "request at batch 1 (tokenizer, image processor, vision tower and reduction).",
         "",
         "Method: " + data["method"],
         "",
@@ -581,8 +666,114 @@ def markdown_report(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def text_section(data: dict[str, Any]) -> list[str]:
+    """The report's "true limit" table (empty without text-equivalents)."""
+    results = [r for r in data["results"] if "text" in r]
+    if not results:
+        return []
+    table = markdown_table(
+        [
+            "config",
+            "visual tok/img",
+            "prompt tok",
+            "engine req/s",
+            "text-equiv. req/s",
+            "of text",
+            "x off",
+            "prompt-ratio ideal x",
+            "burst TTFT s",
+            "text TTFT s",
+            "e2e req/s",
+            "text e2e req/s",
+            "e2e of text",
+        ],
+        [
+            [
+                r["name"],
+                r["visual_tokens"]["mean"],
+                r["prompt_tokens"]["mean"],
+                r["engine"]["requests_per_s"],
+                r["text"]["engine"]["requests_per_s"],
+                r["fraction_of_text"]["engine"],
+                r["ratio_to_baseline"]["engine"]["requests_per_s"],
+                r["ideal_ratio_to_baseline"]["requests_per_s"],
+                r["engine"]["ttft_s_mean"],
+                r["text"]["engine"]["ttft_s_mean"],
+                r["end_to_end"]["requests_per_s"],
+                r["text"]["end_to_end"]["requests_per_s"],
+                r["fraction_of_text"]["end_to_end"],
+            ]
+            for r in results
+        ],
+    )
+    return [
+        "## Against the true limit (text-equivalent prompts)",
+        "",
+        "`text@CONFIG`: each request's own prompt with its visual tokens replaced by a text "
+        "token (same length and layout, same output length, same engine), measured right after "
+        "the image requests in every repeat. `of text` = image req/s / text req/s (median over "
+        "repeats of the same-repeat ratio): 1.0 = the images cost nothing beyond their tokens. "
+        "`x off` = ratio to the baseline's image req/s.",
+        "",
+        table,
+    ]
+
+
+def plot_scaling(data: dict[str, Any], out: Path) -> str:
+    """scaling.png: engine requests/s and burst TTFT against visual tokens per image, image
+    requests and their text-equivalents; returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = sorted(data["results"], key=lambda r: r["visual_tokens"]["mean"])
+    xs = [r["visual_tokens"]["mean"] for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.8))
+    for ax, key, title in (
+        (axes[0], "requests_per_s", "engine requests / s"),
+        (axes[1], "ttft_s_mean", "time to first token, all requests at once (s)"),
+    ):
+        ax.plot(xs, [r["engine"][key] for r in results], "o-", color="C0", label="image requests")
+        texts = [r for r in results if "text" in r]
+        if texts:
+            ax.plot(
+                [r["visual_tokens"]["mean"] for r in texts],
+                [r["text"]["engine"][key] for r in texts],
+                "s--",
+                color="C2",
+                label="text-equivalent (same prompt length, text only)",
+            )
+        for r in results:
+            ax.annotate(
+                r["name"],
+                (r["visual_tokens"]["mean"], r["engine"][key]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
+        ticks = token_ticks(max(xs))
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("visual tokens per image (mean, log scale)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"{data['model']}: {data['settings']['num_prompts']} requests released at once, "
+        f"{data['settings']['output_len']} output tokens; "
+        f"{data['environment'].get('gpu') or data['environment']['cpu']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=120)
+    plt.close(fig)
+    return "scaling.png"
+
+
 def plot(data: dict[str, Any], out: Path) -> list[str]:
-    """throughput_vs_tokens.png and visual_tokens_hist.png in `out`; returns the file names."""
+    """throughput_vs_tokens.png, scaling.png and visual_tokens_hist.png in `out`; returns the
+    file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -592,7 +783,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     base = next(r for r in results if r["name"] == data["baseline"])
     text_tokens = base["prompt_tokens"]["mean"] - base["visual_tokens"]["mean"]
     xs = [r["visual_tokens"]["mean"] for r in results]
-    top = max(*xs, 577.0)
+    top = max(*xs, base["visual_tokens"]["mean"] + 1)
     grid = [1 + i * (top - 1) / 400 for i in range(401)]
 
     fig, axes = plt.subplots(1, 2, figsize=(12.5, 5))
@@ -606,7 +797,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
             "--",
             color=colour,
             alpha=0.6,
-            label=f"ideal {label} (cost proportional to prompt tokens)",
+            label=f"prompt-ratio ideal, {label} (cost proportional to prompt tokens)",
         )
         ax.scatter(
             xs,
@@ -652,9 +843,10 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     kv = data["settings"]["kv_cache_tokens"]
     ax.set_title(f"Concurrency in a {kv}-token KV cache" if kv else "Concurrency")
     ax.legend(fontsize=7)
+    ticks = token_ticks(top)
     for ax in axes:
         ax.set_xscale("log")
-        ax.set_xticks(TOKEN_TICKS, [str(t) for t in TOKEN_TICKS])
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel("visual tokens per image (mean, log scale)")
     fig.suptitle(
@@ -681,14 +873,14 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
             label=f"{r['name']} (mean {r['visual_tokens']['mean']:.1f}, "
             f"p50 {r['visual_tokens']['p50']:.0f}, max {r['visual_tokens']['max']:.0f})",
         )
-    ax.set_xlabel("visual tokens per image (kept + 1 extra token; 576 without reduction)")
+    ax.set_xlabel("visual tokens per image (kept + 1 extra token per image or crop)")
     ax.set_ylabel("images")
     ax.set_title("Adaptive token counts per image")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "visual_tokens_hist.png", dpi=120)
     plt.close(fig)
-    return ["throughput_vs_tokens.png", "visual_tokens_hist.png"]
+    return ["throughput_vs_tokens.png", plot_scaling(data, out), "visual_tokens_hist.png"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -697,7 +889,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
 def resolve_model(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None]:
     if args.model:
         return args.model, None
-    return synthetic_checkpoint(args.synthetic)
+    return synthetic_checkpoint(args.synthetic, args.family, args.tower)
 
 
 METHOD = (
@@ -712,7 +904,9 @@ METHOD = (
     "medians over repeats (configuration order rotated per repeat). Visual tokens per image "
     "are counted in RequestOutput.prompt_token_ids (the image placeholder id); peak KV-cache "
     "usage, most running requests and preemptions come from the scheduler's per-step stats "
-    "(a vLLM stat logger)."
+    "(a vLLM stat logger). Text-equivalents (text@CONFIG) run right after their "
+    "configuration in every repeat, on the same engine: the image requests' prompt token ids "
+    "with every image placeholder replaced by one ordinary text token."
 )
 
 
@@ -739,13 +933,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall_start = time.perf_counter()
     model, spec = resolve_model(args)
     image_token = image_token_id(model)
-    items = build_workload(args.num_prompts, args.seed, args.images)
+    size = tuple(args.image_size)
+    items = build_workload(args.num_prompts, args.seed, args.images, size=size)
     warm_per_round = max(args.warmup, 1)
     warm = build_workload(
         warm_per_round * len(configs) * (args.repeats + 1),
         args.seed,
         args.images,
         start=args.num_prompts,
+        size=size,
     )
     warm_iter = iter(warm)
     from vllm import SamplingParams
@@ -761,9 +957,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     startup: dict[str, float] = {}
     resolved_dtype: dict[str, str] = {}
     silent = progress(0, "", disable=True)
+    filler = None
+    if args.text:
+        from transformers import AutoTokenizer
+
+        filler = filler_token_id(AutoTokenizer.from_pretrained(model))
+    phases = 4 if args.text else 2
 
     with progress(
-        2 * len(configs) * args.repeats * args.num_prompts, "throughput", disable=args.no_progress
+        phases * len(configs) * args.repeats * args.num_prompts,
+        "throughput",
+        disable=args.no_progress,
     ) as bar:
         for stock, group in groups:
             if not group:
@@ -778,18 +982,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             try:
                 bar.set_description("warm-up")
                 for config in group:  # load the tower, touch every configuration's code path
-                    chosen = [next(warm_iter) for _ in range(warm_per_round)]
-                    run_end_to_end(engine, chosen, config, sampling, f"warm-{config.name}", silent)
+                    chosen = [make_prompt(next(warm_iter), config) for _ in range(warm_per_round)]
+                    run_end_to_end(engine, chosen, sampling, f"warm-{config.name}", silent)
                 for repeat in range(args.repeats):
                     shift = repeat % len(group)
                     for config in group[shift:] + group[:shift]:
                         if args.warmup:
                             bar.set_description(f"{config.name} (warm-up)")
-                            chosen = [next(warm_iter) for _ in range(args.warmup)]
+                            chosen = [
+                                make_prompt(next(warm_iter), config) for _ in range(args.warmup)
+                            ]
                             run_end_to_end(
                                 engine,
                                 chosen,
-                                config,
                                 sampling,
                                 f"warm-{config.name}-{repeat}",
                                 silent,
@@ -802,6 +1007,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             config,
                             sampling,
                             image_token,
+                            filler,
                             f"{config.name}-{repeat}",
                             bar,
                         )
@@ -817,7 +1023,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "benchmark": "throughput (vLLM offline)",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "model": model if args.model else f"generated:{args.synthetic} ({model})",
+        "model": model_label(args),
+        "model_path": model,
         "synthetic_spec": spec,
         "image_token_id": image_token,
         "settings": dict(vars(args)),
