@@ -1,11 +1,14 @@
 """See which patches PruMerge keeps, samples and merges, and how token counts spread over images.
 
-No vLLM needed: the checkpoint's CLIP tower runs through `vllm_prumerge.encoder.PruMergeEncoder`
-and the figures come from `vllm_prumerge.vis`.
+No vLLM needed: the checkpoint's vision tower (CLIP or SigLIP) runs through
+`vllm_prumerge.encoder.PruMergeEncoder` and the figures come from `vllm_prumerge.vis`.
 
-    # one PNG (+ JSON with the numbers) per image: the 24x24 grid with kept outliers, PruMerge+
+    # one PNG (+ JSON with the numbers) per image: the patch grid with kept outliers, PruMerge+
     # spatial samples, and the kept token each pruned patch merged into most strongly
     python examples/visualize.py tokens --tiny --mode prumerge+ --out-dir vis inputs/scene_00.png
+
+    # LLaVA-NeXT: every crop (base view + high-resolution tiles) drawn on the original image
+    python examples/visualize.py tokens --tiny --family llava_next --out-dir vis inputs/scene_00.png
 
     # a histogram of tokens per image over a folder, one series per mode (+ counts JSONL)
     python examples/visualize.py histogram --tiny --modes prumerge prumerge+ --out vis/h.png inputs
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import common
 
+FAMILIES = ("llava", "llava_next", "siglip")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -29,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shared = argparse.ArgumentParser(add_help=False)
     common.add_model_arguments(shared)
+    shared.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default=None,
+        help="With --tiny: which generated checkpoint. llava: LLaVA-1.5 (CLIP 336/14, one 24x24 "
+        "grid per image); llava_next: LLaVA-NeXT anyres (a base view plus 1x2, 2x1 or 2x2 "
+        "tiles of 336 px, each reduced on its own); siglip: SigLIP-LLaVA like LLaVA-Interleave "
+        "(384/14, 27x27 grid, no CLS: received attention). With --model the checkpoint's own "
+        "config decides. Default: llava.",
+    )
     shared.add_argument(
         "--device",
         default=None,
@@ -51,10 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[shared],
         help="one token-map PNG per image",
         description="For each image, write OUT_DIR/<name>.tokens.png (three panels: kept "
-        "outliers and spatial samples on the 24x24 patch grid; the merge map, i.e. the kept "
-        "token each pruned patch merged into most strongly; the class attention with the IQR "
-        "fence) and OUT_DIR/<name>.tokens.json (counts, kept/outlier/sample patch indices, "
-        "per-patch merge target and role). Unreadable images are skipped with a warning.",
+        "outliers and spatial samples on the patch grid; the merge map, i.e. the kept "
+        "token each pruned patch merged into most strongly; the importance (class attention, "
+        "or received attention on SigLIP) with the IQR fence) and OUT_DIR/<name>.tokens.json "
+        "(counts, kept/outlier/sample patch indices, per-patch merge target and role). "
+        "LLaVA-NeXT: two rows of panels on the original image, the base view and the tiles "
+        "mapped back onto the region each covers; the JSON holds the image's totals and one "
+        "entry per crop. Unreadable images are skipped with a warning.",
     )
     tokens.set_defaults(command_parser=tokens)
     tokens.add_argument("images", nargs="+", help="image files, or folders of images")
@@ -68,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[shared],
         help="histogram of tokens per image over a folder",
         description="Reduce every image of FOLDER with each mode of --modes and write a "
-        "histogram PNG of visual tokens per image (kept + extra token) plus a JSONL with one "
-        "line per image: {image, tokens: {mode: count}, error}. Unreadable images get a line "
-        "with the error and are left out of the histogram.",
+        "histogram PNG of visual tokens per image (kept + extra token; LLaVA-NeXT: summed over "
+        "the image's crops; mode off: the stock count) plus a JSONL with one line per image: "
+        "{image, tokens: {mode: count}, error}. Unreadable images get a line with the error "
+        "and are left out of the histogram.",
     )
     histogram.set_defaults(command_parser=histogram)
     histogram.add_argument("folder", help="folder of images")
@@ -94,8 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """`--model` as given, or the generated checkpoint of `--family` for `--tiny`."""
+    if not args.tiny:
+        if args.family is not None:
+            parser.error("--family applies to --tiny; with --model the checkpoint decides")
+        return args.model
+    from vllm_prumerge.testing import TinyLlavaSpec, cached_tiny_llava
+
+    return str(cached_tiny_llava(TinyLlavaSpec(family=args.family or "llava")))
+
+
 class Tower:
-    """The checkpoint's image processor + PruMergeEncoder (tower loaded once)."""
+    """The checkpoint's processor + PruMergeEncoder (tower loaded once), for every family."""
 
     def __init__(self, model: str, device: str | None, dtype: str) -> None:
         import torch
@@ -103,28 +133,87 @@ class Tower:
 
         from vllm_prumerge.encoder import PruMergeEncoder
 
-        config = AutoConfig.from_pretrained(model)
-        self.image_processor = AutoProcessor.from_pretrained(model).image_processor
+        self.config = AutoConfig.from_pretrained(model)
+        self.processor = AutoProcessor.from_pretrained(model)
+        self.image_processor = self.processor.image_processor
+        # LLaVA-NeXT (anyres): every image is a base view plus a grid of tiles.
+        self.pinpoints = getattr(self.config, "image_grid_pinpoints", None)
         self.encoder = PruMergeEncoder(
             model,
-            config.vision_config,
-            vision_feature_layer=config.vision_feature_layer,
+            self.config.vision_config,
+            vision_feature_layer=self.config.vision_feature_layer,
             dtype=getattr(torch, dtype),
             device=device,
         )
 
-    def pixel_values(self, images):
-        return self.image_processor(images, return_tensors="pt")["pixel_values"]
+    @property
+    def patch_size(self) -> int:
+        return self.config.vision_config.patch_size
+
+    @property
+    def crop_size(self) -> int:
+        return self.config.vision_config.image_size
+
+    def crops(self, images) -> tuple[object, list[int]]:
+        """The tower inputs `[K, 3, S, S]` of the images (their crops, in the processor's
+        order: base view, then tiles row-major) and how many rows each image has."""
+        import torch
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+        )
+
+        processed = self.image_processor(images, return_tensors="pt")
+        pixel_values = processed["pixel_values"]
+        if self.pinpoints is None:
+            return pixel_values, [1] * len(images)
+        counts = []
+        for height, width in processed["image_sizes"].tolist():
+            rows, cols = get_anyres_image_grid_shape(
+                (height, width), self.pinpoints, self.crop_size
+            )
+            counts.append(1 + rows * cols)
+        # [B, max_crops, 3, S, S], zero-padded to the batch's largest image: keep real crops.
+        rows = torch.cat([pixel_values[b, :n] for b, n in enumerate(counts)])
+        return rows, counts
+
+    def importance(self, config) -> str:
+        """The importance `config` uses on this tower: "cls" or "received"."""
+        from vllm_prumerge.vision import resolve_importance
+
+        return resolve_importance(config.importance, self.encoder.has_cls)
 
     def reduce(self, pixel_values, configs):
-        """One tower forward, then one reduction per config: {mode: ReducedTokens}."""
-        from vllm_prumerge.reduction import reduce_tokens
-        from vllm_prumerge.vision import clip_prumerge_inputs
+        """One tower forward per importance kind, then one reduction per config:
+        {mode: ReducedTokens}, one row per crop."""
+        from vllm_prumerge.reduction import reduce_by_importance
+        from vllm_prumerge.vision import tower_scores
 
-        inputs = clip_prumerge_inputs(
-            self.encoder.tower, pixel_values, self.encoder.vision_feature_layer
+        scores, reduced = {}, {}
+        for config in configs:
+            kind = self.importance(config)
+            if kind not in scores:
+                scores[kind] = tower_scores(
+                    self.encoder.tower, pixel_values, self.encoder.vision_feature_layer, kind
+                )
+            reduced[config.mode] = reduce_by_importance(*scores[kind], config)
+        return reduced
+
+    def stock_tokens(self, image) -> int:
+        """Visual tokens of the stock model for this image: the processor's own expansion of
+        the image token (LLaVA-NeXT: base view + unpadded tiles + one newline per row)."""
+        if self.pinpoints is None:
+            return self.encoder.num_patches
+        sizes = [(image.height, image.width)]
+        return int(
+            self.processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"][0]
         )
-        return {config.mode: reduce_tokens(*inputs, config) for config in configs}
+
+    def image_tokens(self, reduced, start: int, count: int, image, config) -> int:
+        """What the LLM receives for one image whose crops are rows `start..start+count-1`:
+        each crop's kept tokens + its extra token, or the stock count in mode off."""
+        if not config.enabled:
+            return self.stock_tokens(image)
+        return sum(reduced.host_lengths[start : start + count])
 
 
 def expand_inputs(paths: list[str]) -> list[Path]:
@@ -164,31 +253,67 @@ def run_tokens(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from vllm_prumerge import PruMergeConfig, vis
 
     config = PruMergeConfig.from_dict(options)
+    model = resolve_model(args, parser)
     images, errors = load_all(files)
     if not images:
         print("error: no readable images", file=sys.stderr)
         return 1
-    tower = Tower(common.resolve_model(args), args.device, args.dtype)
+    tower = Tower(model, args.device, args.dtype)
+    try:
+        importance = tower.importance(config)
+    except ValueError as exc:
+        parser.error(str(exc))
+    importance_name = f"{'class' if importance == 'cls' else 'received'} attention"
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mean, std = tower.image_processor.image_mean, tower.image_processor.image_std
     for start in range(0, len(images), args.batch_size):
         chunk = images[start : start + args.batch_size]
-        pixel_values = tower.pixel_values([image for _, image in chunk])
+        pixel_values, crops = tower.crops([image for _, image in chunk])
         reduced = tower.reduce(pixel_values, [config])[config.mode]
-        for b, (path, _) in enumerate(chunk):
-            tmap = vis.token_map(reduced, b)
-            seen = vis.model_input_image(pixel_values[b], mean, std)
-            figure = vis.draw_token_map(seen, tmap, title=f"{path.name} [{config.mode}]")
-            png = vis.save_figure(figure, out_dir / f"{path.stem}.tokens.png")
+        row = 0
+        for (path, image), count in zip(chunk, crops, strict=True):
+            tmaps = [
+                vis.token_map(reduced, k, importance_name=importance_name)
+                for k in range(row, row + count)
+            ]
+            title = f"{path.name} [{config.mode}]"
             record = {"image": str(path), "mode": config.mode, "config": config.to_dict()}
-            record.update(tmap.to_dict())
+            if tower.pinpoints is None:
+                seen = vis.model_input_image(pixel_values[row], mean, std)
+                figure = vis.draw_token_map(
+                    seen, tmaps[0], title=title, patch_size=tower.patch_size
+                )
+                record.update(tmaps[0].to_dict())
+                counts = tmaps[0].counts()
+                crops_note = ""
+            else:
+                stock = tower.stock_tokens(image)
+                places = vis.anyres_placements(
+                    image.size,
+                    tower.pinpoints,
+                    crop_size=tower.crop_size,
+                    patch_size=tower.patch_size,
+                )
+                figure = vis.draw_anyres_token_maps(
+                    image, places, tmaps, title=title, stock_tokens=stock
+                )
+                counts = vis.total_counts(tmaps)
+                counts["tokens"] = tower.image_tokens(reduced, row, count, image, config)
+                record.update(counts)
+                record["stock_tokens"] = stock
+                record["crop_maps"] = [
+                    {"placement": place.to_dict(), **tmap.to_dict()}
+                    for place, tmap in zip(places, tmaps, strict=True)
+                ]
+                crops_note = f" over {count} crops"
+            png = vis.save_figure(figure, out_dir / f"{path.stem}.tokens.png")
             (out_dir / f"{path.stem}.tokens.json").write_text(json.dumps(record) + "\n")
-            counts = tmap.counts()
             print(
-                f"{path.name}: {counts['tokens']} tokens ({counts['outliers']} outliers + "
-                f"{counts['samples']} samples + {counts['extra']} extra) -> {png}"
+                f"{path.name}: {counts['tokens']} tokens{crops_note} ({counts['outliers']} "
+                f"outliers + {counts['samples']} samples + {counts['extra']} extra) -> {png}"
             )
+            row += count
     print(f"{len(images)} token map(s) in {out_dir}, {len(errors)} image(s) skipped")
     return 0
 
@@ -205,34 +330,48 @@ def run_histogram(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     configs = [PruMergeConfig.from_dict(o) for o in options]
     if not files:
         parser.error(f"no images ({', '.join(common.IMAGE_EXTENSIONS)}) in {args.folder}")
+    model = resolve_model(args, parser)
     images, errors = load_all(files)
     counts_path = Path(args.counts) if args.counts else Path(args.out).with_suffix(".jsonl")
     counts_path.parent.mkdir(parents=True, exist_ok=True)
     tokens: dict[str, list[int]] = {m: [] for m in modes}
     started = time.perf_counter()
+    stock = None
     with counts_path.open("w") as out:
         for path, error in errors.items():
             out.write(json.dumps({"image": str(path), "tokens": None, "error": error}) + "\n")
         if images:
-            tower = Tower(common.resolve_model(args), args.device, args.dtype)
-            num_patches = tower.encoder.num_patches
+            tower = Tower(model, args.device, args.dtype)
+            for config in configs:
+                try:
+                    tower.importance(config)
+                except ValueError as exc:
+                    parser.error(str(exc))
+            # LLaVA-NeXT's stock count depends on the image size: no single figure to quote.
+            stock = None if tower.pinpoints else tower.encoder.num_patches
             for start in range(0, len(images), args.batch_size):
                 chunk = images[start : start + args.batch_size]
-                reduced = tower.reduce(tower.pixel_values([im for _, im in chunk]), configs)
-                for b, (path, _) in enumerate(chunk):
-                    per_mode = {m: reduced[m].host_lengths[b] for m in modes}
+                pixel_values, crops = tower.crops([im for _, im in chunk])
+                reduced = tower.reduce(pixel_values, configs)
+                row = 0
+                for (path, image), count in zip(chunk, crops, strict=True):
+                    per_mode = {
+                        c.mode: tower.image_tokens(reduced[c.mode], row, count, image, c)
+                        for c in configs
+                    }
                     for m, n in per_mode.items():
                         tokens[m].append(n)
                     record = {"image": str(path), "tokens": per_mode, "error": None}
+                    if tower.pinpoints is not None:
+                        record["crops"] = count
                     out.write(json.dumps(record) + "\n")
+                    row += count
                 print(f"{min(start + len(chunk), len(images))}/{len(images)} images", flush=True)
-        else:
-            num_patches = None
     figure = vis.draw_count_histogram(
         tokens,
-        num_patches=num_patches,
+        num_patches=stock,
         title=f"{Path(args.folder).name}: visual tokens per image ({len(images)} images"
-        + (f"; stock LLaVA: {num_patches})" if num_patches else ")"),
+        + (f"; stock LLaVA: {stock})" if stock else ")"),
     )
     png = vis.save_figure(figure, args.out)
     for m in modes:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.conftest import tiny_cache_env
 from vllm_prumerge import PruMergeConfig, vis
-from vllm_prumerge.reduction import reduce_tokens
+from vllm_prumerge.reduction import reduce_by_importance, reduce_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,3 +198,220 @@ def test_visualize_histogram_counts_every_image_of_the_folder(tiny_llava, inputs
         encoded = encoder_reduction(tiny_llava, paths, PruMergeConfig(mode=mode, **options))
         assert [r["tokens"][mode] for r in counted] == [len(f) for f in encoded.features]
     assert all(r["tokens"]["fixed"] == 11 for r in counted)
+
+
+# --- LLaVA-NeXT (every crop on the original image) and SigLIP (27x27) -------------------------
+
+
+def _rectangles(ax, colour: str) -> int:
+    """Open squares of `colour` drawn on a panel (the kept-patch markers)."""
+    from matplotlib.colors import to_rgba
+    from matplotlib.patches import Rectangle
+
+    want = to_rgba(colour)
+    return sum(
+        1
+        for p in ax.patches
+        if isinstance(p, Rectangle) and not p.get_fill() and p.get_edgecolor() == want
+    )
+
+
+def _gradient(width: int, height: int) -> Image.Image:
+    """Red grows left to right, green top to bottom: a pixel's colour says where it is."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    return Image.fromarray(np.stack([x, y, 255 - (x + y) / 2], -1).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def next_checkpoint(tmp_path_factory) -> str:
+    from vllm_prumerge.testing import TinyLlavaSpec, cached_tiny_llava
+
+    cache = tmp_path_factory.getbasetemp() / "checkpoints"
+    return str(cached_tiny_llava(TinyLlavaSpec(family="llava_next"), cache_dir=cache))
+
+
+@pytest.fixture(scope="module")
+def siglip_checkpoint(tmp_path_factory) -> str:
+    from vllm_prumerge.testing import TinyLlavaSpec, cached_tiny_llava
+
+    cache = tmp_path_factory.getbasetemp() / "checkpoints"
+    return str(cached_tiny_llava(TinyLlavaSpec(family="siglip"), cache_dir=cache))
+
+
+@pytest.mark.parametrize(
+    "size", [(700, 700), (672, 336), (300, 700), (200, 150), (700, 500), (1000, 333)]
+)
+def test_anyres_placements_put_every_crop_patch_on_the_pixels_the_processor_gave_it(
+    next_checkpoint, size
+):
+    # The checkpoint's own transformers LlavaNextImageProcessor cuts a gradient image; every
+    # patch of every crop must show the colour of the image region its placement names (or
+    # the processor's zero padding, black, where the placement lies outside the image).
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    config = AutoConfig.from_pretrained(next_checkpoint)
+    processor = AutoProcessor.from_pretrained(next_checkpoint).image_processor
+    image = _gradient(*size)
+    pixel_values = processor([image], return_tensors="pt")["pixel_values"][0]
+    rows, cols = get_anyres_image_grid_shape((size[1], size[0]), config.image_grid_pinpoints, 336)
+    places = vis.anyres_placements(size, config.image_grid_pinpoints)
+    assert len(places) == 1 + rows * cols
+    assert places[0].label == "base view" and places[1].label == "tile (0, 0)"
+    original = np.asarray(image, dtype=np.float32)
+    worst, inside, padding = 0.0, 0, 0
+    for place, crop in zip(places, pixel_values, strict=False):
+        seen = np.asarray(
+            vis.model_input_image(crop, processor.image_mean, processor.image_std), np.float32
+        )
+        for patch in range(place.grid**2):
+            row, col = divmod(patch, place.grid)
+            shown = seen[row * 14 : row * 14 + 14, col * 14 : col * 14 + 14].mean((0, 1))
+            x0, y0 = (float(v) for v in place.patch_origin(patch))
+            x1, y1 = x0 + place.cell_width, y0 + place.cell_height
+            if x0 >= 0 and y0 >= 0 and x1 <= size[0] and y1 <= size[1]:
+                top, left = round(y0), round(x0)
+                region = original[top : max(round(y1), top + 1), left : max(round(x1), left + 1)]
+                worst = max(worst, float(np.abs(region.mean((0, 1)) - shown).max()))
+                inside += 1
+            elif x1 <= 0 or y1 <= 0 or x0 >= size[0] or y0 >= size[1]:
+                assert shown.max() <= 1.0, (place.label, patch)  # zero padding
+                padding += 1
+    assert inside >= 576 * len(places) // 2
+    assert worst < 2.0  # a quarter-patch shift is ~2.5 colour levels on these gradients
+    if size in ((700, 700), (672, 336)):
+        assert padding == 0  # the pinpoint's aspect: no padding
+
+
+@pytest.mark.parametrize("mode", ["prumerge", "prumerge+"])
+def test_anyres_figure_draws_each_crops_kept_patches_and_totals(mode):
+    reduced = reduce_tokens(*synthetic_batch(batch=5), PruMergeConfig(mode=mode))
+    tmaps = [vis.token_map(reduced, k) for k in range(5)]
+    places = vis.anyres_placements((700, 500), [[336, 672], [672, 336], [672, 672]])
+    fig = vis.draw_anyres_token_maps(
+        Image.new("RGB", (700, 500), (40, 90, 200)), places, tmaps, title="t", stock_tokens=2242
+    )
+    axes = fig.axes  # 2 x 3 panels (+ colour bars after them)
+    for panel, crops in ((axes[0], range(1)), (axes[3], range(1, 5))):
+        outliers = sum(int(reduced.num_outliers[k]) for k in crops)
+        samples = sum(reduced.host_num_kept[k] - int(reduced.num_outliers[k]) for k in crops)
+        assert _rectangles(panel, "red") == outliers
+        assert _rectangles(panel, "cyan") == samples
+        legend = [t.get_text() for t in panel.get_legend().get_texts()]
+        assert legend == [f"outliers ({outliers})", f"spatial samples ({samples})"]
+    assert _rectangles(axes[2], "red") == int(reduced.num_outliers[0])
+    assert _rectangles(axes[5], "red") == int(reduced.num_outliers[1:].sum())
+    total = sum(reduced.host_lengths)
+    assert vis.total_counts(tmaps)["tokens"] == total
+    assert fig.get_suptitle().endswith(f"= {total} tokens (stock: 2242)")
+
+
+def test_siglip_sized_token_maps_draw_the_27x27_grid():
+    features, _, keys = synthetic_batch(batch=1, n_patches=729)
+    importance = torch.softmax(features[..., 0] * 3, dim=-1)
+    reduced = reduce_by_importance(features, importance, keys[:, 1:], PruMergeConfig())
+    tmap = vis.token_map(reduced, 0, importance_name="received attention")
+    assert tmap.grid == 27 and tmap.num_patches == 729
+    fig = vis.draw_token_map(Image.new("RGB", (384, 384), (9, 9, 9)), tmap, patch_size=14)
+    assert _rectangles(fig.axes[0], "red") == int(reduced.num_outliers[0])
+    assert fig.axes[0].get_xlim() == (0, 27)
+    assert fig.axes[2].get_title().startswith("received attention")
+
+
+@pytest.fixture(scope="module")
+def family_inputs(tmp_path_factory, scenes) -> list[Path]:
+    """A 700x500 image (LLaVA-NeXT 2x2 tiles, padded above and below) and a 300x700 one
+    (2x1 tiles, padded left and right)."""
+    folder = tmp_path_factory.mktemp("family-inputs")
+    paths = []
+    for name, scene, size in (("wide", scenes[0], (700, 500)), ("tall", scenes[3], (300, 700))):
+        paths.append(folder / f"{name}.png")
+        scene.resize(size).save(paths[-1])
+    return paths
+
+
+def test_visualize_tokens_draws_every_crop_of_a_llava_next_image(
+    next_checkpoint, family_inputs, tmp_path
+):
+    from tests.hf_reference import HFPruMergeLlava
+
+    env = tiny_cache_env(next_checkpoint, tmp_path)
+    out = tmp_path / "vis"
+    args = ["tokens", "--tiny", "--family", "llava_next", "--mode", "prumerge+", "--out-dir", out]
+    done = run_example("visualize.py", *args, *family_inputs, env=env)
+    assert done.returncode == 0, done.stderr
+    hf = HFPruMergeLlava(next_checkpoint)
+    config = PruMergeConfig(mode="prumerge+")
+    for path in family_inputs:
+        image = Image.open(path).convert("RGB")
+        record = json.loads((out / f"{path.stem}.tokens.json").read_text())
+        crops = hf._crops(image)[0]  # transformers' processor + anyres grid: [K, 3, 336, 336]
+        assert record["crops"] == len(crops) == len(record["crop_maps"])
+        assert record["tokens"] == len(hf.image_features(image, config))
+        for k, crop in enumerate(record["crop_maps"]):
+            independent = len(hf._reduce_crops(crops[k : k + 1], config))
+            assert crop["tokens"] == independent == crop["outliers"] + crop["samples"] + 1
+            assert len(crop["roles"]) == 576
+        assert [c["placement"] for c in record["crop_maps"]] == [
+            p.to_dict() for p in vis.anyres_placements(image.size, hf.config.image_grid_pinpoints)
+        ]
+        ids = hf.processor(images=[image], text="<image>", return_tensors="pt").input_ids[0]
+        assert record["stock_tokens"] == int((ids == hf.image_token).sum())
+        assert f"{path.name}: {record['tokens']} tokens over {record['crops']} crops" in done.stdout
+        with Image.open(out / f"{path.stem}.tokens.png") as png:
+            assert png.format == "PNG" and png.width == 1600
+
+
+def test_visualize_tokens_on_siglip_uses_received_attention_on_27x27(
+    siglip_checkpoint, family_inputs, tmp_path
+):
+    from tests.hf_reference import HFPruMergeLlava
+
+    env = tiny_cache_env(siglip_checkpoint, tmp_path)
+    out = tmp_path / "vis"
+    args = ["tokens", "--tiny", "--family", "siglip", "--mode", "prumerge", "--out-dir", out]
+    done = run_example("visualize.py", *args, family_inputs[0], env=env)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "wide.tokens.json").read_text())
+    hf = HFPruMergeLlava(siglip_checkpoint)  # received attention from output_attentions
+    image = Image.open(family_inputs[0]).convert("RGB")
+    assert record["tokens"] == len(hf.image_features(image, PruMergeConfig()))
+    assert record["grid"] == 27 and len(record["roles"]) == 729
+    assert record["importance"] == "received attention"
+    with Image.open(out / "wide.tokens.png") as png:
+        assert png.format == "PNG" and png.size == (1600, 580)
+    refused = run_example(
+        "visualize.py", *args, "--option", "importance=cls", family_inputs[0], env=env
+    )
+    assert refused.returncode == 2 and "CLS" in refused.stderr
+
+
+def test_visualize_histogram_sums_llava_next_crops_and_quotes_the_stock_count(
+    next_checkpoint, family_inputs, tmp_path
+):
+    from tests.hf_reference import HFPruMergeLlava
+
+    env = tiny_cache_env(next_checkpoint, tmp_path)
+    folder = family_inputs[0].parent
+    png = tmp_path / "hist.png"
+    args = ["histogram", "--tiny", "--family", "llava_next", "--modes", "prumerge", "off"]
+    done = run_example("visualize.py", *args, "--out", png, folder, env=env)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in png.with_suffix(".jsonl").read_text().splitlines()]
+    hf = HFPruMergeLlava(next_checkpoint)
+    assert sorted(Path(r["image"]).name for r in records) == ["tall.png", "wide.png"]
+    for record in records:
+        image = Image.open(record["image"]).convert("RGB")
+        ids = hf.processor(images=[image], text="<image>", return_tensors="pt").input_ids[0]
+        assert record["tokens"] == {
+            "prumerge": len(hf.image_features(image, PruMergeConfig())),
+            "off": int((ids == hf.image_token).sum()),
+        }
+
+
+def test_visualize_refuses_family_with_a_model_path(tmp_path):
+    done = run_example(
+        "visualize.py", "tokens", "--model", str(tmp_path), "--family", "siglip", tmp_path
+    )
+    assert done.returncode == 2 and "--family applies to --tiny" in done.stderr

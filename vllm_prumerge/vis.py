@@ -2,11 +2,14 @@
 
 Two steps, so the numbers can be used without drawing anything:
 
-1. :func:`token_map` turns one image of a :class:`~vllm_prumerge.reduction.ReducedTokens` into a
-   :class:`TokenMap`: plain NumPy arrays on the patch grid (kept outliers, spatial samples, and
-   for every patch the kept token that absorbed it most strongly).
-2. :func:`draw_token_map` / :func:`draw_count_histogram` draw figures from those numbers;
-   :func:`save_figure` writes a PNG.
+1. :func:`token_map` turns one image (or crop) of a
+   :class:`~vllm_prumerge.reduction.ReducedTokens` into a :class:`TokenMap`: plain NumPy arrays
+   on the patch grid (kept outliers, spatial samples, and for every patch the kept token that
+   absorbed it most strongly). :func:`total_counts` sums an image's crops.
+2. :func:`draw_token_map` (one crop: LLaVA-1.5's 24x24 grid, SigLIP's 27x27),
+   :func:`draw_anyres_token_maps` (every crop of a LLaVA-NeXT image, on the original image;
+   :func:`anyres_placements` maps the crops back) and :func:`draw_count_histogram` draw figures
+   from those numbers; :func:`save_figure` writes a PNG.
 
     from vllm_prumerge.encoder import PruMergeEncoder
     from vllm_prumerge import vis
@@ -14,6 +17,11 @@ Two steps, so the numbers can be used without drawing anything:
     tmap = vis.token_map(encoded.reduced, 0)
     image = vis.model_input_image(pixel_values[0], mean, std)   # the crop the tower saw
     vis.save_figure(vis.draw_token_map(image, tmap, title="prumerge+"), "tokens.png")
+
+    # LLaVA-NeXT: the K crops of one image are rows 0..K-1 of the batch (base view first)
+    tmaps = [vis.token_map(encoded.reduced, k) for k in range(K)]
+    places = vis.anyres_placements(image.size, hf_config.image_grid_pinpoints)
+    vis.save_figure(vis.draw_anyres_token_maps(image, places, tmaps), "tokens.png")
 
 Drawing uses matplotlib's object API (``Figure`` + Agg canvas): no pyplot, no global state, no
 display needed. matplotlib is imported only by the drawing functions.
@@ -44,12 +52,17 @@ __all__ = [
     "ROLE_PRUNED_TO_EXTRA",
     "ROLE_PRUNED_TO_KEPT",
     "ROLE_SAMPLE",
+    "CropPlacement",
     "TokenMap",
+    "anyres_best_resolution",
+    "anyres_placements",
+    "draw_anyres_token_maps",
     "draw_count_histogram",
     "draw_token_map",
     "model_input_image",
     "save_figure",
     "token_map",
+    "total_counts",
 ]
 
 EXTRA = -1  # ``TokenMap.merged_into`` value of patches absorbed only by the extra token
@@ -58,7 +71,7 @@ EXTRA = -1  # ``TokenMap.merged_into`` value of patches absorbed only by the ext
 ROLE_PRUNED_TO_EXTRA = 0  # pruned; no kept token chose it, so only the extra token holds it
 ROLE_PRUNED_TO_KEPT = 1  # pruned; merged into a kept token (see ``merged_into``)
 ROLE_SAMPLE = 2  # kept as a PruMerge+ / fixed-mode spatial sample
-ROLE_OUTLIER = 3  # kept for its class attention (IQR outlier, safeguard or fixed budget)
+ROLE_OUTLIER = 3  # kept for its importance (IQR outlier, safeguard or fixed budget)
 ROLE_PASSTHROUGH = 4  # mode "off": every patch passes through unchanged
 ROLE_NAMES = {
     ROLE_PRUNED_TO_EXTRA: "pruned -> extra token",
@@ -76,13 +89,13 @@ class TokenMap:
     Patch indices are row-major (``index = row * grid + column``), as CLIP orders them.
 
     Attributes:
-        grid: patches per side (24 for CLIP-L/14-336).
-        attention: ``[N]`` float32 class attention of the patches (NaN in mode ``"off"``
-            when no attention was computed).
+        grid: patches per side (24 for CLIP-L/14-336, 27 for SigLIP 384/14).
+        attention: ``[N]`` float32 importance of the patches (class or received attention;
+            NaN in mode ``"off"`` when none was computed).
         fence: the image's IQR upper fence (NaN unless the mode is adaptive).
         kept: ``[num_kept]`` int64 patch index of each kept output token, in output order.
-        outliers: ``[num_outliers]`` int64 patches kept for their class attention, in descending
-            attention (IQR outliers after the ``min_tokens`` safeguard, or the fixed budget).
+        outliers: ``[num_outliers]`` int64 patches kept for their importance, in descending
+            importance (IQR outliers after the ``min_tokens`` safeguard, or the fixed budget).
         samples: ``[num_kept - num_outliers]`` int64 spatial samples, ascending.
         merged_into: ``[N]`` int64, per patch the patch index of the kept token that absorbed it
             most strongly: itself for a kept patch, :data:`EXTRA` (-1) for a pruned patch that no
@@ -90,6 +103,8 @@ class TokenMap:
         roles: ``[N]`` int8, one of the ``ROLE_*`` codes per patch.
         num_tokens: tokens the LLM receives for this image (kept + extra; ``N`` in mode off).
         passthrough: True in mode ``"off"`` (nothing reduced, no extra token).
+        importance_name: what ``attention`` holds, for titles: ``"class attention"`` (CLIP's
+            CLS row, the reference) or ``"received attention"`` (CLS-free towers such as SigLIP).
     """
 
     grid: int
@@ -102,6 +117,7 @@ class TokenMap:
     roles: np.ndarray
     num_tokens: int
     passthrough: bool
+    importance_name: str = "class attention"
 
     @property
     def num_patches(self) -> int:
@@ -131,6 +147,7 @@ class TokenMap:
         return {
             **self.counts(),
             "grid": self.grid,
+            "importance": self.importance_name,
             "fence": None if math.isnan(self.fence) else self.fence,
             "kept_indices": self.kept.tolist(),
             "outlier_indices": self.outliers.tolist(),
@@ -147,17 +164,22 @@ def _grid_side(num_patches: int) -> int:
     return side
 
 
-def token_map(reduced: ReducedTokens, index: int = 0) -> TokenMap:
-    """The :class:`TokenMap` of image ``index`` of a batch reduced by ``reduce_tokens``.
+def token_map(
+    reduced: ReducedTokens, index: int = 0, *, importance_name: str = "class attention"
+) -> TokenMap:
+    """The :class:`TokenMap` of image (or crop) ``index`` of a batch reduced by
+    ``reduce_tokens`` / ``reduce_by_importance``.
 
     Uses ``reduced.kept_indices``, ``num_outliers``, ``merge_target`` and ``importance``.
-    The attention outliers are the top ``num_outliers`` patches by class attention (stable
+    The attention outliers are the top ``num_outliers`` patches by importance (stable
     descending order, as the selection), so the split into outliers and samples is the same
     whichever ``order`` the tokens were emitted in.
 
     Args:
-        reduced: the reduction of B images (any device).
-        index: which image, ``0 <= index < B``.
+        reduced: the reduction of B images or crops (any device).
+        index: which one, ``0 <= index < B``.
+        importance_name: what ``reduced.importance`` is, for figure titles (see
+            :attr:`TokenMap.importance_name`).
     """
     if not 0 <= index < reduced.batch_size:
         raise IndexError(f"image index {index} out of range for a batch of {reduced.batch_size}")
@@ -202,6 +224,7 @@ def token_map(reduced: ReducedTokens, index: int = 0) -> TokenMap:
         roles=roles.to(torch.int8).numpy(),
         num_tokens=reduced.host_lengths[index],
         passthrough=passthrough,
+        importance_name=importance_name,
     )
 
 
@@ -222,8 +245,144 @@ def model_input_image(
     return Image.fromarray(array)  # uint8 [H, W, 3] is RGB
 
 
-def _kept_colours(tmap: TokenMap) -> dict[int, tuple[float, float, float]]:
-    """A colour per kept patch; neighbours on the grid get different hues where possible."""
+@dataclasses.dataclass(frozen=True)
+class CropPlacement:
+    """Where one crop's ``grid x grid`` patches lie on the picture they are drawn on.
+
+    Patch ``p`` (row-major: row ``p // grid``, column ``p % grid``, as the towers order them)
+    covers ``x in [left + column * cell_width, left + (column + 1) * cell_width)`` and
+    ``y in [top + row * cell_height, top + (row + 1) * cell_height)``, in the picture's
+    coordinates. A box may reach past the picture: a LLaVA-NeXT tile over the processor's
+    padding covers no pixel of the image.
+
+    Attributes:
+        grid: patches per side (24 for CLIP-L/14-336, 27 for SigLIP 384/14).
+        left, top: the picture coordinates of the crop's patch grid's top-left corner.
+        cell_width, cell_height: one patch's size in picture coordinates.
+        label: a name for the crop ("base view", "tile (0, 1)", ...).
+    """
+
+    grid: int
+    left: float
+    top: float
+    cell_width: float
+    cell_height: float
+    label: str = "crop"
+
+    @property
+    def extent(self) -> tuple[float, float, float, float]:
+        """``(left, right, bottom, top)`` of the patch grid, matplotlib's ``imshow`` order."""
+        right = self.left + self.grid * self.cell_width
+        bottom = self.top + self.grid * self.cell_height
+        return (self.left, right, bottom, self.top)
+
+    def patch_origin(self, patches: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-left corners ``(x [P], y [P])`` of the patches' boxes."""
+        patches = np.asarray(patches)
+        return (
+            self.left + (patches % self.grid) * self.cell_width,
+            self.top + (patches // self.grid) * self.cell_height,
+        )
+
+    def patch_centre(self, patches: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+        """Centres ``(x [P], y [P])`` of the patches' boxes."""
+        x, y = self.patch_origin(patches)
+        return x + 0.5 * self.cell_width, y + 0.5 * self.cell_height
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def anyres_best_resolution(
+    image_size: tuple[int, int], grid_pinpoints: Sequence[Sequence[int]]
+) -> tuple[int, int]:
+    """``(height, width)`` of the pinpoint LLaVA-NeXT's image processor resizes and pads an
+    image of ``image_size = (width, height)`` to: the most image pixels kept, then the least
+    canvas wasted (transformers' ``select_best_resolution``; the first pinpoint wins ties)."""
+    width, height = image_size
+    best, best_effective, best_wasted = None, 0, math.inf
+    for pin_height, pin_width in grid_pinpoints:
+        scale = min(pin_width / width, pin_height / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = pin_width * pin_height - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (pin_height, pin_width), effective, wasted
+    if best is None:
+        raise ValueError(f"no usable grid pinpoint in {list(grid_pinpoints)}")
+    return best
+
+
+def anyres_placements(
+    image_size: tuple[int, int],
+    grid_pinpoints: Sequence[Sequence[int]],
+    *,
+    crop_size: int = 336,
+    patch_size: int = 14,
+) -> list[CropPlacement]:
+    """Where each crop of a LLaVA-NeXT (anyres) image lies on the original image.
+
+    The crops in the image processor's order (transformers' ``LlavaNextImageProcessor``):
+
+    1. the base view: the whole image resized to ``crop_size x crop_size`` (aspect not kept),
+       so its patch grid spans the whole image;
+    2. the tiles: the image resized, aspect kept, to fit the best pinpoint resolution
+       (:func:`anyres_best_resolution`; the fitted side fills the pinpoint, the other is
+       ``ceil(side * scale)``), centred on a pinpoint-sized canvas padded with zeros, and cut
+       into ``crop_size`` tiles in row-major order; each tile's grid is mapped back through that
+       resize and padding (tiles may reach past the image over the padding).
+
+    Args:
+        image_size: ``(width, height)`` of the original image, in pixels.
+        grid_pinpoints: the checkpoint's ``image_grid_pinpoints``, ``[[height, width], ...]``.
+        crop_size: the processor's crop side (336 for LLaVA-NeXT's CLIP-L/14-336).
+        patch_size: the tower's patch side (14).
+
+    Returns:
+        ``1 + rows * cols`` placements in original-image pixels: base view, then the tiles.
+    """
+    width, height = image_size
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {image_size}")
+    grid = crop_size // patch_size
+    pin_height, pin_width = anyres_best_resolution(image_size, grid_pinpoints)
+    scale_w, scale_h = pin_width / width, pin_height / height
+    if scale_w < scale_h:
+        new_width, new_height = pin_width, min(math.ceil(height * scale_w), pin_height)
+    else:
+        new_width, new_height = min(math.ceil(width * scale_h), pin_width), pin_height
+    pad_x, pad_y = (pin_width - new_width) // 2, (pin_height - new_height) // 2
+    # Canvas pixel -> original pixel: x = (x_canvas - pad_x) * width / new_width.
+    to_x, to_y = width / new_width, height / new_height
+    placements = [CropPlacement(grid, 0.0, 0.0, width / grid, height / grid, label="base view")]
+    for row in range(pin_height // crop_size):
+        for col in range(pin_width // crop_size):
+            placements.append(
+                CropPlacement(
+                    grid,
+                    (col * crop_size - pad_x) * to_x,
+                    (row * crop_size - pad_y) * to_y,
+                    patch_size * to_x,
+                    patch_size * to_y,
+                    label=f"tile ({row}, {col})",
+                )
+            )
+    return placements
+
+
+def total_counts(tmaps: Sequence[TokenMap]) -> dict[str, int]:
+    """The :meth:`TokenMap.counts` of an image's crops, summed, plus ``crops``: what the LLM
+    receives for the whole image in a reduced mode (each crop's kept tokens + its extra)."""
+    totals: dict[str, int] = {}
+    for tmap in tmaps:
+        for key, value in tmap.counts().items():
+            totals[key] = totals.get(key, 0) + value
+    totals["crops"] = len(tmaps)
+    return totals
+
+
+def _kept_colours(tmap: TokenMap, offset: int = 0) -> dict[int, tuple[float, float, float]]:
+    """A colour per kept patch; neighbours on the grid get different hues where possible.
+    ``offset``: kept tokens already coloured in the same panel (other crops)."""
     from matplotlib import colormaps
 
     palette = [colormaps["tab20"](i)[:3] for i in range(20)]
@@ -231,77 +390,74 @@ def _kept_colours(tmap: TokenMap) -> dict[int, tuple[float, float, float]]:
     # Order by raster position, step through the palette with a stride coprime to its size so
     # adjacent kept tokens differ in colour.
     return {
-        int(p): palette[(i * 7) % len(palette)] for i, p in enumerate(sorted(tmap.kept.tolist()))
+        int(p): palette[((offset + i) * 7) % len(palette)]
+        for i, p in enumerate(sorted(tmap.kept.tolist()))
     }
 
 
-def _centre(patch: np.ndarray | int, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    patch = np.asarray(patch)
-    return patch % grid + 0.5, patch // grid + 0.5
+# One crop of a panel: where its grid lies, and its token map.
+_Crop = tuple[CropPlacement, TokenMap]
 
 
-def _square(ax, patch: int, grid: int, colour, width: float) -> None:
+def _squares(ax, place: CropPlacement, patches: np.ndarray, colour, width: float) -> None:
+    """One open square per patch, inset from the patch's box."""
     from matplotlib.patches import Rectangle
 
+    x, y = place.patch_origin(patches)
+    inset_w, inset_h = 0.06 * place.cell_width, 0.06 * place.cell_height
+    for x0, y0 in zip(x.tolist(), y.tolist(), strict=True):
+        ax.add_patch(
+            Rectangle(
+                (x0 + inset_w, y0 + inset_h),
+                0.88 * place.cell_width,
+                0.88 * place.cell_height,
+                fill=False,
+                edgecolor=colour,
+                linewidth=width,
+            )
+        )
+
+
+def _grid_lines(ax, place: CropPlacement, colour, width: float, alpha: float) -> None:
+    from matplotlib.collections import LineCollection
+
+    left, right, bottom, top = place.extent
+    steps = np.arange(place.grid + 1)
+    xs = left + steps * place.cell_width
+    ys = top + steps * place.cell_height
+    segments = [[(x, top), (x, bottom)] for x in xs] + [[(left, y), (right, y)] for y in ys]
+    ax.add_collection(LineCollection(segments, colors=colour, linewidths=width, alpha=alpha))
+
+
+def _frame(ax, place: CropPlacement, colour, width: float) -> None:
+    from matplotlib.patches import Rectangle
+
+    left, right, bottom, top = place.extent
     ax.add_patch(
         Rectangle(
-            (patch % grid + 0.06, patch // grid + 0.06),
-            0.88,
-            0.88,
-            fill=False,
-            edgecolor=colour,
-            linewidth=width,
+            (left, top), right - left, bottom - top, fill=False, edgecolor=colour, linewidth=width
         )
     )
 
 
-def draw_token_map(
-    image: Image.Image, tmap: TokenMap, *, title: str | None = None, dpi: int = 100
-) -> Figure:
-    """Three panels over the ``grid x grid`` patches of ``image`` (the crop the tower saw).
-
-    1. kept tokens: attention outliers (red squares) and spatial samples (cyan squares); pruned
-       patches dimmed.
-    2. merge map: every patch tinted with the colour of the kept token that absorbed it most
-       strongly, with a line to it; patches held only by the extra token stay grey.
-    3. class attention (log scale) with the IQR fence in the title.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.collections import LineCollection
-    from matplotlib.colors import LogNorm
-    from matplotlib.figure import Figure
+def _draw_kept(ax, picture: np.ndarray, extent, crops: Sequence[_Crop]) -> None:
+    """Kept tokens: outliers (red squares), spatial samples (cyan squares), pruned dimmed."""
     from matplotlib.lines import Line2D
 
-    grid = tmap.grid
-    n_patches = tmap.num_patches
-    picture = np.asarray(image.convert("RGB").resize((grid * 14, grid * 14)), dtype=np.float32)
-    picture = picture / 255.0
-    extent = (0, grid, grid, 0)
-    fig = Figure(figsize=(16, 5.8), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
-    for ax in axes:
-        ax.set_xlim(0, grid)
-        ax.set_ylim(grid, 0)
-        ax.set_xticks(range(0, grid + 1, 4))
-        ax.set_yticks(range(0, grid + 1, 4))
-        ax.tick_params(labelsize=7)
-
-    # Panel 1: which patches became tokens.
-    ax = axes[0]
     ax.imshow(picture, extent=extent, interpolation="bilinear")
-    kept_mask = np.isin(np.arange(n_patches), tmap.kept).reshape(grid, grid)
-    shade = np.zeros((grid, grid, 4), dtype=np.float32)
-    shade[..., 3] = np.where(kept_mask, 0.0, 0.55)
-    ax.imshow(shade, extent=extent, interpolation="nearest")
-    for k in range(grid + 1):
-        ax.axhline(k, color="white", linewidth=0.2, alpha=0.5)
-        ax.axvline(k, color="white", linewidth=0.2, alpha=0.5)
-    if not tmap.passthrough:
-        for p in tmap.samples.tolist():
-            _square(ax, p, grid, "cyan", 1.2)
-        for p in tmap.outliers.tolist():
-            _square(ax, p, grid, "red", 1.8)
+    outliers = samples = 0
+    for place, tmap in crops:
+        grid = tmap.grid
+        kept_mask = np.isin(np.arange(tmap.num_patches), tmap.kept).reshape(grid, grid)
+        shade = np.zeros((grid, grid, 4), dtype=np.float32)
+        shade[..., 3] = np.where(kept_mask, 0.0, 0.55)
+        ax.imshow(shade, extent=place.extent, interpolation="nearest")
+        _grid_lines(ax, place, "white", 0.2, 0.5)
+        if not tmap.passthrough:
+            _squares(ax, place, tmap.samples, "cyan", 1.2)
+            _squares(ax, place, tmap.outliers, "red", 1.8)
+            outliers += len(tmap.outliers)
+            samples += len(tmap.samples)
     ax.legend(
         handles=[
             Line2D(
@@ -310,18 +466,13 @@ def draw_token_map(
                 marker="s",
                 linestyle="",
                 markerfacecolor="none",
-                markeredgecolor="red",
-                label=f"outliers ({len(tmap.outliers)})",
-            ),
-            Line2D(
-                [],
-                [],
-                marker="s",
-                linestyle="",
-                markerfacecolor="none",
-                markeredgecolor="cyan",
-                label=f"spatial samples ({len(tmap.samples)})",
-            ),
+                markeredgecolor=colour,
+                label=f"{name} ({count})",
+            )
+            for colour, name, count in (
+                ("red", "outliers", outliers),
+                ("cyan", "spatial samples", samples),
+            )
         ],
         loc="upper center",
         bbox_to_anchor=(0.5, -0.06),
@@ -329,37 +480,46 @@ def draw_token_map(
         fontsize=8,
         frameon=False,
     )
-    ax.set_title("kept patches (pruned ones dimmed)", fontsize=10)
 
-    # Panel 2: where each pruned patch went.
-    ax = axes[1]
+
+def _draw_merge(ax, picture: np.ndarray, extent, crops: Sequence[_Crop]) -> dict[str, int]:
+    """Merge map: every patch tinted with the colour of the kept token that absorbed it most
+    strongly (a line to it); grey: only the extra token holds it. Returns the counts drawn."""
+    from matplotlib.collections import LineCollection
+
     ax.imshow(picture * 0.35 + 0.65, extent=extent, interpolation="bilinear")
-    colours = _kept_colours(tmap)
-    tint = np.zeros((n_patches, 4), dtype=np.float32)
-    for p in range(n_patches):
-        target = int(tmap.merged_into[p])
-        if target == EXTRA:
-            tint[p] = (0.5, 0.5, 0.5, 0.35)
-        else:
-            tint[p] = (*colours[target], 0.9 if target == p else 0.55)
-    ax.imshow(tint.reshape(grid, grid, 4), extent=extent, interpolation="nearest")
-    pruned = np.flatnonzero(
-        (tmap.merged_into != EXTRA) & (tmap.merged_into != np.arange(n_patches))
-    )
-    if len(pruned) and not tmap.passthrough:
-        x0, y0 = _centre(pruned, grid)
-        x1, y1 = _centre(tmap.merged_into[pruned], grid)
-        segments = np.stack([np.stack([x0, y0], -1), np.stack([x1, y1], -1)], 1)
-        ax.add_collection(
-            LineCollection(
-                segments,
-                colors=[colours[int(t)] for t in tmap.merged_into[pruned]],
-                linewidths=0.6,
-                alpha=0.8,
-            )
+    drawn = {"pruned_to_kept": 0, "pruned_to_extra": 0}
+    offset = 0
+    for place, tmap in crops:
+        n_patches, grid = tmap.num_patches, tmap.grid
+        colours = _kept_colours(tmap, offset)
+        offset += len(tmap.kept)
+        tint = np.zeros((n_patches, 4), dtype=np.float32)
+        for p in range(n_patches):
+            target = int(tmap.merged_into[p])
+            if target == EXTRA:
+                tint[p] = (0.5, 0.5, 0.5, 0.35)
+            else:
+                tint[p] = (*colours[target], 0.9 if target == p else 0.55)
+        ax.imshow(tint.reshape(grid, grid, 4), extent=place.extent, interpolation="nearest")
+        if tmap.passthrough:
+            continue
+        pruned = np.flatnonzero(
+            (tmap.merged_into != EXTRA) & (tmap.merged_into != np.arange(n_patches))
         )
-    if not tmap.passthrough:
-        kx, ky = _centre(tmap.kept, grid)
+        if len(pruned):
+            x0, y0 = place.patch_centre(pruned)
+            x1, y1 = place.patch_centre(tmap.merged_into[pruned])
+            segments = np.stack([np.stack([x0, y0], -1), np.stack([x1, y1], -1)], 1)
+            ax.add_collection(
+                LineCollection(
+                    segments,
+                    colors=[colours[int(t)] for t in tmap.merged_into[pruned]],
+                    linewidths=0.6,
+                    alpha=0.8,
+                )
+            )
+        kx, ky = place.patch_centre(tmap.kept)
         ax.scatter(
             kx,
             ky,
@@ -369,39 +529,194 @@ def draw_token_map(
             linewidths=0.6,
             zorder=3,
         )
-    counts = tmap.counts()
-    ax.set_title(
-        f"merge map: {counts['pruned_to_kept']} pruned -> strongest kept token, "
-        f"{counts['pruned_to_extra']} extra-token only (grey)",
+        drawn["pruned_to_kept"] += len(pruned)
+        drawn["pruned_to_extra"] += int((tmap.merged_into == EXTRA).sum())
+    return drawn
+
+
+def _draw_importance(fig, ax, crops: Sequence[_Crop]) -> None:
+    """The importance (log scale, one colour scale for all crops), outliers in red."""
+    from matplotlib.colors import LogNorm
+
+    values = np.concatenate([tmap.attention for _, tmap in crops])
+    if np.isfinite(values).any():
+        positive = values[values > 0]
+        low = float(positive.min()) if positive.size else 1e-12
+        high = max(float(np.nanmax(values)), low * 1.0001)
+        norm = LogNorm(vmin=low, vmax=high)
+        for place, tmap in crops:
+            attention = tmap.attention.reshape(tmap.grid, tmap.grid)
+            shown = ax.imshow(
+                np.clip(attention, low, None),
+                extent=place.extent,
+                cmap="viridis",
+                norm=norm,
+                interpolation="nearest",
+            )
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
+    for place, tmap in crops:
+        _squares(ax, place, tmap.outliers, "red", 1.2)
+    fences = [tmap.fence for _, tmap in crops if not math.isnan(tmap.fence)]
+    if len(fences) == 1:
+        fence = f", IQR fence {fences[0]:.3g}"
+    elif fences:
+        fence = f", IQR fences {min(fences):.3g}-{max(fences):.3g}"
+    else:
+        fence = ""
+    name = crops[0][1].importance_name
+    ax.set_title(f"{name} (log scale{fence})", fontsize=10)
+
+
+def _summary(counts: Mapping[str, int], passthrough: bool) -> str:
+    if passthrough:
+        return f"mode off: all {counts['patches']} patches passed through"
+    return (
+        f"{counts['outliers']} outliers + {counts['samples']} samples + {counts['extra']} extra "
+        f"= {counts['tokens']} tokens of {counts['patches']} patches"
+    )
+
+
+def _picture(image: Image.Image, width: float, height: float) -> tuple[np.ndarray, tuple]:
+    """``[H, W, 3]`` float RGB in [0, 1] and its ``imshow`` extent ``(0, width, height, 0)``."""
+    picture = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return picture, (0.0, width, height, 0.0)
+
+
+def _limit(ax, left: float, right: float, bottom: float, top: float) -> None:
+    ax.set_xlim(left, right)
+    ax.set_ylim(bottom, top)
+    ax.tick_params(labelsize=7)
+
+
+def draw_token_map(
+    image: Image.Image,
+    tmap: TokenMap,
+    *,
+    title: str | None = None,
+    dpi: int = 100,
+    patch_size: int = 14,
+) -> Figure:
+    """Three panels over the ``grid x grid`` patches of ``image`` (the crop the tower saw).
+
+    1. kept tokens: attention outliers (red squares) and spatial samples (cyan squares); pruned
+       patches dimmed.
+    2. merge map: every patch tinted with the colour of the kept token that absorbed it most
+       strongly, with a line to it; patches held only by the extra token stay grey.
+    3. the importance (class or received attention, log scale) with the IQR fence in the title.
+
+    Axes are in patches. ``image`` is drawn at ``patch_size`` pixels per patch, so a tower input
+    larger than the grid (SigLIP: 384 px, 27 x 14 = 378 px of patches) shows exactly the pixels
+    the patches cover; an image smaller than the grid is stretched over it.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    grid = tmap.grid
+    covered = grid * patch_size
+    if image.width < covered or image.height < covered:
+        image = image.resize((covered, covered))
+    picture, extent = _picture(image, image.width / patch_size, image.height / patch_size)
+    crops = [(CropPlacement(grid, 0.0, 0.0, 1.0, 1.0, label="image"), tmap)]
+    fig = Figure(figsize=(16, 5.8), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    for ax in axes:
+        _limit(ax, 0, grid, grid, 0)
+        ax.set_xticks(range(0, grid + 1, 4))
+        ax.set_yticks(range(0, grid + 1, 4))
+
+    _draw_kept(axes[0], picture, extent, crops)
+    axes[0].set_title("kept patches (pruned ones dimmed)", fontsize=10)
+    drawn = _draw_merge(axes[1], picture, extent, crops)
+    axes[1].set_title(
+        f"merge map: {drawn['pruned_to_kept']} pruned -> strongest kept token, "
+        f"{drawn['pruned_to_extra']} extra-token only (grey)",
         fontsize=10,
     )
+    _draw_importance(fig, axes[2], crops)
+    summary = _summary(tmap.counts(), tmap.passthrough)
+    fig.suptitle(f"{title}: {summary}" if title else summary, fontsize=12)
+    return fig
 
-    # Panel 3: the score everything is based on.
-    ax = axes[2]
-    attention = tmap.attention.reshape(grid, grid)
-    if np.isfinite(attention).any():
-        positive = attention[attention > 0]
-        low = float(positive.min()) if positive.size else 1e-12
-        high = max(float(np.nanmax(attention)), low * 1.0001)
-        shown = ax.imshow(
-            np.clip(attention, low, None),
-            extent=extent,
-            cmap="viridis",
-            norm=LogNorm(vmin=low, vmax=high),
-            interpolation="nearest",
+
+def draw_anyres_token_maps(
+    image: Image.Image,
+    placements: Sequence[CropPlacement],
+    tmaps: Sequence[TokenMap],
+    *,
+    title: str | None = None,
+    stock_tokens: int | None = None,
+    dpi: int = 100,
+) -> Figure:
+    """Every crop of a LLaVA-NeXT (anyres) image, drawn on the original image: two rows of the
+    three panels of :func:`draw_token_map`.
+
+    Row 1, the base view (its grid spans the whole image); row 2, the high-resolution tiles, each
+    tile's grid mapped back onto the image region it covers (yellow frames; the light grey
+    beyond the image is the processor's padding).
+
+    Args:
+        image: the original image (any size).
+        placements: :func:`anyres_placements` of the image: base view first, then the tiles.
+        tmaps: one :class:`TokenMap` per crop, in the same order.
+        title: prefix of the figure title.
+        stock_tokens: the stock model's tokens for this image (quoted in the title if given).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if len(placements) != len(tmaps) or len(tmaps) < 2:
+        raise ValueError(
+            "draw_anyres_token_maps needs the base view and at least one tile, with one token "
+            f"map per placement: got {len(placements)} placements, {len(tmaps)} token maps"
         )
-        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
-    for p in tmap.outliers.tolist():
-        _square(ax, p, grid, "red", 1.2)
-    fence = "" if math.isnan(tmap.fence) else f", IQR fence {tmap.fence:.3g}"
-    ax.set_title(f"class attention (log scale{fence})", fontsize=10)
-
-    summary = (
-        f"{len(tmap.outliers)} outliers + {len(tmap.samples)} samples + "
-        f"{int(tmap.has_extra_token)} extra = {tmap.num_tokens} tokens of {n_patches} patches"
-        if not tmap.passthrough
-        else f"mode off: all {n_patches} patches passed through"
+    width, height = image.size
+    picture, extent = _picture(image, width, height)
+    rows = [
+        ("base view", list(zip(placements[:1], tmaps[:1], strict=True))),
+        ("tiles", list(zip(placements[1:], tmaps[1:], strict=True))),
+    ]
+    aspect = height / width
+    fig = Figure(
+        figsize=(16, 2 * max(3.0, 5.3 * min(aspect, 1.6)) + 0.8), dpi=dpi, layout="constrained"
     )
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 3)
+    for (name, crops), row in zip(rows, axes, strict=True):
+        lefts, rights, bottoms, tops = zip(*(place.extent for place, _ in crops), strict=True)
+        bounds = (min(0.0, *lefts), max(width, *rights), max(height, *bottoms), min(0.0, *tops))
+        for ax in row:
+            _limit(ax, *bounds)
+            ax.set_facecolor("0.85")
+        counts = total_counts([tmap for _, tmap in crops])
+        passthrough = all(tmap.passthrough for _, tmap in crops)
+        grid = crops[0][1].grid
+        label = name if name == "base view" else f"{len(crops)} tiles, {grid}x{grid} patches each"
+        _draw_kept(row[0], picture, extent, crops)
+        row[0].set_title(f"{label}\n{_summary(counts, passthrough)}", fontsize=9)
+        drawn = _draw_merge(row[1], picture, extent, crops)
+        row[1].set_title(
+            f"merge map\n{drawn['pruned_to_kept']} pruned -> strongest kept token, "
+            f"{drawn['pruned_to_extra']} extra-token only (grey)",
+            fontsize=9,
+        )
+        _draw_importance(fig, row[2], crops)
+        if name != "base view":
+            for ax in row:
+                for place, _ in crops:
+                    _frame(ax, place, "yellow", 1.5)
+    totals = total_counts(tmaps)
+    if all(tmap.passthrough for tmap in tmaps):
+        summary = f"mode off: {totals['crops']} crops passed through stock"
+        if stock_tokens is not None:
+            summary += f" = {stock_tokens} tokens (unpadded, one newline per row)"
+    else:
+        summary = (
+            f"{totals['crops']} crops: {totals['outliers']} outliers + {totals['samples']} "
+            f"samples + {totals['extra']} extra = {totals['tokens']} tokens"
+        )
+        if stock_tokens is not None:
+            summary += f" (stock: {stock_tokens})"
     fig.suptitle(f"{title}: {summary}" if title else summary, fontsize=12)
     return fig
 
