@@ -64,7 +64,6 @@ class WeightFile:
         self.path = path
         self._pickled: dict[str, torch.Tensor] | None = None
         self._header: dict[str, dict] | None = None
-        self._handle = None  # safetensors' memory-mapped reader, opened on the first get()
         if path.suffix == ".safetensors":
             self._header = _read_safetensors_header(path)
         else:
@@ -90,17 +89,16 @@ class WeightFile:
         if self._header is not None:
             from safetensors import safe_open
 
+            # Opened per tensor: the mapping (and the pages it made resident) goes with it.
             try:
-                if self._handle is None:
-                    self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-                return self._handle.get_tensor(key)
+                with safe_open(str(self.path), framework="pt", device="cpu") as f:
+                    return f.get_tensor(key)
             except Exception as exc:
                 raise ConversionError(f"{self.path}: cannot read tensor {key!r} ({exc})") from exc
         return self._pickled[key]
 
     def close(self) -> None:
         self._pickled = None
-        self._handle = None
 
 
 def _read_safetensors_header(path: Path) -> dict[str, dict]:
@@ -160,7 +158,7 @@ class WeightFolder:
 
 
 class TensorReader:
-    """Reads tensors in any order while keeping at most one file of each folder open."""
+    """Reads tensors while keeping at most one weights file open."""
 
     def __init__(self) -> None:
         self._open: dict[Path, WeightFile] = {}
@@ -168,8 +166,8 @@ class TensorReader:
     def get(self, folder: WeightFolder, key: str) -> torch.Tensor:
         path = folder.file_of(key)
         if path not in self._open:
-            for other in [p for p in self._open if p.parent == path.parent]:
-                self._open.pop(other).close()
+            # Plans read file by file: drop the previous file (and its mapped pages) first.
+            self.close()
             self._open[path] = WeightFile(path)
         return self._open[path].get(key)
 
