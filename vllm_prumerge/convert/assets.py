@@ -14,7 +14,7 @@ Choices that keep the converted model answering like the original LLaVA code:
 - **Tokenization.** LLaVA tokenizes the text between image placeholders piece by piece
   (`tokenizer_image_token`), so SentencePiece's dummy prefix `▁` (29871 in Vicuna) starts every
   piece, including the one right after `<image>`. A `LlamaTokenizer` with `legacy: true` does
-  the same around special tokens; llava-hf's tokenizer (`legacy: false`) drops that `▁`.
+  the same around special tokens; with `legacy: false` that `▁` is dropped.
 - **Images.** With `image_aspect_ratio: pad` (LLaVA-1.5) the original pads each image to a square
   with the CLIP mean colour before resizing; `LlavaImageProcessor(do_pad=True)` does the same.
 - **Chat template.** llava-hf's LLaVA-1.5 template (`USER: <image>\\n... ASSISTANT:`) with
