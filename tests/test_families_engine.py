@@ -178,3 +178,24 @@ def test_importance_cls_is_refused_without_a_cls_token_and_received_works_on_bot
         assert _tokens_and_logprobs(out)[0] == ref_tokens
     good = plugin_llm.generate([dict(received, mm_processor_kwargs={})], _sampling())[0]
     assert len(good.outputs[0].token_ids) == MAX_TOKENS
+
+
+def test_onevision_videos_are_refused_cleanly_and_images_keep_working(plugin_llm, family, images):
+    if family[0] != "onevision":
+        pytest.skip("video inputs exist only on LLaVA-OneVision")
+    import numpy as np
+    from vllm.exceptions import VLLMValidationError
+
+    video = np.zeros((4, 384, 384, 3), dtype=np.uint8)
+    with pytest.raises(VLLMValidationError, match="video"):
+        plugin_llm.generate(
+            [
+                {
+                    "prompt": "USER: <video>\nWhat happens? ASSISTANT:",
+                    "multi_modal_data": {"video": video},
+                }
+            ],
+            _sampling(),
+        )
+    good = plugin_llm.generate(_prompts(images[:1]), _sampling())[0]
+    assert len(good.outputs[0].token_ids) == MAX_TOKENS

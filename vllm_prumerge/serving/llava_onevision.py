@@ -40,9 +40,7 @@ class PruMergeLlavaOnevisionProcessingInfo(AnyresProcessingInfoMixin, LlavaOnevi
         return {"image": None}
 
 
-class PruMergeLlavaOnevisionDummyInputsBuilder(
-    LlavaOnevisionDummyInputsBuilder[PruMergeLlavaOnevisionProcessingInfo]
-):
+class PruMergeLlavaOnevisionDummyInputsBuilder(LlavaOnevisionDummyInputsBuilder):
     pass
 
 
