@@ -8,15 +8,13 @@ independent transformers pipeline (tests/hf_reference.py), and `off` must equal 
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 
 from tests.conftest import TINY_ENGINE_ARGS
+from tests.helpers import family_checkpoint, greedy, image_count, shutdown, tokens_and_logprobs
 from tests.hf_reference import HFPruMergeLlava
 from vllm_prumerge import engine_kwargs
 from vllm_prumerge.config import PruMergeConfig
-from vllm_prumerge.testing import TinyLlavaSpec, cached_tiny_llava
 
 pytestmark = pytest.mark.engine
 
@@ -28,34 +26,14 @@ PROMPT_2 = "USER: <image>\n<image>\nHow many objects are there? ASSISTANT:"
 MAX_MODEL_LEN = {"llava_next": 4096, "siglip": 4096, "onevision": 8192}
 
 
-def _shutdown(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-
-
 def _sampling():
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
-
-
-def _tokens_and_logprobs(output):
-    completion = output.outputs[0]
-    ids = list(completion.token_ids)
-    return ids, [completion.logprobs[i][t].logprob for i, t in enumerate(ids)]
-
-
-def _image_count(output, image_token: int) -> int:
-    return list(output.prompt_token_ids).count(image_token)
+    return greedy(MAX_TOKENS)
 
 
 @pytest.fixture(scope="module", params=["llava_next", "siglip", "onevision"])
 def family(request, tmp_path_factory):
     """(family name, checkpoint path) of a generated checkpoint of that family."""
-    cache = tmp_path_factory.getbasetemp() / "checkpoints"
-    spec = TinyLlavaSpec(family=request.param)
-    return request.param, str(cached_tiny_llava(spec, cache_dir=cache))
+    return request.param, family_checkpoint(request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +77,7 @@ def stock_outputs(family, images):
     try:
         yield llm.generate(_prompts(images), _sampling())
     finally:
-        _shutdown(llm)
+        shutdown(llm)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +88,7 @@ def plugin_llm(family, stock_outputs):
     try:
         yield llm
     finally:
-        _shutdown(llm)
+        shutdown(llm)
 
 
 @pytest.mark.parametrize("mode", ["prumerge", "prumerge+"])
@@ -122,11 +100,11 @@ def test_reduced_outputs_equal_the_transformers_pipeline(plugin_llm, hf, images,
         ref_tokens, ref_logprobs, ref_counts = hf.generate(
             prompt, imgs, [config] * len(imgs), MAX_TOKENS
         )
-        tokens, logprobs = _tokens_and_logprobs(out)
-        assert _image_count(out, hf.image_token) == sum(ref_counts)
+        tokens, logprobs = tokens_and_logprobs(out)
+        assert image_count(out, hf.image_token) == sum(ref_counts)
         assert tokens == ref_tokens
         assert logprobs == pytest.approx(ref_logprobs, abs=LOGPROB_ATOL)
-    counts = [_image_count(o, hf.image_token) for o in outputs[:4]]
+    counts = [image_count(o, hf.image_token) for o in outputs[:4]]
     assert len(set(counts)) > 1, counts  # per-image, content-dependent counts in one batch
 
 
@@ -134,14 +112,14 @@ def test_mode_off_equals_stock_vllm_and_transformers(plugin_llm, stock_outputs, 
     outputs = plugin_llm.generate(_prompts(images, "off"), _sampling())
     for out, ref, imgs in zip(outputs, stock_outputs, _image_lists(images), strict=True):
         assert list(out.prompt_token_ids) == list(ref.prompt_token_ids)
-        tokens, logprobs = _tokens_and_logprobs(out)
-        ref_tokens, ref_logprobs = _tokens_and_logprobs(ref)
+        tokens, logprobs = tokens_and_logprobs(out)
+        ref_tokens, ref_logprobs = tokens_and_logprobs(ref)
         assert tokens == ref_tokens
         assert logprobs == pytest.approx(ref_logprobs, abs=LOGPROB_ATOL)
         prompt = PROMPT if len(imgs) == 1 else PROMPT_2
         off = [PruMergeConfig(mode="off")] * len(imgs)
         hf_tokens, _, hf_counts = hf.generate(prompt, imgs, off, MAX_TOKENS)
-        assert _image_count(out, hf.image_token) == sum(hf_counts)
+        assert image_count(out, hf.image_token) == sum(hf_counts)
         assert tokens == hf_tokens
 
 
@@ -154,9 +132,9 @@ def test_each_image_costs_the_sum_over_its_crops_of_kept_plus_one(plugin_llm, hf
         crops = len(hf._crops(image)[0])
         if family[0] == "siglip":
             assert crops == 1
-        assert _image_count(out, hf.image_token) == crops * (budget + 1)
+        assert image_count(out, hf.image_token) == crops * (budget + 1)
     if family[0] != "siglip":  # base view + 2x2, 1x2, 2x1 and 1x2 tiles
-        assert [_image_count(o, hf.image_token) for o in outputs] == [30, 18, 18, 18]
+        assert [image_count(o, hf.image_token) for o in outputs] == [30, 18, 18, 18]
 
 
 def test_importance_cls_is_refused_without_a_cls_token_and_received_works_on_both(
@@ -174,8 +152,8 @@ def test_importance_cls_is_refused_without_a_cls_token_and_received_works_on_bot
                 _sampling(),
             )
         ref_tokens, _, ref_counts = hf.generate(PROMPT, [image], [config], MAX_TOKENS)
-        assert _image_count(out, hf.image_token) == ref_counts[0]
-        assert _tokens_and_logprobs(out)[0] == ref_tokens
+        assert image_count(out, hf.image_token) == ref_counts[0]
+        assert tokens_and_logprobs(out)[0] == ref_tokens
     good = plugin_llm.generate([dict(received, mm_processor_kwargs={})], _sampling())[0]
     assert len(good.outputs[0].token_ids) == MAX_TOKENS
 

@@ -12,16 +12,15 @@ at the image's whole count (for LLaVA-NeXT: summed over its crops).
 from __future__ import annotations
 
 import base64
-import io
 import re
 import urllib.request
 
 import pytest
 from PIL import Image
 
+from tests.helpers import data_url, family_checkpoint
 from tests.hf_reference import HFPruMergeLlava
 from vllm_prumerge.config import PruMergeConfig
-from vllm_prumerge.testing import TinyLlavaSpec, cached_tiny_llava
 from vllm_prumerge.testing.server import serve
 
 pytestmark = pytest.mark.server
@@ -47,9 +46,7 @@ METRIC = "vllm_prumerge:visual_tokens_per_image"
 @pytest.fixture(scope="module", params=["llava_next", "siglip"])
 def family(request, tmp_path_factory):
     """(family name, checkpoint path) of a generated checkpoint of that family."""
-    cache = tmp_path_factory.getbasetemp() / "checkpoints"
-    spec = TinyLlavaSpec(family=request.param)
-    return request.param, str(cached_tiny_llava(spec, cache_dir=cache))
+    return request.param, family_checkpoint(request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +83,6 @@ def images(family, scenes):
     else:
         sizes = [(336, 336), (700, 300)]
     return [scene.resize(size) for scene, size in zip(scenes, sizes, strict=False)]
-
-
-def _data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _chat(client, model, urls, mode=None, max_tokens=1):
@@ -133,7 +124,7 @@ def _visual_tokens(hf: HFPruMergeLlava, image: Image.Image, mode: str) -> int:
 
 
 def _assert_still_serving(client, model, image):
-    reply = _chat(client, model, [_data_url(image)])
+    reply = _chat(client, model, [data_url(image)])
     assert reply.usage.completion_tokens == 1
 
 
@@ -147,7 +138,7 @@ def test_prompt_tokens_are_the_text_plus_each_images_independent_count(
     text = _text_tokens(hf, 1)
     seen = {}
     for image in images:
-        url = _data_url(image)
+        url = data_url(image)
         for mode in ("prumerge", "prumerge+", "off"):
             expected = _visual_tokens(hf, image, mode)
             reply = _chat(client, model_name, [url], mode=mode)
@@ -163,7 +154,7 @@ def test_prompt_tokens_are_the_text_plus_each_images_independent_count(
 
 def test_two_images_in_one_request_cost_the_sum_of_their_counts(client, model_name, hf, images):
     pair = images[1:3] if len(images) > 2 else images[:2]
-    urls = [_data_url(im) for im in pair]
+    urls = [data_url(im) for im in pair]
     for mode in ("prumerge", "prumerge+"):
         expected = sum(_visual_tokens(hf, im, mode) for im in pair)
         reply = _chat(client, model_name, urls, mode=mode)
@@ -179,7 +170,7 @@ def test_bad_options_get_http_400_naming_the_field(client, model_name, images, m
     from openai import BadRequestError
 
     with pytest.raises(BadRequestError) as exc:
-        _chat(client, model_name, [_data_url(images[0])], mode=mode)
+        _chat(client, model_name, [data_url(images[0])], mode=mode)
     assert exc.value.status_code == 400
     assert field in str(exc.value)
     _assert_still_serving(client, model_name, images[0])
@@ -207,7 +198,7 @@ def test_cls_importance_is_a_400_naming_cls_on_siglip_and_the_default_on_clip(
 ):
     from openai import BadRequestError
 
-    url = _data_url(images[0])
+    url = data_url(images[0])
     if family[0] == "siglip":
         with pytest.raises(BadRequestError) as exc:
             _chat(client, model_name, [url], mode={"importance": "cls"})
@@ -238,8 +229,8 @@ def test_metrics_count_one_observation_per_image_valued_at_its_whole_count(
     # so not observed, again.
     fresh = [scenes[4].resize((500, 400)), scenes[5].resize((380, 900))]
     before = {mode: _histogram(server[0], mode) for mode in ("prumerge", "prumerge+")}
-    pair = _chat(client, model_name, [_data_url(im) for im in fresh])  # the server's mode
-    single = _chat(client, model_name, [_data_url(fresh[0])], mode="prumerge+")
+    pair = _chat(client, model_name, [data_url(im) for im in fresh])  # the server's mode
+    single = _chat(client, model_name, [data_url(fresh[0])], mode="prumerge+")
     after = {mode: _histogram(server[0], mode) for mode in ("prumerge", "prumerge+")}
 
     pair_visual = pair.usage.prompt_tokens - _text_tokens(hf, 2)

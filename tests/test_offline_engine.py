@@ -7,12 +7,11 @@ identical and log-probabilities equal within LOGPROB_ATOL.
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 from PIL import Image
 
 from tests.conftest import TINY_ENGINE_ARGS
+from tests.helpers import greedy, image_count, shutdown, tokens_and_logprobs
 from tests.hf_reference import HFPruMergeLlava
 from vllm_prumerge import engine_kwargs
 from vllm_prumerge.config import PruMergeConfig
@@ -26,26 +25,8 @@ PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
 PROMPT_2 = "USER: <image>\n<image>\nHow many objects are there? ASSISTANT:"
 
 
-def _shutdown(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-
-
 def _sampling():
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
-
-
-def _tokens_and_logprobs(output):
-    completion = output.outputs[0]
-    ids = list(completion.token_ids)
-    return ids, [completion.logprobs[i][t].logprob for i, t in enumerate(ids)]
-
-
-def _image_count(output, image_token: int) -> int:
-    return list(output.prompt_token_ids).count(image_token)
+    return greedy(MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +49,7 @@ def stock_outputs(tiny_llava, scenes):
     try:
         yield llm.generate(_prompts(scenes), _sampling())
     finally:
-        _shutdown(llm)
+        shutdown(llm)
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +67,11 @@ def plugin_llm(tiny_llava, stock_outputs):
     try:
         yield llm
     finally:
-        _shutdown(llm)
+        shutdown(llm)
 
 
 def test_stock_vllm_gives_576_image_tokens_per_image(stock_outputs, hf):
-    counts = [_image_count(o, hf.image_token) for o in stock_outputs]
+    counts = [image_count(o, hf.image_token) for o in stock_outputs]
     assert counts == [576, 576, 576, 576, 1152]
     assert all(len(o.outputs[0].token_ids) == MAX_TOKENS for o in stock_outputs)
 
@@ -104,11 +85,11 @@ def test_prumerge_outputs_equal_the_transformers_pipeline(plugin_llm, hf, scenes
         ref_tokens, ref_logprobs, ref_counts = hf.generate(
             prompt, imgs, [config] * len(imgs), MAX_TOKENS
         )
-        tokens, logprobs = _tokens_and_logprobs(out)
-        assert _image_count(out, hf.image_token) == sum(ref_counts)
+        tokens, logprobs = tokens_and_logprobs(out)
+        assert image_count(out, hf.image_token) == sum(ref_counts)
         assert tokens == ref_tokens
         assert logprobs == pytest.approx(ref_logprobs, abs=LOGPROB_ATOL)
-    counts = [_image_count(o, hf.image_token) for o in outputs[:4]]
+    counts = [image_count(o, hf.image_token) for o in outputs[:4]]
     assert all(c < 576 for c in counts) and len(set(counts)) > 1, counts
 
 
@@ -117,8 +98,8 @@ def test_mode_off_equals_stock_vllm(plugin_llm, stock_outputs, scenes):
     outputs = plugin_llm.generate(prompts, _sampling())
     for out, ref in zip(outputs, stock_outputs, strict=True):
         assert list(out.prompt_token_ids) == list(ref.prompt_token_ids)
-        tokens, logprobs = _tokens_and_logprobs(out)
-        ref_tokens, ref_logprobs = _tokens_and_logprobs(ref)
+        tokens, logprobs = tokens_and_logprobs(out)
+        ref_tokens, ref_logprobs = tokens_and_logprobs(ref)
         assert tokens == ref_tokens
         assert logprobs == pytest.approx(ref_logprobs, abs=LOGPROB_ATOL)
 
@@ -145,11 +126,11 @@ def test_per_request_modes_in_one_batch_get_their_own_features(plugin_llm, hf, s
     outputs = plugin_llm.generate(prompts, _sampling())
     for out, config in zip(outputs, configs, strict=True):
         ref_tokens, ref_logprobs, ref_counts = hf.generate(PROMPT, [image], [config], MAX_TOKENS)
-        tokens, logprobs = _tokens_and_logprobs(out)
-        assert _image_count(out, hf.image_token) == ref_counts[0], config
+        tokens, logprobs = tokens_and_logprobs(out)
+        assert image_count(out, hf.image_token) == ref_counts[0], config
         assert tokens == ref_tokens, config
         assert logprobs == pytest.approx(ref_logprobs, abs=LOGPROB_ATOL)
-    counts = [_image_count(o, hf.image_token) for o in outputs]
+    counts = [image_count(o, hf.image_token) for o in outputs]
     assert counts[1] == 65 and counts[2] == 576
     assert counts[0] > counts[4]  # PruMerge+ adds spatial samples to PruMerge's outliers
 
@@ -169,8 +150,8 @@ def test_cached_features_are_not_reused_across_modes_over_time(plugin_llm, hf, s
         ],
         _sampling(),
     )[0]
-    assert _image_count(first, hf.image_token) < 576
-    assert _image_count(second, hf.image_token) == 576
+    assert image_count(first, hf.image_token) < 576
+    assert image_count(second, hf.image_token) == 576
 
 
 def test_prefix_cache_hits_give_identical_results_and_respect_the_mode(plugin_llm, hf, scenes):
@@ -181,9 +162,9 @@ def test_prefix_cache_hits_give_identical_results_and_respect_the_mode(plugin_ll
     first = plugin_llm.generate([prompt], _sampling())[0]
     second = plugin_llm.generate([prompt], _sampling())[0]
     assert second.num_cached_tokens >= 128
-    assert _tokens_and_logprobs(first)[0] == _tokens_and_logprobs(second)[0]
-    assert _tokens_and_logprobs(second)[1] == pytest.approx(
-        _tokens_and_logprobs(first)[1], abs=LOGPROB_ATOL
+    assert tokens_and_logprobs(first)[0] == tokens_and_logprobs(second)[0]
+    assert tokens_and_logprobs(second)[1] == pytest.approx(
+        tokens_and_logprobs(first)[1], abs=LOGPROB_ATOL
     )
     # Same image and text, another mode: the blocks holding the image must not be reused.
     plus = plugin_llm.generate(
@@ -193,9 +174,9 @@ def test_prefix_cache_hits_give_identical_results_and_respect_the_mode(plugin_ll
     ref_tokens, ref_logprobs, ref_counts = hf.generate(
         long_prompt, [scenes[0]], [config], MAX_TOKENS
     )
-    assert _image_count(plus, hf.image_token) == ref_counts[0]
-    assert _tokens_and_logprobs(plus)[0] == ref_tokens
-    assert _tokens_and_logprobs(plus)[1] == pytest.approx(ref_logprobs, abs=LOGPROB_ATOL)
+    assert image_count(plus, hf.image_token) == ref_counts[0]
+    assert tokens_and_logprobs(plus)[0] == ref_tokens
+    assert tokens_and_logprobs(plus)[1] == pytest.approx(ref_logprobs, abs=LOGPROB_ATOL)
 
 
 def test_odd_images_get_correct_results(plugin_llm, hf):
@@ -208,8 +189,8 @@ def test_odd_images_get_correct_results(plugin_llm, hf):
     outputs = plugin_llm.generate(prompts, _sampling())
     for out, img in zip(outputs, images, strict=True):
         ref_tokens, _, ref_counts = hf.generate(PROMPT, [img], [PruMergeConfig()], MAX_TOKENS)
-        assert _image_count(out, hf.image_token) == ref_counts[0] >= 2
-        assert _tokens_and_logprobs(out)[0] == ref_tokens
+        assert image_count(out, hf.image_token) == ref_counts[0] >= 2
+        assert tokens_and_logprobs(out)[0] == ref_tokens
 
 
 @pytest.mark.parametrize(

@@ -9,13 +9,13 @@ test_kv_concurrency.py: sampling the server's gauge could miss the peak.)
 from __future__ import annotations
 
 import base64
-import io
 import re
 import urllib.request
 
 import pytest
 from PIL import Image
 
+from tests.helpers import data_url
 from tests.hf_reference import HFPruMergeLlava
 from vllm_prumerge.config import PruMergeConfig
 from vllm_prumerge.testing.server import serve
@@ -37,12 +37,6 @@ SERVER_ARGS = [
     '{"image": 2}',
 ]
 QUESTION = "What is shown in this image?"
-
-
-def _data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _messages(url: str, text: str = QUESTION):
@@ -93,7 +87,7 @@ def _chat(client, model, url, mode=None, max_tokens=4, **extra):
 
 
 def _assert_still_serving(client, model, scenes):
-    reply = _chat(client, model, _data_url(scenes[0]))
+    reply = _chat(client, model, data_url(scenes[0]))
     assert reply.usage.completion_tokens >= 1
 
 
@@ -103,7 +97,7 @@ def test_startup_log_states_the_mode(server):
 
 def test_usage_prompt_tokens_carry_the_reduced_count(client, model_name, hf, scenes):
     for image in scenes[:3]:
-        url = _data_url(image)
+        url = data_url(image)
         stock = _chat(client, model_name, url, mode="off").usage.prompt_tokens
         for config in (
             PruMergeConfig(),
@@ -114,7 +108,7 @@ def test_usage_prompt_tokens_carry_the_reduced_count(client, model_name, hf, sce
             reply = _chat(client, model_name, url, mode=config.to_dict())
             # Same text around the image: the difference is the visual tokens alone.
             assert reply.usage.prompt_tokens == stock - 576 + count, config
-    assert _chat(client, model_name, _data_url(scenes[3])).usage.prompt_tokens < stock
+    assert _chat(client, model_name, data_url(scenes[3])).usage.prompt_tokens < stock
 
 
 @pytest.mark.parametrize(
@@ -130,7 +124,7 @@ def test_bad_options_get_http_400_naming_the_field(client, model_name, scenes, m
     from openai import BadRequestError
 
     with pytest.raises(BadRequestError) as exc:
-        _chat(client, model_name, _data_url(scenes[1]), mode=mode)
+        _chat(client, model_name, data_url(scenes[1]), mode=mode)
     assert exc.value.status_code == 400
     assert field in str(exc.value)
     _assert_still_serving(client, model_name, scenes)
@@ -163,8 +157,8 @@ def test_broken_images_get_http_400(client, model_name, scenes, url):
     ids=["1x1", "8x900", "uniform"],
 )
 def test_odd_images_are_served(client, model_name, hf, image):
-    reply = _chat(client, model_name, _data_url(image))
-    stock = _chat(client, model_name, _data_url(image), mode="off").usage.prompt_tokens
+    reply = _chat(client, model_name, data_url(image))
+    stock = _chat(client, model_name, data_url(image), mode="off").usage.prompt_tokens
     count = len(hf.image_features(image, PruMergeConfig()))
     assert count >= 2
     assert reply.usage.prompt_tokens == stock - 576 + count
@@ -176,7 +170,7 @@ def _metrics(base_url: str) -> str:
 
 
 def test_metrics_expose_visual_tokens_and_reduction_time(server, client, model_name, scenes):
-    _chat(client, model_name, _data_url(scenes[5]))
+    _chat(client, model_name, data_url(scenes[5]))
     text = _metrics(server[0])
     count = re.search(r'vllm_prumerge:visual_tokens_per_image_count\{mode="prumerge"\} (\S+)', text)
     assert count and float(count.group(1)) >= 1
