@@ -1,16 +1,26 @@
-"""Ray Data batch inference: a dataset of images mapped through actors that each host a vLLM engine.
+"""Ray Data LLM batch inference: a folder of images through vLLM with PruMerge, at any scale.
 
-Every actor of the pool loads one vLLM engine with the PruMerge plugin and answers batches of
-images; Ray spreads the images over the actors (and over the machines of a cluster). Each result
-row has the same fields as examples/batch_offline.py, including the visual tokens the LLM got.
-An image that does not decode becomes a row with "error" set; the job goes on.
+The job is a Ray Data LLM processor (`ray.data.llm.vLLMEngineProcessorConfig` + `build_processor`)
+whose vLLM engine stage gets `engine_kwargs={**vllm_prumerge.engine_kwargs(mode), ...}`; the
+plugin loads itself in every engine actor through its entry point. Ray's chat-template stage
+renders each question with the checkpoint's chat template, Ray's tokenize / detokenize stages
+encode and decode, the engine stage's `multimodal_data` column carries the image, and the
+postprocess step counts the visual tokens the LLM got (the image token in the prompt token ids
+the engine stage returns). Each result row has the fields of examples/batch_offline.py.
 
-Locally (starts a private Ray instance with --num-cpus CPUs and a small object store):
+Two steps are our own, because Ray's library cannot do them here (ray 2.60, vLLM 0.32):
+- Images are decoded in our preprocess step, not by Ray's prepare_multimodal stage: that stage
+  imports `vllm.entrypoints.chat_utils`, which vLLM 0.32 moved (ModuleNotFoundError).
+- Undecodable images are split off before the processor (Dataset.filter) and come back as rows
+  with "error" set: inside the processor one bad image fails the whole job
+  (`should_continue_on_error` covers the engine stage only).
+
+Locally (starts a private Ray instance with --num-cpus logical CPUs and a small object store):
     python examples/make_inputs.py inputs --images 4
     python examples/ray_batch.py inputs --tiny --mode prumerge+ --output ray_answers.jsonl
 
 On a running cluster, unchanged apart from where things are (inputs on storage every node can
-read, the plugin installed on every node), e.g. 8 one-GPU actors:
+read, the plugin installed on every node, a model every node can load), e.g. 8 one-GPU engines:
     python examples/ray_batch.py s3://bucket/images --model llava-hf/llava-1.5-7b-hf \\
         --address auto --concurrency 8 --gpus-per-actor 1 --output s3://bucket/answers
 """
@@ -18,6 +28,8 @@ read, the plugin installed on every node), e.g. 8 one-GPU actors:
 from __future__ import annotations
 
 import argparse
+import functools
+import io
 import json
 import os
 import sys
@@ -27,7 +39,7 @@ from typing import Any
 
 import common
 
-# The schema of the rows the actors return; counts are null for failed rows.
+# The schema of the result rows; counts are null for failed rows.
 RESULT_COLUMNS = {
     "id": "string",
     "image": "string",
@@ -37,129 +49,121 @@ RESULT_COLUMNS = {
     "image_tokens": "int64",
     "prompt_tokens": "int64",
     "output_tokens": "int64",
-    "finish_reason": "string",
     "error": "string",
 }
 
+# --- steps that run in Ray workers: plain functions of their arguments (no `common`) -----------
 
-class PruMergeLLM:
-    """A Ray Data callable class: one vLLM engine per actor, called on batches of image files.
 
-    Runs inside Ray worker processes, so it uses only vLLM, vllm_prumerge, PIL and pyarrow
-    (nothing from the examples folder).
+def decode_image(data: bytes):
+    """PIL RGB image of encoded bytes; raises ValueError with the reason."""
+    from PIL import Image
 
-    Args:
-        model: checkpoint (hub id or a path every node can read); None = the tiny checkpoint,
-            generated on the actor's own node.
-        engine_args: `vllm.LLM` keyword arguments (without PruMerge's).
-        options: PruMergeConfig fields for `vllm_prumerge.engine_kwargs`.
-        questions: asked about every image.
-        prompt_template: with one <image> and a {question} field.
-        max_tokens, temperature: sampling.
-    """
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            return opened.convert("RGB")
+    except Exception as exc:  # truncated or malformed data raises many types
+        reason = type(exc).__name__
+        if "BytesIO" not in str(exc):  # PIL names the buffer, not the file
+            reason += f": {exc}"
+        raise ValueError(reason) from None
 
-    def __init__(
-        self,
-        model: str | None,
-        engine_args: dict[str, Any],
-        options: dict[str, Any],
-        questions: list[str],
-        prompt_template: str,
-        max_tokens: int,
-        temperature: float,
-    ) -> None:
-        import torch
 
-        if not torch.cuda.is_available():  # this actor got no GPU: vLLM's CPU platform
-            os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        from vllm import LLM, SamplingParams
+def is_readable(row: dict[str, Any], *, want: bool) -> bool:
+    """Dataset.filter predicate: does the file decode as an image (== `want`)?"""
+    try:
+        decode_image(row["bytes"])
+    except ValueError:
+        return not want
+    return want
 
-        from vllm_prumerge import engine_kwargs
 
-        if model is None:
-            from vllm_prumerge.testing import cached_tiny_llava
+def to_requests(row: dict[str, Any], *, questions: list[str], mode: str) -> list[dict[str, Any]]:
+    """One image file -> one processor input row per question (chat messages + the image)."""
+    path = str(row["path"])
+    image = decode_image(row["bytes"])
+    return [
+        {
+            "id": f"{Path(path).stem}-{i}",
+            "image": path,
+            "question": question,
+            "mode": mode,
+            # The <image> slot of the chat template; the picture itself goes to the engine.
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+            ],
+            "multimodal_data": {"image": image},
+        }
+        for i, question in enumerate(questions)
+    ]
 
-            model = str(cached_tiny_llava())
-        self.llm = LLM(model=model, **engine_args, **engine_kwargs(**options))
-        self.image_token = self.llm.llm_engine.model_config.hf_config.image_token_index
-        self.sampling = SamplingParams(temperature=temperature, max_tokens=max_tokens)
-        self.mode = options["mode"]
-        self.questions = questions
-        self.prompt_template = prompt_template
 
-    def __call__(self, batch: dict[str, Any]):
-        """`batch`: columns "path" and "bytes" (from `read_binary_files`) -> a result table."""
-        import io
+def to_error_rows(row: dict[str, Any], *, questions: list[str], mode: str) -> list[dict[str, Any]]:
+    """An unreadable file -> one error row per question."""
+    path = str(row["path"])
+    try:
+        decode_image(row["bytes"])
+        reason = "unexpectedly readable"
+    except ValueError as exc:
+        reason = str(exc)
+    return [
+        result_row(
+            id=f"{Path(path).stem}-{i}",
+            image=path,
+            question=question,
+            mode=mode,
+            error=f"cannot read image {path}: {reason}",
+        )
+        for i, question in enumerate(questions)
+    ]
 
-        import pyarrow as pa
-        from PIL import Image
 
-        rows: list[dict[str, Any]] = []
-        prompts: list[dict[str, Any]] = []
-        pending: list[dict[str, Any]] = []
-        for path, data in zip(batch["path"], batch["bytes"], strict=True):
-            path = str(path)
-            try:
-                with Image.open(io.BytesIO(data)) as opened:
-                    opened.load()
-                    image = opened.convert("RGB")
-                error = None
-            except Exception as exc:  # truncated or malformed data raises many types
-                reason = type(exc).__name__
-                if "BytesIO" not in str(exc):  # PIL names the buffer, not the file
-                    reason += f": {exc}"
-                image, error = None, f"cannot read image {path}: {reason}"
-            for i, question in enumerate(self.questions):
-                row = {
-                    "id": f"{Path(path).stem}-{i}",
-                    "image": path,
-                    "question": question,
-                    "mode": self.mode,
-                    "error": error,
-                }
-                rows.append(row)
-                if image is not None:
-                    pending.append(row)
-                    prompts.append(
-                        {
-                            "prompt": self.prompt_template.format(question=question),
-                            "multi_modal_data": {"image": image},
-                        }
-                    )
-        self._generate(prompts, pending)
-        columns = {name: [row.get(name) for row in rows] for name in RESULT_COLUMNS}
-        schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in RESULT_COLUMNS.items()])
-        return pa.Table.from_pydict(columns, schema=schema)
+def add_sampling(row: dict[str, Any], *, max_tokens: int, temperature: float) -> dict[str, Any]:
+    """Processor preprocess: the request's sampling parameters."""
+    return {**row, "sampling_params": {"temperature": temperature, "max_tokens": max_tokens}}
 
-    def _generate(self, prompts: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
-        """Fill `rows` with answers; a failing batch is retried one request at a time."""
-        if not prompts:
-            return
-        try:
-            outputs = self.llm.generate(prompts, self.sampling, use_tqdm=False)
-        except Exception as exc:
-            if len(prompts) == 1:
-                rows[0]["error"] = f"generation failed: {type(exc).__name__}: {exc}"
-                return
-            for prompt, row in zip(prompts, rows, strict=True):
-                self._generate([prompt], [row])
-            return
-        for row, output in zip(rows, outputs, strict=True):
-            completion = output.outputs[0]
-            row.update(
-                answer=completion.text,
-                image_tokens=output.prompt_token_ids.count(self.image_token),
-                prompt_tokens=len(output.prompt_token_ids),
-                output_tokens=len(completion.token_ids),
-                finish_reason=completion.finish_reason,
-            )
+
+def count_tokens(row: dict[str, Any], *, image_token: int) -> dict[str, Any]:
+    """Processor postprocess (successful rows): answer and token counts."""
+    prompt_ids = list(row["prompt_token_ids"])
+    return result_row(
+        id=row["id"],
+        image=row["image"],
+        question=row["question"],
+        mode=row["mode"],
+        answer=row["generated_text"],
+        image_tokens=prompt_ids.count(image_token),
+        prompt_tokens=len(prompt_ids),
+        output_tokens=int(row["num_generated_tokens"]),
+    )
+
+
+def finish(row: dict[str, Any]) -> dict[str, Any]:
+    """Every processor output row in the result schema; engine failures become error rows."""
+    error = row.get("__inference_error__")
+    if error:  # Ray skips the postprocess for these: the row still has our input columns
+        return result_row(
+            id=row["id"],
+            image=row["image"],
+            question=row["question"],
+            mode=row["mode"],
+            error=f"generation failed: {error}",
+        )
+    return {name: row.get(name) for name in RESULT_COLUMNS}
+
+
+def result_row(**values: Any) -> dict[str, Any]:
+    return {name: values.get(name) for name in RESULT_COLUMNS}
+
+
+# --- the driver -------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2],
+        epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -172,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         default="ray_answers.jsonl",
         help="where the results go: a path ending in .jsonl is written by the driver as one "
-        "JSONL file (fields as in batch_offline.py); anything else is a folder or URI that "
-        "the workers write Parquet files to (for large jobs). Default: ray_answers.jsonl.",
+        "JSONL file (fields as in batch_offline.py, without finish_reason, which Ray's engine "
+        "stage does not return); anything else is a folder or URI that the workers write "
+        "Parquet files to (for large jobs). Default: ray_answers.jsonl.",
     )
     parser.add_argument(
         "--question",
@@ -182,7 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"question asked about every image, repeatable. Default: {common.DEFAULT_QUESTION!r}.",
     )
     common.add_reduction_arguments(parser, mode_default="prumerge")
-    common.add_generation_arguments(parser)
+    parser.add_argument(
+        "--max-tokens", type=int, default=64, help="tokens to generate per answer. Default: 64."
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature. Default: 0 (greedy)."
+    )
 
     ray_group = parser.add_argument_group("Ray")
     ray_group.add_argument(
@@ -194,8 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     ray_group.add_argument(
         "--num-cpus",
         type=int,
-        default=2,
-        help="CPUs of the local Ray instance (ignored with --address). Default: 2.",
+        default=4,
+        help="logical CPUs of the local Ray instance (ignored with --address): scheduling "
+        "slots, not cores; the engine actor takes --cpus-per-actor and every light stage "
+        "--cpus-per-stage, which must fit. Default: 4.",
     )
     ray_group.add_argument(
         "--object-store-mb",
@@ -206,50 +218,108 @@ def build_parser() -> argparse.ArgumentParser:
     ray_group.add_argument(
         "--concurrency",
         default="1",
-        help="actors (vLLM engines) in the pool: N, or MIN,MAX to let Ray Data autoscale. "
-        "Default: 1.",
+        help="vLLM engine actors: N, or MIN,MAX to let Ray Data autoscale. Default: 1.",
     )
     ray_group.add_argument(
-        "--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor. Default: 1."
+        "--cpus-per-actor",
+        type=float,
+        default=1.0,
+        help="CPUs reserved per engine actor. Default: 1.",
     )
     ray_group.add_argument(
         "--gpus-per-actor",
         type=float,
         default=0.0,
-        help="GPUs reserved per actor (1 for a GPU cluster). Default: 0 (vLLM on CPU).",
+        help="GPUs reserved per engine actor (1 for a GPU cluster). Default: 0 (vLLM on CPU).",
     )
     ray_group.add_argument(
-        "--batch-size", type=int, default=16, help="images per actor call. Default: 16."
+        "--cpus-per-stage",
+        type=float,
+        default=0.25,
+        help="CPUs reserved per worker of the light stages (decode, chat template, tokenize, "
+        "detokenize, counting). Default: 0.25, so that everything fits a 2-CPU machine.",
+    )
+    ray_group.add_argument(
+        "--batch-size", type=int, default=16, help="rows per processor batch. Default: 16."
     )
     common.add_engine_arguments(parser)
     return parser
 
 
-def actor_pool(concurrency: str):
-    """`ActorPoolStrategy` from "N" or "MIN,MAX"."""
-    import ray.data
-
+def concurrency_value(text: str) -> int | tuple[int, int]:
+    """`concurrency` of a Ray Data LLM processor from "N" or "MIN,MAX"."""
     try:
-        sizes = [int(part) for part in concurrency.split(",")]
+        sizes = [int(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(f"--concurrency must be N or MIN,MAX, got {concurrency!r}") from None
+        raise ValueError(f"--concurrency must be N or MIN,MAX, got {text!r}") from None
     if len(sizes) == 1 and sizes[0] >= 1:
-        return ray.data.ActorPoolStrategy(size=sizes[0])
+        return sizes[0]
     if len(sizes) == 2 and 1 <= sizes[0] <= sizes[1]:
-        return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
-    raise ValueError(
-        f"--concurrency must be N or MIN,MAX with 1 <= MIN <= MAX, got {concurrency!r}"
+        return (sizes[0], sizes[1])
+    raise ValueError(f"--concurrency must be N or MIN,MAX with 1 <= MIN <= MAX, got {text!r}")
+
+
+def build_pipeline(args: argparse.Namespace, model: str, options: dict, engine_args: dict):
+    """The result dataset (lazy): processor rows plus error rows for unreadable files."""
+    import ray.data
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    from transformers import AutoConfig
+
+    from vllm_prumerge import engine_kwargs
+
+    questions = args.question or [common.DEFAULT_QUESTION]
+    mode = options["mode"]
+    light = {"num_cpus": args.cpus_per_stage}
+    bundle = {"CPU": args.cpus_per_actor}
+    if args.gpus_per_actor:
+        bundle["GPU"] = args.gpus_per_actor
+    # vLLM settings of this shell (e.g. VLLM_CPU_KVCACHE_SPACE) apply to every stage too.
+    env_vars = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
+    config = vLLMEngineProcessorConfig(
+        model_source=model,
+        engine_kwargs={**engine_args, **engine_kwargs(**options)},
+        batch_size=args.batch_size,
+        concurrency=concurrency_value(args.concurrency),
+        placement_group_config={"bundles": [bundle]},
+        runtime_env={"env_vars": env_vars} if env_vars else None,
+        should_continue_on_error=True,
+        chat_template_stage=light,
+        tokenize_stage=light,
+        detokenize_stage=light,
+        log_engine_metrics=False,
     )
+    image_token = AutoConfig.from_pretrained(model).image_token_index
+    processor = build_processor(
+        config,
+        preprocess=functools.partial(
+            add_sampling, max_tokens=args.max_tokens, temperature=args.temperature
+        ),
+        postprocess=functools.partial(count_tokens, image_token=image_token),
+        preprocess_map_kwargs=light,
+        postprocess_map_kwargs=light,
+    )
+
+    is_local = "://" not in args.input
+    files = ray.data.read_binary_files(
+        os.path.abspath(args.input) if is_local else args.input,
+        include_paths=True,
+        file_extensions=[ext.lstrip(".") for ext in common.IMAGE_EXTENSIONS],
+        ray_remote_args=light,
+    )
+    requests = files.filter(functools.partial(is_readable, want=True), **light).flat_map(
+        functools.partial(to_requests, questions=questions, mode=mode), **light
+    )
+    failed = files.filter(functools.partial(is_readable, want=False), **light).flat_map(
+        functools.partial(to_error_rows, questions=questions, mode=mode), **light
+    )
+    return processor(requests).map(finish, **light).union(failed)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    questions = args.question or [common.DEFAULT_QUESTION]
-    if "<image>" not in args.prompt_template or "{question}" not in args.prompt_template:
-        parser.error("--prompt-template needs one <image> and a {question} field")
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
+    if args.batch_size < 1 or args.max_tokens < 1 or args.cpus_per_stage <= 0:
+        parser.error("--batch-size and --max-tokens must be >= 1, --cpus-per-stage > 0")
     is_local = "://" not in args.input
     try:
         options = common.reduction_options(args, args.mode)
@@ -258,12 +328,12 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(
                 f"no images ({', '.join(common.IMAGE_EXTENSIONS)}) in {args.input}"
             )
-        compute = actor_pool(args.concurrency)
+        concurrency_value(args.concurrency)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
 
+    common.use_cpu_if_no_gpu()
     import ray
-    import ray.data
 
     if args.address:
         ray.init(address=args.address)
@@ -274,31 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             include_dashboard=False,
         )
     started = time.perf_counter()
-    # vLLM settings of this shell (e.g. VLLM_CPU_KVCACHE_SPACE) apply to the actors too.
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}
-    source = os.path.abspath(args.input) if is_local else args.input
-    images = ray.data.read_binary_files(
-        source,
-        include_paths=True,
-        file_extensions=[ext.lstrip(".") for ext in common.IMAGE_EXTENSIONS],
-    )
-    results = images.map_batches(
-        PruMergeLLM,
-        fn_constructor_kwargs={
-            "model": None if args.tiny else args.model,
-            "engine_args": engine_args,
-            "options": options,
-            "questions": questions,
-            "prompt_template": args.prompt_template,
-            "max_tokens": args.max_tokens,
-            "temperature": args.temperature,
-        },
-        compute=compute,
-        batch_size=args.batch_size,
-        num_cpus=args.cpus_per_actor,
-        num_gpus=args.gpus_per_actor,
-        runtime_env={"env_vars": env_vars} if env_vars else None,
-    )
+    results = build_pipeline(args, common.resolve_model(args), options, engine_args)
 
     if args.output.endswith(".jsonl"):
         output = Path(args.output)
