@@ -1,47 +1,142 @@
 """The main job in one command: offline `LLM.generate` with PruMerge on a generated tiny LLaVA.
 
 Generates (once, cached) a tiny LLaVA-1.5-shaped checkpoint, starts a real vLLM engine with the
-plugin and prints, per image, the visual tokens the LLM received and the generated text. The
-weights are random, so the text is gibberish; the token counts are real.
+plugin and asks about a few generated scene images, each once in the chosen mode and once in
+stock mode (`off`, per request). Prints progress, then one table per image: the visual tokens
+the LLM received in each mode (counted in the engine's prompt token ids) and the generated text.
+The weights are random, so the text is gibberish; the token counts are real.
 
-    make demo                       # or: python examples/demo.py [--mode prumerge+] [--model ID]
+vLLM's INFO and WARNING logs, library warnings and progress bars are hidden unless --verbose
+(on a CPU, vLLM warns about a dozen optional speed-ups); errors show in full.
+
+    make demo                       # or: python examples/demo.py [--mode prumerge+] [--verbose]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
+MODES = ("prumerge", "prumerge+", "fixed", "off")
+STOCK_TOKENS = 576  # LLaVA-1.5: 24 x 24 CLIP patches per image
+TEXT_WIDTH = 48
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Example: python examples/demo.py --mode fixed --budget 64 --images 2",
+    )
     parser.add_argument(
         "--model",
         default=None,
-        help="LLaVA checkpoint (hub id or folder); default: the generated tiny one",
+        help="LLaVA-1.5 checkpoint (hub id or folder). Default: the generated tiny one (cached "
+        "in ~/.cache/vllm-prumerge or $VLLM_PRUMERGE_CACHE).",
     )
     parser.add_argument(
         "--mode",
         default="prumerge",
-        help="prumerge | prumerge+ | off | fixed (with --budget); default prumerge",
+        choices=MODES,
+        help="reduction mode of the engine: prumerge (~32 tokens per image on a real "
+        "checkpoint), prumerge+ (~144), fixed (--budget tokens) or off (stock). Default: "
+        "prumerge.",
     )
-    parser.add_argument("--budget", type=int, default=None, help="tokens per image in fixed mode")
-    parser.add_argument("--images", type=int, default=4, help="number of scene images (default 4)")
-    parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate per image")
-    parser.add_argument("--dtype", default="float32", help="engine dtype (default float32)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--budget", type=int, default=None, help="fixed mode: tokens kept per image."
+    )
+    parser.add_argument(
+        "--images", type=int, default=4, help="number of generated scene images. Default: 4."
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=16, help="tokens generated per answer. Default: 16."
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="engine dtype (the tower runs in it too): float32, bfloat16, float16 or auto. "
+        "Default: float32.",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show vLLM's INFO and WARNING logs, library warnings and progress bars (hidden by "
+        "default; errors always show in full).",
+    )
+    return parser
 
+
+def quiet_down() -> None:
+    """Hide all but errors of vLLM, torch and transformers, in this and the engine's processes.
+
+    Set before vLLM is imported: vLLM reads VLLM_LOGGING_LEVEL when it configures logging, and
+    its engine processes inherit the environment. A value the user set is kept.
+    """
+    import warnings
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TORCH_LOGS", "-all")  # torch's own loggers: errors only
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. vLLM's weight-loading bar
+    warnings.simplefilter("ignore")
+
+
+def step(text: str, end: str = "\n") -> None:
+    print(text, end=end, flush=True)
+
+
+def shorten(text: str) -> str:
+    text = repr(text)
+    return text if len(text) <= TEXT_WIDTH else text[: TEXT_WIDTH - 4] + "...'"
+
+
+def print_table(index: int, total: int, size: tuple[int, int], rows: list[tuple]) -> None:
+    """One image: a row per mode with its visual tokens, share of stock and the text."""
+    print(f"\nimage {index}/{total} ({size[0]}x{size[1]} px)")
+    print(f"  {'mode':<13}{'visual tokens':>13}{'of stock':>10}   text")
+    for label, tokens, text in rows:
+        share = f"{100 * tokens / STOCK_TOKENS:.1f} %"
+        print(f"  {label:<13}{tokens:>13}{share:>10}   {shorten(text)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.images < 1 or args.max_tokens < 1:
+        parser.error("--images and --max-tokens must be >= 1")
+    options = {"budget": args.budget} if args.budget is not None else {}
+    from vllm_prumerge import PruMergeConfig
+
+    try:
+        PruMergeConfig.from_dict({"mode": args.mode, **options})
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not args.verbose:
+        quiet_down()
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+    from vllm_prumerge.testing import make_scenes
+
+    step(f"vllm-prumerge demo: mode {args.mode}, {args.images} generated scene image(s)")
+    if args.model:
+        model = args.model
+        step(f"[1/3] checkpoint: {model}")
+    else:
+        from vllm_prumerge.testing import cached_tiny_llava
+
+        step("[1/3] tiny LLaVA-1.5 checkpoint (random weights, generated once) ... ", end="")
+        model = str(cached_tiny_llava())
+        step("ok")
+    step("[2/3] starting a vLLM engine with the plugin (about a minute on 2 CPU cores) ... ", "")
+    start = time.perf_counter()
     from vllm import LLM, SamplingParams
 
     from vllm_prumerge import engine_kwargs
-    from vllm_prumerge.testing import cached_tiny_llava, make_scenes
 
-    model = args.model or str(cached_tiny_llava())
-    options = {"budget": args.budget} if args.budget is not None else {}
-    start = time.perf_counter()
     llm = LLM(
         model=model,
         dtype=args.dtype,
@@ -50,21 +145,43 @@ def main() -> None:
         limit_mm_per_prompt={"image": 1},
         **engine_kwargs(args.mode, **options),
     )
-    print(f"engine ready in {time.perf_counter() - start:.1f} s (mode={args.mode})")
+    step(f"ready in {time.perf_counter() - start:.0f} s")
 
-    image_token = llm.llm_engine.model_config.hf_config.image_token_index
+    images = make_scenes(args.images, seed=0)
+    # Each image in the engine's mode, and in stock mode through a per-request override.
+    modes = [(args.mode, None)] + ([("off (stock)", "off")] if args.mode != "off" else [])
     prompts = [
         {
             "prompt": "USER: <image>\nWhat is shown in this image? ASSISTANT:",
             "multi_modal_data": {"image": image},
+            **({"mm_processor_kwargs": {"prumerge": override}} if override else {}),
         }
-        for image in make_scenes(args.images, seed=0)
+        for image in images
+        for _, override in modes
     ]
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
-    for i, out in enumerate(outputs):
-        tokens = out.prompt_token_ids.count(image_token)
-        print(f"image {i}: {tokens:4d} visual tokens (stock LLaVA: 576) | {out.outputs[0].text!r}")
+    step(f"[3/3] answering {len(prompts)} request(s) ... ", end="")
+    start = time.perf_counter()
+    outputs = llm.generate(
+        prompts,
+        SamplingParams(temperature=0.0, max_tokens=args.max_tokens),
+        use_tqdm=args.verbose,
+    )
+    step(f"done in {time.perf_counter() - start:.1f} s")
+
+    image_token = llm.llm_engine.model_config.hf_config.image_token_index
+    for i, image in enumerate(images):
+        rows = []
+        for j, (label, _) in enumerate(modes):
+            out = outputs[i * len(modes) + j]
+            rows.append((label, out.prompt_token_ids.count(image_token), out.outputs[0].text))
+        print_table(i + 1, len(images), image.size, rows)
+    print(
+        "\nvisual tokens: what the LLM received per image (PruMerge's kept tokens + 1 merged\n"
+        f"extra token); stock LLaVA-1.5 uses {STOCK_TOKENS}. Random weights: the text is "
+        "gibberish,\nthe counts are real."
+    )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

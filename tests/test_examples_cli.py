@@ -13,7 +13,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-SCRIPTS = ["batch_offline", "openai_client", "ray_batch", "visualize", "make_inputs"]
+SCRIPTS = [
+    *["batch_offline", "openai_client", "ray_batch", "ray_serve", "visualize", "make_inputs"],
+    "demo",
+]
 
 
 def run_example(script: str, *args, timeout=120):
@@ -40,7 +43,9 @@ def parsers(parser: argparse.ArgumentParser):
                 yield from parsers(sub)
 
 
-@pytest.mark.parametrize("name", ["batch_offline", "openai_client", "ray_batch", "visualize"])
+@pytest.mark.parametrize(
+    "name", ["batch_offline", "openai_client", "ray_batch", "ray_serve", "visualize", "demo"]
+)
 def test_every_option_of_every_example_has_help_text(examples, name):
     module = examples(name)
     for parser in parsers(module.build_parser()):
@@ -84,6 +89,19 @@ def test_an_invalid_reduction_option_is_rejected_before_any_engine_starts(tmp_pa
     assert done.returncode == 2 and "k_neighbors" in done.stderr
     done = run_example("ray_batch.py", tmp_path, "--tiny", "--mode", "fixed")
     assert done.returncode == 2 and "budget" in done.stderr
+    done = run_example("ray_serve.py", "--tiny", "--option", "k_neighbors=0")
+    assert done.returncode == 2 and "k_neighbors" in done.stderr
+    done = run_example("demo.py", "--mode", "fixed")
+    assert done.returncode == 2 and "budget" in done.stderr
+
+
+def test_ray_batch_concurrency_is_n_or_min_max(examples):
+    ray_batch = examples("ray_batch")
+    assert ray_batch.concurrency_value("3") == 3
+    assert ray_batch.concurrency_value("1,4") == (1, 4)
+    for bad in ("0", "4,1", "x", "1,2,3"):
+        with pytest.raises(ValueError, match="--concurrency"):
+            ray_batch.concurrency_value(bad)
 
 
 def test_reduction_options_keep_fixed_budgets_to_fixed_mode(examples):

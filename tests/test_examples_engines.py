@@ -9,6 +9,8 @@ to `len(features)` of `PruMergeEncoder.encode` on the same image and config.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -185,3 +187,114 @@ def test_openai_client_chooses_the_mode_per_request(tiny_llava, inputs, tmp_path
         # usage.prompt_tokens counts the reduced visual tokens: the rest is the same text.
         text_tokens.setdefault(name, set()).add(r["prompt_tokens"] - r["image_tokens"])
     assert all(len(counts) == 1 for counts in text_tokens.values()), text_tokens
+
+
+# --- demo.py (`make demo`) --------------------------------------------------------------------
+
+DEMO_ROW = re.compile(r"^  (prumerge\+?|fixed|off \(stock\))\s+(\d+)\s+[\d.]+ %\s+'")
+
+
+def run_demo(*args, env):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+
+
+@pytest.mark.engine
+@pytest.mark.timeout(900)
+def test_demo_fits_one_screen_with_one_table_per_image_and_no_info_logs(tiny_llava, tmp_path):
+    from tests.hf_reference import HFPruMergeLlava
+    from vllm_prumerge.testing import make_scenes
+
+    env = tiny_cache_env(tiny_llava, tmp_path)
+    done = run_demo("--images", 3, "--max-tokens", 4, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    assert len(output.splitlines()) <= 30, output  # one terminal screen
+    assert not any(word in output for word in (" INFO ", " WARNING ", "Traceback")), output
+    assert max(map(len, output.splitlines())) <= 100, output
+    assert "[3/3]" in done.stdout and "done in" in done.stdout  # progress
+
+    hf = HFPruMergeLlava(tiny_llava)
+    expected = [len(hf.image_features(image, PruMergeConfig())) for image in make_scenes(3, seed=0)]
+    tables = done.stdout.split("\nimage ")[1:]
+    assert [t.split(" ", 1)[0] for t in tables] == ["1/3", "2/3", "3/3"]
+    for table, count in zip(tables, expected, strict=True):
+        rows = [m.groups() for m in map(DEMO_ROW.match, table.splitlines()) if m]
+        assert rows == [("prumerge", str(count)), ("off (stock)", "576")], table
+
+
+@pytest.mark.timeout(300)
+def test_demo_shows_errors_in_full_and_info_logs_only_when_verbose(tmp_path):
+    missing = tmp_path / "no-such-checkpoint"
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
+    quiet = run_demo("--model", missing, env=env)
+    assert quiet.returncode == 1
+    assert "Traceback" in quiet.stderr and str(missing) in quiet.stderr.splitlines()[-1]
+    assert " INFO " not in quiet.stdout + quiet.stderr
+    verbose = run_demo("--model", missing, "--verbose", env=env)
+    assert verbose.returncode == 1 and " INFO " in verbose.stdout + verbose.stderr
+
+
+# --- ray_serve.py -----------------------------------------------------------------------------
+
+
+@pytest.mark.server
+@pytest.mark.timeout(900)
+def test_ray_serve_llm_serves_the_plugin_with_per_request_modes(tiny_llava, inputs, tmp_path):
+    pytest.importorskip("grpc_reflection", reason="Ray Serve needs ray[serve]")
+    import signal
+    import time
+
+    from tests.hf_reference import HFPruMergeLlava
+    from vllm_prumerge.testing.server import free_port
+
+    ready = tmp_path / "ready"
+    log = (tmp_path / "ray_serve.log").open("w")
+    args = ["--tiny", "--dtype", "float32", "--trust-request-mm-kwargs"]
+    server = subprocess.Popen(
+        [
+            *[sys.executable, str(ROOT / "examples" / "ray_serve.py"), *args],
+            *["--port", str(free_port()), "--ready-file", str(ready)],
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=tiny_cache_env(tiny_llava, tmp_path),
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not ready.exists():
+            assert server.poll() is None, (tmp_path / "ray_serve.log").read_text()[-6000:]
+            assert time.monotonic() < deadline, "Ray Serve LLM did not start in 600 s"
+            time.sleep(2)
+        scenes = [inputs / "scene_00.png", inputs / "scene_02.png"]
+        output = tmp_path / "client.jsonl"
+        base_url = ready.read_text().strip() + "/v1"
+        modes = ["--mode", "server", "--mode", "prumerge+", "--mode", "off"]
+        run_example("openai_client.py", *scenes, "--base-url", base_url, *modes, "--output", output)
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+    assert server.returncode == 0, (tmp_path / "ray_serve.log").read_text()[-6000:]
+
+    hf = HFPruMergeLlava(tiny_llava)
+    images = {p.name: Image.open(p).convert("RGB") for p in scenes}
+    records = read_jsonl(output)
+    assert len(records) == 6 and not any(r["error"] for r in records)
+    # Ray Serve LLM has no /tokenize: usage.prompt_tokens carries the count (text + visual).
+    (text_tokens,) = {r["prompt_tokens"] - 576 for r in records if r["mode"] == "off"}
+    for r in records:
+        mode = "prumerge" if r["mode"] == "server" else r["mode"]  # the server's default
+        image = images[Path(r["image"]).name]
+        expected = len(hf.image_features(image, PruMergeConfig(mode=mode)))
+        assert r["prompt_tokens"] == text_tokens + expected, r
