@@ -101,17 +101,17 @@ def vllm_processor(checkpoint: str):
     return MULTIMODAL_REGISTRY.create_processor(model_config), model_config
 
 
-def process(processor, image) -> list[int]:
-    """One prompt with one image through `processor.apply`, under vLLM's pre-processing thread
+def process(processor, *images) -> list[int]:
+    """One prompt with `images` through `processor.apply`, under vLLM's pre-processing thread
     setting (OMP_NUM_THREADS unset: 1 thread); the prompt token ids."""
     from vllm.multimodal.processing.context import TimingContext
     from vllm.multimodal.processing.inputs import ProcessorInputs
     from vllm.utils.torch_utils import set_default_torch_num_threads
 
-    prompt = processor.info.get_tokenizer().encode("USER: <image>\nWhat is this? ASSISTANT:")
+    text = "USER: " + "<image>\n" * len(images) + "What is this? ASSISTANT:"
     inputs = ProcessorInputs(
-        prompt=prompt,
-        mm_data_items=processor.info.parse_mm_data({"image": [image]}),
+        prompt=processor.info.get_tokenizer().encode(text),
+        mm_data_items=processor.info.parse_mm_data({"image": list(images)}),
         hf_processor_mm_kwargs={"prumerge": "prumerge"},
     )
     with set_default_torch_num_threads():
@@ -144,3 +144,16 @@ def test_a_bad_server_setting_fails_with_the_variables_name(tiny_llava, monkeypa
     processor, _ = vllm_processor(tiny_llava)
     with pytest.raises(ValueError, match=ENV):
         processor.info.encoder  # noqa: B018  the property builds the encoder
+
+
+def test_all_images_of_a_request_go_through_the_tower_in_one_batch(tiny_llava, scenes, monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    processor, model_config = vllm_processor(tiny_llava)
+    batches: list[int] = []
+    tower = processor.info.encoder.tower
+    embeddings = next(m for name, m in tower.named_modules() if name.endswith("embeddings"))
+    embeddings.register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
+    token_ids = process(processor, *scenes[:3])
+    assert batches == [3]  # one tower forward for the request's three images
+    visual = token_ids.count(model_config.hf_config.image_token_index)
+    assert 3 * 2 <= visual <= 3 * 577
