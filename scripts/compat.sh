@@ -81,6 +81,8 @@ PY
   # The project's own requirements (setup.cfg) resolve together with vLLM's.
   pip install --progress-bar off -r "$env_dir/vllm-requirements.txt" \
     "transformers>=5.16.1,<5.20"
+  log "pip's conflict report above (GPU kernels, torch pins, certifi) lists what is left out or"
+  log "relaxed on purpose; see the top of scripts/compat.sh"
   "$env_dir/bin/python" -c 'import vllm, torch; print(f"[compat] vllm {vllm.__version__}, torch {torch.__version__}")' >&2
   touch "$env_dir/.complete"
   log "built in $((SECONDS - start)) s"
