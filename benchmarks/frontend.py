@@ -146,10 +146,15 @@ def crops_of(processor: Any, pixel_values: Any, image: Any) -> Any:
     return pixel_values
 
 
-def timed(fn: Any) -> tuple[Any, float]:
+def timed(row: dict[str, Any], key: str, fn: Any) -> Any:
+    """Run `fn`; record its wall seconds as row[key] and the process's CPU seconds (every
+    thread) as row[key + "_cpu"]; return its result."""
+    cpu = time.process_time()
     start = time.perf_counter()
     result = fn()
-    return result, time.perf_counter() - start
+    row[key] = time.perf_counter() - start
+    row[key + "_cpu"] = time.process_time() - cpu
+    return result
 
 
 def time_image(
@@ -175,11 +180,13 @@ def time_image(
     hf_config = model_config.hf_config
     url = data_url(image)
     row: dict[str, Any] = {}
-    decoded, row["decode"] = timed(lambda: fetch_image(url))
+    decoded = timed(row, "decode", lambda: fetch_image(url))
     image_processor = processor.info.get_hf_processor().image_processor
     image = getattr(decoded, "media", decoded)  # vLLM keeps the encoded bytes beside the image
-    pixels, row["image_processor"] = timed(
-        lambda: image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    pixels = timed(
+        row,
+        "image_processor",
+        lambda: image_processor(images=[image], return_tensors="pt")["pixel_values"],
     )
     crops = crops_of(processor, pixels, image)
     previous = torch.get_num_threads()
@@ -187,15 +194,17 @@ def time_image(
     try:
         with torch.inference_mode():
             if config is None:
-                _, row["tower"] = timed(lambda: tower(crops.to(tower.dtype)))
-                row["reduction"] = 0.0
+                timed(row, "tower", lambda: tower(crops.to(tower.dtype)))
+                row["reduction"] = row["reduction_cpu"] = 0.0
             else:
-                scores, row["tower"] = timed(
+                scores = timed(
+                    row,
+                    "tower",
                     lambda: tower_scores(
                         tower, crops, hf_config.vision_feature_layer, config.importance
-                    )
+                    ),
                 )
-                _, row["reduction"] = timed(lambda: reduce_by_importance(*scores, config))
+                timed(row, "reduction", lambda: reduce_by_importance(*scores, config))
     finally:
         torch.set_num_threads(previous)
 
@@ -210,11 +219,11 @@ def time_image(
     with set_default_torch_num_threads(threads):
         if config is not None:
             processor.info.encoder.num_threads = threads
-        result, row["vllm_processor"] = timed(lambda: processor.apply(inputs, timing))
+        result = timed(row, "vllm_processor", lambda: processor.apply(inputs, timing))
     row["vllm_processor_stages"] = dict(timing.stage_secs)
     row["visual_tokens"] = result["prompt_token_ids"].count(hf_config.image_token_index)
     encoder = MsgpackEncoder()
-    buffers, row["handoff"] = timed(lambda: encoder.encode(result["mm_kwargs"]))
+    buffers = timed(row, "handoff", lambda: encoder.encode(result["mm_kwargs"]))
     row["handoff_bytes"] = sum(len(memoryview(b).cast("B")) for b in buffers)
     row["crops"] = int(crops.shape[0])
     return row
@@ -248,6 +257,8 @@ def markdown_report(data: dict[str, Any]) -> str:
         "hand-off",
         "sum of stages",
         "vLLM processor",
+        "tower CPU",
+        "vLLM processor CPU",
         "hand-off KB",
     ]
     rows = [
@@ -258,6 +269,8 @@ def markdown_report(data: dict[str, Any]) -> str:
             *(r["ms"][stage]["p50"] for stage in STAGES),
             r["sum_of_stages_ms_p50"],
             r["ms"]["vllm_processor"]["p50"],
+            r["cpu_ms"]["tower"]["p50"],
+            r["cpu_ms"]["vllm_processor"]["p50"],
             r["handoff_bytes"]["mean"] / 1024,
         ]
         for r in data["results"]
@@ -273,7 +286,9 @@ def markdown_report(data: dict[str, Any]) -> str:
             f", torch {versions.get('torch')}, transformers {versions.get('transformers')}; "
             f"{env['date']}.",
             "",
-            "Milliseconds per image (medians). `stock`: stock vLLM's front end is decode, image "
+            "Milliseconds per image (medians; wall time, and the process's CPU time over all "
+            "its threads for the tower and vLLM's processor: on a shared machine, CPU time is "
+            "the less disturbed figure). `stock`: stock vLLM's front end is decode, image "
             "processor and hand-off (of pixel values); its `tower` runs in the engine's worker "
             "(timed here with the same weights and threads for comparison). Plugin rows: every "
             "stage runs in the API server's pre-processing thread. `vLLM processor` = vLLM's own "
@@ -294,8 +309,9 @@ METHOD = (
     "stock: the same tower module's forward), vllm_prumerge.reduction.reduce_by_importance and "
     "vLLM's MsgpackEncoder on the processor's mm_kwargs; the tower and reduction run with "
     "torch.set_num_threads(threads), vLLM's processor under set_default_torch_num_threads("
-    "threads) with the plugin's tower at the same count. Medians over the timed images, after "
-    "--warmup untimed ones per setting."
+    "threads) with the plugin's tower at the same count. Settings are interleaved image by "
+    "image (every setting times image 1, then image 2, ...), so a change of machine load "
+    "affects them alike. Medians over the timed images, after --warmup untimed images."
 )
 
 
@@ -319,34 +335,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = tuple(args.image_size)
     items = build_workload(args.num_images, args.seed, args.images, size=size)
     warm = build_workload(max(args.warmup, 1), args.seed, args.images, start=len(items), size=size)
-    results = []
+    per_setting: list[list[dict[str, Any]]] = [[] for _ in settings]
     with progress(len(settings) * len(items), "front end", disable=args.no_progress) as bar:
-        for name, config, threads in settings:
-            bar.set_description(f"{name}, {threads} thread(s)")
-            processor = stock if config is None else plugin
-            for item in warm[: args.warmup]:
-                time_image(processor, model_config, tower, item.image, item.question, config, 1)
-            rows = []
-            for item in items:
+        for item in warm[: args.warmup]:
+            for _, config, threads in settings:
+                processor = stock if config is None else plugin
+                time_image(
+                    processor, model_config, tower, item.image, item.question, config, threads
+                )
+        for item in items:  # every setting on this image, then the next image
+            for rows, (name, config, threads) in zip(per_setting, settings, strict=True):
+                bar.set_description(f"{name}, {threads} thread(s)")
+                processor = stock if config is None else plugin
                 rows.append(
                     time_image(
                         processor, model_config, tower, item.image, item.question, config, threads
                     )
                 )
                 bar.update(1)
-            ms = {key: summary([1e3 * r[key] for r in rows]) for key in (*STAGES, "vllm_processor")}
-            results.append(
-                {
-                    "name": name,
-                    "threads": threads,
-                    "visual_tokens": summary([r["visual_tokens"] for r in rows]),
-                    "crops": summary([r["crops"] for r in rows]),
-                    "ms": ms,
-                    "sum_of_stages_ms_p50": sum(ms[stage]["p50"] for stage in STAGES),
-                    "handoff_bytes": summary([r["handoff_bytes"] for r in rows]),
-                    "per_image": rows,
-                }
-            )
+    results = []
+    for rows, (name, _, threads) in zip(per_setting, settings, strict=True):
+        keys = (*STAGES, "vllm_processor")
+        ms = {key: summary([1e3 * r[key] for r in rows]) for key in keys}
+        results.append(
+            {
+                "name": name,
+                "threads": threads,
+                "visual_tokens": summary([r["visual_tokens"] for r in rows]),
+                "crops": summary([r["crops"] for r in rows]),
+                "ms": ms,
+                "cpu_ms": {key: summary([1e3 * r[key + "_cpu"] for r in rows]) for key in keys},
+                "sum_of_stages_ms_p50": sum(ms[stage]["p50"] for stage in STAGES),
+                "handoff_bytes": summary([r["handoff_bytes"] for r in rows]),
+                "per_image": rows,
+            }
+        )
     data = {
         "benchmark": "front end per image",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

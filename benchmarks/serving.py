@@ -67,6 +67,7 @@ from _common import (
 )
 
 VISUAL_METRIC = "vllm_prumerge:visual_tokens_per_image"
+TOWER_METRIC = "vllm_prumerge:reduction_seconds"  # tower + reduction, per processed batch
 KV_METRIC = "vllm:kv_cache_usage_perc"
 RUNNING_METRIC = "vllm:num_requests_running"
 WAITING_METRIC = "vllm:num_requests_waiting"
@@ -468,7 +469,19 @@ async def measure_batch(
             before, name, mode=mode
         )
     visual["mean"] = visual["sum"] / visual["count"] if visual["count"] else math.nan
-    return {"results": results, "seconds": seconds, "visual": visual, "peaks": peaks}
+    tower_name = f"{TOWER_METRIC}_sum"
+    tower_seconds = (
+        metric_total(after, tower_name, mode=mode) - metric_total(before, tower_name, mode=mode)
+        if mode is not None
+        else 0.0
+    )
+    return {
+        "results": results,
+        "seconds": seconds,
+        "visual": visual,
+        "tower_seconds": tower_seconds,
+        "peaks": peaks,
+    }
 
 
 def figures(batches: list[dict[str, Any]]) -> dict[str, Any]:
@@ -485,6 +498,7 @@ def figures(batches: list[dict[str, Any]]) -> dict[str, Any]:
     output = [r["output_tokens"] for r in ok]
     visual_sum = sum(batch["visual"]["sum"] for batch in batches)
     visual_count = sum(batch["visual"]["count"] for batch in batches)
+    tower_seconds = sum(batch.get("tower_seconds", 0.0) for batch in batches)
     peaks: dict[str, float] = {}
     for batch in batches:
         for key, value in batch["peaks"].items():
@@ -508,6 +522,10 @@ def figures(batches: list[dict[str, Any]]) -> dict[str, Any]:
         "output_tokens": summary(output),
         "visual_tokens_mean": visual_sum / visual_count if visual_count else math.nan,
         "visual_images": visual_count,
+        # The plugin's front end in the server: tower + reduction wall seconds per image, and
+        # their sum over the measured time (>= 1 per API server: the front end never idled).
+        "tower_ms_per_image": 1e3 * tower_seconds / visual_count if visual_count else math.nan,
+        "tower_busy": tower_seconds / seconds,
         "ttft_ms": {k: 1e3 * v for k, v in summary([r["ttft"] for r in ok]).items()},
         "tpot_ms": {k: 1e3 * v for k, v in summary(tpot).items()},
         "itl_ms": {k: 1e3 * v for k, v in summary(itl).items()},
@@ -837,6 +855,8 @@ def text_section(data: dict[str, Any]) -> list[str]:
         "text TTFT p50",
         "E2E p50",
         "text E2E p50",
+        "tower ms/img",
+        "tower busy",
     ]
     rows = [
         [
@@ -854,6 +874,8 @@ def text_section(data: dict[str, Any]) -> list[str]:
             r["text"]["ttft_ms"]["p50"],
             r["e2el_ms"]["p50"],
             r["text"]["e2el_ms"]["p50"],
+            r["tower_ms_per_image"],
+            r["tower_busy"] if r["name"] != STOCK else None,
         ]
         for r in runs
     ]
@@ -865,7 +887,10 @@ def text_section(data: dict[str, Any]) -> list[str]:
         "prompt tok` shows the match), same output length, same server, measured right after "
         "the image requests. `of text` = image req/s / text req/s: 1.0 = the images cost "
         "nothing beyond their tokens. `x stock` = ratio to stock vLLM's req/s for the same "
-        "images.",
+        "images. `tower ms/img` = the plugin's tower + reduction wall time per image in the "
+        "server during the batch (its `vllm_prumerge:reduction_seconds`), `tower busy` = that "
+        "time summed over the batch / the batch's duration: near 1 per API-server process, the "
+        "front end was busy the whole time (the bottleneck).",
         "",
         markdown_table(header, rows),
     ]

@@ -1,9 +1,10 @@
 """The benchmark scripts end to end on tiny workloads: they run, and their figures are consistent.
 
-Each script runs as a user would run it (a subprocess, on the session's generated checkpoint) and
-the test reads what it wrote: the JSON's token counts are the real ones (stock = 576 per image,
-fixed budgets = budget + 1, PruMerge's equal the core encoder's), ratios follow from the figures,
-and the Markdown table and PNG plots exist.
+Each script runs as a user would run it (a subprocess, on a generated checkpoint) and the test
+reads what it wrote: the JSON's token counts are the real ones (stock = 576 per image, 729 for
+SigLIP, transformers' own count for LLaVA-NeXT; fixed budgets = budget + 1, PruMerge's equal the
+core encoder's), text-equivalent requests have exactly their image requests' prompt length,
+ratios follow from the figures, and the Markdown tables and PNG plots exist. Never timing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import family_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -39,6 +42,24 @@ def run_script(args: list[str], timeout: float = 600) -> subprocess.CompletedPro
 
 def assert_png(path: Path) -> None:
     assert path.read_bytes()[:8] == PNG_MAGIC, f"{path} is not a PNG"
+
+
+@pytest.fixture(scope="module")
+def family_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """The session's generated tiny LLaVA-NeXT and SigLIP-LLaVA checkpoints."""
+    return {
+        family: family_checkpoint(family, tmp_path_factory) for family in ("llava_next", "siglip")
+    }
+
+
+def stock_image_tokens(checkpoint: str, image) -> int:
+    """Visual tokens of one image by transformers' own processor (independent of vLLM and of
+    the plugin): the count of the image token in the expanded prompt."""
+    from transformers import AutoConfig, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    ids = processor(images=[image], text="USER: <image>\nWhat? ASSISTANT:")["input_ids"][0]
+    return list(ids).count(AutoConfig.from_pretrained(checkpoint).image_token_index)
 
 
 def test_configuration_strings_parse_to_request_options():
@@ -122,15 +143,98 @@ def test_throughput_script_reports_real_token_counts_and_consistent_ratios(tiny_
     # 4 x 641 tokens need more KV blocks than 4 x 130: the cache shows it.
     assert off["engine"]["peak_kv_cache_usage"] > fixed["engine"]["peak_kv_cache_usage"]
 
+    # Text-equivalents: the same prompt lengths (the script checks it per request), text only.
+    for r in data["results"]:
+        assert r["text"]["prompt_tokens"] == r["prompt_tokens"]
+        (run,) = r["runs"]
+        for phase in ("engine", "end_to_end"):
+            assert r["text"][phase]["requests_per_s"] > 0
+            assert r["fraction_of_text"][phase] == pytest.approx(
+                run[phase]["requests_per_s"] / run["text"][phase]["requests_per_s"]
+            )
+
     report = (out / "throughput.md").read_text()
     assert "| config | engine req/s |" in report and "| prumerge |" in report
+    assert "## Against the true limit" in report
     assert_png(out / "throughput_vs_tokens.png")
+    assert_png(out / "scaling.png")
     assert_png(out / "visual_tokens_hist.png")
     assert data["environment"]["versions"]["torch"]
 
 
+@pytest.mark.engine
+def test_throughput_script_counts_llava_next_crops(family_checkpoints, tmp_path):
+    checkpoint = family_checkpoints["llava_next"]
+    out = tmp_path / "next"
+    num_prompts = 2
+    run_script(
+        [
+            BENCH / "throughput.py",
+            "--model", checkpoint,
+            "--dtype", "float32",
+            "--image-size", "672x672",
+            "--num-prompts", num_prompts,
+            "--output-len", 2,
+            "--configs", "off,prumerge",
+            "--no-text",
+            "--warmup", 0,
+            "--repeats", 1,
+            "--max-model-len", 4096,
+            "--kv-cache-tokens", 8192,
+            "--max-num-seqs", 4,
+            "--no-progress",
+            "--no-plots",
+            "--out", out,
+        ]
+    )  # fmt: skip
+    data = json.loads((out / "throughput.json").read_text())
+    off, prumerge = data["results"]
+    sys.path.insert(0, str(BENCH))
+    from _common import build_workload
+
+    items = build_workload(num_prompts, data["settings"]["seed"], size=(672, 672))
+    expected = [stock_image_tokens(checkpoint, item.image) for item in items]
+    assert off["visual_tokens_per_request"] == expected == [2928] * num_prompts
+    # 5 crops (base + 2x2 tiles), each reduced on its own: kept + 1 extra token per crop.
+    assert all(5 * 2 <= n < 2928 for n in prumerge["visual_tokens_per_request"])
+    assert "text" not in off
+
+
 @pytest.mark.server
-def test_serving_script_measures_latency_against_a_started_server(tiny_llava, tmp_path):
+def test_serving_script_serves_siglip_llava(family_checkpoints, tmp_path):
+    checkpoint = family_checkpoints["siglip"]
+    out = tmp_path / "siglip"
+    run_script(
+        [
+            BENCH / "serving.py",
+            "--model", checkpoint,
+            "--dtype", "float32",
+            "--configs", "off,prumerge",
+            "--no-text",
+            "--num-prompts", 2,
+            "--output-len", 2,
+            "--warmup", 0,
+            "--repeats", 1,
+            "--max-model-len", 4096,
+            "--kv-cache-tokens", 8192,
+            "--max-num-seqs", 4,
+            "--no-progress",
+            "--no-plots",
+            "--out", out,
+        ]
+    )  # fmt: skip
+    data = json.loads((out / "serving.json").read_text())
+    off, prumerge = data["runs"]
+    assert off["failed"] == prumerge["failed"] == 0
+    assert off["visual_tokens_mean"] == 729  # SigLIP 384/14: every patch, no CLS
+    assert 2 <= prumerge["visual_tokens_mean"] < 729
+    assert off["prompt_tokens"]["mean"] - prumerge["prompt_tokens"]["mean"] == pytest.approx(
+        729 - prumerge["visual_tokens_mean"]
+    )
+
+
+@pytest.mark.server
+def test_serving_script_measures_latency_against_stock_and_text(tiny_llava, tmp_path):
     out = tmp_path / "serving"
     num_prompts, output_len = 3, 3
     run_script(
@@ -138,7 +242,8 @@ def test_serving_script_measures_latency_against_a_started_server(tiny_llava, tm
             BENCH / "serving.py",
             "--model", tiny_llava,
             "--dtype", "float32",
-            "--configs", "off,prumerge",
+            "--configs", "stock,off,prumerge",
+            "--tower-threads", 1,
             "--num-prompts", num_prompts,
             "--output-len", output_len,
             "--warmup", 0,
@@ -151,14 +256,30 @@ def test_serving_script_measures_latency_against_a_started_server(tiny_llava, tm
         ]
     )  # fmt: skip
     data = json.loads((out / "serving.json").read_text())
-    off, prumerge = data["runs"]
-    assert (off["name"], prumerge["name"]) == ("off", "prumerge")
+    stock, off, prumerge = data["runs"]
+    assert (stock["name"], off["name"], prumerge["name"]) == ("stock", "off", "prumerge")
+    assert "--plugin" not in data["servers"]["stock"]
+    assert "VLLM_PRUMERGE_TOWER_THREADS=1" in data["servers"]["plugin"]
     for r in data["runs"]:
         assert r["completed"] == num_prompts and r["failed"] == 0
-        assert r["visual_images"] == num_prompts  # the server's histogram saw every image
         assert r["output_tokens"]["min"] == r["output_tokens"]["max"] == output_len
         assert 0 < r["ttft_ms"]["p50"] <= r["e2el_ms"]["p50"]
         assert r["tpot_ms"]["p50"] > 0 and r["requests_per_s"] > 0
+        # The text-equivalent requests have exactly the image requests' prompt lengths.
+        text = r["text"]
+        assert text["completed"] == num_prompts and text["failed"] == 0
+        assert text["prompt_tokens"] == r["prompt_tokens"]
+        assert r["fraction_of_text"]["requests_per_s"] == pytest.approx(
+            r["requests_per_s"] / text["requests_per_s"]
+        )
+        assert r["ratio_to_stock"]["requests_per_s"] == pytest.approx(
+            r["requests_per_s"] / stock["requests_per_s"]
+        )
+    for r in (off, prumerge):
+        assert r["visual_images"] == num_prompts  # the server's histogram saw every image
+    # Stock vLLM and the plugin's `off` give the same prompts (576 visual tokens per image).
+    assert stock["prompt_tokens"] == off["prompt_tokens"]
+    assert stock["visual_tokens_mean"] == 576
     assert off["visual_tokens_mean"] == 576
     assert prumerge["visual_tokens_mean"] < 576
     # usage.prompt_tokens differs by exactly the visual tokens (same questions).
@@ -168,8 +289,59 @@ def test_serving_script_measures_latency_against_a_started_server(tiny_llava, tm
     assert prumerge["ratio_to_baseline"]["requests_per_s"] == pytest.approx(
         prumerge["requests_per_s"] / off["requests_per_s"]
     )
-    assert "| prumerge |" in (out / "serving.md").read_text()
+    report = (out / "serving.md").read_text()
+    assert "| prumerge |" in report and "## Against the true limit" in report
     assert_png(out / "serving_latency.png")
+
+
+def test_frontend_script_breaks_down_the_plugins_and_stock_front_end(tiny_llava, tmp_path):
+    out = tmp_path / "frontend"
+    num_images = 2
+    run_script(
+        [
+            BENCH / "frontend.py",
+            "--model", tiny_llava,
+            "--dtype", "float32",
+            "--num-images", num_images,
+            "--threads", "1,2",
+            "--modes", "off,prumerge",
+            "--warmup", 0,
+            "--no-progress",
+            "--out", out,
+        ],
+        timeout=300,
+    )  # fmt: skip
+    data = json.loads((out / "frontend.json").read_text())
+    rows = {(r["name"], r["threads"]): r for r in data["results"]}
+    assert set(rows) == {(n, t) for n in ("stock", "off", "prumerge") for t in (1, 2)}
+    for (name, _), r in rows.items():
+        assert len(r["per_image"]) == num_images
+        for stage in ("decode", "image_processor", "tower", "handoff", "vllm_processor"):
+            assert r["ms"][stage]["min"] > 0, (name, stage)
+        assert (r["ms"]["reduction"]["max"] == 0) == (name == "stock")
+    # Counts: stock vLLM's and `off` are 576; PruMerge's are the core encoder's.
+    for threads in (1, 2):
+        assert [i["visual_tokens"] for i in rows[("stock", threads)]["per_image"]] == [576] * 2
+        assert [i["visual_tokens"] for i in rows[("off", threads)]["per_image"]] == [576] * 2
+    sys.path.insert(0, str(BENCH))
+    from _common import build_workload
+    from transformers import AutoConfig, AutoProcessor
+
+    from vllm_prumerge import PruMergeConfig
+    from vllm_prumerge.encoder import PruMergeEncoder
+
+    items = build_workload(num_images, data["settings"]["seed"])
+    pixels = AutoProcessor.from_pretrained(tiny_llava).image_processor(
+        images=[item.image for item in items], return_tensors="pt"
+    )["pixel_values"]
+    encoder = PruMergeEncoder(tiny_llava, AutoConfig.from_pretrained(tiny_llava).vision_config)
+    expected = [len(f) for f in encoder.encode(pixels, PruMergeConfig()).features]
+    assert [i["visual_tokens"] for i in rows[("prumerge", 1)]["per_image"]] == expected
+    # What crosses to the engine: stock's pixel values (3 x 336 x 336 float32) outweigh the
+    # reduced features (a few 64-wide rows).
+    assert rows[("stock", 1)]["handoff_bytes"]["min"] >= 3 * 336 * 336 * 4
+    assert rows[("prumerge", 1)]["handoff_bytes"]["max"] < rows[("off", 1)]["handoff_bytes"]["min"]
+    assert "| prumerge | 1 |" in (out / "frontend.md").read_text()
 
 
 def test_prefill_script_runs_at_a_tiny_shape_on_cpu_without_vllm(tmp_path):
