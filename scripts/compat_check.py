@@ -177,6 +177,60 @@ def check_front_end(checkpoint: str, namespace: argparse.Namespace) -> None:
         raise CheckFailed("mm_processor_kwargs k_neighbors=0 was accepted")
 
 
+def check_families() -> None:
+    """Every other family's front end: the architecture is picked from the checkpoint, and each
+    image's placeholders equal the transformers pipeline's count (LLaVA-NeXT / OneVision crops
+    summed; `off` = stock packing), in reduced modes and `off`."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.renderers.registry import renderer_from_config
+
+    from tests.hf_reference import HFPruMergeLlava
+    from vllm_prumerge import engine_kwargs
+    from vllm_prumerge.config import PruMergeConfig
+    from vllm_prumerge.serving.options import ARCHITECTURES
+    from vllm_prumerge.testing import TinyLlavaSpec, cached_tiny_llava, make_scenes
+
+    images = [
+        image.resize(size)
+        for image, size in zip(make_scenes(2, seed=4), [(700, 700), (300, 700)], strict=True)
+    ]
+    for family, architecture in (
+        ("llava_next", "LlavaNextForConditionalGeneration"),
+        ("siglip", "LlavaForConditionalGeneration"),
+        ("onevision", "LlavaOnevisionForConditionalGeneration"),
+    ):
+        checkpoint = str(cached_tiny_llava(TinyLlavaSpec(family=family)))
+        engine = EngineArgs(
+            model=checkpoint, dtype="float32", max_model_len=4096, **engine_kwargs("prumerge")
+        )
+        config = engine.create_engine_config()
+        check(
+            config.model_config.architectures == [ARCHITECTURES[architecture]],
+            f"{family}: the engine config selects {ARCHITECTURES[architecture]}",
+        )
+        renderer = renderer_from_config(config)
+        image_token = config.model_config.hf_config.image_token_index
+        reference = HFPruMergeLlava(checkpoint)
+        prompts, expected = [], []
+        for image in images:
+            for mode in ("prumerge", "prumerge+", "off"):
+                prompts.append(
+                    {
+                        "prompt": PROMPT,
+                        "multi_modal_data": {"image": image},
+                        "mm_processor_kwargs": {"prumerge": mode},
+                    }
+                )
+                expected.append(len(reference.image_embeds(image, PruMergeConfig(mode=mode))))
+        counts = [
+            out["prompt_token_ids"].count(image_token) for out in renderer.render_cmpl(prompts)
+        ]
+        check(
+            counts == expected,
+            f"{family}: placeholders per image equal the transformers pipeline's: {counts}",
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -212,6 +266,8 @@ def main() -> int:
         checkpoint = args.checkpoint or str(cached_tiny_llava())
         namespace = check_cli(checkpoint)
         check_front_end(checkpoint, namespace)
+        if args.checkpoint is None:
+            check_families()
     except CheckFailed as exc:
         print(f"FAIL {exc}", file=sys.stderr)
         return 1

@@ -246,7 +246,6 @@ def test_demo_shows_errors_in_full_and_info_logs_only_when_verbose(tmp_path):
 @pytest.mark.server
 @pytest.mark.timeout(900)
 def test_ray_serve_llm_serves_the_plugin_with_per_request_modes(tiny_llava, inputs, tmp_path):
-    pytest.importorskip("grpc_reflection", reason="Ray Serve needs ray[serve]")
     import signal
     import time
 

@@ -1,7 +1,7 @@
 """`--plugin prumerge` and `--prumerge-*` for vLLM's CLI (`vllm serve`, `vllm bench ...`).
 
 vLLM has no `--plugin` flag, but it loads general plugins while it builds its argument parser,
-right before `EngineArgs.add_cli_args(parser)`. We wrap that one static method (vLLM 0.32 only)
+right before `EngineArgs.add_cli_args(parser)`. We wrap that one static method (vLLM 0.32 / 0.33)
 to add our argument group, and wrap that parser's `parse_known_args` to turn the parsed flags
 into the real engine argument `hf_overrides` (a :class:`PruMergeOverrides` that picks the
 family's model class and sets our options), so everything after parsing is stock vLLM. Without
