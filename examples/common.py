@@ -45,8 +45,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument(
         "--model",
-        help="LLaVA-1.5 checkpoint: a Hugging Face hub id (e.g. llava-hf/llava-1.5-7b-hf) or a "
-        "local folder in the hub layout.",
+        help="A checkpoint of a supported LLaVA family (README: Supported checkpoints): a Hugging "
+        "Face hub id (e.g. llava-hf/llava-1.5-7b-hf) or a local folder in the hub layout. Offline "
+        "prompts use LLaVA-1.5's 'USER: <image>\\n... ASSISTANT:' format.",
     )
     group.add_argument(
         "--tiny",
