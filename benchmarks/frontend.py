@@ -137,11 +137,12 @@ def make_processor(model: str, dtype: str, plugin: bool) -> tuple[Any, Any]:
     return MULTIMODAL_REGISTRY.create_processor(model_config), model_config
 
 
-def crops_of(processor: Any, pixel_values: Any, image: Any) -> Any:
-    """The tower batch of one image `[n, 3, H, W]`: the image itself, or LLaVA-NeXT's crops."""
+def crops_of(tower_info: Any, pixel_values: Any, image: Any) -> Any:
+    """The tower batch of one image `[n, 3, H, W]`: the image itself, or LLaVA-NeXT's crops
+    (counted by the plugin's processing info, `tower_info`)."""
     if pixel_values.dim() == 5:  # [1, max_crops, 3, H, W], zero-padded
         width, height = image.size
-        count = processor.info.get_num_crops(image_width=width, image_height=height)
+        count = tower_info.get_num_crops(image_width=width, image_height=height)
         return pixel_values[0, :count]
     return pixel_values
 
@@ -160,13 +161,14 @@ def timed(row: dict[str, Any], key: str, fn: Any) -> Any:
 def time_image(
     processor: Any,
     model_config: Any,
-    tower: Any,
+    tower_info: Any,
     image: Any,
     question: str,
     config: Any,
     threads: int,
 ) -> dict[str, Any]:
-    """Every stage for one image; `config` None = stock vLLM (its tower timed separately)."""
+    """Every stage for one image; `config` None = stock vLLM (its tower timed separately).
+    `tower_info`: the plugin's processing info, whose encoder holds the tower."""
     import torch
     from vllm.multimodal.processing.context import TimingContext
     from vllm.multimodal.processing.inputs import ProcessorInputs
@@ -178,6 +180,7 @@ def time_image(
     from vllm_prumerge.vision import tower_scores
 
     hf_config = model_config.hf_config
+    tower = tower_info.encoder.tower
     url = data_url(image)
     row: dict[str, Any] = {}
     decoded = timed(row, "decode", lambda: fetch_image(url))
@@ -188,7 +191,7 @@ def time_image(
         "image_processor",
         lambda: image_processor(images=[image], return_tensors="pt")["pixel_values"],
     )
-    crops = crops_of(processor, pixels, image)
+    crops = crops_of(tower_info, pixels, image)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -331,7 +334,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = args.model or synthetic_checkpoint(args.synthetic, args.family, args.tower)[0]
     plugin, model_config = make_processor(model, args.dtype, plugin=True)
     stock = make_processor(model, args.dtype, plugin=False)[0] if args.stock else None
-    tower = plugin.info.encoder.tower  # one copy of the weights for every setting
     size = tuple(args.image_size)
     items = build_workload(args.num_images, args.seed, args.images, size=size)
     warm = build_workload(max(args.warmup, 1), args.seed, args.images, start=len(items), size=size)
@@ -341,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for _, config, threads in settings:
                 processor = stock if config is None else plugin
                 time_image(
-                    processor, model_config, tower, item.image, item.question, config, threads
+                    processor, model_config, plugin.info, item.image, item.question, config, threads
                 )
         for item in items:  # every setting on this image, then the next image
             for rows, (name, config, threads) in zip(per_setting, settings, strict=True):
@@ -349,7 +351,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 processor = stock if config is None else plugin
                 rows.append(
                     time_image(
-                        processor, model_config, tower, item.image, item.question, config, threads
+                        processor,
+                        model_config,
+                        plugin.info,
+                        item.image,
+                        item.question,
+                        config,
+                        threads,
                     )
                 )
                 bar.update(1)
