@@ -167,3 +167,13 @@ def test_vllm_serve_help_documents_the_plugin_options():
         "--prumerge-importance",
     ):
         assert flag in out, flag
+
+
+def test_a_bad_tower_thread_count_is_a_parser_error_at_start_up(
+    serve_parser, capsys, model, monkeypatch
+):
+    monkeypatch.setenv("VLLM_PRUMERGE_TOWER_THREADS", "many")
+    with pytest.raises(SystemExit) as exc:
+        serve_parser.parse_args(["serve", model, "--plugin", "prumerge"])
+    assert exc.value.code == 2
+    assert "VLLM_PRUMERGE_TOWER_THREADS" in capsys.readouterr().err

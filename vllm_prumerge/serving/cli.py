@@ -139,6 +139,9 @@ def apply_plugin_args(namespace: argparse.Namespace) -> None:
             )
         return
     PruMergeConfig.from_dict(options)  # validated now; merged with the checkpoint's later
+    from vllm_prumerge.encoder import PruMergeEncoder
+
+    PruMergeEncoder.threads_from_env()  # a bad VLLM_PRUMERGE_TOWER_THREADS fails here, not later
     overrides = getattr(namespace, "hf_overrides", None) or {}
     if not isinstance(overrides, dict):
         raise ValueError("--plugin prumerge needs --hf-overrides to be a JSON object")
