@@ -1,4 +1,4 @@
-"""`vllm serve CKPT --plugin prumerge` on LLaVA-NeXT and SigLIP-LLaVA checkpoints, as a subprocess.
+"""`vllm serve CKPT --plugin prumerge` on LLaVA-NeXT, SigLIP-LLaVA and LLaVA-OneVision checkpoints.
 
 One server per family (module-scoped), checked through the OpenAI client against independent
 figures: the prompt's text tokens come from the checkpoint's own tokenizer and chat template
@@ -6,7 +6,8 @@ figures: the prompt's text tokens come from the checkpoint's own tokenizer and c
 tests/hf_reference.py (reduced modes: the crops' reduced features, concatenated; LLaVA-NeXT
 `off`: transformers' own anyres packing, unpadding and newlines included). Bad input is answered
 with HTTP 400 and the server keeps serving; `/metrics` counts one observation per image, valued
-at the image's whole count (for LLaVA-NeXT: summed over its crops).
+at the image's whole count (for LLaVA-NeXT: summed over its crops); OneVision refuses videos with
+HTTP 400.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ QUESTION = "What is shown in this image?"
 METRIC = "vllm_prumerge:visual_tokens_per_image"
 
 
-@pytest.fixture(scope="module", params=["llava_next", "siglip"])
+@pytest.fixture(scope="module", params=["llava_next", "siglip", "onevision"])
 def family(request, tmp_path_factory):
     """(family name, checkpoint path) of a generated checkpoint of that family."""
     return request.param, family_checkpoint(request.param, tmp_path_factory)
@@ -76,9 +77,10 @@ def hf(family):
 
 @pytest.fixture(scope="module")
 def images(family, scenes):
-    """LLaVA-NeXT: sizes that give the three grids of the tiny pinpoints (2x2, 1x2, 2x1) and a
-    small image (upscaled to 1x2). SigLIP (always one 384 px crop): a square and a wide image."""
-    if family[0] == "llava_next":
+    """LLaVA-NeXT / OneVision: sizes that give the three grids of the tiny pinpoints (2x2, 1x2,
+    2x1) and a small image (upscaled to 1x2). SigLIP (always one 384 px crop): a square and a
+    wide image."""
+    if family[0] != "siglip":
         sizes = [(700, 700), (672, 336), (300, 700), (200, 150)]
     else:
         sizes = [(336, 336), (700, 300)]
@@ -144,7 +146,7 @@ def test_prompt_tokens_are_the_text_plus_each_images_independent_count(
             reply = _chat(client, model_name, [url], mode=mode)
             assert reply.usage.prompt_tokens == text + expected, (image.size, mode)
             seen[image.size, mode] = expected
-    if family[0] == "llava_next":
+    if family[0] != "siglip":
         # The images cover different grids: each has its own stock cost (base view + unpadded
         # tiles + newlines).
         assert len({seen[im.size, "off"] for im in images}) == len(images)
@@ -199,7 +201,7 @@ def test_cls_importance_is_a_400_naming_cls_on_siglip_and_the_default_on_clip(
     from openai import BadRequestError
 
     url = data_url(images[0])
-    if family[0] == "siglip":
+    if family[0] != "llava_next":  # SigLIP towers
         with pytest.raises(BadRequestError) as exc:
             _chat(client, model_name, [url], mode={"importance": "cls"})
         assert exc.value.status_code == 400
@@ -241,3 +243,20 @@ def test_metrics_count_one_observation_per_image_valued_at_its_whole_count(
     assert (count, total) == (2, pair_visual)
     count, total = (a - b for a, b in zip(after["prumerge+"], before["prumerge+"], strict=True))
     assert (count, total) == (1, single_visual)
+
+
+def test_onevision_videos_are_a_400_and_images_keep_working(client, model_name, images, family):
+    if family[0] != "onevision":
+        pytest.skip("video inputs exist only on LLaVA-OneVision")
+    from openai import BadRequestError
+
+    video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
+    with pytest.raises(BadRequestError) as exc:
+        client.chat.completions.create(
+            model=model_name,
+            messages=[{"role": "user", "content": [video, {"type": "text", "text": QUESTION}]}],
+            max_tokens=1,
+        )
+    assert exc.value.status_code == 400
+    assert "video" in str(exc.value)
+    _assert_still_serving(client, model_name, images[0])

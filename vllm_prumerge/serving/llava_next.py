@@ -66,9 +66,15 @@ class AnyresProcessingInfoMixin(PruMergeProcessingInfoMixin):
 
     def get_max_image_tokens(self) -> int:
         # Reduced modes: every patch of every crop kept plus one extra token per crop; `off`:
-        # the stock count. The larger bounds every mode.
+        # the stock count, at vLLM's worst-case size and at every pinpoint (vLLM's OneVision
+        # hard-codes the worst-case size of the hub checkpoints' pinpoints, which other
+        # pinpoints can exceed). The largest bounds every mode.
         reduced = self.get_max_crops() * (self.get_patches_per_crop() + 1)
-        return max(reduced, super().get_max_image_tokens())
+        pinpoints = max(
+            self.get_num_image_tokens(image_width=w, image_height=h)
+            for h, w in self.get_hf_config().image_grid_pinpoints
+        )
+        return max(reduced, pinpoints, super().get_max_image_tokens())
 
 
 class AnyresProcessorMixin(PruMergeProcessorMixin):
