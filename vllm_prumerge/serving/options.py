@@ -90,9 +90,6 @@ class PruMergeOverrides:
         setattr(hf_config, CONFIG_KEY, config.to_dict())
         return hf_config
 
-    def describe(self) -> str:
-        return f"PruMergeOverrides(options={dict(self.options)}, extra={dict(self.extra)})"
-
 
 def engine_kwargs(mode: str | None = None, **options: Any) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM(...)` that serve a LLaVA-family checkpoint with PruMerge.
