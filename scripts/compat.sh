@@ -9,14 +9,14 @@
 # front end runs on a CPU-only machine, but the wheel ships no CPU kernels (no vllm._C), so
 # vLLM's CPU engine cannot start with it. The engine path is covered on vLLM 0.32 by the suite.
 #
-# The environment lives beside the main one, in $VLLM_PRUMERGE_CACHE (default
-# ~/.cache/vllm-prumerge), in a folder keyed by the Python version and the pins below; about
-# 6.3 GB (PyPI's CUDA build of torch). Usage: bash scripts/compat.sh [--rebuild]
+# The environment is this clone's own, .venv-compat/ beside .venv/ (about 6.3 GB: PyPI's CUDA build
+# of torch), rebuilt when the Python version or the pins below change; like .venv/ it links its
+# files from uv's download cache that all clones share. Usage: bash scripts/compat.sh [--rebuild]
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="${PYTHON:-python3}"
-cache="${VLLM_PRUMERGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vllm-prumerge}"
+# shellcheck source=scripts/uv.sh
+source "$root/scripts/uv.sh"
 
 # vLLM 0.33.0 pins torch==2.14.0 / torchvision==0.29.0 (CUDA builds); the 2.14.1 / 0.29.1 patch
 # releases are what this kind of machine carries on disk (and PyPI serves elsewhere); the
@@ -48,21 +48,19 @@ esac
 
 pyver="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 key="$(printf '%s\n' "py$pyver" "$VLLM_PIN" "${TORCH_PINS[@]}" "$SKIP" "$RELAX" | sha256sum | cut -c1-16)"
-env_dir="$cache/compat-vllm0.33-py$pyver-$key"
-mkdir -p "$cache"
+env_dir="$root/.venv-compat"
 log() { printf '[compat] %s\n' "$*" >&2; }
-pip() { "$env_dir/bin/python" -m pip "$@"; }
+pip() { "$(uv_bin)" pip "$1" --quiet --python "$env_dir/bin/python" "${@:2}"; }
 
 build() {
   local start=$SECONDS
   log "building $env_dir (first time only; ~6 GB, a few minutes)"
   rm -rf "$env_dir"
-  "$python" -m venv "$env_dir"
-  pip install -q --upgrade "pip>=24"
+  "$(uv_bin)" venv --quiet --python "$python" "$env_dir"
   log "1/3 ${TORCH_PINS[*]}"
-  pip install --progress-bar off "${TORCH_PINS[@]}"
+  pip install "${TORCH_PINS[@]}"
   log "2/3 $VLLM_PIN (without its requirements)"
-  pip install --progress-bar off --no-deps "$VLLM_PIN"
+  pip install --no-deps "$VLLM_PIN"
   log "3/3 vLLM's other requirements and this project's"
   SKIP="$SKIP" RELAX="$RELAX" "$env_dir/bin/python" - >"$env_dir/vllm-requirements.txt" <<'PY'
 import importlib.metadata as md
@@ -79,22 +77,23 @@ for requirement in md.requires("vllm"):
         print(name if name in relax else requirement)
 PY
   # The project's own requirements (setup.cfg) resolve together with vLLM's.
-  pip install --progress-bar off -r "$env_dir/vllm-requirements.txt" \
+  pip install -r "$env_dir/vllm-requirements.txt" \
     "transformers>=5.16.1,<5.20"
-  log "pip's conflict report above (GPU kernels, torch pins, certifi) lists what is left out or"
-  log "relaxed on purpose; see the top of scripts/compat.sh"
   "$env_dir/bin/python" -c 'import vllm, torch; print(f"[compat] vllm {vllm.__version__}, torch {torch.__version__}")' >&2
-  touch "$env_dir/.complete"
+  echo "$key" >"$env_dir/.complete"
   log "built in $((SECONDS - start)) s"
 }
 
 start=$SECONDS
 (
   flock 9
-  if [ "$rebuild" = 1 ] || [ ! -f "$env_dir/.complete" ]; then build; else log "reusing $env_dir"; fi
-  pip install -q --no-deps --no-build-isolation -e "$root" >/dev/null 2>&1 \
-    || pip install --no-deps --no-build-isolation -e "$root" >&2
-) 9>"$cache/.compat.lock"
+  if [ "$rebuild" = 1 ] || [ "$(cat "$env_dir/.complete" 2>/dev/null)" != "$key" ]; then
+    build
+  else
+    log "reusing $env_dir"
+  fi
+  pip install --no-deps -e "$root" >&2
+) 9>"$root/.venv.lock"
 
 cd "$root"
 rc=0

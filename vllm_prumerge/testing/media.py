@@ -1,0 +1,50 @@
+"""Media as vLLM users send it: OpenAI `data:` URLs for images and videos.
+
+The one home of these helpers for tests, benchmarks and examples.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+
+def image_data_url(image: Image.Image, format: str = "PNG") -> str:
+    """A `data:` URL of the image for an OpenAI `image_url` content part (lossless PNG)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return f"data:image/{format.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def encode_mp4(frames: np.ndarray, fps: float = 2.0) -> bytes:
+    """Encode frames `[T, H, W, 3]` (uint8 RGB) as an MP4 (OpenCV's `mp4v` codec, lossy).
+
+    Decoded frames differ from the source pixels: compare server counts with the frames the
+    server decoded, not with `frames`.
+    """
+    import cv2
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    height, width = frames.shape[1:3]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "video.mp4")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        if not writer.isOpened():
+            raise RuntimeError("OpenCV could not open an mp4v VideoWriter")
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        writer.release()
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def video_data_url(frames: np.ndarray, fps: float = 2.0) -> str:
+    """A `data:video/mp4` URL of the frames `[T, H, W, 3]` for an OpenAI `video_url` part."""
+    return "data:video/mp4;base64," + base64.b64encode(encode_mp4(frames, fps)).decode()
