@@ -14,7 +14,9 @@ import torch
 from transformers import AutoConfig, AutoProcessor
 
 from vllm_prumerge import PruMergeConfig, engine_kwargs
+from vllm_prumerge import encoder as encoder_module
 from vllm_prumerge.encoder import PruMergeEncoder
+from vllm_prumerge.vision import tower_scores
 
 ENV = PruMergeEncoder.THREADS_ENV
 
@@ -146,7 +148,9 @@ def test_a_bad_server_setting_fails_with_the_variables_name(tiny_llava, monkeypa
         processor.info.encoder  # noqa: B018  the property builds the encoder
 
 
-def test_all_images_of_a_request_go_through_the_tower_in_one_batch(tiny_llava, scenes, monkeypatch):
+def test_each_image_of_a_request_goes_through_the_tower_alone(tiny_llava, scenes, monkeypatch):
+    """Batch invariance: a forward of batch 1 per image, so an image's features never depend on
+    its companions (tests/test_batch_invariance.py pins the features themselves)."""
     monkeypatch.delenv(ENV, raising=False)
     processor, model_config = vllm_processor(tiny_llava)
     batches: list[int] = []
@@ -154,6 +158,49 @@ def test_all_images_of_a_request_go_through_the_tower_in_one_batch(tiny_llava, s
     embeddings = next(m for name, m in tower.named_modules() if name.endswith("embeddings"))
     embeddings.register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
     token_ids = process(processor, *scenes[:3])
-    assert batches == [3]  # one tower forward for the request's three images
+    assert batches == [1, 1, 1]
     visual = token_ids.count(model_config.hf_config.image_token_index)
     assert 3 * 2 <= visual <= 3 * 577
+
+
+def test_encodes_that_set_a_thread_count_never_overlap_across_threads(
+    tiny_llava, scenes, caller_threads, monkeypatch
+):
+    """torch's thread count is process-wide, so an encode that sets it must not run while
+    another thread's encode sets and restores it: such encodes are serialised. A slow hook
+    makes overlapping forwards near-certain if they were not."""
+    import threading
+    import time
+
+    vision = AutoConfig.from_pretrained(tiny_llava).vision_config
+    encoder = PruMergeEncoder(tiny_llava, vision, device="cpu", num_threads=3)
+    seen = record_threads(encoder.tower)
+    events: list[tuple[str, int]] = []
+
+    def timed_tower_scores(*args, **kwargs):
+        events.append(("start", threading.get_ident()))
+        time.sleep(0.02)
+        try:
+            return tower_scores(*args, **kwargs)
+        finally:
+            events.append(("end", threading.get_ident()))
+
+    monkeypatch.setattr(encoder_module, "tower_scores", timed_tower_scores)
+    batch = pixels(tiny_llava, scenes[:2])
+    threads = [
+        threading.Thread(target=encoder.encode, args=(batch, PruMergeConfig())) for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(events) == 3 * 2 * 2  # three encodes, two images each, start and end
+    # Forwards never interleave: each start is followed by its own end ...
+    forwards = list(zip(events[::2], events[1::2], strict=True))
+    for (kind, owner), end in forwards:
+        assert kind == "start" and end == ("end", owner)
+    # ... and an encode's two forwards run back to back (the lock spans the whole encode).
+    owners = [owner for (_, owner), _ in forwards]
+    assert all(owners[i] == owners[i + 1] for i in range(0, len(owners), 2))
+    assert seen and set(seen) == {3}
+    assert torch.get_num_threads() == caller_threads

@@ -11,11 +11,12 @@ rows of the batch: each row is reduced on its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,7 +180,8 @@ class PruMergeEncoder:
         dtype: compute dtype of the tower (statistics of the reduction are float32 regardless).
         device: "cuda" when available, else "cpu", unless given.
         num_threads: torch intra-op threads for the tower forward and the reduction on a CPU,
-            set around every :meth:`encode` and restored after it; None keeps the caller's
+            set around every :meth:`encode` (encodes are then serialised: the count is
+            process-wide) and restored after it; None keeps the caller's
             (in vLLM's pre-processor: ``OMP_NUM_THREADS``, else 1). The server reads it from
             the environment variable :attr:`THREADS_ENV` (:meth:`threads_from_env`).
     """
@@ -213,6 +215,7 @@ class PruMergeEncoder:
         self.num_threads = num_threads
         self._tower: nn.Module | None = None
         self._lock = threading.Lock()
+        self._encode_lock = threading.Lock()
 
     @property
     def num_patches(self) -> int:
@@ -241,20 +244,48 @@ class PruMergeEncoder:
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, config: PruMergeConfig) -> EncodedImages:
-        """Reduce a batch of preprocessed images (or crops) `[B, 3, H, W]` with `config`, each
-        row on its own. Raises ValueError for an importance the tower cannot give."""
+        """Reduce a batch of preprocessed images (or crops) `[B, 3, H, W]` with `config`.
+
+        Each row goes through the tower and the reduction alone (a forward of batch 1), so its
+        features and count are bit-identical whatever else is in the batch: the same image gives
+        the same result alone, in any request, and through vLLM's processor cache (a hit serves
+        what a miss would compute). Raises ValueError for an importance the tower cannot give.
+        """
         tower = self.tower
         start = time.perf_counter()
-        previous = torch.get_num_threads()
-        if self.num_threads is not None:
-            torch.set_num_threads(self.num_threads)
-        try:
-            scores = tower_scores(tower, pixel_values, self.vision_feature_layer, config.importance)
-            reduced = reduce_by_importance(*scores, config)
-        finally:
-            torch.set_num_threads(previous)
+        with self._threads():
+            reduced = ReducedTokens.concat(
+                [
+                    reduce_by_importance(
+                        *tower_scores(tower, row, self.vision_feature_layer, config.importance),
+                        config,
+                    )
+                    for row in pixel_values.split(1)
+                ]
+            )
         features = [f.to("cpu") for f in reduced.split()]
         return EncodedImages(features, reduced, time.perf_counter() - start)
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        """Run the body with `num_threads` torch threads, then restore the caller's count.
+
+        torch's intra-op thread count is process-wide, not per thread: two threads setting and
+        restoring it around their own work would undo each other's setting mid-forward. So
+        encodes that change it hold this encoder's lock for the whole body (vLLM pre-processes
+        on one worker thread per API-server process, so nothing waits there); other torch work
+        in the process still sees the count while an encode runs.
+        """
+        if self.num_threads is None:
+            yield
+            return
+        with self._encode_lock:
+            previous = torch.get_num_threads()
+            torch.set_num_threads(self.num_threads)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(previous)
 
     @classmethod
     def threads_from_env(cls) -> int | None:

@@ -67,6 +67,28 @@ class ReducedTokens:
         """B, the number of images."""
         return len(self.host_lengths)
 
+    @classmethod
+    def concat(cls, parts: list[ReducedTokens]) -> ReducedTokens:
+        """The results of several batches as one, in order (images of ``parts[0]`` first).
+
+        All parts must have the same ``N`` (patches per image) and feature width."""
+        if not parts:
+            raise ValueError("ReducedTokens.concat: no parts")
+        if len(parts) == 1:
+            return parts[0]
+        return cls(
+            features=torch.cat([p.features for p in parts]),
+            lengths=torch.cat([p.lengths for p in parts]),
+            kept_indices=torch.cat([p.kept_indices for p in parts]),
+            num_kept=torch.cat([p.num_kept for p in parts]),
+            num_outliers=torch.cat([p.num_outliers for p in parts]),
+            importance=torch.cat([p.importance for p in parts]),
+            fence=torch.cat([p.fence for p in parts]),
+            merge_target=torch.cat([p.merge_target for p in parts]),
+            host_lengths=sum((p.host_lengths for p in parts), ()),
+            host_num_kept=sum((p.host_num_kept for p in parts), ()),
+        )
+
     def split(self) -> list[torch.Tensor]:
         """Per-image token tensors ``[L_b, C]`` (views of ``features``), no host sync."""
         return list(self.features.split(list(self.host_lengths)))
@@ -200,9 +222,10 @@ def reduce_by_importance(
 ) -> ReducedTokens:
     """PruMerge / PruMerge+ / fixed-budget reduction of a batch of images, each on its own.
 
-    Every image (or crop) is reduced independently (statistics are never pooled across the
-    batch), so a request's result does not depend on its neighbours. Exactly one device-to-host
-    sync (the kept counts, to size the ragged output); deterministic; float32/bfloat16/float16
+    Every image (or crop) is reduced independently and bit-identically whatever else is in the
+    batch: statistics are never pooled across the batch, and each image runs through the
+    selection and merge alone, with shapes that depend only on it. One device-to-host sync per
+    image (its kept count, to size the ragged output); deterministic; float32/bfloat16/float16
     inputs (all statistics and the merge in float32, output cast back to the features' dtype);
     CPU or CUDA.
 
@@ -233,7 +256,24 @@ def reduce_by_importance(
     importance = torch.nan_to_num(importance.float(), nan=0.0, posinf=0.0, neginf=0.0)
     if not config.enabled:
         return _passthrough(features, importance)
+    # One image at a time: the merge's shapes (kept rows, similarity matrix) then depend on that
+    # image alone. Batched with padding to the batch's largest kept count, the GEMM behind the
+    # cosine similarities rounds differently (~1e-7), which flips near-tied neighbours on flat
+    # images: an image's result would depend on its companions and on vLLM's processor cache.
+    if features.shape[0] <= 1:
+        return _reduce_one(features, importance, keys, config)
+    return ReducedTokens.concat(
+        [
+            _reduce_one(features[i : i + 1], importance[i : i + 1], keys[i : i + 1], config)
+            for i in range(features.shape[0])
+        ]
+    )
 
+
+def _reduce_one(
+    features: torch.Tensor, importance: torch.Tensor, keys: torch.Tensor, config: PruMergeConfig
+) -> ReducedTokens:
+    """:func:`reduce_by_importance` of one image (``B = 1``): selection, merge, packing."""
     batch, _, width = features.shape
     selection = select_tokens(importance, config)
 
