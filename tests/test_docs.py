@@ -5,7 +5,8 @@ and without an engine: a `make` target against the Makefile; a `python` / `bash`
 against the repository, and its flags against the script's own `build_parser()` (or, for a
 script without one, its source); `python -m pytest` paths; `vllm serve` and `vllm bench serve`
 against vLLM's own parsers, built offline the way tests/test_cli.py builds them, with the
-plugin's `--plugin` hook installed; `vllm-prumerge` against `vllm_prumerge.commands`.
+plugin's `--plugin` hook installed; `vllm-prumerge` against `vllm_prumerge.commands`. Every
+`python` block must parse, and what it imports from vllm_prumerge must exist.
 
 A command that needs what no test here has carries a marker, `(needs a GPU)`,
 `(needs the real weights)` or `(run by hand)`, in a comment line of its own (marks the rest of
@@ -21,6 +22,7 @@ import argparse
 import configparser
 import dataclasses
 import functools
+import importlib
 import importlib.util
 import re
 import shlex
@@ -380,3 +382,40 @@ def test_every_docs_page_is_reachable_from_the_readme():
                 todo.append(linked)
     orphans = [str(d.relative_to(ROOT)) for d in DOCS if d not in reachable]
     assert not orphans, f"pages no link leads to: {orphans}"
+
+
+def python_blocks() -> list[tuple[Path, int, str]]:
+    """(doc, first line, source) of every ```python fence of the docs."""
+    blocks = []
+    for doc in DOCS:
+        current, start = None, 0
+        for number, line in enumerate(doc.read_text().splitlines(), 1):
+            if current is None and line.strip().startswith("```python"):
+                current, start = [], number + 1
+            elif current is not None and line.strip().startswith("```"):
+                blocks.append((doc, start, "\n".join(current)))
+                current = None
+            elif current is not None:
+                current.append(line)
+    return blocks
+
+
+PYTHON_BLOCKS = python_blocks()
+
+
+@pytest.mark.parametrize(
+    "doc, line, source",
+    PYTHON_BLOCKS,
+    ids=[f"{d.relative_to(ROOT)}:{n}" for d, n, _ in PYTHON_BLOCKS],
+)
+def test_python_snippets_parse_and_import_what_exists(doc, line, source):
+    import ast
+
+    tree = ast.parse(source, filename=f"{doc.relative_to(ROOT)}:{line}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vllm_prumerge"):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name) or importlib.util.find_spec(
+                    f"{node.module}.{alias.name}"
+                ), f"{doc.relative_to(ROOT)}:{line}: {node.module} has no {alias.name}"
