@@ -11,9 +11,10 @@ plugin's `--plugin` hook installed; `vllm-prumerge` against `vllm_prumerge.comma
 A command that needs what no test here has carries a marker, `(needs a GPU)`,
 `(needs the real weights)` or `(run by hand)`, in a comment line of its own (marks the rest of
 the block) or at the end of its line. Commands that name a hub checkpoint or download weights
-must be marked; unmarked script commands must be ones the tests or CI run: the script, and each
-of its flags, appears in tests/, .ci/, the Makefile, scripts/ or the code those tests drive
-(benchmarks/, examples/, vllm_prumerge/testing/) — a textual check, not a proof of coverage.
+must be marked. Unmarked commands must be ones the tests or CI run: a script is named in tests/,
+.ci/, the Makefile or scripts/, and each flag of a script or of `vllm serve` (and each variable
+set in front of `vllm serve`) appears there or in the code those tests drive (benchmarks/,
+examples/, vllm_prumerge/testing/) — a textual check, not a proof of coverage.
 """
 
 from __future__ import annotations
@@ -308,7 +309,13 @@ def test_docs_commands_are_run_by_tests_or_marked(command):
     if command.argv[:3] == ("pip", "install", "-e"):
         assert command.marked, f"{command}: a GPU install, but carries no marker"
         return
-    if command.marked or command.argv[0] not in {"python", "bash"} or command.argv[1] == "-c":
+    if command.marked:
+        return
+    if command.argv[:2] == ("vllm", "serve"):
+        for word in [*_flags(command.argv[2:]), *(name for name, _ in command.env)]:
+            assert _mentioned(word, RUNNERS + DRIVEN), f"{command}: no test uses {word}; mark it"
+        return
+    if command.argv[0] not in {"python", "bash"} or command.argv[1] == "-c":
         return
     if command.argv[1] == "-m":
         assert command.argv[2] in {"pytest", "venv"}, f"{command}: run by no test"
