@@ -1,5 +1,5 @@
-# The two commands of the README, and their parts. Every target builds the cached CPU environment
-# first if it is missing (scripts/env.sh), so a new machine needs nothing but Python.
+# The two commands of the README, and their parts. Every target builds this clone's CPU environment
+# (.venv/, scripts/env.sh) first if it is missing, so a new machine needs nothing but Python.
 SHELL := /bin/bash
 
 .PHONY: env demo test lint format compat
@@ -21,6 +21,6 @@ format:
 	@env_dir="$$(bash scripts/env.sh | tail -n 1)" && \
 	  "$$env_dir/bin/ruff" check --fix . && "$$env_dir/bin/ruff" format .
 
-# The front end against vLLM 0.33 (separate cached environment, no engine): scripts/compat.sh.
+# The front end against vLLM 0.33 (its own environment, .venv-compat/, no engine): scripts/compat.sh.
 compat:
 	@bash scripts/compat.sh $(ARGS)

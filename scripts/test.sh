@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: lint (ruff), then pytest, in the cached CPU environment (built if missing).
+# The whole test suite: lint (ruff), then pytest, in this clone's .venv/ (built if missing).
 # Extra arguments go to pytest, e.g. `make test ARGS="-k reduction"`.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
