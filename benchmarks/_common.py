@@ -27,7 +27,6 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -
 DEFAULT_CONFIGS = "off,prumerge,prumerge+,fixed:576,fixed:288,fixed:144,fixed:64,fixed:32"
 TOKEN_TICKS = (1, 4, 16, 32, 64, 144, 288, 576)  # x ticks of the token-count plots
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-PROMPT_FORMAT = "USER: <image>\n{question} ASSISTANT:"
 
 # Shapes of the generated checkpoints (--synthetic): "tiny" is the test fixture, where fixed
 # per-request overheads dominate on a CPU; "small" has a text model large enough that prompt
@@ -62,19 +61,21 @@ SYNTHETIC_SPECS: dict[str, dict[str, int]] = {
 # --tower real: the family's production tower shape with random weights, so the front end
 # costs what it costs in production. CLIP ViT-L/14-336 (LLaVA-1.5, LLaVA-NeXT: 24 layers, 1024
 # wide, 16 heads, MLP 4096) and SigLIP-so400m 384/14 as llava-hf's SigLIP-LLaVA checkpoints hold
-# it (LLaVA-Interleave: 26 layers, 1152 wide, 16 heads, MLP 4304, no head).
+# it (LLaVA-Interleave and LLaVA-OneVision: 26 layers, 1152 wide, 16 heads, MLP 4304, no head).
 _CLIP_L_336 = dict(
     vision_hidden_size=1024, vision_layers=24, vision_heads=16, vision_intermediate_size=4096
+)
+_SIGLIP_SO400M = dict(
+    vision_hidden_size=1152, vision_layers=26, vision_heads=16, vision_intermediate_size=4304
 )
 REAL_TOWERS: dict[str, dict[str, int]] = {
     "llava": _CLIP_L_336,
     "llava_next": _CLIP_L_336,
-    "siglip": dict(
-        vision_hidden_size=1152, vision_layers=26, vision_heads=16, vision_intermediate_size=4304
-    ),
+    "siglip": _SIGLIP_SO400M,
+    "onevision": _SIGLIP_SO400M,
 }
 TOWERS = ("preset", "real")
-FAMILIES = ("llava", "llava_next", "siglip")
+FAMILIES = ("llava", "llava_next", "siglip", "onevision")
 
 # Questions of varied length (a few tokens to a paragraph), so text cost is not a constant.
 QUESTIONS = (
@@ -100,7 +101,7 @@ def synthetic_checkpoint(
     size: str, family: str = "llava", tower: str = "preset"
 ) -> tuple[str, dict[str, Any]]:
     """(folder, spec fields) of the generated checkpoint: text model and tower of preset `size`
-    (see SYNTHETIC_SPECS), of `family` ("llava", "llava_next", "siglip"), with the family's real
+    (see SYNTHETIC_SPECS), of `family` (one of FAMILIES), with the family's real
     tower shape when `tower` is "real"; made once and cached under ~/.cache/vllm-prumerge."""
     from vllm_prumerge.testing import TinyLlavaSpec, cached_tiny_llava
 
@@ -131,7 +132,8 @@ def add_model_arguments(group: Any) -> None:
         help="Family of the generated checkpoint: llava (LLaVA-1.5: CLIP 336/14, 576 patches + "
         "CLS), llava_next (LLaVA-NeXT anyres: base view + 2-4 tiles of 576 patches, grids "
         "1x2, 2x1, 2x2), siglip (SigLIP-LLaVA like LLaVA-Interleave: 384/14, 729 patches, no "
-        "CLS). With --model the family is the checkpoint's own.",
+        "CLS), onevision (LLaVA-OneVision: that SigLIP tower per anyres_max_9 crop of 384 px, "
+        "grids 1x2, 2x1, 2x2). With --model the family is the checkpoint's own.",
     )
     group.add_argument(
         "--tower",
@@ -267,14 +269,13 @@ def load_images(
 
 @dataclasses.dataclass(frozen=True)
 class WorkItem:
-    """One request of the workload: an image and a question about it."""
+    """One request of the workload: an image and a question about it, and (when the workload
+    was built with a `ChatPrompt`) the prompt's token ids as the checkpoint's chat template
+    renders the chat message (one image, then the question): what `vllm serve` builds."""
 
     image: Any  # PIL.Image.Image, RGB
     question: str
-
-    @property
-    def prompt(self) -> str:
-        return PROMPT_FORMAT.format(question=self.question)
+    prompt_token_ids: tuple[int, ...] | None = None
 
 
 def build_workload(
@@ -284,15 +285,21 @@ def build_workload(
     *,
     start: int = 0,
     size: tuple[int, int] = (336, 336),
+    prompt: Any = None,
 ) -> list[WorkItem]:
-    """`count` (image, question) pairs, deterministic in `seed`; generated images of `size`.
+    """`count` (image, question) pairs, deterministic in `seed`; generated images of `size`;
+    with `prompt` (a `vllm_prumerge.testing.prompts.ChatPrompt`), each with its prompt ids.
 
     `start` continues the same image sequence: warm-up requests use images after the measured
     ones, so they never share an image (or a cache entry) with them.
     """
     rng = random.Random(seed * 7919 + start)
     images = load_images(count, seed, images_dir, start=start, size=size)
-    return [WorkItem(image, rng.choice(QUESTIONS)) for image in images]
+    questions = [rng.choice(QUESTIONS) for _ in images]
+    return [
+        WorkItem(image, q, None if prompt is None else tuple(prompt.token_ids(q)))
+        for image, q in zip(images, questions, strict=True)
+    ]
 
 
 def parse_size(text: str) -> tuple[int, int]:

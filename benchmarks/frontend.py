@@ -27,8 +27,6 @@ Writes OUT/frontend.json (every timing, environment) and OUT/frontend.md (median
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import os
 import sys
 import time
@@ -38,7 +36,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
-    PROMPT_FORMAT,
     add_model_arguments,
     build_workload,
     environment,
@@ -50,6 +47,9 @@ from _common import (
     synthetic_checkpoint,
     write_outputs,
 )
+
+from vllm_prumerge.testing.media import image_data_url
+from vllm_prumerge.testing.prompts import ChatPrompt
 
 STAGES = ("decode", "image_processor", "tower", "reduction", "handoff")
 STOCK = "stock"
@@ -116,12 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def data_url(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def make_processor(model: str, dtype: str, plugin: bool) -> tuple[Any, Any]:
     """vLLM's multimodal processor for `model` (with the plugin's model class or stock vLLM's),
     built as a server builds it; (processor, model config)."""
@@ -163,12 +157,13 @@ def time_image(
     model_config: Any,
     tower_info: Any,
     image: Any,
-    question: str,
+    prompt_ids: list[int],
     config: Any,
     threads: int,
 ) -> dict[str, Any]:
     """Every stage for one image; `config` None = stock vLLM (its tower timed separately).
-    `tower_info`: the plugin's processing info, whose encoder holds the tower."""
+    `tower_info`: the plugin's processing info, whose encoder holds the tower; `prompt_ids`: the
+    chat prompt as the checkpoint's template renders it (one image token, unexpanded)."""
     import torch
     from vllm.multimodal.processing.context import TimingContext
     from vllm.multimodal.processing.inputs import ProcessorInputs
@@ -181,7 +176,7 @@ def time_image(
 
     hf_config = model_config.hf_config
     tower = tower_info.encoder.tower
-    url = data_url(image)
+    url = image_data_url(image)
     row: dict[str, Any] = {}
     decoded = timed(row, "decode", lambda: fetch_image(url))
     image_processor = processor.info.get_hf_processor().image_processor
@@ -211,7 +206,7 @@ def time_image(
     finally:
         torch.set_num_threads(previous)
 
-    prompt = processor.info.get_tokenizer().encode(PROMPT_FORMAT.format(question=question))
+    prompt = list(prompt_ids)
     kwargs = {} if config is None else {"prumerge": config.to_dict()}
     inputs = ProcessorInputs(
         prompt=prompt,
@@ -335,15 +330,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plugin, model_config = make_processor(model, args.dtype, plugin=True)
     stock = make_processor(model, args.dtype, plugin=False)[0] if args.stock else None
     size = tuple(args.image_size)
-    items = build_workload(args.num_images, args.seed, args.images, size=size)
-    warm = build_workload(max(args.warmup, 1), args.seed, args.images, start=len(items), size=size)
+    chat = ChatPrompt(model)
+    items = build_workload(args.num_images, args.seed, args.images, size=size, prompt=chat)
+    warm = build_workload(
+        max(args.warmup, 1), args.seed, args.images, start=len(items), size=size, prompt=chat
+    )
     per_setting: list[list[dict[str, Any]]] = [[] for _ in settings]
     with progress(len(settings) * len(items), "front end", disable=args.no_progress) as bar:
         for item in warm[: args.warmup]:
             for _, config, threads in settings:
                 processor = stock if config is None else plugin
                 time_image(
-                    processor, model_config, plugin.info, item.image, item.question, config, threads
+                    processor,
+                    model_config,
+                    plugin.info,
+                    item.image,
+                    list(item.prompt_token_ids),
+                    config,
+                    threads,
                 )
         for item in items:  # every setting on this image, then the next image
             for rows, (name, config, threads) in zip(per_setting, settings, strict=True):
@@ -355,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         model_config,
                         plugin.info,
                         item.image,
-                        item.question,
+                        list(item.prompt_token_ids),
                         config,
                         threads,
                     )

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import dataclasses
 import io
 import json
@@ -59,9 +58,10 @@ from _common import (
 )
 
 from vllm_prumerge.evaluation import exact_match, normalize_answer, vqa_accuracy
+from vllm_prumerge.testing.media import image_data_url
+from vllm_prumerge.testing.prompts import ChatPrompt, chat_messages
 
 INSTRUCTION = "Answer the question using a single word or phrase."
-PROMPT_TEMPLATE = "USER: <image>\n{question}\n" + INSTRUCTION + " ASSISTANT:"
 CHAT_TEMPLATE = "{question}\n" + INSTRUCTION
 BASELINE = "off"
 WARMUP_QUESTION = "What is shown in this image?"
@@ -170,14 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen = parser.add_argument_group("generation")
     gen.add_argument(
         "--prompt-template",
-        default=PROMPT_TEMPLATE,
-        help="Offline prompt: one <image> and a {question} field (LLaVA-1.5's VQAv2 prompt).",
+        default=None,
+        help="Offline only: a raw prompt with one <image> and a {question} field, sent as "
+        "text instead of the chat prompt (vLLM tokenizes it with the tokenizer's special "
+        "tokens). Default: none; the offline prompt is --chat-template's user message "
+        "rendered by the checkpoint's own chat template, the prompt `vllm serve` builds.",
     )
     gen.add_argument(
         "--chat-template",
         default=CHAT_TEMPLATE,
-        help="With --server: the text of the user message (the image comes first in the same "
-        "message; the server's chat template does the rest), with a {question} field.",
+        help="The text of the user message, with a {question} field (the image comes first "
+        "in the same message; the checkpoint's own chat template does the rest: offline here, "
+        "as `vllm serve` does for --server; so every family gets its own format).",
     )
     gen.add_argument(
         "--max-tokens", type=int, default=16, help="Most tokens generated per answer (greedy)."
@@ -420,6 +424,21 @@ def parse_engine_arg(item: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
+def user_text(question: str, args: argparse.Namespace) -> str:
+    """The text of the user message about `question` (--chat-template)."""
+    return args.chat_template.format(question=question)
+
+
+def offline_prompt(question: str, args: argparse.Namespace, chat: Any) -> dict[str, Any]:
+    """The offline prompt about `question` (its image and options added by the caller): the
+    token ids of the chat message (the image, then `user_text`) as the checkpoint's own chat
+    template renders it (`chat`, a ChatPrompt), which is what `vllm serve` sends its engine for
+    the messages `--server` sends; or, with --prompt-template, that raw text."""
+    if args.prompt_template:
+        return {"prompt": args.prompt_template.format(question=question)}
+    return {"prompt_token_ids": chat.token_ids(user_text(question, args))}
+
+
 class OfflineEngine:
     """An in-process `vllm.LLM` with the plugin's architecture (`engine_kwargs("off")`)."""
 
@@ -430,10 +449,8 @@ class OfflineEngine:
 
         from vllm_prumerge import engine_kwargs
 
-        if args.prompt_template.count("<image>") != 1:
-            raise ValueError("--prompt-template must contain exactly one <image>")
-        args.prompt_template.format(question="")  # KeyError / ValueError on a bad template
-        self.template = args.prompt_template
+        self.args = args
+        self.chat = None if args.prompt_template else ChatPrompt(model)
         settings: dict[str, Any] = dict(
             model=model,
             dtype=args.dtype,
@@ -463,7 +480,7 @@ class OfflineEngine:
         """Answer every (question, image) pair in `config`; (answers, seconds)."""
         prompts = [
             {
-                "prompt": self.template.format(question=question),
+                **offline_prompt(question, self.args, self.chat),
                 "multi_modal_data": {"image": image},
                 "mm_processor_kwargs": {"prumerge": config.prumerge},
             }
@@ -488,14 +505,6 @@ class OfflineEngine:
         self.llm.llm_engine.engine_core.shutdown()
 
 
-def data_url(image: Any) -> str:
-    """PNG data URL of a PIL image: the server decodes exactly the pixels the offline path
-    would use."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 class ServerClient:
     """A running `vllm serve --plugin prumerge --trust-request-mm-kwargs`, through the OpenAI
     chat API; every request carries its configuration in `extra_body`."""
@@ -503,16 +512,13 @@ class ServerClient:
     kind = "server"
 
     def __init__(self, url: str, args: argparse.Namespace) -> None:
-        if "{question}" not in args.chat_template:
-            raise ValueError("--chat-template must contain {question}")
-        args.chat_template.format(question="")
         self.base = url.rstrip("/").removesuffix("/v1")
         self.api_key = args.api_key or os.environ.get("OPENAI_API_KEY", "EMPTY")
         self.args = args
         self.loop = asyncio.new_event_loop()
         self.model, self.image_token = self.loop.run_until_complete(self._connect())
         self.text_tokens: dict[str, int] = {}  # chat text -> non-image prompt tokens
-        self.blank = data_url(_blank_image())
+        self.blank = image_data_url(_blank_image())
         self.dtype = None
 
     async def _connect(self) -> tuple[str, int]:
@@ -542,19 +548,10 @@ class ServerClient:
         return model, tokens[0]
 
     def _text(self, question: str) -> str:
-        return self.args.chat_template.format(question=question)
+        return user_text(question, self.args)
 
     def _messages(self, question: str, url: str) -> list[dict[str, Any]]:
-        text = self._text(question)
-        return [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": url}},
-                    {"type": "text", "text": text},
-                ],
-            }
-        ]
+        return chat_messages(self._text(question), [url])
 
     async def _text_tokens(self, question: str) -> int:
         """Non-image tokens of the chat prompt of `question`: the server's own /tokenize of
@@ -623,7 +620,7 @@ class ServerClient:
         self, questions: Sequence[str], images: Sequence[Any], config: BenchConfig, bar: Any
     ) -> tuple[list[Answer], float]:
         """Answer every (question, image) pair in `config`; (answers, seconds)."""
-        urls = [data_url(image) for image in images]
+        urls = [image_data_url(image) for image in images]
         return self.loop.run_until_complete(self._batch(questions, urls, config, bar))
 
     def close(self) -> None:
@@ -867,7 +864,9 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
 METHOD = (
     "One engine serves every configuration through per-request "
     "mm_processor_kwargs={'prumerge': ...}; each batch of items runs in every configuration "
-    "(order rotated per batch), greedy decoding. Offline: vllm.LLM with the plugin's "
+    "(order rotated per batch), greedy decoding. Both paths send the same chat message (the "
+    "image, then the question in --chat-template), rendered by the checkpoint's own chat "
+    "template (offline: the token ids vllm serve would build). Offline: vllm.LLM with the plugin's "
     "architecture, prefix and multimodal processor caches off unless --keep-caches; visual "
     "tokens = count of the image token in prompt_token_ids. Server: OpenAI chat completions; "
     "visual tokens = usage.prompt_tokens minus the non-image tokens of the same chat prompt "
@@ -908,6 +907,15 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("max_tokens", "batch_size", "concurrency"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if "{question}" not in args.chat_template:
+        raise ValueError("--chat-template must contain {question}")
+    args.chat_template.format(question="")  # KeyError / ValueError on a bad template
+    if args.prompt_template is not None:
+        if args.server:
+            raise ValueError("--prompt-template is for offline runs: the server builds its prompt")
+        if args.prompt_template.count("<image>") != 1:
+            raise ValueError("--prompt-template must contain exactly one <image>")
+        args.prompt_template.format(question="")
     if args.warmup < 0:
         raise ValueError("--warmup must be >= 0")
 

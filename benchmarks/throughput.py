@@ -71,6 +71,7 @@ from _common import (
 )
 
 from vllm_prumerge.serving.stats import StepTracker, stat_logger_factory
+from vllm_prumerge.testing.prompts import ChatPrompt
 
 STOCK = "stock"
 
@@ -284,7 +285,14 @@ def image_token_id(model: str) -> int:
 
 
 def make_prompt(item: WorkItem, config: BenchConfig) -> dict[str, Any]:
-    prompt: dict[str, Any] = {"prompt": item.prompt, "multi_modal_data": {"image": item.image}}
+    """The offline request of `item` in `config`: the token ids of the chat prompt that the
+    checkpoint's own template renders (what `vllm serve` sends its engine) and the image."""
+    if item.prompt_token_ids is None:
+        raise ValueError("build the workload with a ChatPrompt: the item has no prompt ids")
+    prompt: dict[str, Any] = {
+        "prompt_token_ids": list(item.prompt_token_ids),
+        "multi_modal_data": {"image": item.image},
+    }
     if config.name != STOCK:
         prompt["mm_processor_kwargs"] = {"prumerge": config.prumerge}
     return prompt
@@ -896,7 +904,9 @@ METHOD = (
     "One vLLM engine (identical settings) serves every plugin configuration through "
     "per-request mm_processor_kwargs; prefix caching and the multimodal processor cache are "
     "off, so every request pays for its image and its whole prompt; output length is fixed "
-    "(ignore_eos, greedy). Before the first measurement every configuration runs once on other "
+    "(ignore_eos, greedy). Prompts: the checkpoint's own chat template applied to one user "
+    "message (the image, then the question), as token ids, the prompt vllm serve builds for "
+    "that message. Before the first measurement every configuration runs once on other "
     "images (tower load, code paths), and each measurement is preceded by --warmup requests "
     "of that configuration on other images. Each repeat of a configuration runs the same "
     "requests twice: end to end (pre-process and submit one by one while the engine runs, "
@@ -934,7 +944,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, spec = resolve_model(args)
     image_token = image_token_id(model)
     size = tuple(args.image_size)
-    items = build_workload(args.num_prompts, args.seed, args.images, size=size)
+    chat = ChatPrompt(model)
+    items = build_workload(args.num_prompts, args.seed, args.images, size=size, prompt=chat)
     warm_per_round = max(args.warmup, 1)
     warm = build_workload(
         warm_per_round * len(configs) * (args.repeats + 1),
@@ -942,6 +953,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.images,
         start=args.num_prompts,
         size=size,
+        prompt=chat,
     )
     warm_iter = iter(warm)
     from vllm import SamplingParams
