@@ -26,7 +26,6 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -
 
 DEFAULT_CONFIGS = "off,prumerge,prumerge+,fixed:576,fixed:288,fixed:144,fixed:64,fixed:32"
 TOKEN_TICKS = (1, 4, 16, 32, 64, 144, 288, 576)  # x ticks of the token-count plots
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # Shapes of the generated checkpoints (--synthetic): "tiny" is the test fixture, where fixed
 # per-request overheads dominate on a CPU; "small" has a text model large enough that prompt
@@ -249,18 +248,12 @@ def load_images(
     """`count` RGB images: generated scenes of `size` (width, height; deterministic in `seed`),
     or the files of `images_dir` in name order, cycled; `start` skips that many images."""
     if images_dir:
-        from PIL import Image
+        from vllm_prumerge.testing.images import IMAGE_SUFFIXES, find_images, open_image
 
-        files = sorted(
-            p for p in Path(images_dir).expanduser().iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        files = find_images(images_dir)
         if not files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}")
-        images = []
-        for i in range(start, start + count):
-            with Image.open(files[i % len(files)]) as img:
-                images.append(img.convert("RGB"))
-        return images
+        return [open_image(files[i % len(files)]) for i in range(start, start + count)]
     from vllm_prumerge.testing import make_scene
 
     # make_scenes' seeding, extended with `start`: seed * 100_003 + index.

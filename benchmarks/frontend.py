@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--model",
         default=None,
-        help="LLaVA-1.5, LLaVA-NeXT or SigLIP-LLaVA checkpoint (hub id or folder). Default: a "
-        "generated random-weight checkpoint (see --synthetic, --family, --tower).",
+        help="LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA or LLaVA-OneVision checkpoint (hub id or "
+        "folder). Default: a generated random-weight checkpoint (see --synthetic, --family, "
+        "--tower).",
     )
     add_model_arguments(model)
     model.add_argument(

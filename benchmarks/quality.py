@@ -32,13 +32,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import io
 import json
 import math
 import os
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
-    IMAGE_SUFFIXES,
     TOKEN_TICKS,
     BenchConfig,
     environment,
@@ -58,6 +55,12 @@ from _common import (
 )
 
 from vllm_prumerge.evaluation import exact_match, normalize_answer, vqa_accuracy
+from vllm_prumerge.testing.engine_args import (
+    add_engine_arg_option,
+    parse_engine_args,
+    resolve_model,
+)
+from vllm_prumerge.testing.images import IMAGE_SUFFIXES, find_images, is_url, open_image
 from vllm_prumerge.testing.media import image_data_url
 from vllm_prumerge.testing.prompts import ChatPrompt, chat_messages
 
@@ -113,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model / server (one of --model, --tiny, --server)")
     model.add_argument(
         "--model",
-        help="Offline: the LLaVA-1.5 checkpoint (hub id such as llava-hf/llava-1.5-7b-hf, or a "
+        help="Offline: the checkpoint of a supported family (LLaVA-1.5, LLaVA-NeXT, "
+        "LLaVA-Interleave, LLaVA-OneVision; a hub id such as llava-hf/llava-1.5-7b-hf, or a "
         "local folder). With --server: the served model name (default: the server's first).",
     )
     model.add_argument(
@@ -173,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Offline only: a raw prompt with one <image> and a {question} field, sent as "
         "text instead of the chat prompt (vLLM tokenizes it with the tokenizer's special "
-        "tokens). Default: none; the offline prompt is --chat-template's user message "
-        "rendered by the checkpoint's own chat template, the prompt `vllm serve` builds.",
+        "tokens). Unset, the offline prompt is --chat-template's user message rendered by "
+        "the checkpoint's own chat template: the prompt `vllm serve` builds.",
     )
     gen.add_argument(
         "--chat-template",
@@ -228,14 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         "every request pays for its image and prompt and requests/s compare fairly).",
     )
     eng.add_argument("--seed", type=int, default=0, help="Engine seed (and warm-up images).")
-    eng.add_argument(
-        "--engine-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Any other vllm.LLM keyword (repeatable; VALUE parsed as JSON when it parses), "
-        "e.g. --engine-arg gpu_memory_utilization=0.8.",
-    )
+    add_engine_arg_option(eng)
 
     out = parser.add_argument_group("output")
     out.add_argument(
@@ -263,10 +260,6 @@ class Item:
     question: str
     answers: tuple[str, ...] | None
     id: Any = None
-
-
-def _is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
 
 
 def _reference_answers(value: Any, where: str) -> tuple[str, ...]:
@@ -304,7 +297,7 @@ def load_jsonl(path: str) -> list[Item]:
             raise ValueError(f"{where}: 'image' must be a path or an http(s) URL")
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"{where}: 'question' must be a non-empty string")
-        if not _is_url(image):
+        if not is_url(image):
             resolved = Path(image).expanduser()
             if not resolved.is_absolute():
                 resolved = file.parent / resolved
@@ -331,9 +324,7 @@ def load_folder(images_dir: str, questions_file: str) -> list[Item]:
     folder = Path(images_dir).expanduser()
     if not folder.is_dir():
         raise NotADirectoryError(f"--images: not a folder: {folder}")
-    files = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    files = find_images(folder)
     if not files:
         raise FileNotFoundError(f"--images: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     qfile = Path(questions_file).expanduser()
@@ -349,23 +340,6 @@ def load_folder(images_dir: str, questions_file: str) -> list[Item]:
         Item(index=i, image=str(f), question=q, answers=None, id=f"{f.name}#{questions.index(q)}")
         for i, (f, q) in enumerate(pairs)
     ]
-
-
-def open_image(source: str) -> Any:
-    """Decode an image file or URL to RGB (PIL); ValueError naming the source on failure."""
-    from PIL import Image
-
-    try:
-        if _is_url(source):
-            request = urllib.request.Request(source, headers={"User-Agent": "vllm-prumerge"})
-            with urllib.request.urlopen(request, timeout=60) as response:
-                payload = io.BytesIO(response.read())
-            with Image.open(payload) as image:
-                return image.convert("RGB")
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except Exception as exc:  # network, missing file, undecodable or truncated data
-        raise ValueError(f"cannot read image {source}: {type(exc).__name__}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,16 +388,6 @@ class Answer:
     output_tokens: int
 
 
-def parse_engine_arg(item: str) -> tuple[str, Any]:
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
-
-
 def user_text(question: str, args: argparse.Namespace) -> str:
     """The text of the user message about `question` (--chat-template)."""
     return args.chat_template.format(question=question)
@@ -463,7 +427,7 @@ class OfflineEngine:
             settings["max_num_seqs"] = args.max_num_seqs
         if not args.keep_caches:
             settings.update(enable_prefix_caching=False, mm_processor_cache_gb=0)
-        settings.update(dict(parse_engine_arg(item) for item in args.engine_arg))
+        settings.update(parse_engine_args(args.engine_arg))
         # The plugin's architecture in "off" mode; each request picks its configuration.
         user_overrides = settings.pop("hf_overrides", None)
         extra = {"hf_overrides": user_overrides} if user_overrides else {}
@@ -955,12 +919,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if args.enforce_eager is None:
             args.enforce_eager = not has_gpu
-        if args.tiny:
-            from vllm_prumerge.testing import cached_tiny_llava
-
-            model = str(cached_tiny_llava())
-        else:
-            model = args.model
+        model = resolve_model(None if args.tiny else args.model)
         env = environment({"device": "cuda" if has_gpu else "cpu"})
         engine = OfflineEngine(model, args)
 

@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import dataclasses
-import io
 import math
 import os
 import random
@@ -66,6 +64,10 @@ from _common import (
     write_outputs,
 )
 
+from vllm_prumerge.testing.media import image_data_url
+from vllm_prumerge.testing.prometheus import metric_max, metric_total, parse_prometheus
+from vllm_prumerge.testing.prompts import chat_messages
+
 VISUAL_METRIC = "vllm_prumerge:visual_tokens_per_image"
 TOWER_METRIC = "vllm_prumerge:reduction_seconds"  # tower + reduction, per processed batch
 KV_METRIC = "vllm:kv_cache_usage_perc"
@@ -93,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help="Checkpoint the started server serves (hub id such as llava-hf/llava-1.5-7b-hf or "
-        "a folder; LLaVA-1.5, LLaVA-NeXT or SigLIP-LLaVA). Default: a generated random-weight "
-        "checkpoint (see --synthetic, --family, --tower). With --base-url: the served model "
-        "name (default: the server's first).",
+        "a folder; LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA or LLaVA-OneVision). Default: a "
+        "generated random-weight checkpoint (see --synthetic, --family, --tower). With "
+        "--base-url: the served model name (default: the server's first).",
     )
     add_model_arguments(srv)
     srv.add_argument("--dtype", default="auto", help="--dtype of the started server.")
@@ -267,58 +269,8 @@ def server_args(args: argparse.Namespace, *, stock: bool = False) -> list[str]:
     return result + list(args.server_arg)
 
 
-def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Prometheus text format -> {sample name: [(labels, value)]} (enough for vLLM's metrics)."""
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        name, brace, rest = head.partition("{")
-        labels: dict[str, str] = {}
-        if brace:
-            for part in rest.rstrip("}").split('",'):
-                key, _, val = part.partition("=")
-                if key:
-                    labels[key.strip().strip(",")] = val.strip().strip('"')
-        try:
-            samples.setdefault(name.strip(), []).append((labels, float(value)))
-        except ValueError:
-            continue
-    return samples
-
-
-def metric_total(samples: dict[str, Any], name: str, **labels: str) -> float:
-    return sum(
-        v for lab, v in samples.get(name, []) if all(lab.get(k) == x for k, x in labels.items())
-    )
-
-
-def metric_max(samples: dict[str, Any], name: str) -> float | None:
-    values = [v for _, v in samples.get(name, [])]
-    return max(values) if values else None
-
-
 # --------------------------------------------------------------------------------------------
 # Client
-
-
-def data_url(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def image_messages(question: str, url: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": url}},
-                {"type": "text", "text": question},
-            ],
-        }
-    ]
 
 
 def text_messages(question: str, fillers: int) -> list[dict[str, Any]]:
@@ -396,7 +348,7 @@ async def sample_metrics(http: Any, base_url: str, interval: float, peaks: dict)
 def image_requests(items: list[WorkItem], urls: list[str], config: BenchConfig) -> list[Request]:
     option = None if config.name == STOCK else config.prumerge
     return [
-        Request(image_messages(item.question, url), option)
+        Request(chat_messages(item.question, [url]), option)
         for item, url in zip(items, urls, strict=True)
     ]
 
@@ -433,7 +385,8 @@ async def run_batch(
     return list(results), time.perf_counter() - start
 
 
-async def fetch_metrics(http: Any, base_url: str) -> dict[str, Any]:
+async def read_metrics(http: Any, base_url: str) -> dict[str, Any]:
+    """The server's /metrics, parsed (the async client's counterpart of `fetch_metrics`)."""
     response = await http.get(base_url + "/metrics")
     response.raise_for_status()
     return parse_prometheus(response.text)
@@ -452,7 +405,7 @@ async def measure_batch(
 ) -> dict[str, Any]:
     """One measured batch: per-request results, its duration, the server's visual-token
     histogram change for `mode` (None: not read), and the /metrics peaks sampled meanwhile."""
-    before = await fetch_metrics(http, base_url)
+    before = await read_metrics(http, base_url)
     peaks: dict[str, Any] = {}
     sampler = asyncio.create_task(sample_metrics(http, base_url, args.metrics_interval, peaks))
     try:
@@ -461,7 +414,7 @@ async def measure_batch(
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
-    after = await fetch_metrics(http, base_url)
+    after = await read_metrics(http, base_url)
     visual = {"sum": 0.0, "count": 0.0}
     for suffix in ("sum", "count") if mode is not None else ():
         name = f"{VISUAL_METRIC}_{suffix}"
@@ -602,8 +555,8 @@ async def benchmark(
         start=args.num_prompts,
         size=size,
     )
-    urls = [data_url(item.image) for item in items]
-    warm_urls = [data_url(item.image) for item in warm]
+    urls = [image_data_url(item.image) for item in items]
+    warm_urls = [image_data_url(item.image) for item in warm]
     warm_index = 0
     limits = httpx.Limits(max_connections=max(64, args.max_concurrency * 2))
     client = AsyncOpenAI(

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -71,6 +70,7 @@ from _common import (
 )
 
 from vllm_prumerge.serving.stats import StepTracker, stat_logger_factory
+from vllm_prumerge.testing.engine_args import add_engine_arg_option, parse_engine_args
 from vllm_prumerge.testing.prompts import ChatPrompt
 
 STOCK = "stock"
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--model",
         default=None,
-        help="LLaVA-1.5, LLaVA-NeXT or SigLIP-LLaVA checkpoint (hub id such as "
+        help="LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA or LLaVA-OneVision checkpoint (hub id such as "
         "llava-hf/llava-1.5-7b-hf, or a local folder). Default: a generated random-weight "
         "checkpoint (see --synthetic, --family, --tower).",
     )
@@ -196,14 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Disable torch.compile / CUDA graphs (default: eager without a GPU, where "
         "compilation would take minutes; compiled with one).",
     )
-    eng.add_argument(
-        "--engine-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Extra vllm EngineArgs field (repeatable; VALUE parsed as JSON when it parses), "
-        "e.g. --engine-arg gpu_memory_utilization=0.8.",
-    )
+    add_engine_arg_option(eng, "vllm EngineArgs field")
     out = parser.add_argument_group("output")
     out.add_argument(
         "--out",
@@ -218,16 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------------------------
 # Engine
-
-
-def parse_engine_arg(item: str) -> tuple[str, Any]:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
 
 
 def engine_settings(args: argparse.Namespace, model: str, *, stock: bool) -> dict[str, Any]:
@@ -252,7 +235,7 @@ def engine_settings(args: argparse.Namespace, model: str, *, stock: bool) -> dic
         settings["num_gpu_blocks_override"] = max(1, args.kv_cache_tokens // args.block_size)
     if args.max_num_batched_tokens:
         settings["max_num_batched_tokens"] = args.max_num_batched_tokens
-    settings.update(dict(parse_engine_arg(item) for item in args.engine_arg))
+    settings.update(parse_engine_args(args.engine_arg))
     if not stock:  # the plugin's architecture and options, applied after any user overrides
         user = settings.pop("hf_overrides", None) or {}
         settings.update(engine_kwargs("prumerge", hf_overrides=user))

@@ -165,7 +165,7 @@ def collect_requests(args: argparse.Namespace) -> tuple[list[Request], str]:
         requests, source = list(read_manifest(manifest)), str(manifest)
     else:
         if not images:
-            raise FileNotFoundError(f"no images ({', '.join(common.IMAGE_EXTENSIONS)}) in {folder}")
+            raise FileNotFoundError(f"no images ({', '.join(common.IMAGE_SUFFIXES)}) in {folder}")
         requests, source = list(sidecar_requests(images, args.question)), "sidecar .txt files"
     for request in requests:
         if request.error is None:

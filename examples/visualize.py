@@ -24,6 +24,8 @@ from pathlib import Path
 
 import common
 
+from vllm_prumerge.testing.engine_args import resolve_model as resolve_checkpoint
+
 FAMILIES = ("llava", "llava_next", "siglip")
 
 
@@ -119,9 +121,9 @@ def resolve_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         if args.family is not None:
             parser.error("--family applies to --tiny; with --model the checkpoint decides")
         return args.model
-    from vllm_prumerge.testing import TinyLlavaSpec, cached_tiny_llava
+    from vllm_prumerge.testing import TinyLlavaSpec
 
-    return str(cached_tiny_llava(TinyLlavaSpec(family=args.family or "llava")))
+    return resolve_checkpoint(None, TinyLlavaSpec(family=args.family or "llava"))
 
 
 class Tower:
@@ -329,7 +331,7 @@ def run_histogram(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
     configs = [PruMergeConfig.from_dict(o) for o in options]
     if not files:
-        parser.error(f"no images ({', '.join(common.IMAGE_EXTENSIONS)}) in {args.folder}")
+        parser.error(f"no images ({', '.join(common.IMAGE_SUFFIXES)}) in {args.folder}")
     model = resolve_model(args, parser)
     images, errors = load_all(files)
     counts_path = Path(args.counts) if args.counts else Path(args.out).with_suffix(".jsonl")
