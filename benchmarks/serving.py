@@ -46,20 +46,23 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _cli import add_image_size_argument, add_model_arguments, add_output_arguments, model_label
 from _common import (
     DEFAULT_CONFIGS,
     BenchConfig,
     WorkItem,
-    add_model_arguments,
     build_workload,
-    environment,
-    markdown_table,
-    model_label,
     parse_configs,
-    parse_size,
-    progress,
     summary,
     synthetic_checkpoint,
+)
+from _report import (
+    device_line,
+    device_name,
+    environment,
+    markdown_table,
+    progress,
+    pyplot,
     token_ticks,
     write_outputs,
 )
@@ -163,13 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "messages without the image, padded to exactly the image request's prompt tokens), "
         "the limit an image request can reach on this server.",
     )
-    work.add_argument(
-        "--image-size",
-        type=parse_size,
-        default=(336, 336),
-        metavar="WxH",
-        help="Size of the generated scenes (e.g. 672x672: a 2x2 grid of LLaVA-NeXT tiles).",
-    )
+    add_image_size_argument(work)
     work.add_argument(
         "--num-prompts", type=int, default=64, help="Measured requests per configuration."
     )
@@ -219,15 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.25,
         help="Seconds between /metrics samples for peak KV-cache usage and running requests.",
     )
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--out",
-        default="out/serving",
-        metavar="DIR",
-        help="Folder for serving.json, serving.md, serving_latency.png (and server.log).",
+    add_output_arguments(
+        parser,
+        "out/serving",
+        "Folder for serving.json, serving.md, serving_latency.png (and server.log).",
+        plots="PNG plot",
     )
-    out.add_argument("--no-plots", action="store_true", help="Skip the PNG plot.")
-    out.add_argument("--no-progress", action="store_true", help="No progress bar.")
     return parser
 
 
@@ -718,8 +712,7 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"Model: `{data['model']}`; server: {data['server']}; {settings['num_prompts']} "
         f"requests per configuration and repeat ({settings['repeats']} repeats, pooled), "
         f"{settings['output_len']} output tokens each, max concurrency "
-        f"{settings['max_concurrency'] or 'unlimited'}; device: "
-        f"{env.get('gpu') or env['cpu']} ({env['cpu_count']} CPUs); {env['date']}.",
+        f"{settings['max_concurrency'] or 'unlimited'}; {device_line(env)}.",
         "",
         "Latencies in ms (p50 / p99). `x` = ratio to the baseline (`off`) at the same request "
         "rate; `prompt-ratio ideal x` = prompt-token ratio (the speed-up if cost were "
@@ -850,10 +843,7 @@ def text_section(data: dict[str, Any]) -> list[str]:
 
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     rates = sorted({r["request_rate"] for r in data["runs"]})
@@ -904,7 +894,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     env = data["environment"]
     fig.suptitle(
         f"{data['model']}: {data['settings']['num_prompts']} requests, max concurrency "
-        f"{data['settings']['max_concurrency']}; {env.get('gpu') or env['cpu']}",
+        f"{data['settings']['max_concurrency']}; {device_name(env)}",
         fontsize=9,
     )
     fig.tight_layout()

