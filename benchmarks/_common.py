@@ -90,7 +90,8 @@ def synthetic_checkpoint(
     """(folder, spec fields) of the generated checkpoint: text model and tower of preset `size`
     (see SYNTHETIC_SPECS), of `family` (one of FAMILIES), with the family's real
     tower shape when `tower` is "real"; made once and cached under ~/.cache/vllm-prumerge."""
-    from vllm_prumerge.testing import TinyLlavaSpec, cached_tiny_llava
+    from vllm_prumerge.testing import TinyLlavaSpec
+    from vllm_prumerge.testing.engine_args import resolve_model
 
     if tower not in TOWERS:
         raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
@@ -98,7 +99,7 @@ def synthetic_checkpoint(
     if tower == "real":
         fields.update(REAL_TOWERS[family])
     spec = TinyLlavaSpec(family=family, **fields)
-    return str(cached_tiny_llava(spec)), dataclasses.asdict(spec)
+    return resolve_model(None, spec), dataclasses.asdict(spec)
 
 
 def filler_token_id(tokenizer: Any) -> int:

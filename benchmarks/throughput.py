@@ -861,12 +861,6 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_model(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None]:
-    if args.model:
-        return args.model, None
-    return synthetic_checkpoint(args.synthetic, args.family, args.tower)
-
-
 METHOD = (
     "One vLLM engine (identical settings) serves every plugin configuration through "
     "per-request mm_processor_kwargs; prefix caching and the multimodal processor cache are "
@@ -908,7 +902,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = environment({"device": "cuda" if torch.cuda.is_available() else "cpu"})
 
     wall_start = time.perf_counter()
-    model, spec = resolve_model(args)
+    model, spec = (
+        (args.model, None)
+        if args.model
+        else synthetic_checkpoint(args.synthetic, args.family, args.tower)
+    )
     image_token = image_token_id(model)
     size = tuple(args.image_size)
     chat = ChatPrompt(model)

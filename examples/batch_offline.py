@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_prumerge import engine_kwargs
 
     started = time.perf_counter()
-    llm = LLM(model=common.resolve_model(args), **engine_args, **engine_kwargs(**options))
+    llm = LLM(model=common.checkpoint_of(args), **engine_args, **engine_kwargs(**options))
     print(f"engine ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     sampling = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
 

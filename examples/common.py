@@ -13,8 +13,11 @@ import os
 import sys
 from typing import Any
 
-from vllm_prumerge.testing.engine_args import add_engine_arg_option, parse_engine_args
-from vllm_prumerge.testing.engine_args import resolve_model as _resolve_model
+from vllm_prumerge.testing.engine_args import (
+    add_engine_arg_option,
+    parse_engine_args,
+    resolve_model,
+)
 from vllm_prumerge.testing.images import IMAGE_SUFFIXES, find_images, open_image
 
 __all__ = ["IMAGE_SUFFIXES", "find_images", "open_image"]  # the examples' image helpers
@@ -61,9 +64,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_model(args: argparse.Namespace) -> str:
+def checkpoint_of(args: argparse.Namespace) -> str:
     """The checkpoint to load: `--model` as given, or the tiny checkpoint's folder."""
-    return _resolve_model(None if args.tiny else args.model)
+    return resolve_model(None if args.tiny else args.model)
 
 
 # --- which reduction --------------------------------------------------------------------------

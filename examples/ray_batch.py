@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             include_dashboard=False,
         )
     started = time.perf_counter()
-    results = build_pipeline(args, common.resolve_model(args), options, engine_args)
+    results = build_pipeline(args, common.checkpoint_of(args), options, engine_args)
 
     if args.output.endswith(".jsonl"):
         output = Path(args.output)
