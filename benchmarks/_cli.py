@@ -16,6 +16,7 @@ __all__ = [
     "add_image_size_argument",
     "add_model_arguments",
     "add_output_arguments",
+    "add_workload_arguments",
     "model_label",
     "parse_size",
 ]
@@ -81,6 +82,32 @@ def add_image_size_argument(group: Any, help: str | None = None) -> None:
         metavar="WxH",
         help=help or "Size of the generated scenes (e.g. 672x672: a 2x2 grid of LLaVA-NeXT tiles).",
     )
+
+
+def add_workload_arguments(group: Any, seed_help: str) -> None:
+    """The request workload of throughput.py and serving.py: `--num-prompts`, `--output-len`,
+    `--seed` (`seed_help`: what it seeds), `--images DIR` and `--image-size WxH`."""
+    group.add_argument(
+        "--num-prompts",
+        type=int,
+        default=64,
+        help="Measured requests per configuration (each: one image + one question).",
+    )
+    group.add_argument(
+        "--output-len",
+        type=int,
+        default=32,
+        help="Generated tokens per request (fixed: EOS is ignored, greedy sampling).",
+    )
+    group.add_argument("--seed", type=int, default=0, help=seed_help)
+    group.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="Use the images in DIR (png/jpg/webp/..., name order, cycled) instead of generated "
+        "scenes of shapes, text and gradients.",
+    )
+    add_image_size_argument(group)
 
 
 def add_output_arguments(parser: Any, default: str, folder_help: str, plots: str | None) -> Any:

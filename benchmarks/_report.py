@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,34 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, out: Path, name: str) -> str:
+    """Lay out `fig`, write it to `out`/`name` (PNG, 120 dpi) and close it; returns `name`."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
+def finish(
+    out: Path,
+    name: str,
+    data: dict[str, Any],
+    started: float,
+    report: Any,
+    plot: Any = None,
+) -> dict[str, Any]:
+    """The end of every run: `data["total_seconds"]` since `started` (a `time.perf_counter()`),
+    the plots (`plot(data, out)` -> file names; None: no plots), then `name`.json and
+    `name`.md (`report(data)`) written and printed. Returns `data`."""
+    data["total_seconds"] = time.perf_counter() - started
+    if plot is not None:
+        data["plots"] = plot(data, out)
+    write_outputs(out, name, data, report(data))
+    return data
 
 
 def write_json(path: Path, data: Any) -> None:

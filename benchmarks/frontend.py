@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cli import add_image_size_argument, add_model_arguments, add_output_arguments, model_label
 from _common import build_workload, summary, synthetic_checkpoint
-from _report import device_line, environment, markdown_table, progress, write_outputs
+from _report import device_line, environment, finish, markdown_table, progress
 
 from vllm_prumerge.testing.media import image_data_url
 from vllm_prumerge.testing.prompts import ChatPrompt
@@ -373,10 +373,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "method": METHOD,
         "environment": env,
         "results": results,
-        "total_seconds": time.perf_counter() - wall,
     }
-    write_outputs(out, "frontend", data, markdown_report(data))
-    return data
+    return finish(out, "frontend", data, wall, markdown_report)
 
 
 if __name__ == "__main__":

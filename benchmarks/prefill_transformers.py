@@ -34,7 +34,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cli import add_output_arguments
-from _report import device_name, environment, markdown_table, progress, pyplot, write_outputs
+from _report import (
+    device_name,
+    environment,
+    finish,
+    markdown_table,
+    progress,
+    pyplot,
+    save_figure,
+)
 
 # Model shapes: LLaVA-1.5-7B (Vicuna-7B + CLIP-L/14-336) and a tiny one for CPU validation.
 SHAPES: dict[str, dict[str, int]] = {
@@ -532,10 +540,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
         f"LLM prefill, shape {data['settings']['shape']}, {data['dtype']}, {device_name(env)}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(out / "prefill.png", dpi=120)
-    plt.close(fig)
-    return ["prefill.png"]
+    return [save_figure(fig, out, "prefill.png")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,11 +603,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data["tower_parameters"] = sum(p.numel() for p in tower.parameters())
             bar.set_description("front end")
             data["frontend"] = measure_frontend(tower, args, device, bar)
-    data["total_seconds"] = time.perf_counter() - wall
-    if not args.no_plots and data["prefill"]:
-        data["plots"] = plot(data, out)
-    write_outputs(out, "prefill", data, markdown_report(data))
-    return data
+    plots = None if args.no_plots or not data["prefill"] else plot
+    return finish(out, "prefill", data, wall, markdown_report, plots)
 
 
 if __name__ == "__main__":

@@ -50,11 +50,12 @@ from _common import BenchConfig, parse_configs, summary
 from _report import (
     device_line,
     environment,
+    finish,
     markdown_table,
     progress,
     pyplot,
+    save_figure,
     token_ticks,
-    write_outputs,
 )
 
 from vllm_prumerge.evaluation import exact_match, normalize_answer, vqa_accuracy
@@ -813,10 +814,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
         f"{Path(str(data['data']['source'])).name}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(out / "quality_vs_tokens.png", dpi=120)
-    plt.close(fig)
-    return ["quality_vs_tokens.png"]
+    return [save_figure(fig, out, "quality_vs_tokens.png")]
 
 
 METHOD = (
@@ -970,11 +968,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with open(out / "quality_answers.jsonl", "w") as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
-    data["total_seconds"] = time.perf_counter() - wall
-    if not args.no_plots:
-        data["plots"] = plot(data, out)
-    write_outputs(out, "quality", data, markdown_report(data))
-    return data
+    return finish(out, "quality", data, wall, markdown_report, None if args.no_plots else plot)
 
 
 if __name__ == "__main__":

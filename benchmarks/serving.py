@@ -46,7 +46,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cli import add_image_size_argument, add_model_arguments, add_output_arguments, model_label
+from _cli import add_model_arguments, add_output_arguments, add_workload_arguments, model_label
 from _common import (
     DEFAULT_CONFIGS,
     BenchConfig,
@@ -60,11 +60,12 @@ from _report import (
     device_line,
     device_name,
     environment,
+    finish,
     markdown_table,
     progress,
     pyplot,
+    save_figure,
     token_ticks,
-    write_outputs,
 )
 
 from vllm_prumerge.testing.media import image_data_url
@@ -166,23 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "messages without the image, padded to exactly the image request's prompt tokens), "
         "the limit an image request can reach on this server.",
     )
-    add_image_size_argument(work)
-    work.add_argument(
-        "--num-prompts", type=int, default=64, help="Measured requests per configuration."
-    )
-    work.add_argument(
-        "--output-len",
-        type=int,
-        default=32,
-        help="Generated tokens per request (fixed: ignore_eos, greedy).",
-    )
-    work.add_argument("--seed", type=int, default=0, help="Seed of images, questions, arrivals.")
-    work.add_argument(
-        "--images",
-        default=None,
-        metavar="DIR",
-        help="Use the images in DIR (name order, cycled) instead of generated scenes.",
-    )
+    add_workload_arguments(work, "Seed of images, questions, arrivals.")
     work.add_argument(
         "--request-rate",
         default="inf",
@@ -897,10 +882,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
         f"{data['settings']['max_concurrency']}; {device_name(env)}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(out / "serving_latency.png", dpi=120)
-    plt.close(fig)
-    return ["serving_latency.png"]
+    return [save_figure(fig, out, "serving_latency.png")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1015,12 +997,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "method": METHOD,
         "environment": env,
         "runs": runs,
-        "total_seconds": time.perf_counter() - wall,
     }
-    if not args.no_plots:
-        result["plots"] = plot(result, out)
-    write_outputs(out, "serving", result, markdown_report(result))
-    return result
+    return finish(out, "serving", result, wall, markdown_report, None if args.no_plots else plot)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cli import add_image_size_argument, add_model_arguments, add_output_arguments, model_label
+from _cli import add_model_arguments, add_output_arguments, add_workload_arguments, model_label
 from _common import (
     DEFAULT_CONFIGS,
     BenchConfig,
@@ -64,11 +64,12 @@ from _common import (
 from _report import (
     device_line,
     environment,
+    finish,
     markdown_table,
     progress,
     pyplot,
+    save_figure,
     token_ticks,
-    write_outputs,
 )
 
 from vllm_prumerge.serving.stats import StepTracker, stat_logger_factory
@@ -102,27 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "JSON.",
     )
     work = parser.add_argument_group("workload")
-    work.add_argument(
-        "--num-prompts",
-        type=int,
-        default=64,
-        help="Measured requests per configuration (each: one image + one question).",
-    )
-    work.add_argument(
-        "--output-len",
-        type=int,
-        default=32,
-        help="Generated tokens per request (fixed: EOS is ignored, greedy sampling).",
-    )
-    work.add_argument("--seed", type=int, default=0, help="Seed of images, questions and engine.")
-    work.add_argument(
-        "--images",
-        default=None,
-        metavar="DIR",
-        help="Use the images in DIR (png/jpg/webp/..., name order, cycled) instead of generated "
-        "scenes of shapes, text and gradients.",
-    )
-    add_image_size_argument(work)
+    add_workload_arguments(work, "Seed of images, questions and engine.")
     work.add_argument(
         "--text",
         action=argparse.BooleanOptionalAction,
@@ -743,10 +724,7 @@ def plot_scaling(data: dict[str, Any], out: Path) -> str:
         f"{data['environment'].get('gpu') or data['environment']['cpu']}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=120)
-    plt.close(fig)
-    return "scaling.png"
+    return save_figure(fig, out, "scaling.png")
 
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
@@ -830,9 +808,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
         f"{data['environment'].get('gpu') or data['environment']['cpu']}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(out / "throughput_vs_tokens.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, "throughput_vs_tokens.png")
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     shown = [r for r in results if r["name"] in ("prumerge", "prumerge+")] or results
@@ -852,9 +828,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     ax.set_ylabel("images")
     ax.set_title("Adaptive token counts per image")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "visual_tokens_hist.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, "visual_tokens_hist.png")
     return ["throughput_vs_tokens.png", plot_scaling(data, out), "visual_tokens_hist.png"]
 
 
@@ -1013,11 +987,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "environment": env,
         "results": results,
     }
-    data["total_seconds"] = time.perf_counter() - wall_start
-    if not args.no_plots:
-        data["plots"] = plot(data, out)
-    write_outputs(out, "throughput", data, markdown_report(data))
-    return data
+    plots = None if args.no_plots else plot
+    return finish(out, "throughput", data, wall_start, markdown_report, plots)
 
 
 if __name__ == "__main__":
