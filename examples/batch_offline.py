@@ -165,7 +165,7 @@ def collect_requests(args: argparse.Namespace) -> tuple[list[Request], str]:
         requests, source = list(read_manifest(manifest)), str(manifest)
     else:
         if not images:
-            raise FileNotFoundError(f"no images ({', '.join(common.IMAGE_EXTENSIONS)}) in {folder}")
+            raise FileNotFoundError(f"no images ({', '.join(common.IMAGE_SUFFIXES)}) in {folder}")
         requests, source = list(sidecar_requests(images, args.question)), "sidecar .txt files"
     for request in requests:
         if request.error is None:
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_prumerge import engine_kwargs
 
     started = time.perf_counter()
-    llm = LLM(model=common.resolve_model(args), **engine_args, **engine_kwargs(**options))
+    llm = LLM(model=common.checkpoint_of(args), **engine_args, **engine_kwargs(**options))
     print(f"engine ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     sampling = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
 

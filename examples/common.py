@@ -2,19 +2,25 @@
 
 Command-line pieces every example uses the same way: which checkpoint (`--model` or `--tiny`),
 which reduction (`--mode`, `--budget`, `--option KEY=VALUE`), vLLM engine settings, and finding
-and opening images. Nothing here imports vLLM, so `--help` and input errors are instant.
+and opening images (`vllm_prumerge.testing`'s, their one home). Nothing here imports vLLM, so
+`--help` and input errors are instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+from vllm_prumerge.testing.engine_args import (
+    add_engine_arg_option,
+    parse_engine_args,
+    resolve_model,
+)
+from vllm_prumerge.testing.images import IMAGE_SUFFIXES, find_images, open_image
+
+__all__ = ["IMAGE_SUFFIXES", "find_images", "open_image"]  # the examples' image helpers
 # LLaVA-1.5's conversation format (llava-hf/llava-1.5-*-hf): one image, one question.
 DEFAULT_PROMPT = "USER: <image>\n{question} ASSISTANT:"
 DEFAULT_QUESTION = "What is shown in this image?"
@@ -58,13 +64,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_model(args: argparse.Namespace) -> str:
+def checkpoint_of(args: argparse.Namespace) -> str:
     """The checkpoint to load: `--model` as given, or the tiny checkpoint's folder."""
-    if args.tiny:
-        from vllm_prumerge.testing import cached_tiny_llava
-
-        return str(cached_tiny_llava())
-    return args.model
+    return resolve_model(None if args.tiny else args.model)
 
 
 # --- which reduction --------------------------------------------------------------------------
@@ -168,14 +170,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="Skip torch.compile / CUDA graphs (fast start; --no-enforce-eager for long jobs on "
         "a GPU). Default: on.",
     )
-    group.add_argument(
-        "--engine-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Any other vllm.LLM keyword, repeatable; VALUE is parsed as JSON when it can be "
-        "(e.g. --engine-arg gpu_memory_utilization=0.8 --engine-arg seed=1).",
-    )
+    add_engine_arg_option(group)
 
 
 def engine_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -187,44 +182,5 @@ def engine_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "enforce_eager": args.enforce_eager,
         "limit_mm_per_prompt": {"image": 1},
     }
-    for item in args.engine_arg:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
-        try:
-            kwargs[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key.strip()] = value
+    kwargs.update(parse_engine_args(args.engine_arg))
     return kwargs
-
-
-# --- images -----------------------------------------------------------------------------------
-
-
-def find_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly in `folder` (by extension), sorted by name.
-
-    Raises FileNotFoundError / NotADirectoryError with the path.
-    """
-    root = Path(folder)
-    if not root.exists():
-        raise FileNotFoundError(f"no such folder: {root}")
-    if not root.is_dir():
-        raise NotADirectoryError(f"not a folder: {root}")
-    return sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def open_image(path: str | os.PathLike):
-    """Open and fully decode an image as RGB; raises ValueError with the reason on failure."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise ValueError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
-    except Exception as exc:  # truncated or malformed data surfaces as many exception types
-        raise ValueError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None

@@ -16,8 +16,6 @@ returns with `return_token_ids`.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import sys
 import urllib.error
@@ -27,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import common
+
+from vllm_prumerge.testing.media import image_data_url
+from vllm_prumerge.testing.prompts import chat_messages
 
 SERVER_DEFAULT = "server"  # --mode value meaning "no override"
 
@@ -111,13 +112,6 @@ def override(args: argparse.Namespace, mode: str) -> dict[str, Any] | None:
     return options
 
 
-def data_url(image) -> str:
-    """PNG data URL of a decoded image (re-encoded, so the server can always read it)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def server_root(base_url: str) -> str:
     root = base_url.rstrip("/")
     return root[: -len("/v1")] if root.endswith("/v1") else root
@@ -156,15 +150,7 @@ def ask(client, args, model: str, token_id: int | None, job: dict[str, Any]) -> 
     try:
         response = client.chat.completions.create(
             model=model,
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": job["url"]}},
-                        {"type": "text", "text": args.question},
-                    ],
-                }
-            ],
+            messages=chat_messages(args.question, [job["url"]]),
             max_tokens=args.max_tokens,
             temperature=args.temperature,
             extra_body=extra_body,
@@ -226,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs: list[dict[str, Any]] = []
     for path in files:
         try:
-            url = data_url(common.open_image(path))
+            url = image_data_url(common.open_image(path))  # re-encoded: the server reads it
         except ValueError as exc:
             common.warn(f"skipping: {exc}")
             records.append({"image": str(path), "mode": None, "error": str(exc)})

@@ -39,6 +39,8 @@ from typing import Any
 
 import common
 
+from vllm_prumerge.testing.prompts import template_messages
+
 # The schema of the result rows; counts are null for failed rows.
 RESULT_COLUMNS = {
     "id": "string",
@@ -90,9 +92,7 @@ def to_requests(row: dict[str, Any], *, questions: list[str], mode: str) -> list
             "question": question,
             "mode": mode,
             # The <image> slot of the chat template; the picture itself goes to the engine.
-            "messages": [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-            ],
+            "messages": template_messages(question),
             "multimodal_data": {"image": image},
         }
         for i, question in enumerate(questions)
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "input",
         help="folder of images: a local path, or any URI Ray Data reads (s3://, gs://, ...). "
-        f"Files with other extensions than {', '.join(common.IMAGE_EXTENSIONS)} are ignored.",
+        f"Files with other extensions than {', '.join(common.IMAGE_SUFFIXES)} are ignored.",
     )
     common.add_model_arguments(parser)
     parser.add_argument(
@@ -303,7 +303,7 @@ def build_pipeline(args: argparse.Namespace, model: str, options: dict, engine_a
     files = ray.data.read_binary_files(
         os.path.abspath(args.input) if is_local else args.input,
         include_paths=True,
-        file_extensions=[ext.lstrip(".") for ext in common.IMAGE_EXTENSIONS],
+        file_extensions=[ext.lstrip(".") for ext in common.IMAGE_SUFFIXES],
         ray_remote_args=light,
     )
     requests = files.filter(functools.partial(is_readable, want=True), **light).flat_map(
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         engine_args = common.engine_arguments(args)
         if is_local and not common.find_images(args.input):
             raise FileNotFoundError(
-                f"no images ({', '.join(common.IMAGE_EXTENSIONS)}) in {args.input}"
+                f"no images ({', '.join(common.IMAGE_SUFFIXES)}) in {args.input}"
             )
         concurrency_value(args.concurrency)
     except (ValueError, OSError) as exc:
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             include_dashboard=False,
         )
     started = time.perf_counter()
-    results = build_pipeline(args, common.resolve_model(args), options, engine_args)
+    results = build_pipeline(args, common.checkpoint_of(args), options, engine_args)
 
     if args.output.endswith(".jsonl"):
         output = Path(args.output)

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=args.address)
     else:
         ray.init(num_cpus=args.num_cpus, include_dashboard=False)
-    model = common.resolve_model(args)
+    model = common.checkpoint_of(args)
     config = llm_config(args, model, options, engine_args)
     serve.start(http_options={"host": args.host, "port": args.port})
     started = time.perf_counter()

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import common
 
+from vllm_prumerge.testing.engine_args import resolve_model
+
 FAMILIES = ("llava", "llava_next", "siglip")
 
 
@@ -113,15 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+def checkpoint_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
     """`--model` as given, or the generated checkpoint of `--family` for `--tiny`."""
     if not args.tiny:
         if args.family is not None:
             parser.error("--family applies to --tiny; with --model the checkpoint decides")
         return args.model
-    from vllm_prumerge.testing import TinyLlavaSpec, cached_tiny_llava
+    from vllm_prumerge.testing import TinyLlavaSpec
 
-    return str(cached_tiny_llava(TinyLlavaSpec(family=args.family or "llava")))
+    return resolve_model(None, TinyLlavaSpec(family=args.family or "llava"))
 
 
 class Tower:
@@ -253,7 +255,7 @@ def run_tokens(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from vllm_prumerge import PruMergeConfig, vis
 
     config = PruMergeConfig.from_dict(options)
-    model = resolve_model(args, parser)
+    model = checkpoint_of(args, parser)
     images, errors = load_all(files)
     if not images:
         print("error: no readable images", file=sys.stderr)
@@ -329,8 +331,8 @@ def run_histogram(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
     configs = [PruMergeConfig.from_dict(o) for o in options]
     if not files:
-        parser.error(f"no images ({', '.join(common.IMAGE_EXTENSIONS)}) in {args.folder}")
-    model = resolve_model(args, parser)
+        parser.error(f"no images ({', '.join(common.IMAGE_SUFFIXES)}) in {args.folder}")
+    model = checkpoint_of(args, parser)
     images, errors = load_all(files)
     counts_path = Path(args.counts) if args.counts else Path(args.out).with_suffix(".jsonl")
     counts_path.parent.mkdir(parents=True, exist_ok=True)

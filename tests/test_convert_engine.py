@@ -270,16 +270,12 @@ def test_vllm_serve_with_no_mode_flag_serves_the_recorded_mode_through_the_chat_
     converted, reference, images
 ):
     """The README's command: chat template, tokenizer and recorded mode through the CLI."""
-    import base64
-    import io
-
     from openai import OpenAI
 
+    from vllm_prumerge.testing.media import image_data_url
     from vllm_prumerge.testing.server import serve
 
-    buf = io.BytesIO()
-    images[2].save(buf, format="PNG")  # the wide image: padded to a square first
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    url = image_data_url(images[2])  # the wide image: padded to a square first
     question = "What is shown in this image?"
     args = ["--plugin", "prumerge", "--dtype", "float32", "--enforce-eager"]
     args += ["--max-model-len", "2048", "--max-num-seqs", "8"]

@@ -219,7 +219,7 @@ def run_quality(args: list[str], env: dict[str, str] | None = None) -> None:
     assert done.returncode == 0, f"quality.py exited {done.returncode}:\n{done.stderr[-6000:]}"
 
 
-def check_run(out: Path, checkpoint: str, items: int) -> dict:
+def check_run(out: Path, checkpoint: str, source: Path, items: int) -> dict:
     """What every run must have written, with the counts checked against the encoder."""
     from PIL import Image
 
@@ -227,7 +227,7 @@ def check_run(out: Path, checkpoint: str, items: int) -> dict:
     results = {r["name"]: r for r in data["results"]}
     assert list(results) == CONFIG_NAMES
     assert data["baseline"] == "off"
-    assert data["data"] == {"source": data["data"]["source"], "items": items, "labelled": 4}
+    assert data["data"] == {"source": str(source), "items": items, "labelled": 4}
     for r in results.values():
         assert r["items"] == items and r["labelled"] == 4
         assert 0 <= r["vqa_accuracy"] <= 1 and 0 <= r["exact_match"] <= 1
@@ -276,7 +276,7 @@ def test_offline_run_reports_every_configuration_with_real_counts(
     argv = ["--tiny", "--data", jsonl, *CONFIG_ARGS, "--dtype", "float32", "--max-tokens", 3]
     argv += ["--batch-size", 3, "--warmup", 1, "--no-progress", "--out", out]
     run_quality(argv, env=tiny_cache_env(tiny_llava, tmp_path))
-    data = check_run(out, tiny_llava, 5)
+    data = check_run(out, tiny_llava, jsonl, 5)
     assert data["backend"] == "offline vllm.LLM" and data["dtype"] == "float32"
     assert any("meaningless" in note for note in data["notes"])
 
@@ -293,5 +293,5 @@ def test_server_run_counts_visual_tokens_exactly_from_usage(tiny_llava, labelled
         argv = ["--server", url, "--data", jsonl, *CONFIG_ARGS, "--max-tokens", 3]
         argv += ["--concurrency", 2, "--warmup", 1, "--no-progress", "--out", out]
         run_quality(argv)
-    data = check_run(out, tiny_llava, 5)
+    data = check_run(out, tiny_llava, jsonl, 5)
     assert data["backend"] == f"server {url}"

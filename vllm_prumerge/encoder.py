@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from vllm_prumerge.config import PruMergeConfig
+from vllm_prumerge.hub_layout import strip_tower_prefix as _strip_tower_prefix
 from vllm_prumerge.reduction import ReducedTokens, reduce_by_importance
 from vllm_prumerge.vision import resolve_vision_feature_layer, tower_scores
 
@@ -38,22 +39,6 @@ from vllm_prumerge.vision import resolve_vision_feature_layer, tower_scores
 _TOWER_CLASSES = {CLIPVisionConfig: CLIPVisionModel, SiglipVisionConfig: SiglipVisionModel}
 # Tensors of the checkpoint's tower that PruMerge never reads (LLaVA skips them too).
 _UNUSED_TOWER_PREFIXES = ("post_layernorm.", "head.")
-
-# Checkpoint key prefixes of the vision tower, most specific first: the hub layout
-# (llava-hf/llava-1.5-7b-hf) and the layouts transformers 4.52+ and 5.x write.
-_TOWER_PREFIXES = (
-    "model.vision_tower.vision_model.",
-    "vision_tower.vision_model.",
-    "model.vision_tower.",
-    "vision_tower.",
-)
-
-
-def _strip_tower_prefix(key: str) -> str | None:
-    for prefix in _TOWER_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix) :]
-    return None
 
 
 def _tower_shards(index_file: Path) -> list[str]:

@@ -26,6 +26,7 @@ from vllm_prumerge.convert.weights import (
     load_pickle,
 )
 from vllm_prumerge.convert.writer import PlannedTensor, StagingFolder, write_shards
+from vllm_prumerge.hub_layout import hub_key
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 NON_LORA = "non_lora_trainables.bin"
@@ -114,21 +115,7 @@ def _expected_shapes(config) -> dict[str, tuple[int, ...]]:
 
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
-    shapes = {}
-    for key, value in model.state_dict().items():
-        for new, old in (
-            ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
-            ("model.vision_tower.", "vision_tower.vision_model."),
-            ("model.multi_modal_projector.", "multi_modal_projector."),
-            ("model.language_model.", "language_model.model."),
-            ("lm_head.", "language_model.lm_head."),
-        ):
-            if key.startswith(new):
-                shapes[old + key[len(new) :]] = tuple(value.shape)
-                break
-        else:
-            raise AssertionError(f"unexpected LLaVA state-dict key {key!r}")
-    return shapes
+    return {hub_key(key): tuple(value.shape) for key, value in model.state_dict().items()}
 
 
 def convert(

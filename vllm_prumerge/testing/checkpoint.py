@@ -9,8 +9,9 @@ The CLIP towers have the real geometry (336 px, patch 14: 576 patches + CLS, on 
 tiny width and depth; the text model is a tiny Llama whose head size (32) vLLM's CPU attention
 supports; the tokenizer is built locally (byte-level BPE trained on a fixed corpus, with `<image>`);
 image processor and chat template follow llava-hf/llava-1.5-7b-hf. Weights are written in the hub
-key layout (`vision_tower.vision_model.*`, `language_model.model.*`, `language_model.lm_head.*`),
-the layout of the checkpoints users serve and the one vLLM 0.32's loader expects.
+key layout (`vllm_prumerge.hub_layout`: `vision_tower.vision_model.*`, `language_model.model.*`,
+`language_model.lm_head.*`), the layout of the checkpoints users serve and the one vLLM 0.32's
+loader expects.
 
     python -m vllm_prumerge.testing.checkpoint OUT_DIR [--seed 0]
 """
@@ -23,6 +24,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
+from vllm_prumerge.hub_layout import hub_key
 
 # LLaVA-1.5's conversation format, as in llava-hf/llava-1.5-7b-hf: "USER: <image>\n... ASSISTANT:".
 CHAT_TEMPLATE = (
@@ -127,21 +130,6 @@ def _build_tokenizer(spec: TinyLlavaSpec):
         chat_template=CHAT_TEMPLATE,
         model_max_length=4096,
     )
-
-
-def _hub_key(key: str) -> str:
-    """Map a transformers-5 LLaVA state-dict key to the hub (llava-hf) layout."""
-    for new, old in (
-        ("model.image_newline", "image_newline"),
-        ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
-        ("model.vision_tower.", "vision_tower.vision_model."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-        ("model.language_model.", "language_model.model."),
-        ("lm_head.", "language_model.lm_head."),
-    ):
-        if key.startswith(new):
-            return old + key[len(new) :]
-    raise ValueError(f"unexpected LLaVA state-dict key {key!r}")
 
 
 def _vision_config(spec: TinyLlavaSpec):
@@ -308,7 +296,7 @@ def write_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec | None = No
     for key, value in model.state_dict().items():
         if key.endswith((".q_proj.weight", ".k_proj.weight")) and "vision_tower" in key:
             value = value * spec.attention_sharpness
-        state[_hub_key(key)] = value.detach().to(torch.float32).contiguous()
+        state[hub_key(key)] = value.detach().to(torch.float32).contiguous()
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config_dict = config.to_dict()
     config_dict.pop("transformers_version", None)

