@@ -135,6 +135,14 @@ class PruMergeProcessingInfoMixin:
     ) -> Mapping[str, int]:
         return {"image": self.get_max_image_tokens()}
 
+    @cached_property
+    def largest_item_tokens(self) -> int:
+        """Worst-case tokens of one item of any modality the model accepts, in any mode
+        (``off`` included): the top of the visual-token histogram's buckets."""
+        modalities = self.get_supported_mm_limits()
+        seq_len = self.ctx.model_config.max_model_len
+        return max(self.get_mm_max_tokens_per_item(seq_len, dict.fromkeys(modalities, 1)).values())
+
 
 class PruMergeProcessorMixin:
     """Goes in front of a family's vLLM multimodal processor: runs the tower + reduction.
@@ -175,7 +183,7 @@ class PruMergeProcessorMixin:
             return processed
         counts, seconds = self._reduce_images(processed, config)
         processed[FEATURES_KEY] = [f.to(dtype) for f in processed[FEATURES_KEY]]
-        metrics.record(config.mode, counts, seconds)
+        metrics.record(config.mode, counts, seconds, largest=self.info.largest_item_tokens)
         return processed
 
     def _reduce_images(
