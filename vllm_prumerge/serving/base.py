@@ -44,6 +44,7 @@ from vllm_prumerge.encoder import PruMergeEncoder, supported_vision_config
 from vllm_prumerge.serving import metrics
 from vllm_prumerge.serving.options import (
     CONFIG_KEY,
+    DOWNLOAD_DIR_KEY,
     PROFILE_KEY,
     describe,
     engine_config,
@@ -122,6 +123,8 @@ class PruMergeProcessingInfoMixin:
             vision_feature_layer=hf_config.vision_feature_layer,
             dtype=model_config.dtype,
             revision=model_config.revision,
+            download_dir=getattr(hf_config, DOWNLOAD_DIR_KEY, None),
+            token=model_config.hf_token,
             num_threads=PruMergeEncoder.threads_from_env(),  # VLLM_PRUMERGE_TOWER_THREADS
         )
 

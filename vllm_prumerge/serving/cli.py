@@ -191,4 +191,23 @@ def install_cli_hook() -> bool:
 
     setattr(add_cli_args, _HOOKED, True)
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    _pass_download_dir(EngineArgs)
     return True
+
+
+def _pass_download_dir(engine_args_class) -> None:
+    """Wrap `create_model_config` so that our `hf_overrides` carry the engine's `download_dir`
+    (the pre-processor, which loads the tower, sees only the model config)."""
+    original = engine_args_class.create_model_config
+    if getattr(original, _HOOKED, False):
+        return
+
+    @functools.wraps(original)
+    def create_model_config(self):
+        overrides = self.hf_overrides
+        if isinstance(overrides, PruMergeOverrides) and self.download_dir is not None:
+            self.hf_overrides = dataclasses.replace(overrides, download_dir=self.download_dir)
+        return original(self)
+
+    setattr(create_model_config, _HOOKED, True)
+    engine_args_class.create_model_config = create_model_config
