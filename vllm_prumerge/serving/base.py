@@ -9,9 +9,9 @@ length of its reduced features; the model in the engine only applies the family'
 cache therefore see the reduced, per-image count, and vLLM's processor cache (keyed by image +
 request options) reuses the features of repeated images.
 
-Each family file (``llava.py``, ``llava_next.py``) mixes these classes in front of vLLM's own
-classes for that family, in vLLM's order (processing info, processor, model), and holds only
-what differs: how crops are cut, counted and packed.
+Each family file (``llava.py``, ``llava_next.py``, ``llava_onevision.py``) mixes these classes in
+front of vLLM's own classes for that family, in vLLM's order (processing info, processor, model),
+and holds only what differs: how crops are cut, counted and packed.
 """
 
 from __future__ import annotations
