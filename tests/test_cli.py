@@ -177,3 +177,59 @@ def test_a_bad_tower_thread_count_is_a_parser_error_at_start_up(
         serve_parser.parse_args(["serve", model, "--plugin", "prumerge"])
     assert exc.value.code == 2
     assert "VLLM_PRUMERGE_TOWER_THREADS" in capsys.readouterr().err
+
+
+@pytest.fixture
+def unsupported_vllm(monkeypatch) -> list[str]:
+    """vLLM reports a release the hook does not support; the cli module's warnings, collected."""
+    import vllm
+    from vllm.logger import init_logger
+
+    warnings: list[str] = []
+    monkeypatch.setattr(vllm, "__version__", "0.99.0")
+    logger = init_logger("vllm_prumerge.serving.cli")  # the logger install_cli_hook warns on
+    monkeypatch.setattr(logger, "warning", lambda message, *args: warnings.append(message % args))
+    return warnings
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "onevision"])
+def test_on_an_unsupported_vllm_the_warning_names_the_class_for_the_checkpoints_architecture(
+    family, tmp_path_factory, monkeypatch, unsupported_vllm
+):
+    from transformers import AutoConfig
+
+    from tests.helpers import family_checkpoint
+    from vllm_prumerge.serving.cli import install_cli_hook
+
+    checkpoint = family_checkpoint(family, tmp_path_factory)
+    ours = "PruMerge" + AutoConfig.from_pretrained(checkpoint).architectures[0]
+    monkeypatch.setattr(sys, "argv", ["vllm", "serve", checkpoint, "--plugin", "prumerge"])
+    assert install_cli_hook() is False
+    (warning,) = unsupported_vllm
+    assert f'--hf-overrides \'{{"architectures": ["{ours}"]}}\'' in warning
+    assert "found 0.99.0" in warning
+
+
+def test_on_an_unsupported_vllm_an_unknown_checkpoint_gets_every_familys_class(
+    monkeypatch, unsupported_vllm
+):
+    from vllm_prumerge.serving.cli import install_cli_hook
+    from vllm_prumerge.serving.options import ARCHITECTURES
+
+    monkeypatch.setattr(sys, "argv", ["vllm", "serve", "org/not-in-any-cache"])
+    assert install_cli_hook() is False
+    (warning,) = unsupported_vllm
+    for theirs, ours in ARCHITECTURES.items():
+        assert f"{ours} for {theirs}" in warning
+
+
+def test_the_engines_download_dir_reaches_the_config_the_pre_processor_reads(
+    serve_parser, model, tmp_path
+):
+    from vllm_prumerge.serving.options import DOWNLOAD_DIR_KEY
+
+    args = _engine_args(
+        serve_parser, model, ["--plugin", "prumerge", "--download-dir", str(tmp_path)]
+    )
+    args.model = model  # `vllm serve` copies its positional `model_tag` after parsing
+    assert getattr(args.create_model_config().hf_config, DOWNLOAD_DIR_KEY) == str(tmp_path)

@@ -1,4 +1,7 @@
-"""PruMerge / PruMerge+ visual-token reduction for LLaVA-1.5, served by vLLM.
+"""PruMerge / PruMerge+ visual-token reduction for LLaVA-family checkpoints, served by vLLM.
+
+Families: LLaVA-1.5, LLaVA-NeXT, SigLIP-based LLaVA (LLaVA-Interleave) and LLaVA-OneVision
+(images); the model class is picked from the checkpoint's own architecture.
 
 from vllm import LLM
 from vllm_prumerge import engine_kwargs

@@ -41,54 +41,79 @@ _TOWER_CLASSES = {CLIPVisionConfig: CLIPVisionModel, SiglipVisionConfig: SiglipV
 _UNUSED_TOWER_PREFIXES = ("post_layernorm.", "head.")
 
 
+_INDEX_FILE = "model.safetensors.index.json"
+
+
 def _tower_shards(index_file: Path) -> list[str]:
     """The safetensors files that hold vision-tower tensors, from a sharded checkpoint's index."""
     weight_map = json.loads(index_file.read_text())["weight_map"]
     return sorted({f for k, f in weight_map.items() if _strip_tower_prefix(k) is not None})
 
 
-def _checkpoint_folder(model: str, revision: str | None, download_dir: str | None) -> Path:
-    """A local folder holding the checkpoint's config and the safetensors with the tower."""
+def _checkpoint_folder(
+    model: str,
+    revision: str | None,
+    download_dir: str | None,
+    token: bool | str | None = None,
+) -> Path:
+    """A local folder holding the checkpoint's config and the safetensors with the tower.
+
+    A hub id is resolved as vLLM resolves the engine's weights: `revision`, `download_dir` as the
+    cache (None: the Hugging Face default), `HF_HUB_OFFLINE` (then only the cached snapshot),
+    `token` (None: `HF_TOKEN` or the stored login), so the tower comes from the files the engine
+    loads. Only "the repository has no index" is handled (a single-file checkpoint); any other hub,
+    network or authentication error propagates as itself, with a note naming the checkpoint.
+    """
     if os.path.isdir(model):
         return Path(model)
+    import huggingface_hub
     from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
-    # Only the shards holding vision-tower tensors: the LLM's shards are not needed here.
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    hub = dict(revision=revision, cache_dir=download_dir, token=token, local_files_only=offline)
     try:
-        index_file = hf_hub_download(
-            model, "model.safetensors.index.json", revision=revision, cache_dir=download_dir
+        if offline:
+            return Path(snapshot_download(model, **hub))
+        try:
+            index_file = hf_hub_download(model, _INDEX_FILE, **hub)
+        except RemoteEntryNotFoundError:
+            patterns = ["*.json", "model.safetensors"]
+        else:
+            # Only the shards holding vision-tower tensors: the LLM's shards are not needed here.
+            patterns = ["*.json", *_tower_shards(Path(index_file))]
+        return Path(snapshot_download(model, allow_patterns=patterns, **hub))
+    except Exception as exc:
+        exc.add_note(
+            f"vllm-prumerge: while fetching the vision tower of {model!r} (revision "
+            f"{revision or 'main'}, cache {download_dir or 'the Hugging Face default'}, "
+            f"HF_HUB_OFFLINE={int(offline)})"
         )
-    except Exception:  # single-file checkpoint
-        return Path(
-            snapshot_download(
-                model,
-                revision=revision,
-                cache_dir=download_dir,
-                allow_patterns=["*.json", "model.safetensors"],
-            )
-        )
-    shards = _tower_shards(Path(index_file))
-    return Path(
-        snapshot_download(
-            model,
-            revision=revision,
-            cache_dir=download_dir,
-            allow_patterns=["*.json", *shards],
-        )
-    )
+        raise
 
 
 def _tower_tensors(folder: Path) -> Iterable[tuple[str, torch.Tensor]]:
-    """Yield (key without tower prefix, tensor) for every vision-tower tensor in the folder."""
+    """Yield (key without tower prefix, tensor) for every vision-tower tensor in the folder.
+
+    Raises FileNotFoundError naming what is missing: safetensors weights, or a shard the index
+    lists for the tower."""
     from safetensors import safe_open
 
-    index = folder / "model.safetensors.index.json"
+    index = folder / _INDEX_FILE
     if index.exists():
         files = _tower_shards(index)
+        absent = [name for name in files if not (folder / name).is_file()]
+        if absent:
+            raise FileNotFoundError(
+                f"{index} puts vision-tower tensors in {absent}, missing from {folder}"
+            )
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no safetensors weights with a vision tower in {folder}")
+        raise FileNotFoundError(
+            f"no safetensors weights with a vision tower in {folder} (vllm-prumerge reads the "
+            "tower from the checkpoint's *.safetensors)"
+        )
     for name in files:
         with safe_open(str(folder / name), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118  safe_open handles are not mappings
@@ -111,12 +136,14 @@ def load_vision_tower(
     device: str | torch.device = "cpu",
     revision: str | None = None,
     download_dir: str | None = None,
+    token: bool | str | None = None,
 ) -> nn.Module:
     """Build the CLIP or SigLIP tower of a LLaVA checkpoint with SDPA attention, load its weights.
 
     Only the layers PruMerge reads are built (up to the layer after `vision_feature_layer`);
     SigLIP's pooling head is never built (llava-hf checkpoints carry none).
-    `model` is a local folder or a hub id (resolved through the Hugging Face cache).
+    `model` is a local folder or a hub id, resolved as the engine's weights are (`revision`,
+    `download_dir`, `token`, `HF_HUB_OFFLINE`: see :func:`_checkpoint_folder`).
     """
     tower_class = _TOWER_CLASSES.get(type(vision_config))
     if tower_class is None:
@@ -133,11 +160,13 @@ def load_vision_tower(
     tower = tower_class._from_config(config, attn_implementation="sdpa", dtype=dtype)
     target = tower.vision_model if hasattr(tower, "vision_model") else tower
     wanted = set(target.state_dict().keys())
-    state = {
-        key: tensor.to(dtype=dtype)
-        for key, tensor in _tower_tensors(_checkpoint_folder(model, revision, download_dir))
-        if key in wanted
-    }
+    folder = _checkpoint_folder(model, revision, download_dir, token)
+    state = {key: tensor.to(dtype=dtype) for key, tensor in _tower_tensors(folder) if key in wanted}
+    if not state:
+        raise ValueError(
+            f"checkpoint {model} has no vision-tower tensors (keys under vision_tower.) in its "
+            f"safetensors in {folder}"
+        )
     missing = sorted(k for k in wanted - state.keys() if not k.startswith(_UNUSED_TOWER_PREFIXES))
     if missing:
         raise ValueError(f"checkpoint {model} lacks vision-tower weights: {missing[:5]} ...")
@@ -164,6 +193,8 @@ class PruMergeEncoder:
         vision_feature_layer: LLaVA's `vision_feature_layer` (-2 for LLaVA-1.5).
         dtype: compute dtype of the tower (statistics of the reduction are float32 regardless).
         device: "cuda" when available, else "cpu", unless given.
+        revision, download_dir, token: how a hub id is resolved (vLLM's `--revision`,
+            `--download-dir`, `--hf-token`); see :func:`load_vision_tower`.
         num_threads: torch intra-op threads for the tower forward and the reduction on a CPU,
             set around every :meth:`encode` (encodes are then serialised: the count is
             process-wide) and restored after it; None keeps the caller's
@@ -184,6 +215,7 @@ class PruMergeEncoder:
         device: str | torch.device | None = None,
         revision: str | None = None,
         download_dir: str | None = None,
+        token: bool | str | None = None,
         num_threads: int | None = None,
     ) -> None:
         if num_threads is not None and (
@@ -197,6 +229,7 @@ class PruMergeEncoder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.revision = revision
         self.download_dir = download_dir
+        self.token = token
         self.num_threads = num_threads
         self._tower: nn.Module | None = None
         self._lock = threading.Lock()
@@ -224,6 +257,7 @@ class PruMergeEncoder:
                     device=self.device,
                     revision=self.revision,
                     download_dir=self.download_dir,
+                    token=self.token,
                 )
             return self._tower
 

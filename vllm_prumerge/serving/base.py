@@ -9,9 +9,9 @@ length of its reduced features; the model in the engine only applies the family'
 cache therefore see the reduced, per-image count, and vLLM's processor cache (keyed by image +
 request options) reuses the features of repeated images.
 
-Each family file (``llava.py``, ``llava_next.py``) mixes these classes in front of vLLM's own
-classes for that family, in vLLM's order (processing info, processor, model), and holds only
-what differs: how crops are cut, counted and packed.
+Each family file (``llava.py``, ``llava_next.py``, ``llava_onevision.py``) mixes these classes in
+front of vLLM's own classes for that family, in vLLM's order (processing info, processor, model),
+and holds only what differs: how crops are cut, counted and packed.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from vllm_prumerge.encoder import PruMergeEncoder, supported_vision_config
 from vllm_prumerge.serving import metrics
 from vllm_prumerge.serving.options import (
     CONFIG_KEY,
+    DOWNLOAD_DIR_KEY,
     PROFILE_KEY,
     describe,
     engine_config,
@@ -122,6 +123,8 @@ class PruMergeProcessingInfoMixin:
             vision_feature_layer=hf_config.vision_feature_layer,
             dtype=model_config.dtype,
             revision=model_config.revision,
+            download_dir=getattr(hf_config, DOWNLOAD_DIR_KEY, None),
+            token=model_config.hf_token,
             num_threads=PruMergeEncoder.threads_from_env(),  # VLLM_PRUMERGE_TOWER_THREADS
         )
 
@@ -134,6 +137,14 @@ class PruMergeProcessingInfoMixin:
         self, seq_len: int, mm_counts: Mapping[str, int]
     ) -> Mapping[str, int]:
         return {"image": self.get_max_image_tokens()}
+
+    @cached_property
+    def largest_item_tokens(self) -> int:
+        """Worst-case tokens of one item of any modality the model accepts, in any mode
+        (``off`` included): the top of the visual-token histogram's buckets."""
+        modalities = self.get_supported_mm_limits()
+        seq_len = self.ctx.model_config.max_model_len
+        return max(self.get_mm_max_tokens_per_item(seq_len, dict.fromkeys(modalities, 1)).values())
 
 
 class PruMergeProcessorMixin:
@@ -175,7 +186,7 @@ class PruMergeProcessorMixin:
             return processed
         counts, seconds = self._reduce_images(processed, config)
         processed[FEATURES_KEY] = [f.to(dtype) for f in processed[FEATURES_KEY]]
-        metrics.record(config.mode, counts, seconds)
+        metrics.record(config.mode, counts, seconds, largest=self.info.largest_item_tokens)
         return processed
 
     def _reduce_images(

@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from vllm_prumerge.config import IMPORTANCES, MERGE_WEIGHTINGS, MODES, ORDERS, PruMergeConfig
 from vllm_prumerge.serving.options import (
-    ARCHITECTURE,
     ARCHITECTURES,
     PruMergeOverrides,
     resolve_architecture,
@@ -31,8 +33,9 @@ _HOOKED = "_vllm_prumerge_hooked"
 
 # One line per option for `vllm serve --help`; PruMergeConfig's docstring has the details.
 OPTION_HELP = {
-    "mode": "Reduction mode: prumerge (~32 tokens/image), prumerge+ (~144), fixed (budget "
-    "below) or off (stock 576). Per request (needs vLLM's --trust-request-mm-kwargs): "
+    "mode": "Reduction mode: prumerge (~32 tokens per LLaVA-1.5 image or crop), prumerge+ "
+    "(~144), fixed (budget below) or off (the family's stock count). Per request (needs "
+    "vLLM's --trust-request-mm-kwargs): "
     "mm_processor_kwargs={'prumerge': {'mode': ...}}.",
     "iqr_multiplier": "IQR multiplier of the outlier fence Q3 + m*(Q3-Q1); larger keeps fewer.",
     "k_neighbors": "Key-similar patches merged into each kept token.",
@@ -71,9 +74,10 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "PruMerge",
         "vllm-prumerge plugin: serve LLaVA-family checkpoints (LLaVA-1.5, LLaVA-NeXT, "
-        "SigLIP-based LLaVA-Interleave) with PruMerge / PruMerge+ visual-token reduction; each "
-        "image costs the LLM only its reduced, content-dependent token count. Unset options come "
-        "from the checkpoint's own 'prumerge' config if it has one, else the defaults below.",
+        "SigLIP-based LLaVA-Interleave, LLaVA-OneVision images) with PruMerge / PruMerge+ "
+        "visual-token reduction; each image costs the LLM only its reduced, content-dependent "
+        "token count. Unset options come from the checkpoint's own 'prumerge' config if it has "
+        "one, else the defaults below.",
     )
     group.add_argument(
         "--plugin",
@@ -124,6 +128,33 @@ def _checkpoint_architectures(namespace: argparse.Namespace) -> list[str] | None
     return config.get("architectures")
 
 
+def _model_in_argv(argv: Sequence[str]) -> str | None:
+    """The model of a `vllm serve MODEL` / `--model MODEL` command line, if it names one."""
+    for i, arg in enumerate(argv):
+        if arg == "--model" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    if "serve" in argv:
+        rest = argv[argv.index("serve") + 1 :]
+        if rest and not rest[0].startswith("-"):
+            return rest[0]
+    return None
+
+
+def fallback_hint(architectures: list[str] | None) -> str:
+    """How to select the PruMerge class without `--plugin`: the `--hf-overrides` for the
+    checkpoint's own architecture when it is known and supported, else one per family."""
+    try:
+        return "--hf-overrides " + repr(
+            json.dumps({"architectures": [resolve_architecture(architectures)]})
+        )
+    except ValueError:
+        pairs = "; ".join(f"{ours} for {theirs}" for theirs, ours in ARCHITECTURES.items())
+        example = json.dumps({"architectures": ["CLASS"]})
+        return f"--hf-overrides '{example}' with CLASS by the checkpoint's architecture: {pairs}"
+
+
 def apply_plugin_args(namespace: argparse.Namespace) -> None:
     """Turn `--plugin prumerge --prumerge-*` into `hf_overrides`; raise ValueError if invalid
     (bad option values, or a checkpoint whose architecture has no PruMerge model)."""
@@ -159,12 +190,13 @@ def install_cli_hook() -> bool:
     if not vllm.__version__.startswith(SUPPORTED_VLLM):
         from vllm.logger import init_logger
 
+        model = _model_in_argv(sys.argv[1:])
+        architectures = _checkpoint_architectures(argparse.Namespace(model=model))
         init_logger(__name__).warning(
-            "vllm-prumerge's --plugin flag supports vLLM %s, found %s; use "
-            '--hf-overrides \'{"architectures": ["%s"]}\' instead.',
+            "vllm-prumerge's --plugin flag supports vLLM %s, found %s; use %s instead.",
             " and ".join(version + "x" for version in SUPPORTED_VLLM),
             vllm.__version__,
-            ARCHITECTURE,
+            fallback_hint(architectures),
         )
         return False
     original = EngineArgs.add_cli_args
@@ -191,4 +223,23 @@ def install_cli_hook() -> bool:
 
     setattr(add_cli_args, _HOOKED, True)
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    _pass_download_dir(EngineArgs)
     return True
+
+
+def _pass_download_dir(engine_args_class) -> None:
+    """Wrap `create_model_config` so that our `hf_overrides` carry the engine's `download_dir`
+    (the pre-processor, which loads the tower, sees only the model config)."""
+    original = engine_args_class.create_model_config
+    if getattr(original, _HOOKED, False):
+        return
+
+    @functools.wraps(original)
+    def create_model_config(self):
+        overrides = self.hf_overrides
+        if isinstance(overrides, PruMergeOverrides) and self.download_dir is not None:
+            self.hf_overrides = dataclasses.replace(overrides, download_dir=self.download_dir)
+        return original(self)
+
+    setattr(create_model_config, _HOOKED, True)
+    engine_args_class.create_model_config = create_model_config

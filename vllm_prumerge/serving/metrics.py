@@ -1,47 +1,94 @@
 """Prometheus metrics of the plugin, served on vLLM's own `/metrics` endpoint.
 
 The processor runs in the API-server process, whose default Prometheus registry vLLM exposes;
-the metrics are created on first use in a process (creating them twice would be an error).
+the metrics are created on first use in a process (creating them twice would be an error). The
+visual-token buckets are derived then from the served family's worst case (:func:`token_buckets`
+of the processing info's largest item), so every count the model can produce lands in a finite
+bucket, `off` included (e.g. 2,928 for a 672x672 image on llava-hf LLaVA-NeXT, 7,371 for a
+2304x2304 one on LLaVA-OneVision).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from typing import NamedTuple
 
-# Bucket edges cover PruMerge (~32), PruMerge+ (~144) and stock (576) on a 24x24 grid, and the
-# 2304 patches of a 48x48 grid.
-TOKEN_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 192, 256, 384, 577, 1024, 2305)
+TOKENS_METRIC = "vllm_prumerge:visual_tokens_per_image"
+SECONDS_METRIC = "vllm_prumerge:reduction_seconds"
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class PruMergeMetrics(NamedTuple):
+def token_buckets(largest: int) -> tuple[int, ...]:
+    """Bucket edges for visual-token counts up to `largest`: every power of two and 1.5 times
+    it (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ...), so the reduced counts (tens to a few
+    hundred) are resolved within 50 %, ending at the first edge >= `largest`."""
+    if largest < 1:
+        raise ValueError(f"largest must be a positive token count, got {largest}")
+    edges = [1]
+    while edges[-1] < largest:
+        power = 1 << (edges[-1].bit_length() - 1)
+        edges.append(power * 3 // 2 if edges[-1] == power and power > 1 else 2 * power)
+    return tuple(edges)
+
+
+class Histograms(NamedTuple):
     visual_tokens: object  # Histogram, label: mode
     reduction_seconds: object  # Histogram, label: mode
 
 
+class PruMergeMetrics:
+    """The plugin's histograms in one Prometheus registry, created on the first :meth:`record`
+    (thread-safe): the token buckets are fixed then, by the first model that records (a vLLM
+    server serves one model)."""
+
+    def __init__(self, registry=None) -> None:
+        self._registry = registry  # None: prometheus_client's default, which vLLM serves
+        self._histograms: Histograms | None = None
+        self._lock = threading.Lock()
+
+    def histograms(self, largest: int) -> Histograms:
+        """The histograms, created with :func:`token_buckets` of `largest` if they do not exist."""
+        with self._lock:
+            if self._histograms is None:
+                from prometheus_client import REGISTRY, Histogram
+
+                registry = REGISTRY if self._registry is None else self._registry
+                self._histograms = Histograms(
+                    visual_tokens=Histogram(
+                        TOKENS_METRIC,
+                        "Visual tokens given to the LLM per image after PruMerge (incl. the "
+                        "extra token of every crop; off: the family's stock count).",
+                        labelnames=["mode"],
+                        buckets=token_buckets(largest),
+                        registry=registry,
+                    ),
+                    reduction_seconds=Histogram(
+                        SECONDS_METRIC,
+                        "Wall time of the vision tower + PruMerge reduction per processed batch "
+                        "of images.",
+                        labelnames=["mode"],
+                        buckets=SECONDS_BUCKETS,
+                        registry=registry,
+                    ),
+                )
+            return self._histograms
+
+    def record(
+        self, mode: str, tokens_per_image: list[int], seconds: float, *, largest: int
+    ) -> None:
+        """Observe one processed batch; `largest` is the model's worst-case tokens per item."""
+        histograms = self.histograms(largest)
+        for count in tokens_per_image:
+            histograms.visual_tokens.labels(mode=mode).observe(count)
+        histograms.reduction_seconds.labels(mode=mode).observe(seconds)
+
+
 @functools.cache
 def metrics() -> PruMergeMetrics:
-    from prometheus_client import Histogram
-
-    return PruMergeMetrics(
-        visual_tokens=Histogram(
-            "vllm_prumerge:visual_tokens_per_image",
-            "Visual tokens given to the LLM per image after PruMerge (incl. the extra token).",
-            labelnames=["mode"],
-            buckets=TOKEN_BUCKETS,
-        ),
-        reduction_seconds=Histogram(
-            "vllm_prumerge:reduction_seconds",
-            "Wall time of the CLIP tower + PruMerge reduction per processed batch of images.",
-            labelnames=["mode"],
-            buckets=SECONDS_BUCKETS,
-        ),
-    )
+    """This process's metrics, in the default registry that vLLM's `/metrics` serves."""
+    return PruMergeMetrics()
 
 
-def record(mode: str, tokens_per_image: list[int], seconds: float) -> None:
-    m = metrics()
-    for count in tokens_per_image:
-        m.visual_tokens.labels(mode=mode).observe(count)
-    m.reduction_seconds.labels(mode=mode).observe(seconds)
+def record(mode: str, tokens_per_image: list[int], seconds: float, *, largest: int) -> None:
+    metrics().record(mode, tokens_per_image, seconds, largest=largest)

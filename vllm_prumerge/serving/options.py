@@ -30,6 +30,9 @@ ARCHITECTURES = {
 # LLaVA-1.5's, the first family; kept as a name for users of the dict form.
 ARCHITECTURE = ARCHITECTURES["LlavaForConditionalGeneration"]
 CONFIG_KEY = "prumerge"
+# The engine's `download_dir` (`--download-dir`) on the HF config, for the pre-processor's tower:
+# vLLM's processing context carries the model config only.
+DOWNLOAD_DIR_KEY = "prumerge_download_dir"
 # Marks vLLM's start-up dummy inputs (memory profiling): they get worst-case-length features
 # without running the tower, so no process loads the tower just to profile.
 PROFILE_KEY = "_prumerge_profile"
@@ -68,10 +71,13 @@ class PruMergeOverrides:
         options: explicit PruMerge options (validated partial dict); they override the
             checkpoint's own `prumerge` options, which override the defaults.
         extra: any other `hf_overrides` keys the user gave (applied first, as vLLM would).
+        download_dir: the engine's `download_dir`, set by the plugin when the engine config is
+            built, so the pre-processor reads the tower from the cache the engine loads from.
     """
 
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    download_dir: str | None = None
 
     def __call__(self, hf_config: Any) -> Any:
         if list(getattr(hf_config, "architectures", None) or []) == [""]:
@@ -88,6 +94,8 @@ class PruMergeOverrides:
         hf_config.architectures = [resolve_architecture(hf_config.architectures)]
         config = request_config(engine_config(hf_config), dict(self.options) or None)
         setattr(hf_config, CONFIG_KEY, config.to_dict())
+        if self.download_dir is not None:
+            setattr(hf_config, DOWNLOAD_DIR_KEY, self.download_dir)
         return hf_config
 
 
@@ -95,7 +103,8 @@ def engine_kwargs(mode: str | None = None, **options: Any) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM(...)` that serve a LLaVA-family checkpoint with PruMerge.
 
     `LLM(model="llava-hf/llava-1.5-7b-hf", **engine_kwargs("prumerge+"))`. The model class is
-    picked from the checkpoint's own architecture (LLaVA-1.5 / LLaVA-Interleave, LLaVA-NeXT);
+    picked from the checkpoint's own architecture (LLaVA-1.5 / LLaVA-Interleave, LLaVA-NeXT,
+    LLaVA-OneVision);
     another architecture fails with a ValueError naming the supported ones. `mode` and `options`
     are any :class:`~vllm_prumerge.config.PruMergeConfig` fields, validated here, so a typo
     fails before the engine starts; unset ones come from the checkpoint's own `prumerge` config
