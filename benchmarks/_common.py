@@ -344,6 +344,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_line() -> str:
+    """`CPU: <model>; native bf16: AMX|avx512_bf16|none; ...` (from /proc/cpuinfo's flags, as
+    lscpu prints them): every CPU figure names its machine with this line."""
+    from vllm_prumerge.vision.precision import cpu_description
+
+    return cpu_description()
+
+
 def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Versions, machine and date of this run."""
     from importlib import metadata
@@ -357,6 +365,7 @@ def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "versions": versions,
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_line": cpu_line(),
         "cpu_count": os.cpu_count(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }

