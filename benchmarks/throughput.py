@@ -874,6 +874,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment({"device": "cuda" if torch.cuda.is_available() else "cpu"})
+    print(env["cpu_line"], flush=True)
 
     wall_start = time.perf_counter()
     model, spec = (

@@ -341,7 +341,14 @@ def test_frontend_script_breaks_down_the_plugins_and_stock_front_end(tiny_llava,
     # reduced features (a few 64-wide rows).
     assert rows[("stock", 1)]["handoff_bytes"]["min"] >= 3 * 336 * 336 * 4
     assert rows[("prumerge", 1)]["handoff_bytes"]["max"] < rows[("off", 1)]["handoff_bytes"]["min"]
-    assert "| prumerge | 1 |" in (out / "frontend.md").read_text()
+    report = (out / "frontend.md").read_text()
+    assert "| prumerge | 1 |" in report
+    # The machine is named with its native half-precision paths, in the JSON and the report.
+    from vllm_prumerge.vision.precision import cpu_description
+
+    assert data["environment"]["cpu_line"] == cpu_description()
+    assert cpu_description() in report
+    assert data["tower_dtype"].startswith("float32 (tower_dtype=auto: the model dtype)")
 
 
 def test_prefill_script_runs_at_a_tiny_shape_on_cpu_without_vllm(tmp_path):

@@ -77,6 +77,17 @@ def test_prumerge_options_reach_the_engine_config(serve_parser, model):
     assert config.image_seq_length == 576  # the user's own overrides survive
 
 
+def test_the_tower_dtype_flag_reaches_the_engine_config_outside_the_reduction_options(
+    serve_parser, model
+):
+    argv = ["--plugin", "prumerge", "--prumerge-tower-dtype", "BF16"]
+    config = _hf_config(model, _engine_args(serve_parser, model, argv))
+    assert config.prumerge_tower_dtype == "bfloat16"
+    assert "tower_dtype" not in config.prumerge
+    default = _hf_config(model, _engine_args(serve_parser, model, ["--plugin", "prumerge"]))
+    assert getattr(default, "prumerge_tower_dtype", "auto") == "auto"
+
+
 def test_without_the_plugin_flag_nothing_changes(serve_parser, model):
     args = _engine_args(serve_parser, model, [])
     assert not args.hf_overrides
@@ -135,6 +146,8 @@ def test_engine_kwargs_overrides_pickle_and_pick_the_family(tmp_path):
         (["--plugin", "prumerge", "--prumerge-k-neighbors", "many"], "k_neighbors"),
         (["--plugin", "prumerge", "--prumerge-mode", "fixed"], "budget"),
         (["--plugin", "other"], "invalid choice"),
+        (["--prumerge-tower-dtype", "float32"], "need(s) --plugin prumerge"),
+        (["--plugin", "prumerge", "--prumerge-tower-dtype", "int8"], "tower_dtype"),
     ],
 )
 def test_bad_options_are_clean_parser_errors(serve_parser, capsys, model, argv, message):
@@ -165,6 +178,7 @@ def test_vllm_serve_help_documents_the_plugin_options():
         "--prumerge-budget-ratio",
         "--prumerge-spatial-samples",
         "--prumerge-importance",
+        "--prumerge-tower-dtype",
     ):
         assert flag in out, flag
 

@@ -91,8 +91,11 @@ def _assert_still_serving(client, model, scenes):
     assert reply.usage.completion_tokens >= 1
 
 
-def test_startup_log_states_the_mode(server):
-    assert "PruMerge visual-token reduction: mode=prumerge" in server[1].read_text()
+def test_startup_log_states_the_mode_and_the_towers_dtype_with_its_reason(server):
+    log = server[1].read_text()
+    assert "PruMerge visual-token reduction: mode=prumerge" in log
+    # A float32 model: the tower computes in float32 on any machine, and says so.
+    assert "PruMerge vision tower: float32 (tower_dtype=auto: the model dtype)" in log
 
 
 def test_usage_prompt_tokens_carry_the_reduced_count(client, model_name, hf, scenes):
@@ -118,6 +121,7 @@ def test_usage_prompt_tokens_carry_the_reduced_count(client, model_name, hf, sce
         ({"k_neighbors": 0}, "k_neighbors"),
         ({"mode": "fixed"}, "budget"),
         ({"budget_ratio": 2.0, "mode": "fixed"}, "budget_ratio"),
+        ({"tower_dtype": "float32"}, "tower_dtype is an engine-level option"),
     ],
 )
 def test_bad_options_get_http_400_naming_the_field(client, model_name, scenes, mode, field):

@@ -49,8 +49,10 @@ from vllm_prumerge.serving.options import (
     describe,
     engine_config,
     request_config,
+    tower_dtype_setting,
 )
 from vllm_prumerge.vision import resolve_vision_feature_layer
+from vllm_prumerge.vision.precision import TowerPrecision, choose_tower_dtype, cpu_description
 
 # Under "vllm." so that vLLM's logging configuration prints it like its own messages.
 logger = init_logger("vllm.prumerge")
@@ -111,7 +113,25 @@ class PruMergeProcessingInfoMixin:
         check_supported(hf_config)
         config = engine_config(hf_config)
         logger.info_once("PruMerge visual-token reduction: %s", describe(config))
+        self.tower_precision  # noqa: B018  logs the tower's dtype at start-up, with the mode
         return config
+
+    @cached_property
+    def tower_device(self) -> torch.device:
+        """Where the pre-processor runs the tower: the GPU when there is one."""
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @cached_property
+    def tower_precision(self) -> TowerPrecision:
+        """The tower's compute dtype (engine option `tower_dtype`) for this machine."""
+        precision = choose_tower_dtype(
+            tower_dtype_setting(self.get_hf_config()),
+            self.ctx.model_config.dtype,
+            self.tower_device,
+        )
+        machine = cpu_description() if self.tower_device.type == "cpu" else self.tower_device
+        logger.info_once("PruMerge vision tower: %s [%s]", precision.describe(), machine)
+        return precision
 
     @cached_property
     def encoder(self) -> PruMergeEncoder:
@@ -121,7 +141,8 @@ class PruMergeProcessingInfoMixin:
             model_config.model,
             hf_config.vision_config,
             vision_feature_layer=hf_config.vision_feature_layer,
-            dtype=model_config.dtype,
+            dtype=self.tower_precision.dtype,
+            device=self.tower_device,
             revision=model_config.revision,
             download_dir=getattr(hf_config, DOWNLOAD_DIR_KEY, None),
             token=model_config.hf_token,
@@ -185,6 +206,7 @@ class PruMergeProcessorMixin:
         if "pixel_values" not in processed:  # text only
             return processed
         counts, seconds = self._reduce_images(processed, config)
+        # The tower's dtype may differ from the model's (tower_dtype): the engine gets the model's.
         processed[FEATURES_KEY] = [f.to(dtype) for f in processed[FEATURES_KEY]]
         metrics.record(config.mode, counts, seconds, largest=self.info.largest_item_tokens)
         return processed

@@ -8,6 +8,10 @@
   PruMerge+ adapter); they are the defaults that explicit options override. The plain dict form
   `hf_overrides={"architectures": [ARCHITECTURES[arch]], "prumerge": {...}}` works too (e.g.
   `--hf-overrides` where `--plugin` is not available).
+- Tower precision (engine level only): `hf_config.prumerge_tower_dtype` (`auto`, the default, or
+  a dtype name; see :mod:`vllm_prumerge.vision.precision`), set by `--prumerge-tower-dtype`,
+  `engine_kwargs(tower_dtype=...)` or the dict form's `"prumerge_tower_dtype"` key. It is a
+  property of the machine the front end runs on, not of a request: a request naming it is refused.
 - Request level: `mm_processor_kwargs={"prumerge": {...}}` (or just a mode string,
   `{"prumerge": "prumerge+"}`); vLLM puts these kwargs into the processor-cache key, so
   features computed for one mode are never served to a request that asked for another.
@@ -20,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vllm_prumerge.config import PruMergeConfig
+from vllm_prumerge.vision.precision import parse_tower_dtype
 
 # The checkpoint's own architecture -> the plugin's model class for that family.
 ARCHITECTURES = {
@@ -36,6 +41,9 @@ DOWNLOAD_DIR_KEY = "prumerge_download_dir"
 # Marks vLLM's start-up dummy inputs (memory profiling): they get worst-case-length features
 # without running the tower, so no process loads the tower just to profile.
 PROFILE_KEY = "_prumerge_profile"
+# The HF config attribute with the tower-precision option, and that option's name.
+TOWER_DTYPE_KEY = "prumerge_tower_dtype"
+TOWER_DTYPE = "tower_dtype"
 
 # Options that only make sense in fixed mode; dropped when a request switches to another mode.
 _FIXED_ONLY = ("budget", "budget_ratio", "spatial_samples")
@@ -73,11 +81,14 @@ class PruMergeOverrides:
         extra: any other `hf_overrides` keys the user gave (applied first, as vLLM would).
         download_dir: the engine's `download_dir`, set by the plugin when the engine config is
             built, so the pre-processor reads the tower from the cache the engine loads from.
+        tower_dtype: the tower-precision option (validated), or None to keep the checkpoint
+            config's (``auto`` when it has none).
     """
 
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     download_dir: str | None = None
+    tower_dtype: str | None = None
 
     def __call__(self, hf_config: Any) -> Any:
         if list(getattr(hf_config, "architectures", None) or []) == [""]:
@@ -96,6 +107,9 @@ class PruMergeOverrides:
         setattr(hf_config, CONFIG_KEY, config.to_dict())
         if self.download_dir is not None:
             setattr(hf_config, DOWNLOAD_DIR_KEY, self.download_dir)
+        if self.tower_dtype is not None:
+            setattr(hf_config, TOWER_DTYPE_KEY, self.tower_dtype)
+        tower_dtype_setting(hf_config)  # a bad value from the dict form fails here
         return hf_config
 
 
@@ -108,14 +122,26 @@ def engine_kwargs(mode: str | None = None, **options: Any) -> dict[str, Any]:
     another architecture fails with a ValueError naming the supported ones. `mode` and `options`
     are any :class:`~vllm_prumerge.config.PruMergeConfig` fields, validated here, so a typo
     fails before the engine starts; unset ones come from the checkpoint's own `prumerge` config
-    if it has one, else the defaults. Your own `hf_overrides` (a dict) go in `hf_overrides=`.
+    if it has one, else the defaults. `tower_dtype` (engine level only): the vision tower's compute
+    dtype, ``"auto"`` (default: the model dtype, or float32 on a CPU without native arithmetic
+    for it) or ``"float32"`` / ``"bfloat16"`` / ``"float16"``. Your own `hf_overrides` (a dict)
+    go in `hf_overrides=`.
     """
     hf_overrides = options.pop("hf_overrides", None) or {}
     if not isinstance(hf_overrides, Mapping):
         raise TypeError("engine_kwargs(hf_overrides=...) must be a dict")
+    tower_dtype = options.pop(TOWER_DTYPE, None)
+    if tower_dtype is not None:
+        tower_dtype = parse_tower_dtype(tower_dtype)
     given = dict(options) if mode is None else {"mode": mode, **options}
     PruMergeConfig.from_dict(given)  # validate now; merged with the checkpoint's later
-    return {"hf_overrides": PruMergeOverrides(options=given, extra=dict(hf_overrides))}
+    overrides = PruMergeOverrides(options=given, extra=dict(hf_overrides), tower_dtype=tower_dtype)
+    return {"hf_overrides": overrides}
+
+
+def tower_dtype_setting(hf_config: Any) -> str:
+    """The tower-precision option carried by the model's HF config (``auto`` when absent)."""
+    return parse_tower_dtype(getattr(hf_config, TOWER_DTYPE_KEY, None) or "auto")
 
 
 def engine_config(hf_config: Any) -> PruMergeConfig:
@@ -142,6 +168,12 @@ def request_config(engine: PruMergeConfig, value: object) -> PruMergeConfig:
         raise ValueError(
             f"mm_processor_kwargs['{CONFIG_KEY}'] must be a mode name or an object of "
             f"PruMerge options, got {type(value).__name__}"
+        )
+    if TOWER_DTYPE in value:
+        raise ValueError(
+            f"{TOWER_DTYPE} is an engine-level option (the vision tower is built once per "
+            "server): set it with --prumerge-tower-dtype or engine_kwargs(tower_dtype=...), "
+            f"not in mm_processor_kwargs['{CONFIG_KEY}']"
         )
     merged = engine.to_dict()
     requested = dict(value)
