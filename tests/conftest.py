@@ -29,13 +29,13 @@ TINY_ENGINE_ARGS = dict(
 def pytest_configure(config: pytest.Config) -> None:
     """Refuse to run against a `vllm_prumerge` imported from anywhere but this clone."""
     import vllm_prumerge
-    from tests.helpers import PACKAGE_DIR
 
+    expected = Path(__file__).resolve().parent.parent / "vllm_prumerge"
     imported = Path(vllm_prumerge.__file__).resolve().parent
-    if imported != PACKAGE_DIR:
+    if imported != expected:
         raise pytest.UsageError(
             f"vllm_prumerge is imported from {imported}, not from the clone under test "
-            f"({PACKAGE_DIR}): install this clone (`bash scripts/env.sh`) or use its .venv"
+            f"({expected}): install this clone (`bash scripts/env.sh`) or use its .venv"
         )
 
 
