@@ -1,4 +1,8 @@
-"""Shared fixtures: one generated checkpoint per test session, scenes, engine settings for CPU."""
+"""Shared fixtures: one generated checkpoint per test session, scenes, engine settings for CPU.
+
+The session fails at once if `vllm_prumerge` is not imported from this clone (a stale install
+elsewhere on the path would otherwise be what the tests test).
+"""
 
 from __future__ import annotations
 
@@ -22,12 +26,26 @@ TINY_ENGINE_ARGS = dict(
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to run against a `vllm_prumerge` imported from anywhere but this clone."""
+    import vllm_prumerge
+
+    expected = Path(__file__).resolve().parent.parent / "vllm_prumerge"
+    imported = Path(vllm_prumerge.__file__).resolve().parent
+    if imported != expected:
+        raise pytest.UsageError(
+            f"vllm_prumerge is imported from {imported}, not from the clone under test "
+            f"({expected}): install this clone (`bash scripts/env.sh`) or use its .venv"
+        )
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> str:
-    """Path of a generated tiny LLaVA-1.5 checkpoint (hub layout), made once per session."""
-    from vllm_prumerge.testing import cached_tiny_llava
+    """Path of a generated tiny LLaVA-1.5 checkpoint (hub layout), made once per session (the
+    same folder as `family_checkpoint("llava", ...)`)."""
+    from tests.helpers import family_checkpoint
 
-    return str(cached_tiny_llava(cache_dir=tmp_path_factory.mktemp("checkpoints")))
+    return family_checkpoint("llava", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import base64
 import gc
-import io
+import re
+from pathlib import Path
 
-from PIL import Image
+# The clone under test: every vLLM process of the session must import `vllm_prumerge` from here.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = REPO_ROOT / "vllm_prumerge"
+# `vllm_prumerge.plugin.LOADED_FROM` as logged by vLLM's logger, one line per process.
+_LOADED_FROM = re.compile(r"vllm-prumerge (\S+) loaded from (.+?)\s*$", re.MULTILINE)
 
 
 def shutdown(llm) -> None:
@@ -35,16 +39,32 @@ def image_count(output, image_token: int) -> int:
     return list(output.prompt_token_ids).count(image_token)
 
 
-def data_url(image: Image.Image) -> str:
-    """A PNG `data:` URL for the OpenAI API's `image_url`."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def family_checkpoint(family: str, tmp_path_factory) -> str:
     """The session's generated checkpoint of a family (made once, shared by modules)."""
     from vllm_prumerge.testing import TinyLlavaSpec, cached_tiny_llava
 
     cache = tmp_path_factory.getbasetemp() / "checkpoints"
     return str(cached_tiny_llava(TinyLlavaSpec(family=family), cache_dir=cache))
+
+
+def chat_text_tokens(tokenizer, image_token: int, question: str, num_images: int) -> int:
+    """Prompt tokens of a one-message chat request (`num_images` images, then `question`) other
+    than the visual tokens, by the checkpoint's own chat template and tokenizer (transformers):
+    each image is one `<image>` token there, which a server expands into its visual tokens."""
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    assert ids.count(image_token) == num_images, prompt
+    return len(ids) - num_images
+
+
+def assert_served_from_this_clone(log: str) -> None:
+    """Every "vllm-prumerge VERSION loaded from DIR" line of a vLLM log names this clone's
+    package folder, and there is at least one (the plugin's `register()` logs it per process
+    once vLLM's logging is configured: the engine core, and API-server workers)."""
+    found = [Path(folder) for _, folder in _LOADED_FROM.findall(log)]
+    assert found, "no 'vllm-prumerge ... loaded from' line in the vLLM log: plugin not loaded?"
+    wrong = sorted({str(f) for f in found if f.resolve() != PACKAGE_DIR})
+    assert not wrong, f"vLLM processes imported vllm_prumerge from {wrong}, not {PACKAGE_DIR}"

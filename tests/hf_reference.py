@@ -3,12 +3,19 @@
 Nothing here goes through the plugin's serving code, its encoder or its tower path: the tower
 runs as transformers' full forward (eager attention); the scoring layer's q/k are read with
 forward hooks (CLIP: the CLS row's class attention, by the core ``reduce_tokens``), or its
-attention probabilities are read from ``output_attentions`` (SigLIP: averaged over heads and
-queries by hand here); the core reduction (``reduce_tokens`` / ``reduce_by_importance``) is
+attention probabilities are read from ``output_attentions`` (SigLIP, and CLIP with
+``importance="received"``: averaged over heads and queries by hand here, CLIP's CLS column
+dropped); the core reduction (``reduce_tokens`` / ``reduce_by_importance``) is
 applied per image or per LLaVA-NeXT crop (crops counted by transformers' own anyres helper);
 ``off`` on LLaVA-NeXT / OneVision uses transformers' own ``get_image_features``, which packs
 (unpadding, OneVision's ``anyres_max`` downscaling, newlines); the projected features are
 spliced into ``inputs_embeds``, and decoding is an explicit greedy loop over raw logits.
+
+Not independent of the plugin: the selection and merge are the plugin's own core reduction
+(``vllm_prumerge.reduction``), pinned separately against the naive loop transcription of the
+reference in tests/test_reduction_reference.py and tests/test_received_attention.py. What a
+comparison with this pipeline checks is everything around that core in vLLM: tower, scores,
+crops, packing, placeholder counts, projector and the language model.
 """
 
 from __future__ import annotations
@@ -56,18 +63,22 @@ class HFPruMergeLlava:
             layer.self_attn.q_proj.register_forward_hook(lambda m, i, o: captured.update(q=o)),
             layer.self_attn.k_proj.register_forward_hook(lambda m, i, o: captured.update(k=o)),
         ]
+        by_cls = self.has_cls and config.importance != "received"
         try:
-            out = tower(pixel_values, output_hidden_states=True, output_attentions=not self.has_cls)
+            out = tower(pixel_values, output_hidden_states=True, output_attentions=not by_cls)
         finally:
             for h in hooks:
                 h.remove()
         hidden = out.hidden_states[self.config.vision_feature_layer]
-        if self.has_cls:
+        if by_cls:
             reduced = reduce_tokens(hidden[:, 1:], captured["q"][:, 0], captured["k"], config)
         else:
             probs = out.attentions[self._scoring_layer_index()]  # [K, H, T, T] softmax rows
             received = probs.float().mean(dim=1).mean(dim=1)  # over heads, then queries
-            reduced = reduce_by_importance(hidden, received, captured["k"], config)
+            prefix = 1 if self.has_cls else 0  # CLIP: the CLS query counts, its column goes
+            reduced = reduce_by_importance(
+                hidden[:, prefix:], received[:, prefix:], captured["k"][:, prefix:], config
+            )
         return reduced.features
 
     def _crops(self, image):
@@ -82,6 +93,17 @@ class HFPruMergeLlava:
             self.config.vision_config.image_size,
         )
         return pixel_values[0, : 1 + rows * cols], processed["image_sizes"]
+
+    def num_crops(self, image) -> int:
+        """Views the tower sees for one PIL image: 1, or LLaVA-NeXT's base view + grid tiles (the
+        grid by transformers' own anyres helper)."""
+        return len(self._crops(image)[0])
+
+    def stock_image_tokens(self, image) -> int:
+        """Visual tokens of one PIL image without reduction, as transformers' own processor
+        expands `<image>` (LLaVA-NeXT / OneVision: base view + unpadded tiles + newlines)."""
+        ids = self.processor(images=[image], text="<image>", return_tensors="pt").input_ids[0]
+        return int((ids == self.image_token).sum())
 
     @torch.no_grad()
     def image_features(self, image, config: PruMergeConfig) -> torch.Tensor:

@@ -11,8 +11,6 @@ process that receives a request logs "Received request <id>", prefixed with its 
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import re
 import urllib.request
@@ -22,8 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
+from tests.helpers import assert_served_from_this_clone, chat_text_tokens
 from tests.hf_reference import HFPruMergeLlava
 from vllm_prumerge.config import PruMergeConfig
+from vllm_prumerge.testing.media import image_data_url
+from vllm_prumerge.testing.prometheus import Samples, metric_total, parse_prometheus
 from vllm_prumerge.testing.server import serve
 
 pytestmark = pytest.mark.server
@@ -37,14 +38,9 @@ SERVER_ARGS = [
 # Per-request modes, cycled over the images: the same request can land in either process.
 MODES = ["prumerge", "prumerge+", {"mode": "fixed", "budget": 9}, "off"]
 ROUNDS = 4  # rounds of len(MODES) concurrent requests, each image used once
+QUESTION = "What is shown in this image?"
 HISTOGRAM = "vllm_prumerge:visual_tokens_per_image"
 REQUEST_LOG = re.compile(r"^\((\w+) pid=(\d+)\) INFO .*Received request (\S+?):", re.MULTILINE)
-
-
-def _data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _get(url: str) -> str:
@@ -60,8 +56,8 @@ def _chat(base_url: str, model: str, image: Image.Image, mode) -> dict:
             {
                 "role": "user",
                 "content": [
-                    {"type": "image_url", "image_url": {"url": _data_url(image)}},
-                    {"type": "text", "text": "What is shown in this image?"},
+                    {"type": "image_url", "image_url": {"url": image_data_url(image)}},
+                    {"type": "text", "text": QUESTION},
                 ],
             }
         ],
@@ -78,14 +74,17 @@ def _chat(base_url: str, model: str, image: Image.Image, mode) -> dict:
         return json.loads(reply.read())
 
 
-def _histogram(text: str) -> dict[str, tuple[float, float]]:
-    """mode -> (count, sum) of the visual-tokens histogram in a /metrics text."""
-    found: dict[str, list[float]] = {}
-    for kind, index in (("count", 0), ("sum", 1)):
-        pattern = rf'^{re.escape(HISTOGRAM)}_{kind}\{{mode="([^"]+)"\}} (\S+)$'
-        for mode, value in re.findall(pattern, text, flags=re.MULTILINE):
-            found.setdefault(mode, [0.0, 0.0])[index] += float(value)
-    return {mode: (count, total) for mode, (count, total) in found.items()}
+def _histogram(samples: Samples, mode: str) -> tuple[float, float]:
+    """(count, sum) of the visual-tokens histogram for `mode`, over both processes."""
+    return (
+        metric_total(samples, HISTOGRAM + "_count", mode=mode),
+        metric_total(samples, HISTOGRAM + "_sum", mode=mode),
+    )
+
+
+def _expected_count(hf: HFPruMergeLlava, image: Image.Image, config: PruMergeConfig) -> int:
+    """Reduced: the transformers pipeline's count; `off`: transformers' processor expansion."""
+    return len(hf.image_features(image, config)) if config.enabled else hf.stock_image_tokens(image)
 
 
 def _config(mode) -> PruMergeConfig:
@@ -97,6 +96,7 @@ def served(tiny_llava, tmp_path_factory):
     """The server, and the log file its processes (both API servers included) write to."""
     log = tmp_path_factory.mktemp("api-servers") / "serve.log"
     with serve(tiny_llava, SERVER_ARGS, log_path=log) as base_url:
+        assert_served_from_this_clone(log.read_text())
         yield base_url, log
 
 
@@ -107,13 +107,13 @@ def test_two_api_servers_serve_exact_counts_and_aggregate_metrics(served, tiny_l
     base_url, log = served
     model = json.loads(_get(base_url + "/v1/models"))["data"][0]["id"]
     hf = HFPruMergeLlava(tiny_llava)
-    images = make_scenes(ROUNDS * len(MODES) + 1, seed=21)
-    before = _histogram(_get(base_url + "/metrics"))
+    images = make_scenes(ROUNDS * len(MODES), seed=21)
+    before = parse_prometheus(_get(base_url + "/metrics"))
 
-    # The text around the image, in tokens: a stock request's prompt minus its 576.
-    text_tokens = _chat(base_url, model, images[0], "off")["usage"]["prompt_tokens"] - 576
-    requests = [(images[1 + i], MODES[i % len(MODES)]) for i in range(ROUNDS * len(MODES))]
-    expected = [len(hf.image_features(image, _config(mode))) for image, mode in requests]
+    # The text around the image, in tokens, by the checkpoint's own chat template and tokenizer.
+    text_tokens = chat_text_tokens(hf.processor.tokenizer, hf.image_token, QUESTION, 1)
+    requests = [(images[i], MODES[i % len(MODES)]) for i in range(ROUNDS * len(MODES))]
+    expected = [_expected_count(hf, image, _config(mode)) for image, mode in requests]
     with ThreadPoolExecutor(max_workers=len(MODES)) as pool:
         replies = list(pool.map(lambda r: _chat(base_url, model, *r), requests))
 
@@ -129,13 +129,13 @@ def test_two_api_servers_serve_exact_counts_and_aggregate_metrics(served, tiny_l
     ]
     assert len(Counter(served_by)) == 2, f"requests per API-server process: {Counter(served_by)}"
 
-    after = _histogram(_get(base_url + "/metrics"))
-    served_modes: dict[str, list[int]] = {"off": [576]}
+    after = parse_prometheus(_get(base_url + "/metrics"))
+    served_modes: dict[str, list[int]] = {}
     for (_, mode), count in zip(requests, counts, strict=True):
         served_modes.setdefault(_config(mode).mode, []).append(count)
     for mode, mode_counts in served_modes.items():
-        count_before, sum_before = before.get(mode, (0.0, 0.0))
-        count_after, sum_after = after[mode]
+        count_before, sum_before = _histogram(before, mode)
+        count_after, sum_after = _histogram(after, mode)
         assert (count_after - count_before, sum_after - sum_before) == (
             len(mode_counts),
             sum(mode_counts),

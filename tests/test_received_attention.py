@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from naive_reference import (
+    naive_class_attention,
     naive_descending,
     naive_merge,
     naive_outlier_ratio,
@@ -20,8 +21,8 @@ from naive_reference import (
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from vllm_prumerge.config import PruMergeConfig
-from vllm_prumerge.reduction import class_attention, received_attention, reduce_by_importance
-from vllm_prumerge.vision import clip_prumerge_inputs, tower_scores
+from vllm_prumerge.reduction import received_attention, reduce_by_importance
+from vllm_prumerge.vision import tower_scores
 
 TOL = {"atol": 1e-6, "rtol": 1e-5}
 
@@ -98,18 +99,26 @@ def _pixels(size: int) -> torch.Tensor:
     return torch.randn(2, 3, size, size)
 
 
-def _hooked_keys(tower, layer_index, pixels):
-    layers = getattr(tower, "vision_model", tower).encoder.layers
+def _hooked_projections(tower, layer_index, pixels):
+    """transformers' forward, and the raw q/k projections of layer `layer_index` (`[B, T, D]`)."""
+    attention = getattr(tower, "vision_model", tower).encoder.layers[layer_index].self_attn
     captured = {}
-    hook = layers[layer_index].self_attn.k_proj.register_forward_hook(
-        lambda m, i, o: captured.update(k=o)
-    )
+    hooks = [
+        attention.q_proj.register_forward_hook(lambda m, i, o: captured.update(q=o)),
+        attention.k_proj.register_forward_hook(lambda m, i, o: captured.update(k=o)),
+    ]
     try:
         with torch.no_grad():
             out = tower(pixels, output_hidden_states=True, output_attentions=True)
     finally:
-        hook.remove()
-    return out, captured["k"]
+        for hook in hooks:
+            hook.remove()
+    return out, captured["q"], captured["k"]
+
+
+def _hooked_keys(tower, layer_index, pixels):
+    out, _, keys = _hooked_projections(tower, layer_index, pixels)
+    return out, keys
 
 
 @pytest.mark.parametrize("feature_layer, scoring_layer", [(-1, 2), (-2, 2), (1, 1)])
@@ -141,12 +150,18 @@ def test_clip_received_attention_ablation_drops_the_cls_column_of_transformers_p
     torch.testing.assert_close(scores.features, out.hidden_states[-2][:, 1:], **TOL)
 
 
-def test_clip_auto_importance_is_the_reference_class_attention(clip):
+def test_clip_auto_importance_is_the_naive_class_attention_of_transformers_projections(clip):
+    """On a CLS tower `auto` is the reference's class attention: the naive single-head softmax
+    of the CLS row's q over all keys, on q/k hooked from transformers' own forward."""
     pixels = _pixels(336)
-    inputs = clip_prumerge_inputs(clip, pixels, -2)
     scores = tower_scores(clip, pixels, -2, "auto")
-    torch.testing.assert_close(scores.importance, class_attention(inputs.q_cls, inputs.keys))
-    torch.testing.assert_close(scores.keys, inputs.keys[:, 1:])
+    out, queries, keys = _hooked_projections(clip, 2, pixels)
+    expected = torch.stack(
+        [naive_class_attention(q[0], k) for q, k in zip(queries, keys, strict=True)]
+    )
+    torch.testing.assert_close(scores.importance, expected, **TOL)
+    torch.testing.assert_close(scores.keys, keys[:, 1:], **TOL)
+    torch.testing.assert_close(scores.features, out.hidden_states[-2][:, 1:], **TOL)
 
 
 @pytest.mark.parametrize("plus", [False, True])

@@ -1,60 +1,79 @@
-"""The exact user command, `vllm serve CKPT --plugin prumerge`, as a subprocess on loopback.
+"""The exact user command, `vllm serve CKPT --plugin prumerge`, on every LLaVA family the plugin
+serves (LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA, LLaVA-OneVision), as a subprocess on loopback.
 
-Checked through the OpenAI client: usage.prompt_tokens carries the reduced count, per-request
-modes, bad input answered with HTTP 400 while the server keeps serving, /metrics and the
-startup log. (KV-cache concurrency is pinned offline from vLLM's per-step stats, in
-test_kv_concurrency.py: sampling the server's gauge could miss the peak.)
+One server per family (module-scoped), checked through the OpenAI client against independent
+figures: the prompt's text tokens come from the checkpoint's own tokenizer and chat template
+(transformers), the visual tokens from the transformers pipeline of tests/hf_reference.py (reduced
+modes: the crops' reduced features, concatenated, by the plugin's own reduction core, which is
+pinned separately against the naive reference; `off`: transformers' own processor expansion,
+LLaVA-NeXT / OneVision unpadding and newlines included). Bad input is answered with HTTP 400 and
+the server keeps serving; `/metrics` counts one observation per image, valued at the image's
+whole count, in a finite bucket; OneVision refuses a real MP4 video with HTTP 400. Every served
+process must have imported this clone's `vllm_prumerge` (its log says where from). (KV-cache
+concurrency is pinned offline from vLLM's per-step stats, in test_kv_concurrency.py: sampling
+the server's gauge could miss the peak.)
 """
 
 from __future__ import annotations
 
 import base64
-import re
-import urllib.request
+import math
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import data_url
+from tests.helpers import assert_served_from_this_clone, chat_text_tokens, family_checkpoint
 from tests.hf_reference import HFPruMergeLlava
 from vllm_prumerge.config import PruMergeConfig
+from vllm_prumerge.testing.media import image_data_url, video_data_url
+from vllm_prumerge.testing.prometheus import fetch_metrics, histogram_buckets, metric_total
 from vllm_prumerge.testing.server import serve
 
 pytestmark = pytest.mark.server
 
+FAMILIES = ("llava", "llava_next", "siglip", "onevision")
 SERVER_ARGS = [
-    "--plugin",
-    "prumerge",
-    "--trust-request-mm-kwargs",
-    "--dtype",
-    "float32",
-    "--enforce-eager",
-    "--max-model-len",
-    "2048",
-    "--max-num-seqs",
-    "8",
-    "--limit-mm-per-prompt",
-    '{"image": 2}',
+    *["--plugin", "prumerge", "--trust-request-mm-kwargs"],
+    *["--dtype", "float32", "--enforce-eager", "--max-model-len", "4096", "--max-num-seqs", "4"],
+    *["--limit-mm-per-prompt", '{"image": 2}'],
 ]
 QUESTION = "What is shown in this image?"
+METRIC = "vllm_prumerge:visual_tokens_per_image"
+# LLaVA-NeXT / OneVision: the three grids of the tiny pinpoints (2x2, 1x2, 2x1) and a small image
+# (upscaled to 1x2). LLaVA-1.5 / SigLIP (always one view): a square and a wide image.
+IMAGE_SIZES = {
+    "llava": [(336, 336), (700, 300)],
+    "siglip": [(336, 336), (700, 300)],
+    "llava_next": [(700, 700), (672, 336), (300, 700), (200, 150)],
+    "onevision": [(700, 700), (672, 336), (300, 700), (200, 150)],
+}
+# The size of the family's largest stock view (LLaVA-NeXT: the real 2x2 grid, 2,928 tokens).
+STOCK_SIZE = {
+    "llava": (336, 336),
+    "siglip": (384, 384),
+    "llava_next": (672, 672),
+    "onevision": (768, 768),
+}
 
 
-def _messages(url: str, text: str = QUESTION):
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": url}},
-                {"type": "text", "text": text},
-            ],
-        }
-    ]
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llava, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "serve.log"
-    with serve(tiny_llava, SERVER_ARGS, log_path=log) as base_url:
+def checkpoint(family, tmp_path_factory) -> str:
+    return family_checkpoint(family, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(family, checkpoint, tmp_path_factory):
+    """(base URL, log path) of `vllm serve` on the family's checkpoint; one per family. Fails
+    unless every served process logged this clone's package folder."""
+    log = tmp_path_factory.mktemp(f"server-{family}") / "serve.log"
+    with serve(checkpoint, SERVER_ARGS, log_path=log) as base_url:
+        assert_served_from_this_clone(log.read_text())
         yield base_url, log
 
 
@@ -71,24 +90,45 @@ def model_name(client):
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_llava):
-    return HFPruMergeLlava(tiny_llava)
+def hf(checkpoint) -> HFPruMergeLlava:
+    return HFPruMergeLlava(checkpoint)
 
 
-def _chat(client, model, url, mode=None, max_tokens=4, **extra):
+@pytest.fixture(scope="module")
+def images(family, scenes):
+    return [scene.resize(size) for scene, size in zip(scenes, IMAGE_SIZES[family], strict=False)]
+
+
+def _chat(client, model, urls, mode=None, max_tokens=1):
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    content.append({"type": "text", "text": QUESTION})
     body = {"mm_processor_kwargs": {"prumerge": mode}} if mode is not None else {}
     return client.chat.completions.create(
         model=model,
-        messages=_messages(url),
+        messages=[{"role": "user", "content": content}],
         max_tokens=max_tokens,
         temperature=0.0,
-        extra_body={**body, **extra},
+        extra_body=body,
     )
 
 
-def _assert_still_serving(client, model, scenes):
-    reply = _chat(client, model, data_url(scenes[0]))
-    assert reply.usage.completion_tokens >= 1
+def _text_tokens(hf: HFPruMergeLlava, num_images: int) -> int:
+    return chat_text_tokens(hf.processor.tokenizer, hf.image_token, QUESTION, num_images)
+
+
+def _visual_tokens(hf: HFPruMergeLlava, image: Image.Image, config: PruMergeConfig) -> int:
+    """The independent count: the reduced crops' tokens (transformers tower + core reduction
+    per crop), or in `off` the stock count, as transformers' own processor expands `<image>`."""
+    if config.enabled:
+        return len(hf.image_features(image, config))
+    return hf.stock_image_tokens(image)
+
+
+def _assert_still_serving(client, model, hf, image):
+    reply = _chat(client, model, [image_data_url(image)])
+    assert reply.usage.prompt_tokens == _text_tokens(hf, 1) + _visual_tokens(
+        hf, image, PruMergeConfig()
+    )
 
 
 def test_startup_log_states_the_mode_and_the_towers_dtype_with_its_reason(server):
@@ -98,20 +138,34 @@ def test_startup_log_states_the_mode_and_the_towers_dtype_with_its_reason(server
     assert "PruMerge vision tower: float32 (tower_dtype=auto: the model dtype)" in log
 
 
-def test_usage_prompt_tokens_carry_the_reduced_count(client, model_name, hf, scenes):
-    for image in scenes[:3]:
-        url = data_url(image)
-        stock = _chat(client, model_name, url, mode="off").usage.prompt_tokens
-        for config in (
-            PruMergeConfig(),
-            PruMergeConfig(mode="prumerge+"),
-            PruMergeConfig(mode="fixed", budget=40),
-        ):
-            count = len(hf.image_features(image, config))
-            reply = _chat(client, model_name, url, mode=config.to_dict())
-            # Same text around the image: the difference is the visual tokens alone.
-            assert reply.usage.prompt_tokens == stock - 576 + count, config
-    assert _chat(client, model_name, data_url(scenes[3])).usage.prompt_tokens < stock
+def test_prompt_tokens_are_the_text_plus_each_images_independent_count(
+    client, model_name, hf, images
+):
+    text = _text_tokens(hf, 1)
+    configs = [
+        PruMergeConfig(mode="prumerge"),
+        PruMergeConfig(mode="prumerge+"),
+        PruMergeConfig(mode="fixed", budget=40),
+        PruMergeConfig(mode="off"),
+    ]
+    for image in images:
+        url = image_data_url(image)
+        for config in configs:
+            reply = _chat(client, model_name, [url], mode=config.to_dict())
+            expected = text + _visual_tokens(hf, image, config)
+            assert reply.usage.prompt_tokens == expected, (image.size, config)
+        default = _chat(client, model_name, [url]).usage.prompt_tokens  # the server's mode
+        assert default == text + _visual_tokens(hf, image, PruMergeConfig()), image.size
+
+
+def test_two_images_in_one_request_cost_the_sum_of_their_counts(client, model_name, hf, images):
+    pair = images[-2:]
+    urls = [image_data_url(im) for im in pair]
+    for mode in ("prumerge", "prumerge+"):
+        config = PruMergeConfig(mode=mode)
+        expected = sum(_visual_tokens(hf, im, config) for im in pair)
+        reply = _chat(client, model_name, urls, mode=mode)
+        assert reply.usage.prompt_tokens == _text_tokens(hf, 2) + expected, mode
 
 
 @pytest.mark.parametrize(
@@ -123,15 +177,16 @@ def test_usage_prompt_tokens_carry_the_reduced_count(client, model_name, hf, sce
         ({"budget_ratio": 2.0, "mode": "fixed"}, "budget_ratio"),
         ({"tower_dtype": "float32"}, "tower_dtype is an engine-level option"),
     ],
+    ids=["unknown-mode", "bad-value", "missing-budget", "ratio-above-1"],
 )
-def test_bad_options_get_http_400_naming_the_field(client, model_name, scenes, mode, field):
+def test_bad_options_get_http_400_naming_the_field(client, model_name, hf, images, mode, field):
     from openai import BadRequestError
 
     with pytest.raises(BadRequestError) as exc:
-        _chat(client, model_name, data_url(scenes[1]), mode=mode)
+        _chat(client, model_name, [image_data_url(images[0])], mode=mode)
     assert exc.value.status_code == 400
     assert field in str(exc.value)
-    _assert_still_serving(client, model_name, scenes)
+    _assert_still_serving(client, model_name, hf, images[0])
 
 
 @pytest.mark.parametrize(
@@ -142,13 +197,13 @@ def test_bad_options_get_http_400_naming_the_field(client, model_name, scenes, m
     ],
     ids=["corrupt-base64", "undecodable-image"],
 )
-def test_broken_images_get_http_400(client, model_name, scenes, url):
+def test_broken_images_get_http_400(client, model_name, hf, images, url):
     from openai import BadRequestError
 
     with pytest.raises(BadRequestError) as exc:
-        _chat(client, model_name, url)
+        _chat(client, model_name, [url])
     assert exc.value.status_code == 400
-    _assert_still_serving(client, model_name, scenes)
+    _assert_still_serving(client, model_name, hf, images[0])
 
 
 @pytest.mark.parametrize(
@@ -160,24 +215,96 @@ def test_broken_images_get_http_400(client, model_name, scenes, url):
     ],
     ids=["1x1", "8x900", "uniform"],
 )
-def test_odd_images_are_served(client, model_name, hf, image):
-    reply = _chat(client, model_name, data_url(image))
-    stock = _chat(client, model_name, data_url(image), mode="off").usage.prompt_tokens
-    count = len(hf.image_features(image, PruMergeConfig()))
+def test_odd_images_are_served_at_their_independent_count(client, model_name, hf, image):
+    reply = _chat(client, model_name, [image_data_url(image)])
+    count = _visual_tokens(hf, image, PruMergeConfig())
     assert count >= 2
-    assert reply.usage.prompt_tokens == stock - 576 + count
+    assert reply.usage.prompt_tokens == _text_tokens(hf, 1) + count
 
 
-def _metrics(base_url: str) -> str:
-    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
-        return r.read().decode()
+@pytest.mark.parametrize("family", ["llava", "llava_next"], indirect=True)
+def test_cls_importance_on_clip_towers_is_what_the_default_picks(client, model_name, hf, images):
+    reply = _chat(client, model_name, [image_data_url(images[0])], mode={"importance": "cls"})
+    expected = _visual_tokens(hf, images[0], PruMergeConfig(importance="cls"))
+    assert reply.usage.prompt_tokens == _text_tokens(hf, 1) + expected
+    assert expected == _visual_tokens(hf, images[0], PruMergeConfig())
 
 
-def test_metrics_expose_visual_tokens_and_reduction_time(server, client, model_name, scenes):
-    _chat(client, model_name, data_url(scenes[5]))
-    text = _metrics(server[0])
-    count = re.search(r'vllm_prumerge:visual_tokens_per_image_count\{mode="prumerge"\} (\S+)', text)
-    assert count and float(count.group(1)) >= 1
-    assert 'vllm_prumerge:visual_tokens_per_image_bucket{le="32.0",mode="prumerge"}' in text
-    seconds = re.search(r'vllm_prumerge:reduction_seconds_sum\{mode="prumerge"\} (\S+)', text)
-    assert seconds and float(seconds.group(1)) > 0
+@pytest.mark.parametrize("family", ["siglip", "onevision"], indirect=True)
+def test_cls_importance_on_siglip_towers_is_a_400_naming_cls(client, model_name, hf, images):
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError) as exc:
+        _chat(client, model_name, [image_data_url(images[0])], mode={"importance": "cls"})
+    assert exc.value.status_code == 400
+    assert "CLS" in str(exc.value)
+    _assert_still_serving(client, model_name, hf, images[0])
+
+
+def test_metrics_count_one_observation_per_image_valued_at_its_whole_count(
+    server, client, model_name, hf, scenes
+):
+    # Images no other test sends: an image served from vLLM's processor cache is not reduced,
+    # so not observed, again.
+    fresh = [scenes[4].resize((500, 400)), scenes[5].resize((380, 900))]
+    modes = ("prumerge", "prumerge+")
+    before = fetch_metrics(server[0])
+    pair = _chat(client, model_name, [image_data_url(im) for im in fresh])  # the server's mode
+    single = _chat(client, model_name, [image_data_url(fresh[0])], mode="prumerge+")
+    after = fetch_metrics(server[0])
+
+    def delta(name: str, mode: str) -> float:
+        return metric_total(after, name, mode=mode) - metric_total(before, name, mode=mode)
+
+    pair_visual = pair.usage.prompt_tokens - _text_tokens(hf, 2)
+    single_visual = single.usage.prompt_tokens - _text_tokens(hf, 1)
+    assert pair_visual == sum(_visual_tokens(hf, im, PruMergeConfig()) for im in fresh)
+    assert single_visual == _visual_tokens(hf, fresh[0], PruMergeConfig(mode="prumerge+"))
+    observed = {
+        mode: (delta(METRIC + "_count", mode), delta(METRIC + "_sum", mode)) for mode in modes
+    }
+    assert observed == {"prumerge": (2, pair_visual), "prumerge+": (1, single_visual)}
+    for mode in modes:  # the tower + reduction time of each processed request
+        assert delta("vllm_prumerge:reduction_seconds_count", mode) >= 1
+        assert delta("vllm_prumerge:reduction_seconds_sum", mode) > 0
+
+
+def test_a_stock_size_image_in_off_mode_is_counted_in_a_finite_bucket(
+    server, client, model_name, hf, family, scenes
+):
+    image = scenes[7].resize(STOCK_SIZE[family])  # no other test sends it: not cached
+    count = hf.stock_image_tokens(image)
+    before = histogram_buckets(fetch_metrics(server[0]), METRIC, mode="off")
+    reply = _chat(client, model_name, [image_data_url(image)], mode="off")
+    after = histogram_buckets(fetch_metrics(server[0]), METRIC, mode="off")
+    assert reply.usage.prompt_tokens == _text_tokens(hf, 1) + count
+
+    def added(edge: float) -> float:
+        return after.get(edge, 0.0) - before.get(edge, 0.0)
+
+    finite = [edge for edge in after if edge != math.inf]
+    assert added(math.inf) == 1
+    above = [edge for edge in finite if edge >= count]
+    assert above, f"{count} visual tokens: above every finite bucket edge (largest {max(finite)})"
+    below = [edge for edge in finite if edge < count]
+    assert added(min(above)) == 1 and (not below or added(max(below)) == 0), after
+
+
+@pytest.mark.parametrize("family", ["onevision"], indirect=True)
+def test_onevision_refuses_a_real_video_with_http_400_and_keeps_serving(
+    client, model_name, hf, images, scenes
+):
+    from openai import BadRequestError
+
+    frames = np.stack([np.asarray(scene.resize((384, 384))) for scene in scenes[:4]])
+    video = {"type": "video_url", "video_url": {"url": video_data_url(frames)}}
+    with pytest.raises(BadRequestError) as exc:
+        client.chat.completions.create(
+            model=model_name,
+            messages=[{"role": "user", "content": [video, {"type": "text", "text": QUESTION}]}],
+            max_tokens=1,
+        )
+    assert exc.value.status_code == 400
+    # The family refusing videos, not a decoding error of the upload.
+    assert "At most 0 video(s)" in str(exc.value)
+    _assert_still_serving(client, model_name, hf, images[0])
