@@ -177,7 +177,7 @@ def test_two_images_in_one_request_cost_the_sum_of_their_counts(client, model_na
         ({"budget_ratio": 2.0, "mode": "fixed"}, "budget_ratio"),
         ({"tower_dtype": "float32"}, "tower_dtype is an engine-level option"),
     ],
-    ids=["unknown-mode", "bad-value", "missing-budget", "ratio-above-1"],
+    ids=["unknown-mode", "bad-value", "missing-budget", "ratio-above-1", "engine-level-option"],
 )
 def test_bad_options_get_http_400_naming_the_field(client, model_name, hf, images, mode, field):
     from openai import BadRequestError
