@@ -197,6 +197,21 @@ def test_tokenizer_splits_around_image_like_llavas_tokenizer_image_token(stand_i
     assert processor.tokenizer.pad_token == "<unk>"
 
 
+def test_tokenizer_config_carries_no_loading_arguments_and_still_loads(converted):
+    """`from_pretrained` arguments (transformers 5 saves `is_local`, `local_files_only`) are not
+    settings of the checkpoint; the stripped config reloads with `legacy` and `<image>`."""
+    from transformers import AutoTokenizer
+
+    config = json.loads((converted / "tokenizer_config.json").read_text())
+    loading = {"is_local", "local_files_only", "cache_dir", "token", "revision", "_commit_hash"}
+    assert not loading & config.keys(), sorted(loading & config.keys())
+    assert config["legacy"] is True
+    tokenizer = AutoTokenizer.from_pretrained(str(converted))
+    image_id = json.loads((converted / "config.json").read_text())["image_token_index"]
+    assert tokenizer.convert_tokens_to_ids("<image>") == image_id
+    assert tokenizer("USER: <image>\nHi").input_ids.count(image_id) == 1
+
+
 def test_processor_pads_to_square_and_template_is_llava_hfs(converted):
     from PIL import Image
     from transformers import AutoProcessor

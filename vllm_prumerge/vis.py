@@ -54,7 +54,6 @@ __all__ = [
     "ROLE_SAMPLE",
     "CropPlacement",
     "TokenMap",
-    "anyres_best_resolution",
     "anyres_placements",
     "draw_anyres_token_maps",
     "draw_count_histogram",
@@ -293,25 +292,6 @@ class CropPlacement:
         return dataclasses.asdict(self)
 
 
-def anyres_best_resolution(
-    image_size: tuple[int, int], grid_pinpoints: Sequence[Sequence[int]]
-) -> tuple[int, int]:
-    """``(height, width)`` of the pinpoint LLaVA-NeXT's image processor resizes and pads an
-    image of ``image_size = (width, height)`` to: the most image pixels kept, then the least
-    canvas wasted (transformers' ``select_best_resolution``; the first pinpoint wins ties)."""
-    width, height = image_size
-    best, best_effective, best_wasted = None, 0, math.inf
-    for pin_height, pin_width in grid_pinpoints:
-        scale = min(pin_width / width, pin_height / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        wasted = pin_width * pin_height - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (pin_height, pin_width), effective, wasted
-    if best is None:
-        raise ValueError(f"no usable grid pinpoint in {list(grid_pinpoints)}")
-    return best
-
-
 def anyres_placements(
     image_size: tuple[int, int],
     grid_pinpoints: Sequence[Sequence[int]],
@@ -326,7 +306,7 @@ def anyres_placements(
     1. the base view: the whole image resized to ``crop_size x crop_size`` (aspect not kept),
        so its patch grid spans the whole image;
     2. the tiles: the image resized, aspect kept, to fit the best pinpoint resolution
-       (:func:`anyres_best_resolution`; the fitted side fills the pinpoint, the other is
+       (transformers' ``select_best_resolution``; the fitted side fills the pinpoint, the other is
        ``ceil(side * scale)``), centred on a pinpoint-sized canvas padded with zeros, and cut
        into ``crop_size`` tiles in row-major order; each tile's grid is mapped back through that
        resize and padding (tiles may reach past the image over the padding).
@@ -343,8 +323,13 @@ def anyres_placements(
     width, height = image_size
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got {image_size}")
+    from transformers.image_processing_utils import select_best_resolution
+
     grid = crop_size // patch_size
-    pin_height, pin_width = anyres_best_resolution(image_size, grid_pinpoints)
+    best = select_best_resolution((height, width), [tuple(p) for p in grid_pinpoints])
+    if best is None:
+        raise ValueError(f"no usable grid pinpoint in {list(grid_pinpoints)}")
+    pin_height, pin_width = best
     scale_w, scale_h = pin_width / width, pin_height / height
     if scale_w < scale_h:
         new_width, new_height = pin_width, min(math.ceil(height * scale_w), pin_height)

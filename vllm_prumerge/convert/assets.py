@@ -47,6 +47,22 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 IMAGE_TOKEN = "<image>"
+# Arguments of `from_pretrained` that transformers keeps in a tokenizer's init kwargs and saves
+# into tokenizer_config.json as if they were settings (a pushed checkpoint must not carry them).
+LOADING_ARGUMENTS = (
+    "is_local",
+    "local_files_only",
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "token",
+    "revision",
+    "subfolder",
+    "trust_remote_code",
+    "_commit_hash",
+    "_from_auto",
+    "_from_pipeline",
+)
 
 
 def load_tokenizer(folder: Path):
@@ -118,6 +134,8 @@ def save_processor(out: Path, tokenizer, processor, patch_size: int) -> None:
     path = out / "tokenizer_config.json"
     config = json.loads(path.read_text())
     config["legacy"] = True
+    for key in LOADING_ARGUMENTS:
+        config.pop(key, None)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
