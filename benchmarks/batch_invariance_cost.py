@@ -40,6 +40,11 @@ TOWERS = {
         hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
         image_size=384, patch_size=14, vision_use_head=False,
     )),
+    # For the smoke test: CLIP-L's geometry (336 px, 576 patches + CLS), a tiny width and depth.
+    "tiny": (-2, lambda: CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+        image_size=336, patch_size=14, projection_dim=32,
+    )),
 }  # fmt: skip
 
 

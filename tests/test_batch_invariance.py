@@ -162,3 +162,22 @@ def test_features_are_bit_identical_alone_after_other_images_and_from_the_cache(
     for other in (after_others, first_sight, from_cache):
         assert other.shape == alone.shape
         assert torch.equal(other, alone)
+
+
+def test_the_cost_benchmark_runs_both_paths_and_finds_them_identical(tmp_path):
+    """benchmarks/batch_invariance_cost.py on a tiny tower: both paths timed, the per-image
+    path bit-identical alone and in the batch, the machine named."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "cost.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "batch_invariance_cost.py"
+    args = ["--tower", "tiny", "--images", "3", "--repeats", "1", "--out", str(out)]
+    subprocess.run([sys.executable, str(script), *args], check=True, capture_output=True)
+    report = json.loads(out.read_text())
+    assert report["bit_identical"] is True
+    assert report["machine"].startswith("CPU: ")
+    assert set(report["results"]) == {"batched", "per_image"}
+    assert all(r["cpu_s"] > 0 for r in report["results"].values())
