@@ -9,15 +9,18 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-# Bucket edges cover PruMerge (~32), PruMerge+ (~144) and stock (576) on a 24x24 grid, and the
-# 2304 patches of a 48x48 grid.
-TOKEN_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 192, 256, 384, 577, 1024, 2305)
+# Bucket edges cover PruMerge (~32), PruMerge+ (~144) and stock (576) on a 24x24 grid, the
+# 2304 patches of a 48x48 grid, and videos of tens of frames.
+TOKEN_BUCKETS = (
+    *(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 192, 256, 384, 577, 1024, 2305),
+    *(4096, 8192, 16384),
+)
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class PruMergeMetrics(NamedTuple):
-    visual_tokens: object  # Histogram, label: mode
-    reduction_seconds: object  # Histogram, label: mode
+    visual_tokens: object  # Histogram, labels: mode, modality
+    reduction_seconds: object  # Histogram, labels: mode, modality
 
 
 @functools.cache
@@ -27,21 +30,24 @@ def metrics() -> PruMergeMetrics:
     return PruMergeMetrics(
         visual_tokens=Histogram(
             "vllm_prumerge:visual_tokens_per_image",
-            "Visual tokens given to the LLM per image after PruMerge (incl. the extra token).",
-            labelnames=["mode"],
+            "Visual tokens given to the LLM per image, or per video (all its frames), after "
+            "PruMerge (incl. the extra tokens).",
+            labelnames=["mode", "modality"],
             buckets=TOKEN_BUCKETS,
         ),
         reduction_seconds=Histogram(
             "vllm_prumerge:reduction_seconds",
-            "Wall time of the CLIP tower + PruMerge reduction per processed batch of images.",
-            labelnames=["mode"],
+            "Wall time of the vision tower + PruMerge reduction per processed batch of images, "
+            "or of videos.",
+            labelnames=["mode", "modality"],
             buckets=SECONDS_BUCKETS,
         ),
     )
 
 
-def record(mode: str, tokens_per_image: list[int], seconds: float) -> None:
+def record(mode: str, tokens_per_item: list[int], seconds: float, modality: str = "image") -> None:
+    """Observe each item's visual tokens (an image, or a whole video) and the batch's seconds."""
     m = metrics()
-    for count in tokens_per_image:
-        m.visual_tokens.labels(mode=mode).observe(count)
-    m.reduction_seconds.labels(mode=mode).observe(seconds)
+    for count in tokens_per_item:
+        m.visual_tokens.labels(mode=mode, modality=modality).observe(count)
+    m.reduction_seconds.labels(mode=mode, modality=modality).observe(seconds)
