@@ -10,12 +10,13 @@ applied per image or per LLaVA-NeXT crop (crops counted by transformers' own any
 (unpadding, OneVision's ``anyres_max`` downscaling, newlines); the projected features are
 spliced into ``inputs_embeds``, and decoding is an explicit greedy loop over raw logits.
 
-Videos (LLaVA-OneVision): transformers' own video processor gives the frames; each frame is
-reduced by the same per-row path as an image (tower via hooks, then the core reduction), the
-frames' projected tokens are concatenated in time order; ``off`` uses transformers' own
-``get_video_features`` (projector, 2x2 bilinear pooling, one newline). This reuses the plugin's
-reduction core (``reduce_tokens`` / ``reduce_by_importance``), which
-tests/test_reduction_reference.py pins separately against the naive reference.
+Videos (LLaVA-OneVision, LLaVA-NeXT-Video): transformers' own video processor gives the
+frames; each frame is reduced by the same per-row path as an image (tower via hooks, then the core
+reduction), the frames' projected tokens are concatenated in time order; ``off`` uses
+transformers' own ``get_video_features`` (OneVision: projector, 2x2 bilinear pooling, one
+newline; NeXT-Video: 2x2 average pooling, then projector). This reuses the plugin's reduction
+core (``reduce_tokens`` / ``reduce_by_importance``), which tests/test_reduction_reference.py pins
+separately against the naive reference.
 """
 
 from __future__ import annotations
@@ -118,11 +119,12 @@ class HFPruMergeLlava:
         (``off``) transformers' own pooled frames plus one newline."""
         frames = self.video_frames(video)
         if not config.enabled:
-            return self.model.model.get_video_features(
+            packed = self.model.model.get_video_features(
                 frames[None],
                 vision_feature_layer=self.config.vision_feature_layer,
                 vision_feature_select_strategy=self.config.vision_feature_select_strategy,
-            ).pooler_output[0]
+            ).pooler_output[0]  # OneVision: [L, H]; NeXT-Video: [T, 144, H]
+            return packed.reshape(-1, packed.shape[-1])
         return self.model.model.multi_modal_projector(self._reduce_crops(frames, config))
 
     @torch.no_grad()

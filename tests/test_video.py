@@ -1,6 +1,8 @@
-"""Videos with PruMerge per frame, offline: LLaVA-OneVision.
+"""Videos with PruMerge per frame, offline: LLaVA-OneVision (images and videos) and
+LLaVA-NeXT-Video (videos only, as vLLM's class).
 
-Two real engines (stock vLLM, and the plugin's in `prumerge` mode; float32). Reduced videos must
+Per family, two real engines (stock vLLM, and the plugin's in `prumerge` mode; float32). Reduced
+videos must
 give the same greedy tokens (log-probabilities within LOGPROB_ATOL) and the same counts as an
 independent transformers pipeline that reduces each frame on its own (tests/hf_reference.py,
 which reuses the plugin's reduction core, pinned separately against the naive reference); `off`
@@ -27,12 +29,19 @@ IMAGE_AND_VIDEO = "USER: <image>\n<video>\nDoes the image appear in the video? A
 TWO_VIDEOS = "USER: <video>\n<video>\nWhich video is busier? ASSISTANT:"
 IMAGE = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
 ENGINE_ARGS = {
-    **TINY_ENGINE_ARGS,
-    "max_model_len": 8192,
-    "limit_mm_per_prompt": {"image": 1, "video": 2},
+    "onevision": {
+        **TINY_ENGINE_ARGS,
+        "max_model_len": 8192,
+        "limit_mm_per_prompt": {"image": 1, "video": 2},
+    },
+    # vLLM's class takes one video per prompt and no image.
+    "next_video": {**TINY_ENGINE_ARGS, "max_model_len": 4096, "limit_mm_per_prompt": {"video": 1}},
 }
-# SigLIP 384/14 frames after vLLM's 2x2 bilinear pooling: ceil(27 / 2) ** 2.
-STOCK_FRAME_TOKENS = 196
+# Stock tokens per frame after the family's 2x2 pooling (OneVision: bilinear on SigLIP's 27x27,
+# ceil(27 / 2) ** 2, plus one newline per video; NeXT-Video: average on CLIP's 24x24).
+STOCK_FRAME_TOKENS = {"onevision": 196, "next_video": 144}
+STOCK_NEWLINES = {"onevision": 1, "next_video": 0}
+PATCHES = {"onevision": (384 // 14) ** 2, "next_video": (336 // 14) ** 2}
 
 
 def _sampling():
@@ -43,9 +52,18 @@ def _frames(scenes, size):
     return np.stack([np.asarray(s.convert("RGB").resize(size)) for s in scenes])
 
 
+@pytest.fixture(scope="module", params=["onevision", "next_video"])
+def family(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return family_checkpoint("onevision", tmp_path_factory)
+def checkpoint(family, tmp_path_factory):
+    return family_checkpoint(family, tmp_path_factory)
+
+
+def _stock_count(family, frames: int, videos: int) -> int:
+    return frames * STOCK_FRAME_TOKENS[family] + videos * STOCK_NEWLINES[family]
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +76,9 @@ def media(scenes):
     }
 
 
-def _requests(media, mode=None):
-    """(prompt dict, images, videos) per request: videos alone, with an image, two videos,
-    and an image alone, in one batch."""
+def _requests(family, media, mode=None):
+    """(prompt dict, prompt, images, videos) per request: videos alone, with an image, two
+    videos, and an image alone, in one batch (NeXT-Video: one video alone per request)."""
     a, b, image = media["a"], media["b"], media["image"]
     cases = [
         (VIDEO, {"video": a}, [], [a]),
@@ -69,6 +87,8 @@ def _requests(media, mode=None):
         (TWO_VIDEOS, {"video": [a, b]}, [], [a, b]),
         (IMAGE, {"image": image}, [image], []),
     ]
+    if family == "next_video":
+        cases = cases[:2]
     extra = {} if mode is None else {"mm_processor_kwargs": {"prumerge": mode}}
     return [
         ({"prompt": p, "multi_modal_data": data, **extra}, p, imgs, vids)
@@ -82,22 +102,22 @@ def hf(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def stock_outputs(checkpoint, media):
+def stock_outputs(family, checkpoint, media):
     """Stock vLLM (no plugin selected) on the module's requests."""
     from vllm import LLM
 
-    llm = LLM(model=checkpoint, **ENGINE_ARGS)
+    llm = LLM(model=checkpoint, **ENGINE_ARGS[family])
     try:
-        yield llm.generate([r[0] for r in _requests(media)], _sampling())
+        yield llm.generate([r[0] for r in _requests(family, media)], _sampling())
     finally:
         shutdown(llm)
 
 
 @pytest.fixture(scope="module")
-def plugin_llm(checkpoint, stock_outputs):
+def plugin_llm(family, checkpoint, stock_outputs):
     from vllm import LLM
 
-    llm = LLM(model=checkpoint, **ENGINE_ARGS, **engine_kwargs("prumerge"))
+    llm = LLM(model=checkpoint, **ENGINE_ARGS[family], **engine_kwargs("prumerge"))
     try:
         yield llm
     finally:
@@ -110,9 +130,9 @@ def _video_count(output, hf) -> int:
 
 @pytest.mark.parametrize("mode", [None, "prumerge+"])
 def test_reduced_videos_and_images_equal_the_transformers_pipeline_frame_by_frame(
-    plugin_llm, hf, media, mode
+    plugin_llm, hf, family, media, mode
 ):
-    requests = _requests(media, mode)
+    requests = _requests(family, media, mode)
     outputs = plugin_llm.generate([r[0] for r in requests], _sampling())
     config = PruMergeConfig(mode=mode or "prumerge")
     for out, (_, prompt, images, videos) in zip(outputs, requests, strict=True):
@@ -132,27 +152,28 @@ def test_reduced_videos_and_images_equal_the_transformers_pipeline_frame_by_fram
     assert _video_count(outputs[0], hf) != _video_count(outputs[1], hf)
 
 
-def test_a_video_costs_the_sum_over_its_frames_of_kept_plus_one(plugin_llm, hf, media):
-    out = plugin_llm.generate([_requests(media)[0][0]], _sampling())[0]
+def test_a_video_costs_the_sum_over_its_frames_of_kept_plus_one(plugin_llm, hf, family, media):
+    out = plugin_llm.generate([_requests(family, media)[0][0]], _sampling())[0]
     frames = hf.video_frames(media["a"])
     per_frame = [len(hf._reduce_crops(f[None], PruMergeConfig())) for f in frames]
-    patches = (384 // 14) ** 2
-    assert all(2 <= n <= patches + 1 for n in per_frame), per_frame  # kept_f >= 1, + extra
+    assert all(2 <= n <= PATCHES[family] + 1 for n in per_frame), per_frame  # kept >= 1, + extra
     assert _video_count(out, hf) == sum(per_frame)
-    assert _video_count(out, hf) < len(frames) * STOCK_FRAME_TOKENS
+    assert _video_count(out, hf) < _stock_count(family, len(frames), 1)
 
 
-def test_a_fixed_budget_applies_to_every_frame(plugin_llm, hf, media):
+def test_a_fixed_budget_applies_to_every_frame(plugin_llm, hf, family, media):
     budget = 5
-    requests = _requests(media, {"mode": "fixed", "budget": budget})[:4]
+    requests = [r for r in _requests(family, media, {"mode": "fixed", "budget": budget}) if r[3]]
     outputs = plugin_llm.generate([r[0] for r in requests], _sampling())
     frames = [sum(len(v) for v in r[3]) for r in requests]
     assert [_video_count(o, hf) for o in outputs] == [f * (budget + 1) for f in frames]
-    assert frames == [4, 3, 3, 7]
+    assert frames == ([4, 3, 3, 7] if family == "onevision" else [4, 3])
 
 
-def test_mode_off_videos_equal_stock_vllm_and_transformers(plugin_llm, stock_outputs, hf, media):
-    requests = _requests(media, "off")
+def test_mode_off_videos_equal_stock_vllm_and_transformers(
+    plugin_llm, stock_outputs, hf, family, media
+):
+    requests = _requests(family, media, "off")
     outputs = plugin_llm.generate([r[0] for r in requests], _sampling())
     off = PruMergeConfig(mode="off")
     for out, ref, (_, prompt, images, videos) in zip(outputs, stock_outputs, requests, strict=True):
@@ -165,9 +186,9 @@ def test_mode_off_videos_equal_stock_vllm_and_transformers(plugin_llm, stock_out
             prompt, images, [off] * len(images), MAX_TOKENS, videos=[(v, off) for v in videos]
         )
         assert tokens == hf_tokens
-    # frames * 196 + one newline per video
-    assert _video_count(outputs[0], hf) == 4 * STOCK_FRAME_TOKENS + 1
-    assert _video_count(outputs[3], hf) == 7 * STOCK_FRAME_TOKENS + 2
+    for out, (_, _, _, videos) in zip(outputs, requests, strict=True):
+        frames = sum(len(v) for v in videos)
+        assert _video_count(out, hf) == _stock_count(family, frames, len(videos))
 
 
 def test_each_video_is_observed_once_in_the_visual_tokens_histogram(plugin_llm, hf, media):
@@ -194,9 +215,18 @@ def test_each_video_is_observed_once_in_the_visual_tokens_histogram(plugin_llm, 
     assert after[1] - before[1] == _video_count(out, hf)
 
 
-def test_a_video_without_frames_is_refused_and_the_engine_keeps_serving(plugin_llm, media):
+def test_a_video_without_frames_is_refused_and_the_engine_keeps_serving(plugin_llm, family, media):
     empty = np.zeros((0, 384, 384, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="frame"):
         plugin_llm.generate([{"prompt": VIDEO, "multi_modal_data": {"video": empty}}], _sampling())
-    good = plugin_llm.generate([_requests(media)[1][0]], _sampling())[0]
+    good = plugin_llm.generate([_requests(family, media)[1][0]], _sampling())[0]
     assert len(good.outputs[0].token_ids) == MAX_TOKENS
+
+
+def test_next_video_refuses_images_as_stock_vllm_does(plugin_llm, family, media):
+    if family != "next_video":
+        pytest.skip("LLaVA-OneVision takes images")
+    with pytest.raises(ValueError, match="image"):
+        plugin_llm.generate(
+            [{"prompt": IMAGE, "multi_modal_data": {"image": media["image"]}}], _sampling()
+        )

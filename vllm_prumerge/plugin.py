@@ -19,6 +19,9 @@ MODEL_CLASSES = {
     ARCHITECTURES["LlavaOnevisionForConditionalGeneration"]: (
         "vllm_prumerge.serving.llava_onevision:PruMergeLlavaOnevisionForConditionalGeneration"
     ),
+    ARCHITECTURES["LlavaNextVideoForConditionalGeneration"]: (
+        "vllm_prumerge.serving.llava_next_video:PruMergeLlavaNextVideoForConditionalGeneration"
+    ),
 }
 
 
