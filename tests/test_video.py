@@ -191,16 +191,16 @@ def test_mode_off_videos_equal_stock_vllm_and_transformers(
         assert _video_count(out, hf) == _stock_count(family, frames, len(videos))
 
 
-def test_each_video_is_observed_once_in_the_visual_tokens_histogram(plugin_llm, hf, media):
+def test_each_video_is_observed_once_in_the_per_video_histogram(plugin_llm, hf, media):
     from prometheus_client import REGISTRY, generate_latest
 
     from vllm_prumerge.testing.prometheus import metric_total, parse_prometheus
 
-    name = "vllm_prumerge:visual_tokens_per_image"
+    name = "vllm_prumerge:visual_tokens_per_video"
 
     def totals():
         samples = parse_prometheus(generate_latest(REGISTRY).decode())
-        labels = {"mode": "prumerge", "modality": "video"}
+        labels = {"mode": "prumerge"}
         return metric_total(samples, name + "_count", **labels), metric_total(
             samples, name + "_sum", **labels
         )
