@@ -16,6 +16,14 @@ Not independent of the plugin: the selection and merge are the plugin's own core
 reference in tests/test_reduction_reference.py and tests/test_received_attention.py. What a
 comparison with this pipeline checks is everything around that core in vLLM: tower, scores,
 crops, packing, placeholder counts, projector and the language model.
+
+Videos (LLaVA-OneVision, LLaVA-NeXT-Video): transformers' own video processor gives the
+frames; each frame is reduced by the same per-row path as an image (tower via hooks, then the core
+reduction), the frames' projected tokens are concatenated in time order; ``off`` uses
+transformers' own ``get_video_features`` (OneVision: projector, 2x2 bilinear pooling, one
+newline; NeXT-Video: 2x2 average pooling, then projector). This reuses the plugin's reduction
+core (``reduce_tokens`` / ``reduce_by_importance``), which tests/test_reduction_reference.py pins
+separately against the naive reference.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ class HFPruMergeLlava:
         self.processor = AutoProcessor.from_pretrained(checkpoint)
         self.config = self.model.config
         self.image_token = self.config.image_token_index
+        self.video_token = getattr(self.config, "video_token_index", None)
         self.is_next = hasattr(self.config, "image_grid_pinpoints")
         self.has_cls = isinstance(self.config.vision_config, CLIPVisionConfig)
 
@@ -121,15 +130,40 @@ class HFPruMergeLlava:
             return packed
         return self.model.model.multi_modal_projector(self._reduce_crops(crops, config))
 
+    def video_frames(self, video) -> torch.Tensor:
+        """`[T, 3, H, W]`: transformers' video processor on one `[T, H, W, 3]` uint8 video."""
+        processed = self.processor.video_processor(videos=[video], return_tensors="pt")
+        return processed["pixel_values_videos"][0]
+
     @torch.no_grad()
-    def generate(self, prompt: str, images, configs, max_new_tokens: int):
-        """Greedy decoding: (token ids, their log-probabilities, visual tokens per image)."""
+    def video_embeds(self, video, config: PruMergeConfig) -> torch.Tensor:
+        """`[L, H]` what the LLM receives for one video: reduced frames in time order, or
+        (``off``) transformers' own pooled frames plus one newline."""
+        frames = self.video_frames(video)
+        if not config.enabled:
+            packed = self.model.model.get_video_features(
+                frames[None],
+                vision_feature_layer=self.config.vision_feature_layer,
+                vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            ).pooler_output[0]  # OneVision: [L, H]; NeXT-Video: [T, 144, H]
+            return packed.reshape(-1, packed.shape[-1])
+        return self.model.model.multi_modal_projector(self._reduce_crops(frames, config))
+
+    @torch.no_grad()
+    def generate(self, prompt: str, images, configs, max_new_tokens: int, videos=()):
+        """Greedy decoding: (token ids, their log-probabilities, visual tokens per image or
+        video in prompt order). `videos` are `(video, config)` pairs for `<video>` tokens."""
         ids = self.processor.tokenizer(prompt).input_ids
         embeds = [self.image_embeds(i, c) for i, c in zip(images, configs, strict=True)]
+        video_embeds = iter([self.video_embeds(v, c) for v, c in videos])
         embed = self.model.get_input_embeddings()
         pieces, counts, it = [], [], iter(embeds)
         for tok in ids:
-            if tok == self.image_token:
+            if tok == self.video_token:
+                e = next(video_embeds)
+                pieces.append(e)
+                counts.append(e.shape[0])
+            elif tok == self.image_token:
                 e = next(it)
                 pieces.append(e)
                 counts.append(e.shape[0])

@@ -9,7 +9,7 @@ transformers pipeline of tests/hf_reference.py, and `off` must equal stock vLLM.
 shares only the reduction core with the plugin (pinned separately against the naive reference);
 tower, scores, crops, packing, projector and LLM are transformers' own. Stock counts come from
 transformers' processor. Family-specific cases (fixed or per-grid stock counts, SigLIP towers
-refusing `cls`, OneVision refusing videos) take only their families.
+refusing `cls`, Interleave-shaped SigLIP refusing videos) take only their families.
 """
 
 from __future__ import annotations
@@ -321,8 +321,8 @@ def test_cls_importance_is_refused_on_siglip_towers_and_the_engine_keeps_serving
     assert tokens_and_logprobs(_generate_one(plugin_llm, images[1]))[0] == answer
 
 
-@pytest.mark.parametrize("family", ["onevision"], indirect=True)
-def test_onevision_videos_are_refused_as_unsupported_and_images_keep_working(
+@pytest.mark.parametrize("family", ["siglip"], indirect=True)
+def test_videos_are_refused_by_a_family_without_video_and_images_keep_working(
     plugin_llm, scenes, images, answer
 ):
     from vllm.exceptions import VLLMValidationError

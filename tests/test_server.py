@@ -8,7 +8,8 @@ modes: the crops' reduced features, concatenated, by the plugin's own reduction 
 pinned separately against the naive reference; `off`: transformers' own processor expansion,
 LLaVA-NeXT / OneVision unpadding and newlines included). Bad input is answered with HTTP 400 and
 the server keeps serving; `/metrics` counts one observation per image, valued at the image's
-whole count, in a finite bucket; OneVision refuses a real MP4 video with HTTP 400. Every served
+whole count, in a finite bucket; a family without video (LLaVA-NeXT) refuses a real MP4 video
+with HTTP 400. Every served
 process must have imported this clone's `vllm_prumerge` (its log says where from). (KV-cache
 concurrency is pinned offline from vLLM's per-step stats, in test_kv_concurrency.py: sampling
 the server's gauge could miss the peak.)
@@ -290,13 +291,13 @@ def test_a_stock_size_image_in_off_mode_is_counted_in_a_finite_bucket(
     assert added(min(above)) == 1 and (not below or added(max(below)) == 0), after
 
 
-@pytest.mark.parametrize("family", ["onevision"], indirect=True)
-def test_onevision_refuses_a_real_video_with_http_400_and_keeps_serving(
+@pytest.mark.parametrize("family", ["llava_next"], indirect=True)
+def test_a_family_without_video_refuses_a_real_video_with_http_400_and_keeps_serving(
     client, model_name, hf, images, scenes
 ):
     from openai import BadRequestError
 
-    frames = np.stack([np.asarray(scene.resize((384, 384))) for scene in scenes[:4]])
+    frames = np.stack([np.asarray(scene.resize((336, 336))) for scene in scenes[:4]])
     video = {"type": "video_url", "video_url": {"url": video_data_url(frames)}}
     with pytest.raises(BadRequestError) as exc:
         client.chat.completions.create(

@@ -24,6 +24,9 @@ MODEL_CLASSES = {
     ARCHITECTURES["LlavaOnevisionForConditionalGeneration"]: (
         "vllm_prumerge.serving.llava_onevision:PruMergeLlavaOnevisionForConditionalGeneration"
     ),
+    ARCHITECTURES["LlavaNextVideoForConditionalGeneration"]: (
+        "vllm_prumerge.serving.llava_next_video:PruMergeLlavaNextVideoForConditionalGeneration"
+    ),
 }
 
 # The line each process logs; tests parse it to check which clone a served process imported.

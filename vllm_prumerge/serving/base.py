@@ -208,7 +208,9 @@ class PruMergeProcessorMixin:
         counts, seconds = self._reduce_images(processed, config)
         # The tower's dtype may differ from the model's (tower_dtype): the engine gets the model's.
         processed[FEATURES_KEY] = [f.to(dtype) for f in processed[FEATURES_KEY]]
-        metrics.record(config.mode, counts, seconds, largest=self.info.largest_item_tokens)
+        metrics.record(
+            config.mode, counts, seconds, largest=self.info.largest_item_tokens, modality="image"
+        )
         return processed
 
     def _reduce_images(
@@ -251,6 +253,9 @@ class PruMergeModelMixin:
     """Goes in front of a family's vLLM model class: no tower; features -> projector -> LLM."""
 
     supports_tower_connector_lora = False
+    #: The modalities whose features the projector takes (``{"image", "video"}`` for video
+    #: families): vLLM skips tower modules when every one of them is limited to zero items.
+    modalities: frozenset[str] = frozenset({"image"})
 
     def _init_without_tower(self, vllm_config: VllmConfig, prefix: str) -> None:
         """The family's ``__init__`` minus the vision tower, which runs in the pre-processor:
@@ -259,12 +264,14 @@ class PruMergeModelMixin:
         check_supported(config)
         self.config = config
         self.multimodal_config = vllm_config.model_config.multimodal_config
+        token_ids = [config.image_token_index]
+        if "video" in self.modalities:
+            token_ids.append(config.video_token_index)
         self.configure_mm_token_handling(
-            vocab_size=config.text_config.vocab_size,
-            mm_token_ids=[config.image_token_index],
+            vocab_size=config.text_config.vocab_size, mm_token_ids=token_ids
         )
         logger.info("PruMerge visual-token reduction: %s", describe(engine_config(config)))
-        with self._mark_tower_model(vllm_config, "image"):
+        with self._mark_tower_model(vllm_config, set(self.modalities)):
             self.multi_modal_projector = LlavaMultiModalProjector(
                 vision_hidden_size=config.vision_config.hidden_size,
                 text_hidden_size=config.text_config.hidden_size,

@@ -1,13 +1,16 @@
-"""LLaVA-OneVision images with PruMerge: the LLaVA-NeXT per-crop semantics on a SigLIP tower.
+"""LLaVA-OneVision images and videos with PruMerge: the LLaVA-NeXT per-crop semantics on a SigLIP
+tower, and the same per frame.
 
-Each crop (base view first, then the anyres tiles row-major) is reduced on its own with the
-tower's importance (received attention: SigLIP has no CLS) and contributes its kept tokens plus
-its own extra token; no unpadding, no newline, no ``anyres_max`` downscaling in reduced modes.
-``off`` is stock vLLM LLaVA-OneVision for images (unpadding, ``anyres_max_9`` interpolation,
-newlines), packed in the engine by vLLM's own merge.
+Images: each crop (base view first, then the anyres tiles row-major) is reduced on its own with
+the tower's importance (received attention: SigLIP has no CLS) and contributes its kept tokens
+plus its own extra token; no unpadding, no newline, no ``anyres_max`` downscaling in reduced
+modes. ``off`` is stock vLLM LLaVA-OneVision for images (unpadding, ``anyres_max_9``
+interpolation, newlines), packed in the engine by vLLM's own merge.
 
-Video is out of scope: this class accepts images only, so a request with a video is refused by
-vLLM's own input validation (HTTP 400 on the server) instead of being served differently.
+Videos (see :mod:`vllm_prumerge.serving.video`): each frame reduced as a LLaVA-1.5 image, frames
+in time order, no pooling and no newline: ``sum over frames (kept_f + 1)`` tokens. ``off`` is stock
+vLLM: projector, vLLM's own bilinear 2x2 pooling and one ``image_newline`` per video
+(``frames * 196 + 1`` tokens for SigLIP 384/14).
 """
 
 from __future__ import annotations
@@ -33,11 +36,18 @@ from vllm_prumerge.serving.llava_next import (
     AnyresProcessingInfoMixin,
     AnyresProcessorMixin,
 )
+from vllm_prumerge.serving.video import (
+    PruMergeVideoModelMixin,
+    PruMergeVideoProcessingInfoMixin,
+    PruMergeVideoProcessorMixin,
+)
 
 
-class PruMergeLlavaOnevisionProcessingInfo(AnyresProcessingInfoMixin, LlavaOnevisionProcessingInfo):
+class PruMergeLlavaOnevisionProcessingInfo(
+    PruMergeVideoProcessingInfoMixin, AnyresProcessingInfoMixin, LlavaOnevisionProcessingInfo
+):
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
-        return {"image": None}
+        return {"image": None, "video": None}
 
 
 class PruMergeLlavaOnevisionDummyInputsBuilder(LlavaOnevisionDummyInputsBuilder):
@@ -45,13 +55,13 @@ class PruMergeLlavaOnevisionDummyInputsBuilder(LlavaOnevisionDummyInputsBuilder)
 
 
 class PruMergeLlavaOnevisionMultiModalProcessor(
-    AnyresProcessorMixin, LlavaOnevisionMultiModalProcessor
+    PruMergeVideoProcessorMixin, AnyresProcessorMixin, LlavaOnevisionMultiModalProcessor
 ):
     def _apply_hf_processor_main(
         self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]
     ) -> BatchFeature:
-        # vLLM's OneVision processor calls the HF processor itself (for its video path);
-        # images only here, so the generic path, which goes through our _call_hf_processor.
+        # vLLM's OneVision processor calls the HF processor itself (for its video path); the
+        # generic path goes through our _call_hf_processor, which handles both modalities.
         return BaseMultiModalProcessor._apply_hf_processor_main(self, mm_items, hf_kwargs)
 
 
@@ -61,9 +71,10 @@ class PruMergeLlavaOnevisionMultiModalProcessor(
     dummy_inputs=PruMergeLlavaOnevisionDummyInputsBuilder,
 )
 class PruMergeLlavaOnevisionForConditionalGeneration(
-    AnyresModelMixin, LlavaOnevisionForConditionalGeneration
+    PruMergeVideoModelMixin, AnyresModelMixin, LlavaOnevisionForConditionalGeneration
 ):
-    """LLaVA-OneVision whose image crops arrive as PruMerge-reduced tower features."""
+    """LLaVA-OneVision whose image crops and video frames arrive as PruMerge-reduced tower
+    features."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         nn.Module.__init__(self)
@@ -77,3 +88,10 @@ class PruMergeLlavaOnevisionForConditionalGeneration(
             vision_aspect_ratio=getattr(self.config, "vision_aspect_ratio", "anyres_max_9"),
             strategy="spatial_unpad",
         )
+
+    def _pack_stock_video(self, frames: torch.Tensor) -> torch.Tensor:
+        # vLLM's order: projector, then 2x2 bilinear pooling, then one newline per video.
+        projected = self._project([frames.flatten(0, 1)])[0].view(*frames.shape[:2], -1)
+        pooled = self.apply_pooling(projected)  # [T, 196, H]
+        newline = self.image_newline[None].to(pooled.dtype)
+        return torch.cat((pooled.flatten(0, 1), newline))

@@ -15,6 +15,7 @@ import threading
 from typing import NamedTuple
 
 TOKENS_METRIC = "vllm_prumerge:visual_tokens_per_image"
+VIDEO_TOKENS_METRIC = "vllm_prumerge:visual_tokens_per_video"
 SECONDS_METRIC = "vllm_prumerge:reduction_seconds"
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -34,6 +35,7 @@ def token_buckets(largest: int) -> tuple[int, ...]:
 
 class Histograms(NamedTuple):
     visual_tokens: object  # Histogram, label: mode
+    video_tokens: object  # Histogram, label: mode
     reduction_seconds: object  # Histogram, label: mode
 
 
@@ -63,10 +65,18 @@ class PruMergeMetrics:
                         buckets=token_buckets(largest),
                         registry=registry,
                     ),
+                    video_tokens=Histogram(
+                        VIDEO_TOKENS_METRIC,
+                        "Visual tokens given to the LLM per video after PruMerge (all its frames, "
+                        "incl. each frame's extra token; off: the family's stock count).",
+                        labelnames=["mode"],
+                        buckets=token_buckets(largest),
+                        registry=registry,
+                    ),
                     reduction_seconds=Histogram(
                         SECONDS_METRIC,
                         "Wall time of the vision tower + PruMerge reduction per processed batch "
-                        "of images.",
+                        "of images, or of videos.",
                         labelnames=["mode"],
                         buckets=SECONDS_BUCKETS,
                         registry=registry,
@@ -75,12 +85,20 @@ class PruMergeMetrics:
             return self._histograms
 
     def record(
-        self, mode: str, tokens_per_image: list[int], seconds: float, *, largest: int
+        self,
+        mode: str,
+        tokens_per_item: list[int],
+        seconds: float,
+        *,
+        largest: int,
+        modality: str = "image",
     ) -> None:
-        """Observe one processed batch; `largest` is the model's worst-case tokens per item."""
+        """Observe one processed batch of images or videos (one count per image, or per whole
+        video); `largest` is the model's worst-case tokens per item over every modality."""
         histograms = self.histograms(largest)
-        for count in tokens_per_image:
-            histograms.visual_tokens.labels(mode=mode).observe(count)
+        tokens = histograms.video_tokens if modality == "video" else histograms.visual_tokens
+        for count in tokens_per_item:
+            tokens.labels(mode=mode).observe(count)
         histograms.reduction_seconds.labels(mode=mode).observe(seconds)
 
 
@@ -90,5 +108,7 @@ def metrics() -> PruMergeMetrics:
     return PruMergeMetrics()
 
 
-def record(mode: str, tokens_per_image: list[int], seconds: float, *, largest: int) -> None:
-    metrics().record(mode, tokens_per_image, seconds, largest=largest)
+def record(
+    mode: str, tokens_per_item: list[int], seconds: float, *, largest: int, modality: str = "image"
+) -> None:
+    metrics().record(mode, tokens_per_item, seconds, largest=largest, modality=modality)

@@ -31,6 +31,7 @@ ARCHITECTURES = {
     "LlavaForConditionalGeneration": "PruMergeLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "PruMergeLlavaNextForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration": "PruMergeLlavaOnevisionForConditionalGeneration",
+    "LlavaNextVideoForConditionalGeneration": "PruMergeLlavaNextVideoForConditionalGeneration",
 }
 # LLaVA-1.5's, the first family; kept as a name for users of the dict form.
 ARCHITECTURE = ARCHITECTURES["LlavaForConditionalGeneration"]
@@ -118,7 +119,7 @@ def engine_kwargs(mode: str | None = None, **options: Any) -> dict[str, Any]:
 
     `LLM(model="llava-hf/llava-1.5-7b-hf", **engine_kwargs("prumerge+"))`. The model class is
     picked from the checkpoint's own architecture (LLaVA-1.5 / LLaVA-Interleave, LLaVA-NeXT,
-    LLaVA-OneVision);
+    LLaVA-OneVision, LLaVA-NeXT-Video);
     another architecture fails with a ValueError naming the supported ones. `mode` and `options`
     are any :class:`~vllm_prumerge.config.PruMergeConfig` fields, validated here, so a typo
     fails before the engine starts; unset ones come from the checkpoint's own `prumerge` config

@@ -3,7 +3,8 @@
 Families (`TinyLlavaSpec.family`): `"llava"` (LLaVA-1.5), `"llava_next"` (LLaVA-NeXT anyres, with
 several `image_grid_pinpoints`), `"siglip"` (SigLIP-based LLaVA like LLaVA-Interleave: SigLIP
 384/14, 729 patches without CLS, `vision_feature_layer=-1`, strategy `full`) and `"onevision"`
-(LLaVA-OneVision: that SigLIP tower per anyres crop, `anyres_max_9`, with a `<video>` token).
+(LLaVA-OneVision: that SigLIP tower per anyres crop, `anyres_max_9`, with a `<video>` token) and
+`"next_video"` (LLaVA-NeXT-Video: the CLIP 336/14 tower per frame, 2x2 average pooling, `<video>`).
 
 The CLIP towers have the real geometry (336 px, patch 14: 576 patches + CLS, on a 24x24 grid) with a
 tiny width and depth; the text model is a tiny Llama whose head size (32) vLLM's CPU attention
@@ -54,7 +55,9 @@ _CORPUS = [
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
-FAMILIES = ("llava", "llava_next", "siglip", "onevision")
+FAMILIES = ("llava", "llava_next", "siglip", "onevision", "next_video")
+# Families whose tokenizer has a `<video>` token.
+_VIDEO_FAMILIES = ("onevision", "next_video")
 # LLaVA-NeXT grids of the tiny checkpoint: 1x2, 2x1 and 2x2 tiles of 336 px (up to 5 crops).
 NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672]]
 # LLaVA-OneVision's: the same grids of 384 px SigLIP tiles.
@@ -110,9 +113,7 @@ def _build_tokenizer(spec: TinyLlavaSpec):
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
-    if (
-        spec.family == "onevision"
-    ):  # added after training: the other families' bytes stay as they were
+    if spec.family in _VIDEO_FAMILIES:  # added after training: other families' bytes unchanged
         tok.add_special_tokens(["<video>"])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
@@ -125,7 +126,7 @@ def _build_tokenizer(spec: TinyLlavaSpec):
         pad_token="<pad>",
         extra_special_tokens={
             "image_token": "<image>",
-            **({"video_token": "<video>"} if spec.family == "onevision" else {}),
+            **({"video_token": "<video>"} if spec.family in _VIDEO_FAMILIES else {}),
         },
         chat_template=CHAT_TEMPLATE,
         model_max_length=4096,
@@ -160,6 +161,10 @@ def _model_and_processor(spec: TinyLlavaSpec, tokenizer, vision, text):
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessor,
         LlavaNextProcessor,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+        LlavaNextVideoVideoProcessor,
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
         LlavaOnevisionImageProcessor,
@@ -199,6 +204,28 @@ def _model_and_processor(spec: TinyLlavaSpec, tokenizer, vision, text):
             image_grid_pinpoints=NEXT_GRID_PINPOINTS, **clip_processor
         )
         processor_class, extra = LlavaNextProcessor, {"num_additional_image_tokens": 1}
+    elif spec.family == "next_video":
+        config = LlavaNextVideoConfig(
+            **common,
+            video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            image_grid_pinpoints=NEXT_GRID_PINPOINTS,
+            spatial_pool_mode="average",
+            spatial_pool_stride=2,
+        )
+        architecture, model_class = (
+            "LlavaNextVideoForConditionalGeneration",
+            LlavaNextVideoForConditionalGeneration,
+        )
+        image_processor = LlavaNextImageProcessor(
+            image_grid_pinpoints=NEXT_GRID_PINPOINTS, **clip_processor
+        )
+        processor_class = LlavaNextVideoProcessor
+        extra = {
+            "video_processor": LlavaNextVideoVideoProcessor(**clip_processor),
+            "num_additional_image_tokens": 1,
+        }
     elif spec.family == "onevision":
         config = LlavaOnevisionConfig(
             **common,
@@ -365,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
         help="llava: LLaVA-1.5 (CLIP 336/14, 576 patches); llava_next: LLaVA-NeXT anyres "
         f"(grids {NEXT_GRID_PINPOINTS}); siglip: SigLIP-LLaVA like LLaVA-Interleave (384/14, 729 "
         "patches, no CLS); onevision: LLaVA-OneVision (that SigLIP tower per anyres crop, grids "
-        f"{ONEVISION_GRID_PINPOINTS}). Default: llava.",
+        f"{ONEVISION_GRID_PINPOINTS}); next_video: LLaVA-NeXT-Video (CLIP 336/14 per frame, 2x2 "
+        "average pooling). Default: llava.",
     )
     args = parser.parse_args(argv)
     path = write_tiny_llava(args.out_dir, TinyLlavaSpec(seed=args.seed, family=args.family))
