@@ -80,7 +80,7 @@ def quiet_down() -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. vLLM's weight-loading bar
+    os.environ.setdefault("TQDM_DISABLE", "1")  # library bars (vLLM's weight loading: see LLM())
     warnings.simplefilter("ignore")
 
 
@@ -108,14 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < 1 or args.max_tokens < 1:
         parser.error("--images and --max-tokens must be >= 1")
     options = {"budget": args.budget} if args.budget is not None else {}
+    if not args.verbose:
+        quiet_down()  # before anything imports torch: it reads TORCH_LOGS once, at import
     from vllm_prumerge import PruMergeConfig
 
     try:
         PruMergeConfig.from_dict({"mode": args.mode, **options})
     except ValueError as exc:
         parser.error(str(exc))
-    if not args.verbose:
-        quiet_down()
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         enforce_eager=True,
         max_model_len=2048,
         limit_mm_per_prompt={"image": 1},
+        use_tqdm_on_load=args.verbose,  # vLLM's own bar ignores TQDM_DISABLE
         **engine_kwargs(args.mode, **options),
     )
     step(f"ready in {time.perf_counter() - start:.0f} s")
