@@ -26,6 +26,27 @@ TINY_ENGINE_ARGS = dict(
 )
 
 
+# Offline engines per family, shared by every module that declares `ENGINE_FAMILIES`
+# (test_engine.py: images, test_video.py: videos): one setting per family covers both.
+OFFLINE_ENGINE_ARGS = {
+    "llava": {**TINY_ENGINE_ARGS, "max_model_len": 2048},
+    "llava_next": {**TINY_ENGINE_ARGS, "max_model_len": 4096},
+    "siglip": {**TINY_ENGINE_ARGS, "max_model_len": 4096},
+    # OneVision's stock image counts reach ~3.7k tokens on the tiny grids (two per prompt).
+    "onevision": {
+        **TINY_ENGINE_ARGS,
+        "max_model_len": 8192,
+        "limit_mm_per_prompt": {"image": 2, "video": 2},
+    },
+    # vLLM's class takes one video per prompt and no image.
+    "next_video": {**TINY_ENGINE_ARGS, "max_model_len": 4096, "limit_mm_per_prompt": {"video": 1}},
+}
+# The plugin's engines run with prefix caching and chunked prefill on; LLaVA-1.5's prefills at
+# a 256-token budget, so a stock-size image (576) arrives in chunks.
+PLUGIN_ENGINE_ARGS = {"enable_prefix_caching": True, "enable_chunked_prefill": True}
+PLUGIN_FAMILY_ARGS = {"llava": {"max_num_batched_tokens": 256}}
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Refuse to run against a `vllm_prumerge` imported from anywhere but this clone."""
     import vllm_prumerge
@@ -69,3 +90,74 @@ def tiny_cache_env(checkpoint: str, tmp_path: Path) -> dict[str, str]:
         "VLLM_TARGET_DEVICE": "cpu",
         "VLLM_CPU_KVCACHE_SPACE": "1",
     }
+
+
+# --- Offline engines, one pair per family for the whole session ---------------------------------
+# A module opts in with `ENGINE_FAMILIES = (...)`: its tests that take `family` are parametrized
+# over them (unless they name their own families), and the session-scoped fixtures below make
+# pytest run every module's tests of one family together, on one stock and one plugin engine.
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    families = getattr(metafunc.module, "ENGINE_FAMILIES", None)
+    if not families or "family" not in metafunc.fixturenames:
+        return
+    named = any("family" in m.args[0] for m in metafunc.definition.iter_markers("parametrize"))
+    if not named:
+        metafunc.parametrize("family", families, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def checkpoint(family, tmp_path_factory) -> str:
+    from tests.helpers import family_checkpoint
+
+    return family_checkpoint(family, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def hf(checkpoint):
+    """The independent transformers pipeline of tests/hf_reference.py on the family."""
+    from tests.hf_reference import HFPruMergeLlava
+
+    return HFPruMergeLlava(checkpoint)
+
+
+@pytest.fixture(scope="session")
+def stock_llm(family, checkpoint):
+    """Stock vLLM (no plugin selected) on the family's checkpoint."""
+    from vllm import LLM
+
+    from tests.helpers import shutdown
+
+    llm = LLM(model=checkpoint, **OFFLINE_ENGINE_ARGS[family])
+    try:
+        yield llm
+    finally:
+        shutdown(llm)
+
+
+@pytest.fixture(scope="session")
+def plugin_llm(family, checkpoint, stock_llm):
+    """The plugin's engine (default mode prumerge), prefix caching and chunked prefill on;
+    started after the stock engine and stopped before it."""
+    from vllm import LLM
+
+    from tests.helpers import shutdown
+    from vllm_prumerge import engine_kwargs
+
+    args = {
+        **OFFLINE_ENGINE_ARGS[family],
+        **PLUGIN_ENGINE_ARGS,
+        **PLUGIN_FAMILY_ARGS.get(family, {}),
+        **engine_kwargs("prumerge"),
+    }
+    llm = LLM(model=checkpoint, **args)
+    try:
+        yield llm
+    finally:
+        shutdown(llm)

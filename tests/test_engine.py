@@ -2,8 +2,8 @@
 attention), LLaVA-NeXT (anyres, per-crop reduction), SigLIP-LLaVA (received attention) and
 LLaVA-OneVision images (both).
 
-Per family, two real engines, one after the other: stock vLLM (no plugin; its outputs are kept and
-the engine stopped) and the plugin's (prefix caching and chunked prefill on). Float32 everywhere:
+Per family, two real engines shared with test_engine_video.py (tests/conftest.py): stock vLLM
+(no plugin) and the plugin's (prefix caching and chunked prefill on). Float32 everywhere:
 greedy tokens must be identical and log-probabilities equal within LOGPROB_ATOL to the
 transformers pipeline of tests/hf_reference.py, and `off` must equal stock vLLM. That pipeline
 shares only the reduction core with the plugin (pinned separately against the naive reference);
@@ -18,30 +18,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import TINY_ENGINE_ARGS
-from tests.helpers import family_checkpoint, greedy, image_count, shutdown, tokens_and_logprobs
-from tests.hf_reference import HFPruMergeLlava
-from vllm_prumerge import engine_kwargs
+from tests.helpers import greedy, image_count, tokens_and_logprobs
 from vllm_prumerge.config import PruMergeConfig
 
 pytestmark = pytest.mark.engine
 
-FAMILIES = ("llava", "llava_next", "siglip", "onevision")
+ENGINE_FAMILIES = ("llava", "llava_next", "siglip", "onevision")  # engines: tests/conftest.py
 # Float32 on both sides; the difference is vLLM's CPU attention/GEMM kernels vs eager torch.
 LOGPROB_ATOL = 2e-3
 MAX_TOKENS = 8
 PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
 PROMPT_2 = "USER: <image>\n<image>\nHow many objects are there? ASSISTANT:"
-# OneVision's stock image counts reach ~3.7k tokens on the tiny grids (two per prompt).
-MAX_MODEL_LEN = {"llava": 2048, "llava_next": 4096, "siglip": 4096, "onevision": 8192}
-# LLaVA-1.5's plugin engine prefills at a 256-token budget, so a stock-size image (576) arrives
-# in chunks; the anyres families keep vLLM's default budget.
-PLUGIN_ARGS = {
-    "llava": {"max_num_batched_tokens": 256},
-    "llava_next": {},
-    "siglip": {},
-    "onevision": {},
-}
 # Fixed budget 5 per crop: every crop gives 6 tokens. LLaVA-NeXT / OneVision: base view + 2x2,
 # 1x2, 2x1 and 1x2 tiles for the module's four images.
 FIXED_5_COUNTS = {
@@ -54,21 +41,6 @@ FIXED_5_COUNTS = {
 
 def _sampling():
     return greedy(MAX_TOKENS)
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def checkpoint(family, tmp_path_factory) -> str:
-    return family_checkpoint(family, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def hf(checkpoint) -> HFPruMergeLlava:
-    return HFPruMergeLlava(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -94,39 +66,10 @@ def _image_lists(images):
     return [[im] for im in images] + [images[1:3]]
 
 
-def _engine_args(family: str) -> dict:
-    return {**TINY_ENGINE_ARGS, "max_model_len": MAX_MODEL_LEN[family]}
-
-
 @pytest.fixture(scope="module")
-def stock_outputs(family, checkpoint, images):
-    """Stock vLLM (no plugin selected) on the module's prompts; the engine is stopped before
-    the plugin's starts."""
-    from vllm import LLM
-
-    llm = LLM(model=checkpoint, **_engine_args(family))
-    try:
-        return llm.generate(_prompts(images), _sampling())
-    finally:
-        shutdown(llm)
-
-
-@pytest.fixture(scope="module")
-def plugin_llm(family, checkpoint, stock_outputs):
-    """The plugin's engine (default mode prumerge), prefix caching and chunked prefill on."""
-    from vllm import LLM
-
-    args = {
-        **_engine_args(family),
-        "enable_prefix_caching": True,
-        "enable_chunked_prefill": True,
-        **PLUGIN_ARGS[family],
-    }
-    llm = LLM(model=checkpoint, **args, **engine_kwargs("prumerge"))
-    try:
-        yield llm
-    finally:
-        shutdown(llm)
+def stock_outputs(stock_llm, images):
+    """Stock vLLM on the module's prompts."""
+    return stock_llm.generate(_prompts(images), _sampling())
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ pinned separately against the naive reference; `off`: transformers' own processo
 LLaVA-NeXT / OneVision unpadding and newlines included). Bad input is answered with HTTP 400 and
 the server keeps serving; `/metrics` counts one observation per image, valued at the image's
 whole count, in a finite bucket; a family without video (LLaVA-NeXT) refuses a real MP4 video
-with HTTP 400. Every served
+with HTTP 400. LLaVA-1.5's server runs two API-server processes (`--api-server-count 2`): both
+serve, counts are exact whichever serves, and `/metrics` aggregates both. Every served
 process must have imported this clone's `vllm_prumerge` (its log says where from). (KV-cache
 concurrency is pinned offline from vLLM's per-step stats, in test_kv_concurrency.py: sampling
 the server's gauge could miss the peak.)
@@ -19,6 +20,9 @@ from __future__ import annotations
 
 import base64
 import math
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -39,8 +43,13 @@ SERVER_ARGS = [
     *["--dtype", "float32", "--enforce-eager", "--max-model-len", "4096", "--max-num-seqs", "4"],
     *["--limit-mm-per-prompt", '{"image": 2}'],
 ]
+# LLaVA-1.5's server runs two API-server processes, each with its own pre-processor (tower and
+# reduction); vLLM's request log says which process received each request.
+FAMILY_SERVER_ARGS = {"llava": ["--api-server-count", "2", "--enable-log-requests"]}
 QUESTION = "What is shown in this image?"
 METRIC = "vllm_prumerge:visual_tokens_per_image"
+# "(APIServer pid=N) INFO ... Received request ID:", from `--enable-log-requests`.
+REQUEST_LOG = re.compile(r"^\((\w+) pid=(\d+)\) INFO .*Received request (\S+?):", re.MULTILINE)
 # LLaVA-NeXT / OneVision: the three grids of the tiny pinpoints (2x2, 1x2, 2x1) and a small image
 # (upscaled to 1x2). LLaVA-1.5 / SigLIP (always one view): a square and a wide image.
 IMAGE_SIZES = {
@@ -73,16 +82,21 @@ def server(family, checkpoint, tmp_path_factory):
     """(base URL, log path) of `vllm serve` on the family's checkpoint; one per family. Fails
     unless every served process logged this clone's package folder."""
     log = tmp_path_factory.mktemp(f"server-{family}") / "serve.log"
-    with serve(checkpoint, SERVER_ARGS, log_path=log) as base_url:
+    args = SERVER_ARGS + FAMILY_SERVER_ARGS.get(family, [])
+    with serve(checkpoint, args, log_path=log) as base_url:
         assert_served_from_this_clone(log.read_text())
         yield base_url, log
 
 
-@pytest.fixture(scope="module")
-def client(server):
+def _new_client(base_url: str):
     from openai import OpenAI
 
-    return OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return _new_client(server[0])
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +125,12 @@ def _chat(client, model, urls, mode=None, max_tokens=1):
         temperature=0.0,
         extra_body=body,
     )
+
+
+def _chat_alone(base_url, model, image, mode):
+    """One request on a client of its own (its own connection, so that concurrent requests
+    spread over the API-server processes)."""
+    return _chat(_new_client(base_url), model, [image_data_url(image)], mode, max_tokens=2)
 
 
 def _text_tokens(hf: HFPruMergeLlava, num_images: int) -> int:
@@ -309,3 +329,43 @@ def test_a_family_without_video_refuses_a_real_video_with_http_400_and_keeps_ser
     # The family refusing videos, not a decoding error of the upload.
     assert "At most 0 video(s)" in str(exc.value)
     _assert_still_serving(client, model_name, hf, images[0])
+
+
+@pytest.mark.parametrize("family", ["llava"], indirect=True)
+@pytest.mark.timeout(900)
+def test_two_api_servers_serve_exact_counts_and_aggregate_metrics(client, model_name, hf, server):
+    """`--api-server-count 2`: every request's count is exact whichever process served it, both
+    processes serve, and `/metrics` aggregates the histogram over both (count and sum)."""
+    from vllm_prumerge.testing import make_scenes
+
+    modes = ["prumerge", "prumerge+", {"mode": "fixed", "budget": 9}, "off"]
+    rounds = 4  # rounds of len(modes) concurrent requests, each image used once
+    base_url, log = server
+    images = make_scenes(rounds * len(modes), seed=21)
+    requests = [(images[i], modes[i % len(modes)]) for i in range(rounds * len(modes))]
+    configs = [PruMergeConfig(**({"mode": m} if isinstance(m, str) else m)) for _, m in requests]
+    pairs = zip(requests, configs, strict=True)
+    expected = [_visual_tokens(hf, image, c) for (image, _), c in pairs]
+    assert expected[3::4] == [576] * rounds and expected[2::4] == [10] * rounds  # off, fixed 9+1
+    before = fetch_metrics(base_url)
+
+    with ThreadPoolExecutor(max_workers=len(modes)) as pool:
+        replies = list(pool.map(lambda r: _chat_alone(base_url, model_name, *r), requests))
+    assert [r.usage.prompt_tokens - _text_tokens(hf, 1) for r in replies] == expected
+
+    logged = {request: process for process, _, request in REQUEST_LOG.findall(log.read_text())}
+    served_by = [
+        next(p for r, p in logged.items() if r == reply.id or r.startswith(reply.id + "-"))
+        for reply in replies
+    ]
+    assert len(Counter(served_by)) == 2, f"requests per API-server process: {Counter(served_by)}"
+
+    after = fetch_metrics(base_url)
+    for mode in {c.mode for c in configs}:
+        counts = [n for n, c in zip(expected, configs, strict=True) if c.mode == mode]
+        delta = [
+            metric_total(after, METRIC + suffix, mode=mode)
+            - metric_total(before, METRIC + suffix, mode=mode)
+            for suffix in ("_count", "_sum")
+        ]
+        assert delta == [len(counts), sum(counts)], mode

@@ -1,8 +1,8 @@
 """Videos with PruMerge per frame, offline: LLaVA-OneVision (images and videos) and
 LLaVA-NeXT-Video (videos only, as vLLM's class).
 
-Per family, two real engines (stock vLLM, and the plugin's in `prumerge` mode; float32). Reduced
-videos must
+Per family, two real engines (stock vLLM, and the plugin's in `prumerge` mode; float32), the
+ones test_engine.py uses for images (tests/conftest.py). Reduced videos must
 give the same greedy tokens (log-probabilities within LOGPROB_ATOL) and the same counts as an
 independent transformers pipeline that reduces each frame on its own (tests/hf_reference.py,
 which reuses the plugin's reduction core, pinned separately against the naive reference); `off`
@@ -14,10 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_ENGINE_ARGS
-from tests.helpers import family_checkpoint, greedy, image_count, shutdown, tokens_and_logprobs
-from tests.hf_reference import HFPruMergeLlava
-from vllm_prumerge import engine_kwargs
+from tests.helpers import greedy, image_count, tokens_and_logprobs
 from vllm_prumerge.config import PruMergeConfig
 
 pytestmark = pytest.mark.engine
@@ -28,15 +25,7 @@ VIDEO = "USER: <video>\nWhat happens in this video? ASSISTANT:"
 IMAGE_AND_VIDEO = "USER: <image>\n<video>\nDoes the image appear in the video? ASSISTANT:"
 TWO_VIDEOS = "USER: <video>\n<video>\nWhich video is busier? ASSISTANT:"
 IMAGE = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
-ENGINE_ARGS = {
-    "onevision": {
-        **TINY_ENGINE_ARGS,
-        "max_model_len": 8192,
-        "limit_mm_per_prompt": {"image": 1, "video": 2},
-    },
-    # vLLM's class takes one video per prompt and no image.
-    "next_video": {**TINY_ENGINE_ARGS, "max_model_len": 4096, "limit_mm_per_prompt": {"video": 1}},
-}
+ENGINE_FAMILIES = ("onevision", "next_video")  # engines: tests/conftest.py
 # Stock tokens per frame after the family's 2x2 pooling (OneVision: bilinear on SigLIP's 27x27,
 # ceil(27 / 2) ** 2, plus one newline per video; NeXT-Video: average on CLIP's 24x24).
 STOCK_FRAME_TOKENS = {"onevision": 196, "next_video": 144}
@@ -50,16 +39,6 @@ def _sampling():
 
 def _frames(scenes, size):
     return np.stack([np.asarray(s.convert("RGB").resize(size)) for s in scenes])
-
-
-@pytest.fixture(scope="module", params=["onevision", "next_video"])
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def checkpoint(family, tmp_path_factory):
-    return family_checkpoint(family, tmp_path_factory)
 
 
 def _stock_count(family, frames: int, videos: int) -> int:
@@ -97,31 +76,9 @@ def _requests(family, media, mode=None):
 
 
 @pytest.fixture(scope="module")
-def hf(checkpoint):
-    return HFPruMergeLlava(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def stock_outputs(family, checkpoint, media):
-    """Stock vLLM (no plugin selected) on the module's requests."""
-    from vllm import LLM
-
-    llm = LLM(model=checkpoint, **ENGINE_ARGS[family])
-    try:
-        yield llm.generate([r[0] for r in _requests(family, media)], _sampling())
-    finally:
-        shutdown(llm)
-
-
-@pytest.fixture(scope="module")
-def plugin_llm(family, checkpoint, stock_outputs):
-    from vllm import LLM
-
-    llm = LLM(model=checkpoint, **ENGINE_ARGS[family], **engine_kwargs("prumerge"))
-    try:
-        yield llm
-    finally:
-        shutdown(llm)
+def stock_outputs(stock_llm, family, media):
+    """Stock vLLM on the module's requests."""
+    return stock_llm.generate([r[0] for r in _requests(family, media)], _sampling())
 
 
 def _video_count(output, hf) -> int:
