@@ -92,6 +92,31 @@ def tiny_cache_env(checkpoint: str, tmp_path: Path) -> dict[str, str]:
     }
 
 
+# --- One LLaVA-1.5 `vllm serve --plugin prumerge` for the session ---------------------------
+# Shared by test_server.py (its LLaVA-1.5 case), the OpenAI client example and the quality
+# script's server run: requests choose their mode, and LLaVA-1.5 gets two API-server processes
+# (each with its own pre-processor), as a user scaling out the front end would run it.
+SERVER_ARGS = [
+    *["--plugin", "prumerge", "--trust-request-mm-kwargs"],
+    *["--dtype", "float32", "--enforce-eager", "--max-model-len", "4096", "--max-num-seqs", "4"],
+    *["--limit-mm-per-prompt", '{"image": 2}'],
+]
+LLAVA_SERVER_ARGS = [*SERVER_ARGS, "--api-server-count", "2", "--enable-log-requests"]
+
+
+@pytest.fixture(scope="session")
+def llava_server(tiny_llava, tmp_path_factory):
+    """(base URL, log path) of the session's LLaVA-1.5 server. Fails unless every served
+    process logged this clone's package folder."""
+    from tests.helpers import assert_served_from_this_clone
+    from vllm_prumerge.testing.server import serve
+
+    log = tmp_path_factory.mktemp("llava-server") / "serve.log"
+    with serve(tiny_llava, LLAVA_SERVER_ARGS, log_path=log) as base_url:
+        assert_served_from_this_clone(log.read_text())
+        yield base_url, log
+
+
 # --- Offline engines, one pair per family for the whole session ---------------------------------
 # A module opts in with `ENGINE_FAMILIES = (...)`: its tests that take `family` are parametrized
 # over them (unless they name their own families), and the session-scoped fixtures below make

@@ -23,11 +23,6 @@ from tests.conftest import tiny_cache_env
 from vllm_prumerge import PruMergeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVER_ARGS = [
-    *shlex.split("--plugin prumerge --dtype float32 --enforce-eager --max-model-len 2048"),
-    *["--max-num-seqs", "8", "--limit-mm-per-prompt", '{"image": 1}'],
-    "--trust-request-mm-kwargs",  # lets requests choose the reduction (mm_processor_kwargs)
-]
 
 
 def run_example(script: str, *args, env=None, timeout=900):
@@ -149,25 +144,16 @@ def test_ray_batch_maps_images_through_an_engine_actor(tiny_llava, tmp_path):
 
 @pytest.mark.server
 @pytest.mark.timeout(900)
-def test_openai_client_chooses_the_mode_per_request(tiny_llava, inputs, tmp_path):
-    from vllm_prumerge.testing.server import serve
-
+def test_openai_client_chooses_the_mode_per_request(tiny_llava, llava_server, inputs, tmp_path):
     scenes = [inputs / "scene_00.png", inputs / "scene_02.png"]
     output = tmp_path / "client.jsonl"
-    with serve(tiny_llava, args=SERVER_ARGS, log_path=tmp_path / "serve.log") as url:
-        modes = shlex.split("--mode server --mode prumerge+ --mode off --mode fixed --budget 5")
-        images = [*scenes, inputs / "broken.png"]
-        run_example(
-            "openai_client.py",
-            *images,
-            "--base-url",
-            f"{url}/v1",
-            *modes,
-            "--max-tokens",
-            "4",
-            "--output",
-            output,
-        )
+    modes = shlex.split("--mode server --mode prumerge+ --mode off --mode fixed --budget 5")
+    images = [*scenes, inputs / "broken.png"]
+    url = llava_server[0]
+    run_example(
+        "openai_client.py", *images, "--base-url", f"{url}/v1", *modes, "--max-tokens", "4",
+        "--output", output,
+    )  # fmt: skip
     records = read_jsonl(output)
     errors = [r for r in records if r["error"]]
     assert [Path(r["image"]).name for r in errors] == ["broken.png"]

@@ -282,16 +282,14 @@ def test_offline_run_reports_every_configuration_with_real_counts(
 
 
 @pytest.mark.server
-def test_server_run_counts_visual_tokens_exactly_from_usage(tiny_llava, labelled_set, tmp_path):
-    from vllm_prumerge.testing.server import serve
-
+def test_server_run_counts_visual_tokens_exactly_from_usage(
+    tiny_llava, llava_server, labelled_set, tmp_path
+):
     jsonl, _ = labelled_set
     out = tmp_path / "out"
-    cli = ["--plugin", "prumerge", "--trust-request-mm-kwargs", "--dtype", "float32"]
-    cli += ["--enforce-eager", "--max-model-len", "2048"]
-    with serve(tiny_llava, cli, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
-        argv = ["--server", url, "--data", jsonl, *CONFIG_ARGS, "--max-tokens", 3]
-        argv += ["--concurrency", 2, "--warmup", 1, "--no-progress", "--out", out]
-        run_quality(argv)
+    url = llava_server[0]
+    argv = ["--server", url, "--data", jsonl, *CONFIG_ARGS, "--max-tokens", 3]
+    argv += ["--concurrency", 2, "--warmup", 1, "--no-progress", "--out", out]
+    run_quality(argv)
     data = check_run(out, tiny_llava, jsonl, 5)
     assert data["backend"] == f"server {url}"

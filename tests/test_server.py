@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import SERVER_ARGS
 from tests.helpers import assert_served_from_this_clone, chat_text_tokens, family_checkpoint
 from tests.hf_reference import HFPruMergeLlava
 from vllm_prumerge.config import PruMergeConfig
@@ -38,14 +39,6 @@ from vllm_prumerge.testing.server import serve
 pytestmark = pytest.mark.server
 
 FAMILIES = ("llava", "llava_next", "siglip", "onevision")
-SERVER_ARGS = [
-    *["--plugin", "prumerge", "--trust-request-mm-kwargs"],
-    *["--dtype", "float32", "--enforce-eager", "--max-model-len", "4096", "--max-num-seqs", "4"],
-    *["--limit-mm-per-prompt", '{"image": 2}'],
-]
-# LLaVA-1.5's server runs two API-server processes, each with its own pre-processor (tower and
-# reduction); vLLM's request log says which process received each request.
-FAMILY_SERVER_ARGS = {"llava": ["--api-server-count", "2", "--enable-log-requests"]}
 QUESTION = "What is shown in this image?"
 METRIC = "vllm_prumerge:visual_tokens_per_image"
 # "(APIServer pid=N) INFO ... Received request ID:", from `--enable-log-requests`.
@@ -78,12 +71,15 @@ def checkpoint(family, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(family, checkpoint, tmp_path_factory):
-    """(base URL, log path) of `vllm serve` on the family's checkpoint; one per family. Fails
-    unless every served process logged this clone's package folder."""
+def server(family, checkpoint, request, tmp_path_factory):
+    """(base URL, log path) of `vllm serve` on the family's checkpoint; one per family (LLaVA-1.5:
+    the session's, tests/conftest.py). Fails unless every served process logged this clone's
+    package folder."""
+    if family == "llava":
+        yield request.getfixturevalue("llava_server")
+        return
     log = tmp_path_factory.mktemp(f"server-{family}") / "serve.log"
-    args = SERVER_ARGS + FAMILY_SERVER_ARGS.get(family, [])
-    with serve(checkpoint, args, log_path=log) as base_url:
+    with serve(checkpoint, SERVER_ARGS, log_path=log) as base_url:
         assert_served_from_this_clone(log.read_text())
         yield base_url, log
 
