@@ -139,14 +139,14 @@ def load_vision_tower(
     revision: str | None = None,
     download_dir: str | None = None,
     token: bool | str | None = None,
-    tower: str = VISION_TOWER,
+    tower_name: str = VISION_TOWER,
 ) -> nn.Module:
     """Build the CLIP or SigLIP tower of a LLaVA checkpoint with SDPA attention, load its weights.
 
     Only the layers PruMerge reads are built (up to the layer after `vision_feature_layer`);
     SigLIP's pooling head is never built (llava-hf checkpoints carry none).
     `model` is a local folder or a hub id, resolved as the engine's weights are (`revision`,
-    `download_dir`, `token`, `HF_HUB_OFFLINE`: see :func:`_checkpoint_folder`). `tower` names
+    `download_dir`, `token`, `HF_HUB_OFFLINE`: see :func:`_checkpoint_folder`). `tower_name` names
     the checkpoint's tower (`vision_tower`; Video-LLaVA: `image_tower` or `video_tower`).
     """
     tower_class = _TOWER_CLASSES.get(type(vision_config))
@@ -164,15 +164,15 @@ def load_vision_tower(
     tower = tower_class._from_config(config, attn_implementation="sdpa", dtype=dtype)
     target = tower.vision_model if hasattr(tower, "vision_model") else tower
     wanted = set(target.state_dict().keys())
-    folder = _checkpoint_folder(model, revision, download_dir, token, tower)
+    folder = _checkpoint_folder(model, revision, download_dir, token, tower_name)
     state = {
         key: tensor.to(dtype=dtype)
-        for key, tensor in _tower_tensors(folder, tower)
+        for key, tensor in _tower_tensors(folder, tower_name)
         if key in wanted
     }
     if not state:
         raise ValueError(
-            f"checkpoint {model} has no vision-tower tensors (keys under {tower}.) in its "
+            f"checkpoint {model} has no vision-tower tensors (keys under {tower_name}.) in its "
             f"safetensors in {folder}"
         )
     missing = sorted(k for k in wanted - state.keys() if not k.startswith(_UNUSED_TOWER_PREFIXES))
@@ -203,7 +203,7 @@ class PruMergeEncoder:
         device: "cuda" when available, else "cpu", unless given.
         revision, download_dir, token: how a hub id is resolved (vLLM's `--revision`,
             `--download-dir`, `--hf-token`); see :func:`load_vision_tower`.
-        tower: the checkpoint's tower (`vision_tower`; Video-LLaVA: `image_tower` or
+        tower_name: the checkpoint's tower (`vision_tower`; Video-LLaVA: `image_tower` or
             `video_tower`).
         num_threads: torch intra-op threads for the tower forward and the reduction on a CPU,
             set around every :meth:`encode` (encodes are then serialised: the count is
@@ -227,7 +227,7 @@ class PruMergeEncoder:
         download_dir: str | None = None,
         token: bool | str | None = None,
         num_threads: int | None = None,
-        tower: str = VISION_TOWER,
+        tower_name: str = VISION_TOWER,
     ) -> None:
         if num_threads is not None and (
             isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
@@ -242,7 +242,7 @@ class PruMergeEncoder:
         self.download_dir = download_dir
         self.token = token
         self.num_threads = num_threads
-        self.tower_name = tower
+        self.tower_name = tower_name
         self._tower: nn.Module | None = None
         self._lock = threading.Lock()
         self._encode_lock = threading.Lock()
@@ -270,7 +270,7 @@ class PruMergeEncoder:
                     revision=self.revision,
                     download_dir=self.download_dir,
                     token=self.token,
-                    tower=self.tower_name,
+                    tower_name=self.tower_name,
                 )
             return self._tower
 

@@ -156,7 +156,7 @@ class PruMergeProcessingInfoMixin:
             download_dir=getattr(hf_config, DOWNLOAD_DIR_KEY, None),
             token=model_config.hf_token,
             num_threads=PruMergeEncoder.threads_from_env(),  # VLLM_PRUMERGE_TOWER_THREADS
-            tower=tower,
+            tower_name=tower,
         )
 
     def get_patches_per_crop(self) -> int:

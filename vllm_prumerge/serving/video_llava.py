@@ -76,9 +76,7 @@ class PruMergeVideoLlavaProcessingInfo(PruMergeVideoProcessingInfoMixin, VideoLl
         return self.get_max_frame_tokens()
 
 
-class PruMergeVideoLlavaDummyInputsBuilder(
-    LlavaOnevisionDummyInputsBuilder[PruMergeVideoLlavaProcessingInfo]
-):
+class PruMergeVideoLlavaDummyInputsBuilder(LlavaOnevisionDummyInputsBuilder):
     """`<image>` and `<video>` placeholders, images at the tower's size, the longest videos."""
 
 
