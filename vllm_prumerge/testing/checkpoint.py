@@ -46,6 +46,13 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
+# Video-LLaVA's: images, then videos ("USER: <video>\n... ASSISTANT:"), as LanguageBind's.
+_IMAGE_ITEMS = "{{ '<image>\n' }}{% endfor %}"
+VIDEO_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    _IMAGE_ITEMS,
+    _IMAGE_ITEMS + "{% for item in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>\n' }}{% endfor %}",
+)
 
 # A fixed corpus for the tokenizer's merges: the tokenizer is part of the checkpoint's identity.
 _CORPUS = [
@@ -102,6 +109,10 @@ class TinyLlavaSpec:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def _chat_template(spec: TinyLlavaSpec) -> str:
+    return VIDEO_CHAT_TEMPLATE if spec.family == "video_llava" else CHAT_TEMPLATE
+
+
 def _build_tokenizer(spec: TinyLlavaSpec):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -131,7 +142,7 @@ def _build_tokenizer(spec: TinyLlavaSpec):
             "image_token": "<image>",
             **({"video_token": "<video>"} if spec.family in _VIDEO_FAMILIES else {}),
         },
-        chat_template=CHAT_TEMPLATE,
+        chat_template=_chat_template(spec),
         model_max_length=4096,
     )
 
@@ -319,7 +330,7 @@ def _model_and_processor(spec: TinyLlavaSpec, tokenizer, vision, text):
         image_processor=image_processor,
         tokenizer=tokenizer,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=_chat_template(spec),
         **extra,
     )
     return config, model, processor
