@@ -211,3 +211,38 @@ def test_a_video_without_frames_is_refused_and_the_engine_keeps_serving(llm, med
         llm.generate([{"prompt": VIDEO, "multi_modal_data": {"video": empty}}], greedy(MAX_TOKENS))
     after = llm.generate([request], greedy(MAX_TOKENS))[0].outputs[0].token_ids
     assert list(after) == list(before)
+
+
+@pytest.mark.parametrize("tower", ["image_tower", "video_tower"])
+def test_the_encoder_loads_each_tower_and_gives_transformers_hidden_states_with_cls(
+    checkpoint, hf, media, tower
+):
+    """The pre-processor's two encoders read their own tower's tensors, and the full hidden
+    states of `off` frames (CLS kept) are transformers' own."""
+    from transformers import AutoConfig
+
+    from vllm_prumerge.encoder import PruMergeEncoder
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    encoder = PruMergeEncoder(checkpoint, config.vision_config, device="cpu", tower_name=tower)
+    ours = dict(encoder.tower.named_parameters())
+    theirs = dict(getattr(hf.model.model, tower).named_parameters())
+    assert ours and all(torch.equal(p, theirs[name]) for name, p in ours.items())
+
+    frames = hf.video_frames(media["b"])
+    rows, _ = encoder.hidden_states(frames)
+    with torch.no_grad():
+        expected = getattr(hf.model.model, tower)(frames, output_hidden_states=True).hidden_states[
+            config.vision_feature_layer
+        ]
+    assert [r.shape for r in rows] == [(PATCHES + 1, config.vision_config.hidden_size)] * 3
+    torch.testing.assert_close(torch.stack(rows), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_two_towers_of_the_checkpoint_differ(hf):
+    """Otherwise nothing here could tell a frame through the image tower from one through the
+    video tower."""
+    image = dict(hf.model.model.image_tower.named_parameters())
+    video = dict(hf.model.model.video_tower.named_parameters())
+    assert image.keys() == video.keys()
+    assert any(not torch.equal(image[k], video[k]) for k in image)
