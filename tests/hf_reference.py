@@ -28,6 +28,8 @@ separately against the naive reference.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionConfig
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
@@ -184,3 +186,58 @@ class HFPruMergeLlava:
             )
             past, logits = out.past_key_values, out.logits[0, -1]
         return tokens, logprobs, counts
+
+
+class HFPruMergeVideoLlava(HFPruMergeLlava):
+    """Video-LLaVA (``VideoLlavaForConditionalGeneration``): images through transformers'
+    ``image_tower``, video frames through its ``video_tower``, each row reduced by the same
+    per-row path as above (hooks on the tower, then the core reduction); ``off`` is
+    transformers' own ``get_image_features`` (256 patch tokens, CLS dropped) and
+    ``get_video_features`` (every frame's 257 tokens, CLS kept), projected."""
+
+    def __init__(self, checkpoint: str) -> None:
+        super().__init__(checkpoint)
+        self._active = self.model.model.image_tower
+
+    def _tower(self):
+        return getattr(self._active, "vision_model", self._active)
+
+    @contextlib.contextmanager
+    def _using(self, tower):
+        previous, self._active = self._active, tower
+        try:
+            yield
+        finally:
+            self._active = previous
+
+    def _crops(self, image):
+        processed = self.processor.image_processor([image], return_tensors="pt")
+        return processed["pixel_values_images"], None
+
+    @torch.no_grad()
+    def frame_features(self, frames: torch.Tensor, config: PruMergeConfig) -> torch.Tensor:
+        """`[L, C]`: the video tower's frames `[T, 3, H, W]`, each reduced on its own."""
+        with self._using(self.model.model.video_tower):
+            return self._reduce_crops(frames, config)
+
+    @torch.no_grad()
+    def image_embeds(self, image, config: PruMergeConfig) -> torch.Tensor:
+        pixel_values = self._crops(image)[0]
+        if not config.enabled:
+            return self.model.model.get_image_features(
+                pixel_values,
+                vision_feature_layer=self.config.vision_feature_layer,
+                vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            ).pooler_output[0]
+        with self._using(self.model.model.image_tower):
+            return self.model.model.multi_modal_projector(self._reduce_crops(pixel_values, config))
+
+    @torch.no_grad()
+    def video_embeds(self, video, config: PruMergeConfig) -> torch.Tensor:
+        frames = self.video_frames(video)
+        if not config.enabled:
+            packed = self.model.model.get_video_features(
+                frames[None], vision_feature_layer=self.config.vision_feature_layer
+            ).pooler_output  # [T, 257, H]
+            return packed.reshape(-1, packed.shape[-1])
+        return self.model.model.multi_modal_projector(self.frame_features(frames, config))

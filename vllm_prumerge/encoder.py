@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from vllm_prumerge.config import PruMergeConfig
+from vllm_prumerge.hub_layout import VISION_TOWER
 from vllm_prumerge.hub_layout import strip_tower_prefix as _strip_tower_prefix
 from vllm_prumerge.reduction import ReducedTokens, reduce_by_importance
 from vllm_prumerge.vision import resolve_vision_feature_layer, tower_scores
@@ -44,10 +45,10 @@ _UNUSED_TOWER_PREFIXES = ("post_layernorm.", "head.")
 _INDEX_FILE = "model.safetensors.index.json"
 
 
-def _tower_shards(index_file: Path) -> list[str]:
-    """The safetensors files that hold vision-tower tensors, from a sharded checkpoint's index."""
+def _tower_shards(index_file: Path, tower: str = VISION_TOWER) -> list[str]:
+    """The safetensors files that hold the tower's tensors, from a sharded checkpoint's index."""
     weight_map = json.loads(index_file.read_text())["weight_map"]
-    return sorted({f for k, f in weight_map.items() if _strip_tower_prefix(k) is not None})
+    return sorted({f for k, f in weight_map.items() if _strip_tower_prefix(k, tower) is not None})
 
 
 def _checkpoint_folder(
@@ -55,6 +56,7 @@ def _checkpoint_folder(
     revision: str | None,
     download_dir: str | None,
     token: bool | str | None = None,
+    tower: str = VISION_TOWER,
 ) -> Path:
     """A local folder holding the checkpoint's config and the safetensors with the tower.
 
@@ -81,7 +83,7 @@ def _checkpoint_folder(
             patterns = ["*.json", "model.safetensors"]
         else:
             # Only the shards holding vision-tower tensors: the LLM's shards are not needed here.
-            patterns = ["*.json", *_tower_shards(Path(index_file))]
+            patterns = ["*.json", *_tower_shards(Path(index_file), tower)]
         return Path(snapshot_download(model, allow_patterns=patterns, **hub))
     except Exception as exc:
         exc.add_note(
@@ -92,8 +94,8 @@ def _checkpoint_folder(
         raise
 
 
-def _tower_tensors(folder: Path) -> Iterable[tuple[str, torch.Tensor]]:
-    """Yield (key without tower prefix, tensor) for every vision-tower tensor in the folder.
+def _tower_tensors(folder: Path, tower: str = VISION_TOWER) -> Iterable[tuple[str, torch.Tensor]]:
+    """Yield (key without tower prefix, tensor) for every tensor of `tower` in the folder.
 
     Raises FileNotFoundError naming what is missing: safetensors weights, or a shard the index
     lists for the tower."""
@@ -101,7 +103,7 @@ def _tower_tensors(folder: Path) -> Iterable[tuple[str, torch.Tensor]]:
 
     index = folder / _INDEX_FILE
     if index.exists():
-        files = _tower_shards(index)
+        files = _tower_shards(index, tower)
         absent = [name for name in files if not (folder / name).is_file()]
         if absent:
             raise FileNotFoundError(
@@ -117,7 +119,7 @@ def _tower_tensors(folder: Path) -> Iterable[tuple[str, torch.Tensor]]:
     for name in files:
         with safe_open(str(folder / name), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118  safe_open handles are not mappings
-                short = _strip_tower_prefix(key)
+                short = _strip_tower_prefix(key, tower)
                 if short is not None:
                     yield short, f.get_tensor(key)
 
@@ -137,13 +139,15 @@ def load_vision_tower(
     revision: str | None = None,
     download_dir: str | None = None,
     token: bool | str | None = None,
+    tower_name: str = VISION_TOWER,
 ) -> nn.Module:
     """Build the CLIP or SigLIP tower of a LLaVA checkpoint with SDPA attention, load its weights.
 
     Only the layers PruMerge reads are built (up to the layer after `vision_feature_layer`);
     SigLIP's pooling head is never built (llava-hf checkpoints carry none).
     `model` is a local folder or a hub id, resolved as the engine's weights are (`revision`,
-    `download_dir`, `token`, `HF_HUB_OFFLINE`: see :func:`_checkpoint_folder`).
+    `download_dir`, `token`, `HF_HUB_OFFLINE`: see :func:`_checkpoint_folder`). `tower_name` names
+    the checkpoint's tower (`vision_tower`; Video-LLaVA: `image_tower` or `video_tower`).
     """
     tower_class = _TOWER_CLASSES.get(type(vision_config))
     if tower_class is None:
@@ -160,11 +164,15 @@ def load_vision_tower(
     tower = tower_class._from_config(config, attn_implementation="sdpa", dtype=dtype)
     target = tower.vision_model if hasattr(tower, "vision_model") else tower
     wanted = set(target.state_dict().keys())
-    folder = _checkpoint_folder(model, revision, download_dir, token)
-    state = {key: tensor.to(dtype=dtype) for key, tensor in _tower_tensors(folder) if key in wanted}
+    folder = _checkpoint_folder(model, revision, download_dir, token, tower_name)
+    state = {
+        key: tensor.to(dtype=dtype)
+        for key, tensor in _tower_tensors(folder, tower_name)
+        if key in wanted
+    }
     if not state:
         raise ValueError(
-            f"checkpoint {model} has no vision-tower tensors (keys under vision_tower.) in its "
+            f"checkpoint {model} has no vision-tower tensors (keys under {tower_name}.) in its "
             f"safetensors in {folder}"
         )
     missing = sorted(k for k in wanted - state.keys() if not k.startswith(_UNUSED_TOWER_PREFIXES))
@@ -195,6 +203,8 @@ class PruMergeEncoder:
         device: "cuda" when available, else "cpu", unless given.
         revision, download_dir, token: how a hub id is resolved (vLLM's `--revision`,
             `--download-dir`, `--hf-token`); see :func:`load_vision_tower`.
+        tower_name: the checkpoint's tower (`vision_tower`; Video-LLaVA: `image_tower` or
+            `video_tower`).
         num_threads: torch intra-op threads for the tower forward and the reduction on a CPU,
             set around every :meth:`encode` (encodes are then serialised: the count is
             process-wide) and restored after it; None keeps the caller's
@@ -217,6 +227,7 @@ class PruMergeEncoder:
         download_dir: str | None = None,
         token: bool | str | None = None,
         num_threads: int | None = None,
+        tower_name: str = VISION_TOWER,
     ) -> None:
         if num_threads is not None and (
             isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
@@ -231,6 +242,7 @@ class PruMergeEncoder:
         self.download_dir = download_dir
         self.token = token
         self.num_threads = num_threads
+        self.tower_name = tower_name
         self._tower: nn.Module | None = None
         self._lock = threading.Lock()
         self._encode_lock = threading.Lock()
@@ -258,6 +270,7 @@ class PruMergeEncoder:
                     revision=self.revision,
                     download_dir=self.download_dir,
                     token=self.token,
+                    tower_name=self.tower_name,
                 )
             return self._tower
 
@@ -284,6 +297,27 @@ class PruMergeEncoder:
             )
         features = [f.to("cpu") for f in reduced.split()]
         return EncodedImages(features, reduced, time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def hidden_states(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], float]:
+        """``hidden_states[vision_feature_layer]`` of each row of `[B, 3, H, W]` with no token
+        selection (CLIP: the CLS row kept, ``[N + 1, C]``), a forward of batch 1 per row as in
+        :meth:`encode`; and the seconds taken. What Video-LLaVA feeds its projector for video
+        frames without reduction."""
+        tower = self.tower
+        index = resolve_vision_feature_layer(
+            self.vision_feature_layer, self.vision_config.num_hidden_layers
+        )
+        weight = next(tower.parameters())
+        start = time.perf_counter()
+        with self._threads():
+            rows = [
+                tower(row.to(weight.device, weight.dtype), output_hidden_states=True)
+                .hidden_states[index][0]
+                .to("cpu")
+                for row in pixel_values.split(1)
+            ]
+        return rows, time.perf_counter() - start
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:

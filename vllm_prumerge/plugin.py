@@ -27,6 +27,9 @@ MODEL_CLASSES = {
     ARCHITECTURES["LlavaNextVideoForConditionalGeneration"]: (
         "vllm_prumerge.serving.llava_next_video:PruMergeLlavaNextVideoForConditionalGeneration"
     ),
+    ARCHITECTURES["VideoLlavaForConditionalGeneration"]: (
+        "vllm_prumerge.serving.video_llava:PruMergeVideoLlavaForConditionalGeneration"
+    ),
 }
 
 # The line each process logs; tests parse it to check which clone a served process imported.

@@ -41,6 +41,7 @@ from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from vllm_prumerge.config import PruMergeConfig
 from vllm_prumerge.encoder import PruMergeEncoder, supported_vision_config
+from vllm_prumerge.hub_layout import VISION_TOWER
 from vllm_prumerge.serving import metrics
 from vllm_prumerge.serving.options import (
     CONFIG_KEY,
@@ -101,6 +102,9 @@ class PruMergeImageFeatureInputs(TensorSchema):
 class PruMergeProcessingInfoMixin:
     """Goes in front of a family's vLLM ProcessingInfo: options, encoder, token bounds."""
 
+    #: The checkpoint's tower for images (Video-LLaVA: ``image_tower``).
+    image_tower: str = VISION_TOWER
+
     def get_hf_processor(self, **kwargs: object):
         # Our options are for our processor only; vLLM would pass them on to transformers.
         kwargs.pop(CONFIG_KEY, None)
@@ -135,6 +139,11 @@ class PruMergeProcessingInfoMixin:
 
     @cached_property
     def encoder(self) -> PruMergeEncoder:
+        """The tower + reduction of images (and, in most families, of video frames)."""
+        return self.make_encoder(self.image_tower)
+
+    def make_encoder(self, tower: str) -> PruMergeEncoder:
+        """An encoder of the checkpoint's tower named `tower` (loaded on first use)."""
         model_config = self.ctx.model_config
         hf_config = self.get_hf_config()
         return PruMergeEncoder(
@@ -147,6 +156,7 @@ class PruMergeProcessingInfoMixin:
             download_dir=getattr(hf_config, DOWNLOAD_DIR_KEY, None),
             token=model_config.hf_token,
             num_threads=PruMergeEncoder.threads_from_env(),  # VLLM_PRUMERGE_TOWER_THREADS
+            tower_name=tower,
         )
 
     def get_patches_per_crop(self) -> int:

@@ -32,6 +32,7 @@ ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": "PruMergeLlavaNextForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration": "PruMergeLlavaOnevisionForConditionalGeneration",
     "LlavaNextVideoForConditionalGeneration": "PruMergeLlavaNextVideoForConditionalGeneration",
+    "VideoLlavaForConditionalGeneration": "PruMergeVideoLlavaForConditionalGeneration",
 }
 # LLaVA-1.5's, the first family; kept as a name for users of the dict form.
 ARCHITECTURE = ARCHITECTURES["LlavaForConditionalGeneration"]

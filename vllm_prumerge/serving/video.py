@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 
 import torch
 from transformers import BatchFeature
@@ -21,6 +22,8 @@ from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
+from vllm_prumerge.config import PruMergeConfig
+from vllm_prumerge.encoder import PruMergeEncoder
 from vllm_prumerge.serving import metrics
 from vllm_prumerge.serving.base import (
     FEATURES_KEY,
@@ -46,6 +49,11 @@ def _stock_tokens(info, frames: int) -> int:
 
 class PruMergeVideoProcessingInfoMixin(PruMergeProcessingInfoMixin):
     """Video bounds (before a family's image mixin, if any, and vLLM's ProcessingInfo)."""
+
+    @cached_property
+    def video_encoder(self) -> PruMergeEncoder:
+        """The tower + reduction of video frames: the image tower's (Video-LLaVA: its own)."""
+        return self.encoder
 
     def get_max_frame_tokens(self) -> int:
         """A reduced frame's worst case: every patch kept plus its extra token (577 for
@@ -119,9 +127,9 @@ class PruMergeVideoProcessorMixin(PruMergeProcessorMixin):
                 processor, {"text": processor.video_token, "videos": video}, hf_kwargs
             )["pixel_values_videos"][0]  # [T, 3, H, W]
             frames = len(pixel_values)
-            encoded = self.info.encoder.encode(pixel_values, config)  # one row per frame
-            seconds += encoded.seconds
-            features.append(torch.cat(encoded.features).to(dtype))
+            per_frame, frame_seconds = self._encode_frames(pixel_values, config)
+            seconds += frame_seconds
+            features.append(torch.cat(per_frame).to(dtype))
             stock_frames.append(0 if config.enabled else frames)
             counts.append(len(features[-1]) if config.enabled else _stock_tokens(self.info, frames))
         metrics.record(
@@ -131,6 +139,14 @@ class PruMergeVideoProcessorMixin(PruMergeProcessorMixin):
             VIDEO_FEATURES_KEY: features,
             STOCK_FRAMES_KEY: torch.tensor(stock_frames, dtype=torch.int64),
         }
+
+    def _encode_frames(
+        self, pixel_values: torch.Tensor, config: PruMergeConfig
+    ) -> tuple[list[torch.Tensor], float]:
+        """`[T, 3, H, W]` frames -> one `[L_t, C]` tower-space tensor per frame (reduced, or in
+        ``off`` the features the engine packs the stock way), and the seconds taken."""
+        encoded = self.info.video_encoder.encode(pixel_values, config)  # one row per frame
+        return encoded.features, encoded.seconds
 
     def _get_mm_fields_config(
         self,
@@ -184,6 +200,7 @@ class PruMergeVideoModelMixin(PruMergeModelMixin):
         raise NotImplementedError
 
     def get_patches_per_frame(self) -> int:
+        """Rows per frame of an ``off`` video's features (the tower's patch grid)."""
         vision = self.config.vision_config
         return (vision.image_size // vision.patch_size) ** 2
 

@@ -3,10 +3,13 @@
 Families (`TinyLlavaSpec.family`): `"llava"` (LLaVA-1.5), `"llava_next"` (LLaVA-NeXT anyres, with
 several `image_grid_pinpoints`), `"siglip"` (SigLIP-based LLaVA like LLaVA-Interleave: SigLIP
 384/14, 729 patches without CLS, `vision_feature_layer=-1`, strategy `full`) and `"onevision"`
-(LLaVA-OneVision: that SigLIP tower per anyres crop, `anyres_max_9`, with a `<video>` token) and
-`"next_video"` (LLaVA-NeXT-Video: the CLIP 336/14 tower per frame, 2x2 average pooling, `<video>`).
+(LLaVA-OneVision: that SigLIP tower per anyres crop, `anyres_max_9`, with a `<video>` token),
+`"next_video"` (LLaVA-NeXT-Video: the CLIP 336/14 tower per frame, 2x2 average pooling, `<video>`)
+and `"video_llava"` (Video-LLaVA: two CLIP 224/14 towers, `image_tower` and `video_tower`, 256
+patches + CLS on a 16x16 grid, `<image>` and `<video>`).
 
-The CLIP towers have the real geometry (336 px, patch 14: 576 patches + CLS, on a 24x24 grid) with a
+The CLIP towers have the real geometry (336 px, patch 14: 576 patches + CLS, on a 24x24 grid;
+Video-LLaVA's 224 px: 256 patches + CLS) with a
 tiny width and depth; the text model is a tiny Llama whose head size (32) vLLM's CPU attention
 supports; the tokenizer is built locally (byte-level BPE trained on a fixed corpus, with `<image>`);
 image processor and chat template follow llava-hf/llava-1.5-7b-hf. Weights are written in the hub
@@ -43,6 +46,13 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
+# Video-LLaVA's: images, then videos ("USER: <video>\n... ASSISTANT:"), as LanguageBind's.
+_IMAGE_ITEMS = "{{ '<image>\n' }}{% endfor %}"
+VIDEO_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    _IMAGE_ITEMS,
+    _IMAGE_ITEMS + "{% for item in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>\n' }}{% endfor %}",
+)
 
 # A fixed corpus for the tokenizer's merges: the tokenizer is part of the checkpoint's identity.
 _CORPUS = [
@@ -55,9 +65,9 @@ _CORPUS = [
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
-FAMILIES = ("llava", "llava_next", "siglip", "onevision", "next_video")
+FAMILIES = ("llava", "llava_next", "siglip", "onevision", "next_video", "video_llava")
 # Families whose tokenizer has a `<video>` token.
-_VIDEO_FAMILIES = ("onevision", "next_video")
+_VIDEO_FAMILIES = ("onevision", "next_video", "video_llava")
 # LLaVA-NeXT grids of the tiny checkpoint: 1x2, 2x1 and 2x2 tiles of 336 px (up to 5 crops).
 NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672]]
 # LLaVA-OneVision's: the same grids of 384 px SigLIP tiles.
@@ -99,6 +109,10 @@ class TinyLlavaSpec:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def _chat_template(spec: TinyLlavaSpec) -> str:
+    return VIDEO_CHAT_TEMPLATE if spec.family == "video_llava" else CHAT_TEMPLATE
+
+
 def _build_tokenizer(spec: TinyLlavaSpec):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -128,7 +142,7 @@ def _build_tokenizer(spec: TinyLlavaSpec):
             "image_token": "<image>",
             **({"video_token": "<video>"} if spec.family in _VIDEO_FAMILIES else {}),
         },
-        chat_template=CHAT_TEMPLATE,
+        chat_template=_chat_template(spec),
         model_max_length=4096,
     )
 
@@ -146,7 +160,10 @@ def _vision_config(spec: TinyLlavaSpec):
     if spec.family in ("siglip", "onevision"):
         return SiglipVisionConfig(image_size=384, vision_use_head=False, **shape)
     return CLIPVisionConfig(
-        image_size=336, projection_dim=spec.vision_hidden_size, hidden_act="quick_gelu", **shape
+        image_size=224 if spec.family == "video_llava" else 336,
+        projection_dim=spec.vision_hidden_size,
+        hidden_act="quick_gelu",
+        **shape,
     )
 
 
@@ -172,6 +189,11 @@ def _model_and_processor(spec: TinyLlavaSpec, tokenizer, vision, text):
         LlavaOnevisionVideoProcessor,
         LlavaProcessor,
         SiglipImageProcessor,
+        VideoLlavaConfig,
+        VideoLlavaForConditionalGeneration,
+        VideoLlavaImageProcessor,
+        VideoLlavaProcessor,
+        VideoLlavaVideoProcessor,
     )
 
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -251,6 +273,31 @@ def _model_and_processor(spec: TinyLlavaSpec, tokenizer, vision, text):
             "num_image_tokens": 729,
             "vision_aspect_ratio": "anyres_max_9",
         }
+    elif spec.family == "video_llava":
+        config = VideoLlavaConfig(
+            **common,
+            video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            image_seq_length=256,
+            video_seq_length=8 * 257,
+        )
+        architecture, model_class = (
+            "VideoLlavaForConditionalGeneration",
+            VideoLlavaForConditionalGeneration,
+        )
+        clip_224 = dict(
+            size={"shortest_edge": 224},
+            crop_size={"height": 224, "width": 224},
+            image_mean=_CLIP_MEAN,
+            image_std=_CLIP_STD,
+        )
+        image_processor = VideoLlavaImageProcessor(**clip_224)
+        processor_class = VideoLlavaProcessor
+        extra = {
+            "video_processor": VideoLlavaVideoProcessor(**clip_224),
+            "num_additional_image_tokens": 1,
+        }
     elif spec.family == "siglip":
         config = LlavaConfig(
             **common,
@@ -283,7 +330,7 @@ def _model_and_processor(spec: TinyLlavaSpec, tokenizer, vision, text):
         image_processor=image_processor,
         tokenizer=tokenizer,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=_chat_template(spec),
         **extra,
     )
     return config, model, processor
@@ -321,7 +368,7 @@ def write_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec | None = No
     config, model, processor = _model_and_processor(spec, tokenizer, _vision_config(spec), text)
     state = {}
     for key, value in model.state_dict().items():
-        if key.endswith((".q_proj.weight", ".k_proj.weight")) and "vision_tower" in key:
+        if key.endswith((".q_proj.weight", ".k_proj.weight")) and "_tower." in key:
             value = value * spec.attention_sharpness
         state[hub_key(key)] = value.detach().to(torch.float32).contiguous()
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -393,7 +440,8 @@ def main(argv: list[str] | None = None) -> None:
         f"(grids {NEXT_GRID_PINPOINTS}); siglip: SigLIP-LLaVA like LLaVA-Interleave (384/14, 729 "
         "patches, no CLS); onevision: LLaVA-OneVision (that SigLIP tower per anyres crop, grids "
         f"{ONEVISION_GRID_PINPOINTS}); next_video: LLaVA-NeXT-Video (CLIP 336/14 per frame, 2x2 "
-        "average pooling). Default: llava.",
+        "average pooling); video_llava: Video-LLaVA (image and video CLIP 224/14 towers, 256 "
+        "patches). Default: llava.",
     )
     args = parser.parse_args(argv)
     path = write_tiny_llava(args.out_dir, TinyLlavaSpec(seed=args.seed, family=args.family))
