@@ -154,12 +154,10 @@ def hf(checkpoint):
 
 @pytest.fixture(scope="session")
 def stock_llm(family, checkpoint):
-    """Stock vLLM (no plugin selected) on the family's checkpoint."""
-    from vllm import LLM
+    """Stock vLLM (no plugin selected) on the family's checkpoint, in this process."""
+    from tests.helpers import shutdown, start_llm
 
-    from tests.helpers import shutdown
-
-    llm = LLM(model=checkpoint, **OFFLINE_ENGINE_ARGS[family])
+    llm = start_llm(checkpoint, **OFFLINE_ENGINE_ARGS[family])
     try:
         yield llm
     finally:
@@ -169,10 +167,8 @@ def stock_llm(family, checkpoint):
 @pytest.fixture(scope="session")
 def plugin_llm(family, checkpoint, stock_llm):
     """The plugin's engine (default mode prumerge), prefix caching and chunked prefill on;
-    started after the stock engine and stopped before it."""
-    from vllm import LLM
-
-    from tests.helpers import shutdown
+    started after the stock engine and stopped before it; in this process."""
+    from tests.helpers import shutdown, start_llm
     from vllm_prumerge import engine_kwargs
 
     args = {
@@ -181,7 +177,7 @@ def plugin_llm(family, checkpoint, stock_llm):
         **PLUGIN_FAMILY_ARGS.get(family, {}),
         **engine_kwargs("prumerge"),
     }
-    llm = LLM(model=checkpoint, **args)
+    llm = start_llm(checkpoint, **args)
     try:
         yield llm
     finally:

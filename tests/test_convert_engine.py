@@ -16,7 +16,6 @@ model's minus log(1 + p(<unk>)), and its greedy tokens the original's exactly.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import re
@@ -196,15 +195,13 @@ def images(scenes):
 @pytest.fixture(scope="class")
 def llm(converted):
     """ONE engine (shut down before the server test): the converted folder, no option given."""
-    from vllm import LLM
+    from tests.helpers import shutdown, start_llm
 
-    engine = LLM(model=str(converted), **TINY_ENGINE_ARGS, **engine_kwargs())
+    engine = start_llm(str(converted), **TINY_ENGINE_ARGS, **engine_kwargs())
     try:
         yield engine
     finally:
-        engine.llm_engine.engine_core.shutdown()
-        del engine
-        gc.collect()
+        shutdown(engine)
 
 
 def _sampling():

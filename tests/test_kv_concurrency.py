@@ -11,6 +11,7 @@ import gc
 import pytest
 
 from tests.conftest import TINY_ENGINE_ARGS
+from tests.helpers import in_process_engine
 from vllm_prumerge import engine_kwargs
 from vllm_prumerge.serving.stats import StepTracker, stat_logger_factory
 
@@ -34,7 +35,8 @@ def engine_and_tracker(tiny_llava):
         disable_log_stats=False,
         **engine_kwargs("prumerge"),
     )
-    engine = LLMEngine.from_engine_args(args, stat_loggers=[stat_logger_factory(tracker)])
+    with in_process_engine():
+        engine = LLMEngine.from_engine_args(args, stat_loggers=[stat_logger_factory(tracker)])
     try:
         yield engine, tracker
     finally:

@@ -18,7 +18,14 @@ import pytest
 import torch
 
 from tests.conftest import TINY_ENGINE_ARGS
-from tests.helpers import family_checkpoint, greedy, image_count, shutdown, tokens_and_logprobs
+from tests.helpers import (
+    family_checkpoint,
+    greedy,
+    image_count,
+    shutdown,
+    start_llm,
+    tokens_and_logprobs,
+)
 from tests.hf_reference import HFPruMergeVideoLlava
 from vllm_prumerge import engine_kwargs
 from vllm_prumerge.config import PruMergeConfig
@@ -128,9 +135,7 @@ def transformers_off(hf, media):
 @pytest.fixture(scope="module")
 def llm(checkpoint, hf, reference, transformers_off):
     """The module's one engine (the references are computed first, without it)."""
-    from vllm import LLM
-
-    engine = LLM(model=checkpoint, **ENGINE_ARGS, **engine_kwargs("prumerge"))
+    engine = start_llm(checkpoint, **ENGINE_ARGS, **engine_kwargs("prumerge"))
     try:
         yield engine
     finally:
