@@ -99,9 +99,12 @@ def tiny_cache_env(checkpoint: str, tmp_path: Path) -> dict[str, str]:
 SERVER_ARGS = [
     *["--plugin", "prumerge", "--trust-request-mm-kwargs"],
     *["--dtype", "float32", "--enforce-eager", "--max-model-len", "4096", "--max-num-seqs", "4"],
-    *["--limit-mm-per-prompt", '{"image": 2}'],
 ]
-LLAVA_SERVER_ARGS = [*SERVER_ARGS, "--api-server-count", "2", "--enable-log-requests"]
+LLAVA_SERVER_ARGS = [
+    *SERVER_ARGS,
+    *["--limit-mm-per-prompt", '{"image": 2}'],
+    *["--api-server-count", "2", "--enable-log-requests"],
+]
 
 
 @pytest.fixture(scope="session")

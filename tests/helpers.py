@@ -80,17 +80,20 @@ def family_checkpoint(family: str, tmp_path_factory) -> str:
     return str(cached_tiny_llava(TinyLlavaSpec(family=family), cache_dir=cache))
 
 
-def chat_text_tokens(tokenizer, image_token: int, question: str, num_images: int) -> int:
-    """Prompt tokens of a one-message chat request (`num_images` images, then `question`) other
-    than the visual tokens, by the checkpoint's own chat template and tokenizer (transformers):
-    each image is one `<image>` token there, which a server expands into its visual tokens."""
-    content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+def chat_text_tokens(
+    tokenizer, token: int, question: str, num_items: int, modality: str = "image"
+) -> int:
+    """Prompt tokens of a one-message chat request (`num_items` images or videos, then
+    `question`) other than the visual tokens, by the checkpoint's own chat template and
+    tokenizer (transformers): each item is one `<image>` / `<video>` token (`token`) there,
+    which a server expands into its visual tokens."""
+    content = [{"type": modality}] * num_items + [{"type": "text", "text": question}]
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
     )
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    assert ids.count(image_token) == num_images, prompt
-    return len(ids) - num_images
+    assert ids.count(token) == num_items, prompt
+    return len(ids) - num_items
 
 
 def assert_served_from_this_clone(log: str) -> None:

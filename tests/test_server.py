@@ -32,7 +32,7 @@ from tests.conftest import SERVER_ARGS
 from tests.helpers import assert_served_from_this_clone, chat_text_tokens, family_checkpoint
 from tests.hf_reference import HFPruMergeLlava
 from vllm_prumerge.config import PruMergeConfig
-from vllm_prumerge.testing.media import image_data_url, video_data_url
+from vllm_prumerge.testing.media import decode_mp4, encode_mp4, image_data_url, video_data_url
 from vllm_prumerge.testing.prometheus import fetch_metrics, histogram_buckets, metric_total
 from vllm_prumerge.testing.server import serve
 
@@ -40,6 +40,9 @@ pytestmark = pytest.mark.server
 
 FAMILIES = ("llava", "llava_next", "siglip", "onevision")
 QUESTION = "What is shown in this image?"
+# OneVision also takes a video per request.
+LIMITS = {"onevision": '{"image": 2, "video": 1}'}
+VIDEO_METRIC = "vllm_prumerge:visual_tokens_per_video"
 METRIC = "vllm_prumerge:visual_tokens_per_image"
 # "(APIServer pid=N) INFO ... Received request ID:", from `--enable-log-requests`.
 REQUEST_LOG = re.compile(r"^\((\w+) pid=(\d+)\) INFO .*Received request (\S+?):", re.MULTILINE)
@@ -79,7 +82,8 @@ def server(family, checkpoint, request, tmp_path_factory):
         yield request.getfixturevalue("llava_server")
         return
     log = tmp_path_factory.mktemp(f"server-{family}") / "serve.log"
-    with serve(checkpoint, SERVER_ARGS, log_path=log) as base_url:
+    limits = ["--limit-mm-per-prompt", LIMITS.get(family, '{"image": 2}')]
+    with serve(checkpoint, [*SERVER_ARGS, *limits], log_path=log) as base_url:
         assert_served_from_this_clone(log.read_text())
         yield base_url, log
 
@@ -365,3 +369,73 @@ def test_two_api_servers_serve_exact_counts_and_aggregate_metrics(client, model_
             for suffix in ("_count", "_sum")
         ]
         assert delta == [len(counts), sum(counts)], mode
+
+
+def _chat_video(client, model, mp4: bytes, mode=None):
+    """A chat request with one `video_url` part: the MP4's bytes as a data URL."""
+    url = "data:video/mp4;base64," + base64.b64encode(mp4).decode()
+    content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": QUESTION}]
+    body = {"mm_processor_kwargs": {"prumerge": mode}} if mode is not None else {}
+    return client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=1,
+        temperature=0.0,
+        extra_body=body,
+    )
+
+
+@pytest.fixture(scope="module")
+def mp4(scenes) -> bytes:
+    """A real four-frame MP4 (lossy: the server's frames are its decoded ones)."""
+    return encode_mp4(
+        np.stack([np.asarray(s.convert("RGB").resize((384, 384))) for s in scenes[:4]])
+    )
+
+
+@pytest.mark.parametrize("family", ["onevision"], indirect=True)
+@pytest.mark.parametrize("mode", [None, "prumerge+", "off"])
+def test_a_video_url_costs_its_frames_independent_counts_and_one_histogram_observation(
+    client, model_name, hf, server, mp4, mode
+):
+    """`usage.prompt_tokens` = the chat text + the video's tokens, by transformers' tower and the
+    reduction core per decoded frame (`off`: transformers' pooled frames plus the newline);
+    the per-video histogram gains one observation valued at that count."""
+    config = PruMergeConfig(**({"mode": mode} if mode else {}))
+    expected = len(hf.video_embeds(decode_mp4(mp4), config))
+    text = chat_text_tokens(hf.processor.tokenizer, hf.video_token, QUESTION, 1, "video")
+    before = fetch_metrics(server[0])
+    reply = _chat_video(
+        client, model_name, "data:video/mp4;base64," + base64.b64encode(mp4).decode(), mode
+    )
+    after = fetch_metrics(server[0])
+    assert reply.usage.prompt_tokens == text + expected
+    if not config.enabled:  # OneVision's stock video: 196 per frame after pooling, 1 newline
+        assert expected == 4 * 196 + 1
+    served = config.mode
+    delta = [
+        metric_total(after, VIDEO_METRIC + suffix, mode=served)
+        - metric_total(before, VIDEO_METRIC + suffix, mode=served)
+        for suffix in ("_count", "_sum")
+    ]
+    assert delta == [1, expected]
+
+
+@pytest.mark.parametrize("family", ["onevision"], indirect=True)
+def test_a_corrupt_or_empty_video_gets_http_400_and_the_server_keeps_serving(
+    client, model_name, hf, images, mp4
+):
+    from openai import BadRequestError
+
+    for payload in (b"not an mp4 at all" * 64, b""):
+        with pytest.raises(BadRequestError) as exc:
+            _chat_video(client, model_name, payload)
+        assert exc.value.status_code == 400
+    _assert_still_serving(client, model_name, hf, images[0])
+    text = chat_text_tokens(hf.processor.tokenizer, hf.video_token, QUESTION, 1, "video")
+    reply = _chat_video(
+        client, model_name, "data:video/mp4;base64," + base64.b64encode(mp4).decode()
+    )
+    assert reply.usage.prompt_tokens == text + len(
+        hf.video_embeds(decode_mp4(mp4), PruMergeConfig())
+    )
