@@ -27,7 +27,7 @@ TINY_ENGINE_ARGS = dict(
 
 
 # Offline engines per family, shared by every module that declares `ENGINE_FAMILIES`
-# (test_engine.py: images, test_video.py: videos): one setting per family covers both.
+# (test_engine.py: images, test_engine_video.py: videos): one setting per family covers both.
 OFFLINE_ENGINE_ARGS = {
     "llava": {**TINY_ENGINE_ARGS, "max_model_len": 2048},
     "llava_next": {**TINY_ENGINE_ARGS, "max_model_len": 4096},

@@ -24,7 +24,7 @@ from vllm_prumerge import PruMergeConfig, engine_kwargs
 from vllm_prumerge.reduction import reduce_by_importance
 from vllm_prumerge.serving.base import FEATURES_KEY
 
-FAMILIES = ["llava", "llava_next", "siglip", "onevision"]
+FAMILIES = ["llava", "llava_next", "siglip", "onevision", "video_llava"]
 MODES = ["prumerge", "prumerge+"]
 
 

@@ -38,9 +38,7 @@ HOMES = {
     "_TOWER_PREFIXES": None,
     "_hub_key": None,
 }
-# Modules of another engineer's slice, which they are moving onto these homes.
-NOT_CHECKED = {"tests/helpers.py", "tests/test_api_servers.py"}
-
+NOT_CHECKED: set[str] = set()  # modules exempt while they move onto these homes: none
 
 def _definitions(path: Path) -> set[str]:
     """Names a module defines at its top level (functions, classes, assigned names)."""
