@@ -40,6 +40,7 @@ HOMES = {
 }
 NOT_CHECKED: set[str] = set()  # modules exempt while they move onto these homes: none
 
+
 def _definitions(path: Path) -> set[str]:
     """Names a module defines at its top level (functions, classes, assigned names)."""
     names = set()
