@@ -77,8 +77,11 @@ def scenes():
     return make_scenes(8, seed=1)
 
 
-def tiny_cache_env(checkpoint: str, tmp_path: Path) -> dict[str, str]:
-    """Environment in which `--tiny` resolves to the session's checkpoint (no regeneration)."""
+def tiny_cache_env(checkpoint: str, tmp_path: Path, in_process: bool = False) -> dict[str, str]:
+    """Environment in which `--tiny` resolves to the session's checkpoint (no regeneration).
+    `in_process`: the script's vLLM engine runs inside the script's process (as the offline test
+    engines do, tests/helpers.py `in_process_engine`), saving the engine-core and worker spawns;
+    the demo and the servers keep vLLM's default multi-process layout."""
     cache = tmp_path / "cache"
     (cache / "checkpoints").mkdir(parents=True, exist_ok=True)
     link = cache / "checkpoints" / Path(checkpoint).name
@@ -89,6 +92,7 @@ def tiny_cache_env(checkpoint: str, tmp_path: Path) -> dict[str, str]:
         "VLLM_PRUMERGE_CACHE": str(cache),
         "VLLM_TARGET_DEVICE": "cpu",
         "VLLM_CPU_KVCACHE_SPACE": "1",
+        **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else {}),
     }
 
 

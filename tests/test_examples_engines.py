@@ -80,7 +80,7 @@ def test_batch_offline_answers_every_question_with_the_cores_token_counts(
     )
     output = tmp_path / "out" / "answers.jsonl"
     args = shlex.split("--tiny --mode prumerge+ --dtype float32 --max-tokens 4 --batch-size 2")
-    env = tiny_cache_env(tiny_llava, tmp_path)
+    env = tiny_cache_env(tiny_llava, tmp_path, in_process=True)
     done = run_example(
         "batch_offline.py", inputs, *args, "--questions", questions, "--output", output, env=env
     )

@@ -275,7 +275,7 @@ def test_offline_run_reports_every_configuration_with_real_counts(
     out = tmp_path / "out"
     argv = ["--tiny", "--data", jsonl, *CONFIG_ARGS, "--dtype", "float32", "--max-tokens", 3]
     argv += ["--batch-size", 3, "--warmup", 1, "--no-progress", "--out", out]
-    run_quality(argv, env=tiny_cache_env(tiny_llava, tmp_path))
+    run_quality(argv, env=tiny_cache_env(tiny_llava, tmp_path, in_process=True))
     data = check_run(out, tiny_llava, jsonl, 5)
     assert data["backend"] == "offline vllm.LLM" and data["dtype"] == "float32"
     assert any("meaningless" in note for note in data["notes"])
