@@ -161,10 +161,17 @@ def hf(checkpoint):
 
 @pytest.fixture(scope="session")
 def stock_llm(family, checkpoint):
-    """Stock vLLM (no plugin selected) on the family's checkpoint, in this process."""
+    """Stock vLLM (no plugin selected) on the family's checkpoint, in this process (OneVision:
+    vLLM's default multi-process layout; in-process, stock vLLM 0.32's OneVision hands back
+    3-D video embeddings, `[1, L, H]` per video, which its own sanity check refuses)."""
+    from vllm import LLM
+
     from tests.helpers import shutdown, start_llm
 
-    llm = start_llm(checkpoint, **OFFLINE_ENGINE_ARGS[family])
+    if family == "onevision":
+        llm = LLM(model=checkpoint, **OFFLINE_ENGINE_ARGS[family])
+    else:
+        llm = start_llm(checkpoint, **OFFLINE_ENGINE_ARGS[family])
     try:
         yield llm
     finally:
