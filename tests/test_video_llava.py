@@ -1,4 +1,4 @@
-"""Video-LLaVA (images and videos) with PruMerge, offline.
+"""Video-LLaVA (images and videos) with PruMerge, offline and through `vllm serve`.
 
 vLLM 0.32 has no Video-LLaVA model, so there is no stock engine to compare with: ONE plugin engine
 (`prumerge` mode, float32; other modes per request through `mm_processor_kwargs`) is compared with
@@ -8,7 +8,10 @@ transformers, computed once per module:
   independent transformers pipeline that reduces each image with the image tower and each frame
   with the video tower on its own (tests/hf_reference.py, which reuses only the reduction core);
 - `off`: transformers' own `VideoLlavaForConditionalGeneration` end to end (its processor's prompt
-  expansion, 256 tokens per image and 257 per frame, and its greedy `generate`).
+  expansion, 256 tokens per image and 257 per frame, and its greedy `generate`);
+- `vllm serve CKPT --plugin prumerge` (stock vLLM cannot start on it): a `video_url` MP4 costs
+  the chat text plus its decoded frames' counts, one per-video histogram observation; a corrupt
+  video is a 400 and images keep being served at their count.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from tests.conftest import TINY_ENGINE_ARGS
 from tests.helpers import (
+    chat_text_tokens,
     family_checkpoint,
     greedy,
     image_count,
@@ -251,3 +255,88 @@ def test_the_two_towers_of_the_checkpoint_differ(hf):
     video = dict(hf.model.model.video_tower.named_parameters())
     assert image.keys() == video.keys()
     assert any(not torch.equal(image[k], video[k]) for k in image)
+
+
+# --- `vllm serve` on Video-LLaVA (a model stock vLLM 0.32 cannot start) -----------------------
+
+QUESTION = "What happens here?"
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint, tmp_path_factory):
+    """(OpenAI client, model name, base URL) of `vllm serve CKPT --plugin prumerge`."""
+    from openai import OpenAI
+
+    from tests.conftest import SERVER_ARGS
+    from tests.helpers import assert_served_from_this_clone
+    from vllm_prumerge.testing.server import serve
+
+    log = tmp_path_factory.mktemp("video-llava-server") / "serve.log"
+    args = [*SERVER_ARGS, "--limit-mm-per-prompt", '{"image": 1, "video": 1}']
+    with serve(checkpoint, args, log_path=log) as base_url:
+        assert_served_from_this_clone(log.read_text())
+        client = OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+        yield client, client.models.list().data[0].id, base_url
+
+
+def _served_chat(served, part: dict, mode=None):
+    client, model, _ = served
+    body = {"mm_processor_kwargs": {"prumerge": mode}} if mode is not None else {}
+    return client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": [part, {"type": "text", "text": QUESTION}]}],
+        max_tokens=1,
+        temperature=0.0,
+        extra_body=body,
+    )
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("mode", [None, "prumerge+", "off"])
+def test_vllm_serve_gives_a_video_url_its_frames_counts_and_observes_it_once(
+    served, hf, media, mode
+):
+    """`usage.prompt_tokens` = the chat text (the checkpoint's template) + the video's tokens, by
+    transformers' video tower and the reduction core per decoded frame (`off`: transformers'
+    257 per frame); the per-video histogram gains one observation valued at that count."""
+    import base64
+
+    from vllm_prumerge.testing.media import decode_mp4, encode_mp4
+    from vllm_prumerge.testing.prometheus import fetch_metrics, metric_total
+
+    metric = "vllm_prumerge:visual_tokens_per_video"
+    mp4 = encode_mp4(media["a"])
+    config = PruMergeConfig(**({"mode": mode} if mode else {}))
+    expected = len(hf.video_embeds(decode_mp4(mp4), config))
+    text = chat_text_tokens(hf.processor.tokenizer, hf.video_token, QUESTION, 1, "video")
+    url = "data:video/mp4;base64," + base64.b64encode(mp4).decode()
+    before = fetch_metrics(served[2])
+    reply = _served_chat(served, {"type": "video_url", "video_url": {"url": url}}, mode)
+    after = fetch_metrics(served[2])
+    assert reply.usage.prompt_tokens == text + expected
+    if not config.enabled:
+        assert expected == len(media["a"]) * (PATCHES + 1)
+    delta = [
+        metric_total(after, metric + s, mode=config.mode)
+        - metric_total(before, metric + s, mode=config.mode)
+        for s in ("_count", "_sum")
+    ]
+    assert delta == [1, expected]
+
+
+@pytest.mark.server
+def test_vllm_serve_refuses_a_corrupt_video_and_keeps_serving_images(served, hf, media):
+    import base64
+
+    from openai import BadRequestError
+
+    from vllm_prumerge.testing.media import image_data_url
+
+    with pytest.raises(BadRequestError) as exc:
+        url = "data:video/mp4;base64," + base64.b64encode(b"not an mp4" * 64).decode()
+        _served_chat(served, {"type": "video_url", "video_url": {"url": url}})
+    assert exc.value.status_code == 400
+    image = {"type": "image_url", "image_url": {"url": image_data_url(media["image"])}}
+    text = chat_text_tokens(hf.processor.tokenizer, hf.image_token, QUESTION, 1)
+    expected = len(hf.image_embeds(media["image"], PruMergeConfig()))
+    assert _served_chat(served, image).usage.prompt_tokens == text + expected
