@@ -35,6 +35,12 @@ def token_ticks(largest: float) -> list[int]:
     return sorted(t for t in set(ticks) if t <= max(largest, 576) * 1.05)
 
 
+def media_labels(settings: dict[str, Any]) -> tuple[str, str]:
+    """(short, long) name of what one request sends, for table headers and axis labels:
+    ("img", "image"), or ("video", "video") when the run's settings have `frames` > 0."""
+    return ("video", "video") if settings.get("frames", 0) > 0 else ("img", "image")
+
+
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo, as lscpu prints it)."""
     from vllm_prumerge.vision.precision import CpuInfo
