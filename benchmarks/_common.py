@@ -73,8 +73,6 @@ REAL_TOWERS: dict[str, dict[str, int]] = {
 }
 TOWERS = ("preset", "real")
 FAMILIES = ("llava", "llava_next", "siglip", "onevision", "next_video")
-# Pixels a generated video's camera moves right per frame (see `load_videos`).
-PAN_PER_FRAME = 12
 
 # Questions of varied length (a few tokens to a paragraph), so text cost is not a constant.
 QUESTIONS = (
@@ -262,28 +260,20 @@ def load_videos(
     size: tuple[int, int] = (336, 336),
 ) -> list[Any]:
     """`count` videos of `frames` frames each, uint8 `[T, H, W, 3]` numpy arrays of `size`
-    (width, height): generated, a camera panning right over one scene (`PAN_PER_FRAME` pixels
-    per frame; deterministic in `seed`, scene numbering as `load_images`); or `frames`
-    consecutive images of `images_dir` per video (name order, cycled), resized to `size`."""
+    (width, height): generated, a camera panning right across one scene (`make_video`;
+    deterministic in `seed`, scenes numbered as in `load_images`); or `frames` consecutive
+    images of `images_dir` per video (name order, cycled), resized to `size`."""
     import numpy as np
 
-    width, height = size
     if images_dir:
         pictures = load_images(count * frames, seed, images_dir, start=start * frames)
         return [
             np.stack([np.asarray(p.resize(size)) for p in pictures[v * frames : (v + 1) * frames]])
             for v in range(count)
         ]
-    from vllm_prumerge.testing import make_scene
+    from vllm_prumerge.testing import make_video
 
-    videos = []
-    for i in range(start, start + count):
-        wide = np.asarray(
-            make_scene(seed * 100_003 + i, size=(width + PAN_PER_FRAME * (frames - 1), height))
-        )
-        shifts = [PAN_PER_FRAME * t for t in range(frames)]
-        videos.append(np.stack([wide[:, x : x + width] for x in shifts]))
-    return videos
+    return [make_video(seed * 100_003 + i, frames, size=size) for i in range(start, start + count)]
 
 
 @dataclasses.dataclass(frozen=True)
