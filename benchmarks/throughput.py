@@ -595,7 +595,7 @@ def markdown_report(data: dict[str, Any]) -> str:
                 "x",
                 "e2e req/s",
                 "x",
-                "front-end ms/img",
+                f"front-end ms/{short}",
             ],
             [
                 [
@@ -627,8 +627,8 @@ def markdown_report(data: dict[str, Any]) -> str:
         "`preempt` (preemptions) "
         "are from the engine phase; the JSON also has the scheduler's running count, which "
         "includes partially prefilled requests. `burst TTFT` = mean time to first token when "
-        "all requests arrive at once (engine phase). `front-end ms/img` = pre-processing time per "
-        "request at batch 1 (tokenizer, image processor, vision tower and reduction).",
+        f"all requests arrive at once (engine phase). `front-end ms/{short}` = pre-processing "
+        "time per request at batch 1 (tokenizer, image processor, vision tower and reduction).",
         "",
         "Method: " + data["method"],
         "",

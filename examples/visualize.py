@@ -302,7 +302,7 @@ def load_video(path: Path, frames: int):
     if not pictures:
         raise ValueError(f"no frames (images) in folder {path}")
     if frames < len(pictures):
-        picks = np.linspace(0, len(pictures) - 1, frames).round().astype(int)
+        picks = np.linspace(0, len(pictures) - 1, frames, dtype=int)
         pictures = [pictures[i] for i in picks]
     return np.stack([np.asarray(p.resize(pictures[0].size)) for p in pictures])
 

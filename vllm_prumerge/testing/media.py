@@ -71,6 +71,6 @@ def read_video(path: str | os.PathLike, num_frames: int | None = None) -> np.nda
     if not decoded:
         raise ValueError(f"no frames in video {path}")
     if num_frames is not None and 0 < num_frames < len(decoded):
-        picks = np.linspace(0, len(decoded) - 1, num_frames).round().astype(int)
+        picks = np.linspace(0, len(decoded) - 1, num_frames, dtype=int)
         decoded = [decoded[i] for i in picks]
     return np.stack(decoded)
