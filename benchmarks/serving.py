@@ -78,6 +78,7 @@ from _report import (
     pyplot,
     save_figure,
     token_ticks,
+    video_note,
 )
 
 from vllm_prumerge.testing.media import image_data_url, video_data_url
@@ -98,6 +99,11 @@ def is_stock(name: str) -> bool:
     return name == STOCK or name.startswith(STOCK + ":")
 
 
+# The server's part of the report's line on video requests (`_report.video_note`).
+SERVER_VIDEO_NOTE = (
+    "Sent as an MP4 `video_url`, counted by `vllm_prumerge:visual_tokens_per_video`; tower ms "
+    "per video."
+)
 FILLER = " the"  # one text token per repetition in LLaVA's tokenizers; checked with /tokenize
 
 
@@ -739,7 +745,7 @@ def markdown_report(data: dict[str, Any]) -> str:
     lines = [
         f"# Serving: visual tokens per {long} vs latency and throughput (vllm serve)",
         "",
-        *video_note(settings),
+        *video_note(settings, SERVER_VIDEO_NOTE),
         f"Model: `{data['model']}`; server: {data['server']}; {settings['num_prompts']} "
         f"requests per configuration and repeat ({settings['repeats']} repeats, pooled), "
         f"{settings['output_len']} output tokens each, max concurrency "
@@ -809,19 +815,6 @@ def markdown_report(data: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def video_note(settings: dict[str, Any]) -> list[str]:
-    """The report's line on video requests (none for images)."""
-    if not settings.get("frames"):
-        return []
-    return [
-        f"Each request sends one video of {settings['frames']} frames (an MP4 `video_url`); "
-        "visual tokens are per video (`vllm_prumerge:visual_tokens_per_video`): `off` = the "
-        "family's stock count, reduced configurations = the sum over frames of (kept + 1); "
-        f"tower ms per video. Chat content format: {settings.get('chat_content_format')}.",
-        "",
-    ]
 
 
 def text_section(data: dict[str, Any]) -> list[str]:

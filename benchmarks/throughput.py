@@ -80,6 +80,7 @@ from _report import (
     pyplot,
     save_figure,
     token_ticks,
+    video_note,
 )
 
 from vllm_prumerge.serving.stats import StepTracker, stat_logger_factory
@@ -636,18 +637,6 @@ def markdown_report(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def video_note(settings: dict[str, Any]) -> list[str]:
-    """The report's line on video requests (none for images)."""
-    if not settings.get("frames"):
-        return []
-    return [
-        f"Each request sends one video of {settings['frames']} frames; visual tokens are per "
-        "video: `off` = the family's stock count, reduced configurations = the sum over frames "
-        "of (kept + 1).",
-        "",
-    ]
-
-
 def text_section(data: dict[str, Any]) -> list[str]:
     """The report's "true limit" table (empty without text-equivalents)."""
     results = [r for r in data["results"] if "text" in r]
@@ -909,6 +898,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     image_token = placeholder_token_id(model, args.frames)
     size = tuple(args.image_size)
     chat = chat_prompt(model, args.frames)
+    args.chat_content_format = chat.content_format  # "string": the template drops video parts
     items = build_workload(
         args.num_prompts, args.seed, args.images, size=size, prompt=chat, frames=args.frames
     )

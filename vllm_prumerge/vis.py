@@ -705,20 +705,33 @@ def draw_anyres_token_maps(
             for ax in row:
                 for place, _ in crops:
                     _frame(ax, place, "yellow", 1.5)
+    stock_note = "stock (unpadded, one newline per row)"
+    fig.suptitle(_totals_title(title, tmaps, "crops", stock_tokens, stock_note), fontsize=12)
+    return fig
+
+
+def _totals_title(
+    title: str | None,
+    tmaps: Sequence[TokenMap],
+    unit: str,
+    stock_tokens: int | None,
+    stock_note: str = "stock",
+) -> str:
+    """A figure title with the totals over several token maps (an image's crops, a video's
+    frames, named by ``unit``) and the stock count if given."""
     totals = total_counts(tmaps)
     if all(tmap.passthrough for tmap in tmaps):
-        summary = f"mode off: {totals['crops']} crops passed through stock"
+        summary = f"mode off: {len(tmaps)} {unit} passed through"
         if stock_tokens is not None:
-            summary += f" = {stock_tokens} tokens (unpadded, one newline per row)"
+            summary += f" = {stock_tokens} tokens {stock_note}"
     else:
         summary = (
-            f"{totals['crops']} crops: {totals['outliers']} outliers + {totals['samples']} "
+            f"{len(tmaps)} {unit}: {totals['outliers']} outliers + {totals['samples']} "
             f"samples + {totals['extra']} extra = {totals['tokens']} tokens"
         )
         if stock_tokens is not None:
             summary += f" (stock: {stock_tokens})"
-    fig.suptitle(f"{title}: {summary}" if title else summary, fontsize=12)
-    return fig
+    return f"{title}: {summary}" if title else summary
 
 
 def draw_filmstrip(
@@ -778,19 +791,7 @@ def draw_filmstrip(
         axes[1, t].set_title(
             f"{drawn['pruned_to_kept']} merged, {drawn['pruned_to_extra']} extra only", fontsize=8
         )
-    totals = total_counts(tmaps)
-    if all(tmap.passthrough for tmap in tmaps):
-        summary = f"mode off: {count} frames passed through"
-        if stock_tokens is not None:
-            summary += f" = {stock_tokens} tokens stock"
-    else:
-        summary = (
-            f"{count} frames: {totals['outliers']} outliers + {totals['samples']} samples + "
-            f"{totals['extra']} extra = {totals['tokens']} tokens"
-        )
-        if stock_tokens is not None:
-            summary += f" (stock: {stock_tokens})"
-    fig.suptitle(f"{title}: {summary}" if title else summary, fontsize=11)
+    fig.suptitle(_totals_title(title, tmaps, "frames", stock_tokens), fontsize=11)
     return fig
 
 
