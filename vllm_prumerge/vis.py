@@ -432,10 +432,28 @@ def _frame(ax, place: CropPlacement, colour, width: float) -> None:
     )
 
 
-def _draw_kept(ax, picture: np.ndarray, extent, crops: Sequence[_Crop]) -> None:
-    """Kept tokens: outliers (red squares), spatial samples (cyan squares), pruned dimmed."""
+def _kept_legend(counts: Sequence[tuple[str, str, int | None]]) -> list:
+    """Legend handles of the kept-token squares: (colour, name, count or None) each."""
     from matplotlib.lines import Line2D
 
+    return [
+        Line2D(
+            [],
+            [],
+            marker="s",
+            linestyle="",
+            markerfacecolor="none",
+            markeredgecolor=colour,
+            label=name if count is None else f"{name} ({count})",
+        )
+        for colour, name, count in counts
+    ]
+
+
+def _draw_kept(
+    ax, picture: np.ndarray, extent, crops: Sequence[_Crop], *, legend: bool = True
+) -> None:
+    """Kept tokens: outliers (red squares), spatial samples (cyan squares), pruned dimmed."""
     ax.imshow(picture, extent=extent, interpolation="bilinear")
     outliers = samples = 0
     for place, tmap in crops:
@@ -450,22 +468,10 @@ def _draw_kept(ax, picture: np.ndarray, extent, crops: Sequence[_Crop]) -> None:
             _squares(ax, place, tmap.outliers, "red", 1.8)
             outliers += len(tmap.outliers)
             samples += len(tmap.samples)
+    if not legend:
+        return
     ax.legend(
-        handles=[
-            Line2D(
-                [],
-                [],
-                marker="s",
-                linestyle="",
-                markerfacecolor="none",
-                markeredgecolor=colour,
-                label=f"{name} ({count})",
-            )
-            for colour, name, count in (
-                ("red", "outliers", outliers),
-                ("cyan", "spatial samples", samples),
-            )
-        ],
+        handles=_kept_legend([("red", "outliers", outliers), ("cyan", "spatial samples", samples)]),
         loc="upper center",
         bbox_to_anchor=(0.5, -0.06),
         ncol=2,
@@ -778,7 +784,7 @@ def draw_filmstrip(
             _limit(ax, 0, grid, grid, 0)
             ax.set_xticks([])
             ax.set_yticks([])
-        _draw_kept(axes[0, t], picture, extent, crops)
+        _draw_kept(axes[0, t], picture, extent, crops, legend=False)
         counts = tmap.counts()
         if tmap.passthrough:
             axes[0, t].set_title(f"frame {t}: {counts['patches']} patches (off)", fontsize=8)
@@ -791,6 +797,15 @@ def draw_filmstrip(
         axes[1, t].set_title(
             f"{drawn['pruned_to_kept']} merged, {drawn['pruned_to_extra']} extra only", fontsize=8
         )
+    fig.legend(
+        handles=_kept_legend(
+            [("red", "attention outlier", None), ("cyan", "spatial sample", None)]
+        ),
+        loc="outside lower center",
+        ncol=2,
+        fontsize=8,
+        frameon=False,
+    )
     fig.suptitle(_totals_title(title, tmaps, "frames", stock_tokens), fontsize=11)
     return fig
 
