@@ -822,7 +822,7 @@ def text_section(data: dict[str, Any]) -> list[str]:
     runs = [r for r in data["runs"] if "text" in r]
     if not runs:
         return []
-    short = media_labels(data["settings"])[0]
+    short, long = media_labels(data["settings"])
     has_stock = any("ratio_to_stock" in r for r in runs)
     header = [
         "config",
@@ -866,15 +866,15 @@ def text_section(data: dict[str, Any]) -> list[str]:
     return [
         "## Against the true limit (text-equivalent requests)",
         "",
-        "`text@CONFIG`: each completed request's chat message without the image, padded with a "
-        "filler word to the prompt tokens the server reported for the image request (`text "
-        "prompt tok` shows the match), same output length, same server, measured right after "
-        "the image requests. `of text` = image req/s / text req/s: 1.0 = the images cost "
-        "nothing beyond their tokens. `x stock` = ratio to stock vLLM's req/s for the same "
-        "images. `tower ms/img` = the plugin's tower + reduction wall time per image in the "
-        "server during the batch (its `vllm_prumerge:reduction_seconds`), `tower busy` = that "
-        "time summed over the batch / the batch's duration: near 1 per API-server process, the "
-        "front end was busy the whole time (the bottleneck).",
+        f"`text@CONFIG`: each completed request's chat message without the {long}, padded "
+        f"with a filler word to the prompt tokens the server reported for the {long} request "
+        "(`text prompt tok` shows the match), same output length, same server, measured right "
+        f"after the {long} requests. `of text` = {long} req/s / text req/s: 1.0 = the "
+        f"{long}s cost nothing beyond their tokens. `x stock` = ratio to stock vLLM's req/s "
+        f"for the same {long}s. `tower ms/{short}` = the plugin's tower + reduction wall time "
+        f"per {long} in the server during the batch (its `vllm_prumerge:reduction_seconds`), "
+        "`tower busy` = that time summed over the batch / the batch's duration: near 1 per "
+        "API-server process, the front end was busy the whole time (the bottleneck).",
         "",
         markdown_table(header, rows),
     ]
