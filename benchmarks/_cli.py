@@ -41,7 +41,10 @@ def add_model_arguments(group: Any) -> None:
         "CLS), llava_next (LLaVA-NeXT anyres: base view + 2-4 tiles of 576 patches, grids "
         "1x2, 2x1, 2x2), siglip (SigLIP-LLaVA like LLaVA-Interleave: 384/14, 729 patches, no "
         "CLS), onevision (LLaVA-OneVision: that SigLIP tower per anyres_max_9 crop of 384 px, "
-        "grids 1x2, 2x1, 2x2). With --model the family is the checkpoint's own.",
+        "grids 1x2, 2x1, 2x2; images and videos), next_video (LLaVA-NeXT-Video: CLIP 336/14 "
+        "per frame; videos only). Video families (--frames N) are those whose config has a "
+        "video_token_index: onevision, next_video. With --model the family is the "
+        "checkpoint's own.",
     )
     group.add_argument(
         "--tower",
@@ -91,7 +94,8 @@ def add_workload_arguments(group: Any, seed_help: str) -> None:
         "--num-prompts",
         type=int,
         default=64,
-        help="Measured requests per configuration (each: one image + one question).",
+        help="Measured requests per configuration (each: one image, or one video with "
+        "--frames, + one question).",
     )
     group.add_argument(
         "--output-len",
@@ -108,6 +112,21 @@ def add_workload_arguments(group: Any, seed_help: str) -> None:
         "scenes of shapes, text and gradients.",
     )
     add_image_size_argument(group)
+    group.add_argument(
+        "--frames",
+        type=int,
+        default=0,
+        metavar="N",
+        help="0: every request sends one image. N > 0: every request sends one video of N "
+        "frames instead (offline: multi_modal_data={'video': frames}; server: an MP4 video_url "
+        "data URL): generated, a camera panning across a scene of --image-size, or N "
+        "consecutive images of --images per video. Needs a checkpoint that takes videos "
+        "(LLaVA-OneVision, LLaVA-NeXT-Video: --family onevision / next_video). Each frame is "
+        "reduced on its own (fixed:N budgets are per frame), so a video costs the sum over its "
+        "frames of (kept + 1) tokens; `off` is the family's stock count (OneVision 196 per "
+        "frame + 1, NeXT-Video 144 per frame). Token counts are then per video. Long videos "
+        "may need a larger --max-model-len.",
+    )
 
 
 def add_output_arguments(parser: Any, default: str, folder_help: str, plots: str | None) -> Any:

@@ -14,6 +14,15 @@ from collections.abc import Sequence
 from typing import Any
 
 DEFAULT_CONFIGS = "off,prumerge,prumerge+,fixed:576,fixed:288,fixed:144,fixed:64,fixed:32"
+# With --frames: fixed budgets are per frame, so a large one times the frames overflows the
+# context; the defaults stay within 2048 tokens for 8 frames.
+DEFAULT_VIDEO_CONFIGS = "off,prumerge,prumerge+,fixed:64,fixed:16"
+
+
+def default_configs(frames: int) -> str:
+    """The --configs default of a workload of images (`frames` 0) or videos."""
+    return DEFAULT_VIDEO_CONFIGS if frames > 0 else DEFAULT_CONFIGS
+
 
 # Shapes of the generated checkpoints (--synthetic): "tiny" is the test fixture, where fixed
 # per-request overheads dominate on a CPU; "small" has a text model large enough that prompt
@@ -60,9 +69,10 @@ REAL_TOWERS: dict[str, dict[str, int]] = {
     "llava_next": _CLIP_L_336,
     "siglip": _SIGLIP_SO400M,
     "onevision": _SIGLIP_SO400M,
+    "next_video": _CLIP_L_336,
 }
 TOWERS = ("preset", "real")
-FAMILIES = ("llava", "llava_next", "siglip", "onevision")
+FAMILIES = ("llava", "llava_next", "siglip", "onevision", "next_video")
 
 # Questions of varied length (a few tokens to a paragraph), so text cost is not a constant.
 QUESTIONS = (
@@ -97,9 +107,46 @@ def synthetic_checkpoint(
         raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
     fields = dict(SYNTHETIC_SPECS[size])
     if tower == "real":
+        if family not in REAL_TOWERS:
+            raise ValueError(f"no production tower shape is known for family {family!r}")
         fields.update(REAL_TOWERS[family])
     spec = TinyLlavaSpec(family=family, **fields)
     return resolve_model(None, spec), dataclasses.asdict(spec)
+
+
+def modality(frames: int) -> str:
+    """What each request sends: "video" (`frames` > 0 frames) or "image"."""
+    return "video" if frames > 0 else "image"
+
+
+def placeholder_token_id(model: str, frames: int = 0) -> int:
+    """The token id the checkpoint's prompts carry once per visual token of the request's image
+    (`image_token_index`) or video (`video_token_index`; `frames` > 0), from its config."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    key = f"{modality(frames)}_token_index"
+    token = getattr(config, key, None)
+    if token is None:
+        raise ValueError(
+            f"{model} takes no {modality(frames)}s (its config has no {key}; "
+            f"{type(config).__name__}): use a checkpoint that takes videos, or --frames 0"
+        )
+    return token
+
+
+def chat_prompt(model: str, frames: int = 0) -> Any:
+    """The checkpoint's `ChatPrompt` for this workload: the OpenAI content format, unless the
+    requests carry videos and the chat template drops video parts (then vLLM's "string" format,
+    which a server must be started with: `--chat-template-content-format string`)."""
+    from vllm_prumerge.testing.prompts import ChatPrompt
+
+    chat = ChatPrompt(model)
+    if frames > 0:
+        placeholder_token_id(model, frames)  # a clear error for a checkpoint without video
+        if chat.drops("video"):
+            chat = ChatPrompt(model, content_format="string")
+    return chat
 
 
 def filler_token_id(tokenizer: Any) -> int:
@@ -203,15 +250,52 @@ def load_images(
     return [make_scene(seed * 100_003 + i, size=size) for i in range(start, start + count)]
 
 
+def load_videos(
+    count: int,
+    seed: int,
+    frames: int,
+    images_dir: str | None = None,
+    *,
+    start: int = 0,
+    size: tuple[int, int] = (336, 336),
+) -> list[Any]:
+    """`count` videos of `frames` frames each, uint8 `[T, H, W, 3]` numpy arrays of `size`
+    (width, height): generated, a camera panning right across one scene (`make_video`;
+    deterministic in `seed`, scenes numbered as in `load_images`); or `frames` consecutive
+    images of `images_dir` per video (name order, cycled), resized to `size`."""
+    import numpy as np
+
+    if images_dir:
+        pictures = load_images(count * frames, seed, images_dir, start=start * frames)
+        return [
+            np.stack([np.asarray(p.resize(size)) for p in pictures[v * frames : (v + 1) * frames]])
+            for v in range(count)
+        ]
+    from vllm_prumerge.testing import make_video
+
+    return [make_video(seed * 100_003 + i, frames, size=size) for i in range(start, start + count)]
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkItem:
-    """One request of the workload: an image and a question about it, and (when the workload
-    was built with a `ChatPrompt`) the prompt's token ids as the checkpoint's chat template
-    renders the chat message (one image, then the question): what `vllm serve` builds."""
+    """One request of the workload: an image (or a video) and a question about it, and (when
+    the workload was built with a `ChatPrompt`) the prompt's token ids as the checkpoint's chat
+    template renders the chat message (the image or video, then the question): what
+    `vllm serve` builds."""
 
-    image: Any  # PIL.Image.Image, RGB
+    image: Any  # PIL.Image.Image, RGB; None for a video request
     question: str
     prompt_token_ids: tuple[int, ...] | None = None
+    video: Any = None  # uint8 numpy [T, H, W, 3] for a video request
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.video is None else "video"
+
+    @property
+    def media(self) -> Any:
+        """What the request sends: the image, or the video's frames."""
+        return self.image if self.video is None else self.video
 
 
 def build_workload(
@@ -222,14 +306,28 @@ def build_workload(
     start: int = 0,
     size: tuple[int, int] = (336, 336),
     prompt: Any = None,
+    frames: int = 0,
 ) -> list[WorkItem]:
     """`count` (image, question) pairs, deterministic in `seed`; generated images of `size`;
-    with `prompt` (a `vllm_prumerge.testing.prompts.ChatPrompt`), each with its prompt ids.
+    with `frames` > 0, (video of `frames` frames, question) pairs instead (`load_videos`); with
+    `prompt` (a `vllm_prumerge.testing.prompts.ChatPrompt`), each with its prompt ids.
 
     `start` continues the same image sequence: warm-up requests use images after the measured
     ones, so they never share an image (or a cache entry) with them.
     """
     rng = random.Random(seed * 7919 + start)
+    if frames > 0:
+        videos = load_videos(count, seed, frames, images_dir, start=start, size=size)
+        questions = [rng.choice(QUESTIONS) for _ in videos]
+        return [
+            WorkItem(
+                None,
+                q,
+                None if prompt is None else tuple(prompt.token_ids(q, images=0, videos=1)),
+                video=video,
+            )
+            for video, q in zip(videos, questions, strict=True)
+        ]
     images = load_images(count, seed, images_dir, start=start, size=size)
     questions = [rng.choice(QUESTIONS) for _ in images]
     return [

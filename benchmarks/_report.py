@@ -35,6 +35,27 @@ def token_ticks(largest: float) -> list[int]:
     return sorted(t for t in set(ticks) if t <= max(largest, 576) * 1.05)
 
 
+def media_labels(settings: dict[str, Any]) -> tuple[str, str]:
+    """(short, long) name of what one request sends, for table headers and axis labels:
+    ("img", "image"), or ("video", "video") when the run's settings have `frames` > 0."""
+    return ("video", "video") if settings.get("frames", 0) > 0 else ("img", "image")
+
+
+def video_note(settings: dict[str, Any], detail: str = "") -> list[str]:
+    """A report's lines on video requests (none for images): what a count means, then
+    `detail` (the script's own part)."""
+    if not settings.get("frames"):
+        return []
+    content = settings.get("chat_content_format")
+    return [
+        f"Each request sends one video of {settings['frames']} frames; visual tokens are per "
+        "video: `off` = the family's stock count, reduced configurations = the sum over frames "
+        f"of (kept + 1). {detail + ' ' if detail else ''}"
+        + (f"Chat content format: {content}." if content else ""),
+        "",
+    ]
+
+
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo, as lscpu prints it)."""
     from vllm_prumerge.vision.precision import CpuInfo

@@ -10,6 +10,13 @@ end-to-end latency percentiles, request and token throughput, prompt tokens (the
 histogram, read from `/metrics` around each batch) and the peak KV-cache usage / running
 requests sampled from `/metrics`, each with its ratio to `off`.
 
+Videos (`--frames N`, on a checkpoint that takes videos): every request sends one N-frame video as
+an OpenAI `video_url` part (an MP4 data URL, decoded by the server's own video loader, all N
+frames: `--media-io-kwargs '{"video": {"num_frames": N}}'`) instead of the image; visual tokens
+are then per video (`vllm_prumerge:visual_tokens_per_video`). A checkpoint whose chat template
+drops video parts (the generated ones) is served with `--chat-template-content-format string`,
+which puts the `<video>` placeholder before the text.
+
 The configuration `stock` is stock vLLM (no plugin: the tower runs in the engine), served by a
 second server this script starts with the same settings, in the same run. Every configuration
 is also measured as text only ("text@CONFIG", on by default: each request's chat message without
@@ -19,6 +26,7 @@ text` = image throughput / text throughput, 1.0 = the images cost nothing beyond
 
     python benchmarks/serving.py --out out/serving                      # starts its own server
     python benchmarks/serving.py --tower real --configs stock,off,prumerge --out out/real
+    python benchmarks/serving.py --family next_video --frames 8 --out out/serving-video
     python benchmarks/serving.py --base-url http://127.0.0.1:8000 --out out/serving
 
 The server this script starts uses the same engine settings as `throughput.py` (prefix caching
@@ -36,6 +44,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
@@ -48,10 +57,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cli import add_model_arguments, add_output_arguments, add_workload_arguments, model_label
 from _common import (
-    DEFAULT_CONFIGS,
     BenchConfig,
     WorkItem,
     build_workload,
+    chat_prompt,
+    default_configs,
+    modality,
     parse_configs,
     summary,
     synthetic_checkpoint,
@@ -62,17 +73,20 @@ from _report import (
     environment,
     finish,
     markdown_table,
+    media_labels,
     progress,
     pyplot,
     save_figure,
     token_ticks,
+    video_note,
 )
 
-from vllm_prumerge.testing.media import image_data_url
+from vllm_prumerge.testing.media import image_data_url, video_data_url
 from vllm_prumerge.testing.prometheus import metric_max, metric_total, parse_prometheus
 from vllm_prumerge.testing.prompts import chat_messages
 
 VISUAL_METRIC = "vllm_prumerge:visual_tokens_per_image"
+VIDEO_METRIC = "vllm_prumerge:visual_tokens_per_video"
 TOWER_METRIC = "vllm_prumerge:reduction_seconds"  # tower + reduction, per processed batch
 KV_METRIC = "vllm:kv_cache_usage_perc"
 RUNNING_METRIC = "vllm:num_requests_running"
@@ -85,6 +99,11 @@ def is_stock(name: str) -> bool:
     return name == STOCK or name.startswith(STOCK + ":")
 
 
+# The server's part of the report's line on video requests (`_report.video_note`).
+SERVER_VIDEO_NOTE = (
+    "Sent as an MP4 `video_url`, counted by `vllm_prumerge:visual_tokens_per_video`; tower ms "
+    "per video."
+)
 FILLER = " the"  # one text token per repetition in LLaVA's tokenizers; checked with /tokenize
 
 
@@ -106,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help="Checkpoint the started server serves (hub id such as llava-hf/llava-1.5-7b-hf or "
-        "a folder; LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA or LLaVA-OneVision). Default: a "
+        "a folder; LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA, LLaVA-OneVision or LLaVA-NeXT-Video). "
+        "Default: a "
         "generated random-weight checkpoint (see --synthetic, --family, --tower). With "
         "--base-url: the served model name (default: the server's first).",
     )
@@ -160,12 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     work = parser.add_argument_group("workload")
     work.add_argument(
         "--configs",
-        default=DEFAULT_CONFIGS,
+        default=None,
         help="Comma-separated configurations, as in throughput.py: off, prumerge, prumerge+, "
         "fixed:N, fixed:Ns, fixed:RATIO, and stock (stock vLLM, no plugin, in a second server "
         "started by this script; stock:DTYPE: one more stock server at that --dtype, e.g. "
         "stock:float32). Ratios are taken to 'off' (or to the configuration with the "
-        "most prompt tokens when 'off' is absent).",
+        f"most prompt tokens when 'off' is absent). Default: {default_configs(0)}; with "
+        f"--frames: {default_configs(1)} (budgets per frame).",
     )
     work.add_argument(
         "--text",
@@ -241,7 +262,7 @@ def server_args(
         "--block-size",
         str(args.block_size),
         "--limit-mm-per-prompt",
-        '{"image": 1}',
+        json.dumps({modality(args.frames): 1}),
         "--no-enable-prefix-caching",
         "--mm-processor-cache-gb",
         "0",
@@ -253,6 +274,10 @@ def server_args(
             "--num-gpu-blocks-override",
             str(max(1, args.kv_cache_tokens // args.block_size)),
         ]
+    if args.frames:  # every frame of the clip, as sent (vLLM's loader samples 32 by default)
+        result += ["--media-io-kwargs", json.dumps({"video": {"num_frames": args.frames}})]
+        if args.chat_content_format != "openai":  # the template drops video parts
+            result += ["--chat-template-content-format", args.chat_content_format]
     if args.enforce_eager:
         result.append("--enforce-eager")
     return result + list(args.server_arg)
@@ -334,10 +359,22 @@ async def sample_metrics(http: Any, base_url: str, interval: float, peaks: dict)
         await asyncio.sleep(interval)
 
 
+def media_url(item: WorkItem) -> str:
+    """The data URL of what the request sends: a PNG image, or an MP4 of the video's frames."""
+    return image_data_url(item.image) if item.video is None else video_data_url(item.video)
+
+
 def image_requests(items: list[WorkItem], urls: list[str], config: BenchConfig) -> list[Request]:
+    """The chat requests of `items` (an `image_url` or a `video_url` part each, then the
+    question) in `config`."""
     option = None if is_stock(config.name) else config.prumerge
     return [
-        Request(chat_messages(item.question, [url]), option)
+        Request(
+            chat_messages(item.question, [url])
+            if item.video is None
+            else chat_messages(item.question, video_urls=[url]),
+            option,
+        )
         for item, url in zip(items, urls, strict=True)
     ]
 
@@ -405,8 +442,9 @@ async def measure_batch(
             await sampler
     after = await read_metrics(http, base_url)
     visual = {"sum": 0.0, "count": 0.0}
+    metric = VIDEO_METRIC if args.frames else VISUAL_METRIC
     for suffix in ("sum", "count") if mode is not None else ():
-        name = f"{VISUAL_METRIC}_{suffix}"
+        name = f"{metric}_{suffix}"
         visual[suffix] = metric_total(after, name, mode=mode) - metric_total(
             before, name, mode=mode
         )
@@ -536,16 +574,17 @@ async def benchmark(
 
     rates = [float(r) for r in args.request_rate.split(",") if r.strip()]
     size = tuple(args.image_size)
-    items = build_workload(args.num_prompts, args.seed, args.images, size=size)
+    items = build_workload(args.num_prompts, args.seed, args.images, size=size, frames=args.frames)
     warm = build_workload(
         args.warmup * len(configs) * len(rates) * args.repeats + 2,
         args.seed,
         args.images,
         start=args.num_prompts,
         size=size,
+        frames=args.frames,
     )
-    urls = [image_data_url(item.image) for item in items]
-    warm_urls = [image_data_url(item.image) for item in warm]
+    urls = [media_url(item) for item in items]
+    warm_urls = [media_url(item) for item in warm]
     warm_index = 0
     limits = httpx.Limits(max_connections=max(64, args.max_concurrency * 2))
     client = AsyncOpenAI(
@@ -612,7 +651,8 @@ async def benchmark(
                         raise RuntimeError(f"every request of {config.name} failed{hint}: {errors}")
                     bar.set_postfix_str(
                         f"{config.name}: {ok / measured['seconds']:.2f} req/s, "
-                        f"{measured['visual']['mean']:.1f} visual tok/img"
+                        f"{measured['visual']['mean']:.1f} visual tok/"
+                        + media_labels(vars(args))[0]
                     )
                     if args.text:
                         bar.set_description(f"text@{config.name} @ {rate:g} req/s")
@@ -701,9 +741,11 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
 def markdown_report(data: dict[str, Any]) -> str:
     env = data["environment"]
     settings = data["settings"]
+    short, long = media_labels(settings)
     lines = [
-        "# Serving: visual tokens per image vs latency and throughput (vllm serve)",
+        f"# Serving: visual tokens per {long} vs latency and throughput (vllm serve)",
         "",
+        *video_note(settings, SERVER_VIDEO_NOTE),
         f"Model: `{data['model']}`; server: {data['server']}; {settings['num_prompts']} "
         f"requests per configuration and repeat ({settings['repeats']} repeats, pooled), "
         f"{settings['output_len']} output tokens each, max concurrency "
@@ -722,7 +764,7 @@ def markdown_report(data: dict[str, Any]) -> str:
             [
                 "config",
                 "rate",
-                "visual tok/img",
+                f"visual tok/{short}",
                 "prompt tok",
                 "req/s",
                 "x",
@@ -780,11 +822,12 @@ def text_section(data: dict[str, Any]) -> list[str]:
     runs = [r for r in data["runs"] if "text" in r]
     if not runs:
         return []
+    short, long = media_labels(data["settings"])
     has_stock = any("ratio_to_stock" in r for r in runs)
     header = [
         "config",
         "rate",
-        "visual tok/img",
+        f"visual tok/{short}",
         "prompt tok",
         "text prompt tok",
         "req/s",
@@ -796,7 +839,7 @@ def text_section(data: dict[str, Any]) -> list[str]:
         "text TTFT p50",
         "E2E p50",
         "text E2E p50",
-        "tower ms/img",
+        f"tower ms/{short}",
         "tower busy",
     ]
     rows = [
@@ -823,15 +866,15 @@ def text_section(data: dict[str, Any]) -> list[str]:
     return [
         "## Against the true limit (text-equivalent requests)",
         "",
-        "`text@CONFIG`: each completed request's chat message without the image, padded with a "
-        "filler word to the prompt tokens the server reported for the image request (`text "
-        "prompt tok` shows the match), same output length, same server, measured right after "
-        "the image requests. `of text` = image req/s / text req/s: 1.0 = the images cost "
-        "nothing beyond their tokens. `x stock` = ratio to stock vLLM's req/s for the same "
-        "images. `tower ms/img` = the plugin's tower + reduction wall time per image in the "
-        "server during the batch (its `vllm_prumerge:reduction_seconds`), `tower busy` = that "
-        "time summed over the batch / the batch's duration: near 1 per API-server process, the "
-        "front end was busy the whole time (the bottleneck).",
+        f"`text@CONFIG`: each completed request's chat message without the {long}, padded "
+        f"with a filler word to the prompt tokens the server reported for the {long} request "
+        "(`text prompt tok` shows the match), same output length, same server, measured right "
+        f"after the {long} requests. `of text` = {long} req/s / text req/s: 1.0 = the "
+        f"{long}s cost nothing beyond their tokens. `x stock` = ratio to stock vLLM's req/s "
+        f"for the same {long}s. `tower ms/{short}` = the plugin's tower + reduction wall time "
+        f"per {long} in the server during the batch (its `vllm_prumerge:reduction_seconds`), "
+        "`tower busy` = that time summed over the batch / the batch's duration: near 1 per "
+        "API-server process, the front end was busy the whole time (the bottleneck).",
         "",
         markdown_table(header, rows),
     ]
@@ -884,7 +927,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
         ax.set_xscale("log")
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
-        ax.set_xlabel("visual tokens per image (mean, log scale)")
+        ax.set_xlabel(f"visual tokens per {media_labels(data['settings'])[1]} (mean, log scale)")
         ax.legend(fontsize=7)
     env = data["environment"]
     fig.suptitle(
@@ -956,6 +999,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--num-prompts, --output-len and --repeats must be >= 1, --warmup >= 0")
     if args.api_server_count < 1 or (args.tower_threads is not None and args.tower_threads < 1):
         raise SystemExit("--api-server-count and --tower-threads must be >= 1")
+    if args.frames < 0:
+        raise SystemExit("--frames must be >= 0 (0: images)")
+    args.configs = args.configs or default_configs(args.frames)
+    args.chat_content_format = "the server's" if args.base_url else "openai"
     names = [c.strip().lower() for c in args.configs.split(",") if c.strip()]
     plugin_names = [n for n in names if not is_stock(n)]
     configs = parse_configs(",".join(plugin_names)) if plugin_names else []
@@ -984,6 +1031,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         servers["plugin"] = f"given ({base})"
     else:
         model = args.model or synthetic_checkpoint(args.synthetic, args.family, args.tower)[0]
+        if args.frames:  # a template that drops video parts: vLLM's "string" content format
+            args.chat_content_format = chat_prompt(model, args.frames).content_format
         # One server per stock dtype (`stock:DTYPE`), then the plugin's.
         groups = [(True, [c], c.name.partition(":")[2] or None) for c in stock_configs]
         for stock, group, dtype in [*groups, (False, configs, None)]:

@@ -9,6 +9,11 @@ time to first token, each with its ratio to `off` (the stock count: 576 for LLaV
 SigLIP, base + tiles for LLaVA-NeXT) and the prompt-ratio ideal (the ratio if cost were
 proportional to prompt tokens).
 
+Videos (`--frames N`, on a checkpoint that takes videos: LLaVA-OneVision, LLaVA-NeXT-Video): every
+request sends one N-frame video instead of the image (`multi_modal_data={"video": frames}`), and
+every count is per video: `off` is the family's stock count, the reduced configurations reduce
+each frame on its own (sum over frames of kept + 1).
+
 The true limit: every configuration is also measured as text only ("text@CONFIG": each request's
 prompt with its visual tokens replaced by an ordinary text token, so it has exactly the image
 prompt's length; same output length, same engine). `of text` = image throughput / text
@@ -30,6 +35,7 @@ the engine) in a second engine with the same settings.
 
     python benchmarks/throughput.py --out out/throughput                   # generated checkpoint
     python benchmarks/throughput.py --family llava_next --image-size 672x672 --out out/next
+    python benchmarks/throughput.py --family onevision --frames 8 --out out/video
     python benchmarks/throughput.py --model llava-hf/llava-1.5-7b-hf --out out/7b   # on a GPU
 
 Writes OUT/throughput.json (every figure, per-request counts, environment), OUT/throughput.md
@@ -51,12 +57,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cli import add_model_arguments, add_output_arguments, add_workload_arguments, model_label
 from _common import (
-    DEFAULT_CONFIGS,
     BenchConfig,
     WorkItem,
     build_workload,
+    chat_prompt,
+    default_configs,
     filler_token_id,
+    modality,
     parse_configs,
+    placeholder_token_id,
     summary,
     synthetic_checkpoint,
     text_equivalent_ids,
@@ -66,15 +75,16 @@ from _report import (
     environment,
     finish,
     markdown_table,
+    media_labels,
     progress,
     pyplot,
     save_figure,
     token_ticks,
+    video_note,
 )
 
 from vllm_prumerge.serving.stats import StepTracker, stat_logger_factory
 from vllm_prumerge.testing.engine_args import add_engine_arg_option, parse_engine_args
-from vllm_prumerge.testing.prompts import ChatPrompt
 
 STOCK = "stock"
 
@@ -89,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--model",
         default=None,
-        help="LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA or LLaVA-OneVision checkpoint (hub id such as "
+        help="LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA, LLaVA-OneVision or LLaVA-NeXT-Video "
+        "checkpoint (hub id such as "
         "llava-hf/llava-1.5-7b-hf, or a local folder). Default: a generated random-weight "
         "checkpoint (see --synthetic, --family, --tower).",
     )
@@ -114,12 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     work.add_argument(
         "--configs",
-        default=DEFAULT_CONFIGS,
+        default=None,
         help="Comma-separated configurations: off (stock 576 tokens through the plugin's code "
         "path), prumerge, prumerge+, fixed:N (keep N patches + 1 extra token), fixed:Ns (with "
         "PruMerge+ spatial samples), fixed:RATIO (e.g. fixed:0.25), and stock (vLLM's own LLaVA "
         "in a second engine; costs one more engine start). Ratios are taken to 'off' (or to the "
-        "configuration with the most visual tokens when 'off' is absent).",
+        "configuration with the most visual tokens when 'off' is absent). Default: "
+        f"{default_configs(0)}; with --frames: {default_configs(1)} (budgets per frame).",
     )
     work.add_argument(
         "--warmup",
@@ -199,7 +211,7 @@ def engine_settings(args: argparse.Namespace, model: str, *, stock: bool) -> dic
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         block_size=args.block_size,
-        limit_mm_per_prompt={"image": 1},
+        limit_mm_per_prompt={modality(args.frames): 1},
         enable_prefix_caching=False,  # every request pays for its whole prompt
         mm_processor_cache_gb=0,  # every request pays for its image (tower + reduction)
         enforce_eager=args.enforce_eager,
@@ -231,24 +243,19 @@ def stop_engine(engine: Any) -> None:
     gc.collect()
 
 
-def image_token_id(model: str) -> int:
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model).image_token_index
-
-
 # --------------------------------------------------------------------------------------------
 # Runs
 
 
 def make_prompt(item: WorkItem, config: BenchConfig) -> dict[str, Any]:
     """The offline request of `item` in `config`: the token ids of the chat prompt that the
-    checkpoint's own template renders (what `vllm serve` sends its engine) and the image."""
+    checkpoint's own template renders (what `vllm serve` sends its engine) and the image or
+    video."""
     if item.prompt_token_ids is None:
         raise ValueError("build the workload with a ChatPrompt: the item has no prompt ids")
     prompt: dict[str, Any] = {
         "prompt_token_ids": list(item.prompt_token_ids),
-        "multi_modal_data": {"image": item.image},
+        "multi_modal_data": {item.modality: item.media},
     }
     if config.name != STOCK:
         prompt["mm_processor_kwargs"] = {"prumerge": config.prumerge}
@@ -520,9 +527,11 @@ def markdown_report(data: dict[str, Any]) -> str:
     results = data["results"]
     env = data["environment"]
     settings = data["settings"]
+    short, long = media_labels(settings)
     lines = [
-        "# Throughput: visual tokens per image vs serving cost (vLLM offline)",
+        f"# Throughput: visual tokens per {long} vs serving cost (vLLM offline)",
         "",
+        *video_note(settings),
         f"Model: `{data['model']}`, dtype {'/'.join(sorted(set(data['dtype'].values())))}; "
         f"{settings['num_prompts']} requests "
         f"per configuration, {settings['output_len']} output tokens each; KV cache "
@@ -543,7 +552,7 @@ def markdown_report(data: dict[str, Any]) -> str:
         markdown_table(
             [
                 "config",
-                "visual tok/img mean",
+                f"visual tok/{short} mean",
                 "p50",
                 "p95",
                 "min",
@@ -587,7 +596,7 @@ def markdown_report(data: dict[str, Any]) -> str:
                 "x",
                 "e2e req/s",
                 "x",
-                "front-end ms/img",
+                f"front-end ms/{short}",
             ],
             [
                 [
@@ -619,8 +628,8 @@ def markdown_report(data: dict[str, Any]) -> str:
         "`preempt` (preemptions) "
         "are from the engine phase; the JSON also has the scheduler's running count, which "
         "includes partially prefilled requests. `burst TTFT` = mean time to first token when "
-        "all requests arrive at once (engine phase). `front-end ms/img` = pre-processing time per "
-        "request at batch 1 (tokenizer, image processor, vision tower and reduction).",
+        f"all requests arrive at once (engine phase). `front-end ms/{short}` = pre-processing "
+        "time per request at batch 1 (tokenizer, image processor, vision tower and reduction).",
         "",
         "Method: " + data["method"],
         "",
@@ -636,7 +645,7 @@ def text_section(data: dict[str, Any]) -> list[str]:
     table = markdown_table(
         [
             "config",
-            "visual tok/img",
+            f"visual tok/{media_labels(data['settings'])[0]}",
             "prompt tok",
             "engine req/s",
             "text-equiv. req/s",
@@ -715,7 +724,7 @@ def plot_scaling(data: dict[str, Any], out: Path) -> str:
         ax.set_xscale("log")
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
-        ax.set_xlabel("visual tokens per image (mean, log scale)")
+        ax.set_xlabel(f"visual tokens per {media_labels(data['settings'])[1]} (mean, log scale)")
         ax.set_title(title)
         ax.legend(fontsize=7)
     fig.suptitle(
@@ -801,7 +810,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
         ax.set_xscale("log")
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
-        ax.set_xlabel("visual tokens per image (mean, log scale)")
+        ax.set_xlabel(f"visual tokens per {media_labels(data['settings'])[1]} (mean, log scale)")
     fig.suptitle(
         f"{data['model']}\n{data['settings']['num_prompts']} requests, "
         f"{data['settings']['output_len']} output tokens; "
@@ -824,9 +833,10 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
             label=f"{r['name']} (mean {r['visual_tokens']['mean']:.1f}, "
             f"p50 {r['visual_tokens']['p50']:.0f}, max {r['visual_tokens']['max']:.0f})",
         )
-    ax.set_xlabel("visual tokens per image (kept + 1 extra token per image or crop)")
-    ax.set_ylabel("images")
-    ax.set_title("Adaptive token counts per image")
+    long = media_labels(data["settings"])[1]
+    ax.set_xlabel(f"visual tokens per {long} (kept + 1 extra token per image, crop or frame)")
+    ax.set_ylabel(f"{long}s")
+    ax.set_title(f"Adaptive token counts per {long}")
     ax.legend(fontsize=8)
     save_figure(fig, out, "visual_tokens_hist.png")
     return ["throughput_vs_tokens.png", plot_scaling(data, out), "visual_tokens_hist.png"]
@@ -859,6 +869,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.num_prompts < 1 or args.output_len < 1 or args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--num-prompts, --output-len and --repeats must be >= 1, --warmup >= 0")
+    if args.frames < 0:
+        raise SystemExit("--frames must be >= 0 (0: images)")
+    args.configs = args.configs or default_configs(args.frames)
     names = [c.strip().lower() for c in args.configs.split(",") if c.strip()]
     plugin_names = [n for n in names if n != STOCK]
     configs = parse_configs(",".join(plugin_names)) if plugin_names else []
@@ -882,10 +895,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.model
         else synthetic_checkpoint(args.synthetic, args.family, args.tower)
     )
-    image_token = image_token_id(model)
+    image_token = placeholder_token_id(model, args.frames)
     size = tuple(args.image_size)
-    chat = ChatPrompt(model)
-    items = build_workload(args.num_prompts, args.seed, args.images, size=size, prompt=chat)
+    chat = chat_prompt(model, args.frames)
+    args.chat_content_format = chat.content_format  # "string": the template drops video parts
+    items = build_workload(
+        args.num_prompts, args.seed, args.images, size=size, prompt=chat, frames=args.frames
+    )
     warm_per_round = max(args.warmup, 1)
     warm = build_workload(
         warm_per_round * len(configs) * (args.repeats + 1),
@@ -894,6 +910,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         start=args.num_prompts,
         size=size,
         prompt=chat,
+        frames=args.frames,
     )
     warm_iter = iter(warm)
     from vllm import SamplingParams
@@ -966,7 +983,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         runs[config.name].append(result)
                         bar.set_postfix_str(
                             f"{config.name}: {result['engine']['requests_per_s']:.2f} req/s, "
-                            f"{sum(result['visual_tokens']) / len(items):.1f} visual tok/img"
+                            f"{sum(result['visual_tokens']) / len(items):.1f} visual tok/"
+                            + media_labels(vars(args))[0]
                         )
             finally:
                 stop_engine(engine)
@@ -978,7 +996,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": model_label(args),
         "model_path": model,
         "synthetic_spec": spec,
-        "image_token_id": image_token,
+        "image_token_id": image_token,  # the placeholder counted (video_token_index: videos)
+        "media": {
+            "modality": modality(args.frames),
+            "frames": args.frames,
+            "chat_content_format": chat.content_format,
+        },
         "settings": dict(vars(args)),
         "engine_settings": settings_used,
         "engine_startup_s": startup,

@@ -6,6 +6,7 @@ complexity, so PruMerge keeps different token counts per image).
     python examples/make_inputs.py inputs --images 8
     python examples/make_inputs.py inputs --images 8 --broken   # + an unreadable image, a
                                                                 # missing one and a bad line
+    python examples/make_inputs.py inputs --video 8             # + video.mp4 of 8 frames
 """
 
 from __future__ import annotations
@@ -39,9 +40,17 @@ def main(argv: list[str] | None = None) -> None:
         help="Also write broken.png (not an image), a question about a missing image and one "
         "malformed line, to see how the examples report bad input.",
     )
+    parser.add_argument(
+        "--video",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="Also write video.mp4: FRAMES frames of a camera panning across a scene (OpenCV "
+        "mp4v, 2 frames/s). Default: 0 (no video).",
+    )
     args = parser.parse_args(argv)
-    if args.images < 0 or args.questions_per_image < 1:
-        parser.error("--images must be >= 0 and --questions-per-image >= 1")
+    if args.images < 0 or args.questions_per_image < 1 or args.video < 0:
+        parser.error("--images and --video must be >= 0 and --questions-per-image >= 1")
 
     from vllm_prumerge.testing import make_scenes
 
@@ -61,6 +70,12 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(json.dumps(line))
         lines.append('{"id": "bad-json", "image": ')
     (out / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    if args.video:
+        from vllm_prumerge.testing import make_video
+        from vllm_prumerge.testing.media import encode_mp4
+
+        (out / "video.mp4").write_bytes(encode_mp4(make_video(args.seed, args.video)))
+        print(f"video.mp4: {args.video} frames")
     print(f"{args.images} images and {len(lines)} question lines in {out}")
 
 

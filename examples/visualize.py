@@ -10,6 +10,10 @@ No vLLM needed: the checkpoint's vision tower (CLIP or SigLIP) runs through
     # LLaVA-NeXT: every crop (base view + high-resolution tiles) drawn on the original image
     python examples/visualize.py tokens --tiny --family llava_next --out-dir vis inputs/scene_00.png
 
+    # a video (an MP4 file, or a folder of frames): a filmstrip of its frames, each reduced on
+    # its own (LLaVA-OneVision, LLaVA-NeXT-Video)
+    python examples/visualize.py tokens --tiny --family next_video --video inputs/video.mp4
+
     # a histogram of tokens per image over a folder, one series per mode (+ counts JSONL)
     python examples/visualize.py histogram --tiny --modes prumerge prumerge+ --out vis/h.png inputs
 """
@@ -26,7 +30,8 @@ import common
 
 from vllm_prumerge.testing.engine_args import resolve_model
 
-FAMILIES = ("llava", "llava_next", "siglip")
+FAMILIES = ("llava", "llava_next", "siglip", "onevision", "next_video")
+VIDEO_FRAMES = 32  # frames taken from a video by default: vLLM's video loader's default
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="With --tiny: which generated checkpoint. llava: LLaVA-1.5 (CLIP 336/14, one 24x24 "
         "grid per image); llava_next: LLaVA-NeXT anyres (a base view plus 1x2, 2x1 or 2x2 "
         "tiles of 336 px, each reduced on its own); siglip: SigLIP-LLaVA like LLaVA-Interleave "
-        "(384/14, 27x27 grid, no CLS: received attention). With --model the checkpoint's own "
-        "config decides. Default: llava.",
+        "(384/14, 27x27 grid, no CLS: received attention); onevision: LLaVA-OneVision (that "
+        "SigLIP tower per anyres crop; images and videos); next_video: LLaVA-NeXT-Video (CLIP "
+        "336/14 per frame; videos only). With --model the checkpoint's own config decides. "
+        "Default: llava.",
     )
     shared.add_argument(
         "--device",
@@ -74,10 +81,33 @@ def build_parser() -> argparse.ArgumentParser:
         "(counts, kept/outlier/sample patch indices, per-patch merge target and role). "
         "LLaVA-NeXT: two rows of panels on the original image, the base view and the tiles "
         "mapped back onto the region each covers; the JSON holds the image's totals and one "
-        "entry per crop. Unreadable images are skipped with a warning.",
+        "entry per crop. Unreadable images are skipped with a warning. With --video, each "
+        "input is one video and the PNG is a filmstrip: one column per frame, kept patches "
+        "above, the merge map below; the JSON holds the video's totals, its stock count and one "
+        "entry per frame.",
     )
     tokens.set_defaults(command_parser=tokens)
-    tokens.add_argument("images", nargs="+", help="image files, or folders of images")
+    tokens.add_argument(
+        "images",
+        nargs="+",
+        help="image files, or folders of images; with --video: video files (MP4, ...), or "
+        "folders whose images are one video's frames in name order",
+    )
+    tokens.add_argument(
+        "--video",
+        action="store_true",
+        help="Each input is a video (a checkpoint that takes videos: LLaVA-OneVision, "
+        "LLaVA-NeXT-Video): its frames go through the family's video processor and each frame "
+        "is reduced on its own, as the plugin serves videos (sum over frames of kept + 1).",
+    )
+    tokens.add_argument(
+        "--frames",
+        type=int,
+        default=VIDEO_FRAMES,
+        metavar="N",
+        help="With --video: take N frames spread evenly over each video (first and last "
+        "included), or all of a shorter one. Default: %(default)s, as vLLM's video loader.",
+    )
     common.add_reduction_arguments(tokens, mode_default="prumerge+")
     tokens.add_argument(
         "--out-dir", default="vis", help="Folder for the PNG and JSON files. Default: vis."
@@ -200,6 +230,19 @@ class Tower:
             reduced[config.mode] = reduce_by_importance(*scores[kind], config)
         return reduced
 
+    def video_crops(self, video) -> object:
+        """The tower inputs `[T, 3, S, S]` of a video's frames (uint8 `[T, H, W, 3]`), by the
+        family's own video processor."""
+        processed = self.processor.video_processor(videos=[video], return_tensors="pt")
+        return processed["pixel_values_videos"][0]
+
+    def stock_video_tokens(self, video) -> int:
+        """Visual tokens of the stock model for this video: the processor's own expansion of
+        the video token (the family's pooling per frame, and any newline)."""
+        token = self.processor.video_token
+        ids = self.processor(text=token, videos=[video], return_tensors="pt")["input_ids"][0]
+        return int((ids == self.config.video_token_index).sum())
+
     def stock_tokens(self, image) -> int:
         """Visual tokens of the stock model for this image: the processor's own expansion of
         the image token (LLaVA-NeXT: base view + unpadded tiles + one newline per row)."""
@@ -246,18 +289,91 @@ def load_all(paths: list[Path]) -> tuple[list[tuple[Path, object]], dict[Path, s
     return images, errors
 
 
+def load_video(path: Path, frames: int):
+    """uint8 `[T, H, W, 3]`: `frames` frames spread over a video file, or a folder's images
+    (name order; every image resized to the first one's size)."""
+    import numpy as np
+
+    from vllm_prumerge.testing.media import read_video
+
+    if not path.is_dir():
+        return read_video(path, frames)
+    pictures = [common.open_image(p) for p in common.find_images(path)]
+    if not pictures:
+        raise ValueError(f"no frames (images) in folder {path}")
+    if frames < len(pictures):
+        picks = np.linspace(0, len(pictures) - 1, frames, dtype=int)
+        pictures = [pictures[i] for i in picks]
+    return np.stack([np.asarray(p.resize(pictures[0].size)) for p in pictures])
+
+
+def run_video_tokens(args, parser, tower, config, importance_name: str) -> int:
+    """`tokens --video`: one filmstrip PNG + JSON per video."""
+    from vllm_prumerge import vis
+
+    if getattr(tower.config, "video_token_index", None) is None:
+        parser.error(f"{type(tower.config).__name__} takes no videos: drop --video")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mean, std = (
+        tower.processor.video_processor.image_mean,
+        tower.processor.video_processor.image_std,
+    )
+    done = 0
+    for path in map(Path, args.images):
+        try:
+            video = load_video(path, args.frames)
+        except (ValueError, OSError) as exc:
+            common.warn(f"skipping: {exc}")
+            continue
+        pixel_values = tower.video_crops(video)
+        reduced = tower.reduce(pixel_values, [config])[config.mode]
+        tmaps = [
+            vis.token_map(reduced, t, importance_name=importance_name)
+            for t in range(len(pixel_values))
+        ]
+        frames = [vis.model_input_image(row, mean, std) for row in pixel_values]
+        stock = tower.stock_video_tokens(video)
+        title = f"{path.name} [{config.mode}]"
+        figure = vis.draw_filmstrip(
+            frames, tmaps, title=title, stock_tokens=stock, patch_size=tower.patch_size
+        )
+        counts = vis.total_counts(tmaps)
+        counts["tokens"] = sum(reduced.host_lengths) if config.enabled else stock
+        record = {"video": str(path), "mode": config.mode, "config": config.to_dict()}
+        record.update(counts)
+        record.update(frames=len(tmaps), stock_tokens=stock)
+        record["frame_maps"] = [tmap.to_dict() for tmap in tmaps]
+        png = vis.save_figure(figure, out_dir / f"{path.stem}.tokens.png")
+        (out_dir / f"{path.stem}.tokens.json").write_text(json.dumps(record) + "\n")
+        print(
+            f"{path.name}: {counts['tokens']} tokens over {len(tmaps)} frames (stock {stock}; "
+            f"{counts['outliers']} outliers + {counts['samples']} samples + {counts['extra']} "
+            f"extra) -> {png}"
+        )
+        done += 1
+    print(f"{done} filmstrip(s) in {out_dir}, {len(args.images) - done} video(s) skipped")
+    return 0 if done else 1
+
+
 def run_tokens(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.frames < 1:
+        parser.error("--frames must be >= 1")
     try:
-        files = expand_inputs(args.images)
+        files = [] if args.video else expand_inputs(args.images)
         options = common.reduction_options(args, args.mode)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
+    if args.video:
+        missing = [p for p in args.images if not Path(p).exists()]
+        if missing:
+            parser.error(f"no such video or folder: {missing[0]}")
     from vllm_prumerge import PruMergeConfig, vis
 
     config = PruMergeConfig.from_dict(options)
     model = checkpoint_of(args, parser)
     images, errors = load_all(files)
-    if not images:
+    if not images and not args.video:
         print("error: no readable images", file=sys.stderr)
         return 1
     tower = Tower(model, args.device, args.dtype)
@@ -266,6 +382,8 @@ def run_tokens(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     except ValueError as exc:
         parser.error(str(exc))
     importance_name = f"{'class' if importance == 'cls' else 'received'} attention"
+    if args.video:
+        return run_video_tokens(args, parser, tower, config, importance_name)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mean, std = tower.image_processor.image_mean, tower.image_processor.image_std

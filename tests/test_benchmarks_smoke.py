@@ -1,14 +1,17 @@
 """The benchmark scripts end to end on tiny workloads: they run, and their figures are consistent.
 
 Each script runs as a user would run it (a subprocess, on a generated checkpoint) and the test
-reads what it wrote: the JSON's token counts are the real ones (stock = 576 per image, 729 for
-SigLIP, transformers' own count for LLaVA-NeXT; fixed budgets = budget + 1, PruMerge's equal the
-core encoder's), text-equivalent requests have exactly their image requests' prompt length,
-ratios follow from the figures, and the Markdown tables and PNG plots exist. Never timing.
+reads what it wrote: the JSON's token counts are the real ones (stock = 576 per image;
+fixed budgets = budget + 1, PruMerge's equal the core encoder's; videos (`--frames`, offline on
+LLaVA-OneVision, through `video_url` on LLaVA-NeXT-Video): stock = transformers' own processor's
+count, reduced = the independent transformers pipeline's per-frame reduction of the frames the
+engine saw), text-equivalent requests have exactly their image (or video) requests' prompt
+length, ratios follow from the figures, and the Markdown tables and PNG plots exist. Never timing.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -46,20 +49,29 @@ def assert_png(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def family_checkpoints(tmp_path_factory) -> dict[str, str]:
-    """The session's generated tiny LLaVA-NeXT and SigLIP-LLaVA checkpoints."""
+    """The session's generated tiny LLaVA-OneVision and LLaVA-NeXT-Video checkpoints."""
     return {
-        family: family_checkpoint(family, tmp_path_factory) for family in ("llava_next", "siglip")
+        family: family_checkpoint(family, tmp_path_factory)
+        for family in ("onevision", "next_video")
     }
 
 
-def stock_image_tokens(checkpoint: str, image) -> int:
-    """Visual tokens of one image by transformers' own processor (independent of vLLM and of
-    the plugin): the count of the image token in the expanded prompt."""
+def stock_video_tokens(checkpoint: str, video) -> int:
+    """Visual tokens of one video (`[T, H, W, 3]`) by transformers' own processor (independent
+    of vLLM and of the plugin): the count of the video token in the expanded prompt."""
     from transformers import AutoConfig, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(checkpoint)
-    ids = processor(images=[image], text="USER: <image>\nWhat? ASSISTANT:")["input_ids"][0]
-    return list(ids).count(AutoConfig.from_pretrained(checkpoint).image_token_index)
+    ids = processor(videos=[video], text="USER: <video>\nWhat? ASSISTANT:")["input_ids"][0]
+    return list(ids).count(AutoConfig.from_pretrained(checkpoint).video_token_index)
+
+
+def per_frame_tokens(hf, video) -> list[int]:
+    """Tokens of each frame of `video` reduced on its own (kept + 1) by the independent
+    transformers pipeline (tests/hf_reference.py), frames from the family's video processor."""
+    from vllm_prumerge import PruMergeConfig
+
+    return [len(hf._reduce_crops(f[None], PruMergeConfig())) for f in hf.video_frames(video)]
 
 
 def test_configuration_strings_parse_to_request_options():
@@ -163,20 +175,19 @@ def test_throughput_script_reports_real_token_counts_and_consistent_ratios(tiny_
 
 
 @pytest.mark.engine
-def test_throughput_script_counts_llava_next_crops(family_checkpoints, tmp_path):
-    checkpoint = family_checkpoints["llava_next"]
-    out = tmp_path / "next"
-    num_prompts = 2
+def test_throughput_script_sends_videos_and_counts_every_frame(family_checkpoints, tmp_path):
+    checkpoint = family_checkpoints["onevision"]
+    out = tmp_path / "video"
+    num_prompts, frames = 2, 3
     run_script(
         [
             BENCH / "throughput.py",
             "--model", checkpoint,
             "--dtype", "float32",
-            "--image-size", "672x672",
+            "--frames", frames,
             "--num-prompts", num_prompts,
             "--output-len", 2,
             "--configs", "off,prumerge",
-            "--no-text",
             "--warmup", 0,
             "--repeats", 1,
             "--max-model-len", 4096,
@@ -189,29 +200,47 @@ def test_throughput_script_counts_llava_next_crops(family_checkpoints, tmp_path)
     )  # fmt: skip
     data = json.loads((out / "throughput.json").read_text())
     off, prumerge = data["results"]
+    # The generated template has no case for video parts: vLLM's "string" content format.
+    assert data["media"] == {"modality": "video", "frames": frames, "chat_content_format": "string"}
     sys.path.insert(0, str(BENCH))
     from _common import build_workload
 
-    items = build_workload(num_prompts, data["settings"]["seed"], size=(672, 672))
-    expected = [stock_image_tokens(checkpoint, item.image) for item in items]
-    assert off["visual_tokens_per_request"] == expected == [2928] * num_prompts
-    # 5 crops (base + 2x2 tiles), each reduced on its own: kept + 1 extra token per crop.
-    assert all(5 * 2 <= n < 2928 for n in prumerge["visual_tokens_per_request"])
-    assert "text" not in off
+    from tests.hf_reference import HFPruMergeLlava
+
+    items = build_workload(num_prompts, data["settings"]["seed"], frames=frames)
+    assert all(item.video.shape == (frames, 336, 336, 3) for item in items)
+    # Stock: transformers' own processor (OneVision: 196 per frame + 1 newline per video).
+    expected = [stock_video_tokens(checkpoint, item.video) for item in items]
+    assert off["visual_tokens_per_request"] == expected == [frames * 196 + 1] * num_prompts
+    # Reduced: each frame reduced on its own by the independent transformers pipeline.
+    hf = HFPruMergeLlava(checkpoint)
+    per_frame = [per_frame_tokens(hf, item.video) for item in items]
+    assert all(len(counts) == frames and min(counts) >= 2 for counts in per_frame)
+    assert prumerge["visual_tokens_per_request"] == [sum(counts) for counts in per_frame]
+    # Same questions: prompt tokens differ by the visual tokens only; text-equivalents match.
+    text_tokens = off["prompt_tokens"]["mean"] - off["visual_tokens"]["mean"]
+    assert prumerge["prompt_tokens"]["mean"] - prumerge["visual_tokens"]["mean"] == text_tokens
+    for r in data["results"]:
+        assert r["text"]["prompt_tokens"] == r["prompt_tokens"]
+        assert r["engine"]["requests_per_s"] > 0 and r["text"]["engine"]["requests_per_s"] > 0
+    report = (out / "throughput.md").read_text()
+    assert f"one video of {frames} frames" in report and "| visual tok/video |" in report
 
 
 @pytest.mark.server
-def test_serving_script_serves_siglip_llava(family_checkpoints, tmp_path):
-    checkpoint = family_checkpoints["siglip"]
-    out = tmp_path / "siglip"
+def test_serving_script_sends_videos_as_video_urls(family_checkpoints, tmp_path):
+    checkpoint = family_checkpoints["next_video"]
+    out = tmp_path / "video"
+    num_prompts, frames = 2, 3
     run_script(
         [
             BENCH / "serving.py",
             "--model", checkpoint,
             "--dtype", "float32",
+            "--frames", frames,
+            "--image-size", "320x240",
             "--configs", "off,prumerge",
-            "--no-text",
-            "--num-prompts", 2,
+            "--num-prompts", num_prompts,
             "--output-len", 2,
             "--warmup", 0,
             "--repeats", 1,
@@ -225,12 +254,41 @@ def test_serving_script_serves_siglip_llava(family_checkpoints, tmp_path):
     )  # fmt: skip
     data = json.loads((out / "serving.json").read_text())
     off, prumerge = data["runs"]
-    assert off["failed"] == prumerge["failed"] == 0
-    assert off["visual_tokens_mean"] == 729  # SigLIP 384/14: every patch, no CLS
-    assert 2 <= prumerge["visual_tokens_mean"] < 729
+    for r in (off, prumerge):
+        assert r["completed"] == num_prompts and r["failed"] == 0
+        assert r["visual_images"] == num_prompts  # the per-video histogram saw every video
+        assert r["text"]["prompt_tokens"] == r["prompt_tokens"]  # text-equivalents match
+    assert '--limit-mm-per-prompt {"video": 1}' in data["servers"]["plugin"]
+    assert "--chat-template-content-format string" in data["servers"]["plugin"]
+
+    # What the server decoded: the same MP4s through vLLM's own video loader (lossy codec).
+    sys.path.insert(0, str(BENCH))
+    from _common import build_workload
+    from serving import media_url
+    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
+
+    from tests.hf_reference import HFPruMergeLlava
+
+    loader = VIDEO_LOADER_REGISTRY.load("opencv")
+    items = build_workload(num_prompts, data["settings"]["seed"], size=(320, 240), frames=frames)
+    decoded = []
+    for item in items:
+        payload = base64.b64decode(media_url(item).split(",", 1)[1])
+        decoded.append(loader.load_bytes(payload, num_frames=frames)[0])
+    assert all(video.shape == (frames, 240, 320, 3) for video in decoded)
+    # Stock: transformers' own processor (NeXT-Video: 144 per frame, no newline).
+    stock = [stock_video_tokens(checkpoint, video) for video in decoded]
+    assert off["visual_tokens_mean"] == stock[0] == stock[1] == frames * 144
+    # Reduced: each decoded frame reduced on its own by the independent transformers pipeline.
+    hf = HFPruMergeLlava(checkpoint)
+    reduced = [sum(per_frame_tokens(hf, video)) for video in decoded]
+    assert prumerge["visual_tokens_mean"] == pytest.approx(sum(reduced) / num_prompts)
+    # usage.prompt_tokens: one <video> placeholder expanded, the rest the chat message's text.
     assert off["prompt_tokens"]["mean"] - prumerge["prompt_tokens"]["mean"] == pytest.approx(
-        729 - prumerge["visual_tokens_mean"]
+        off["visual_tokens_mean"] - prumerge["visual_tokens_mean"]
     )
+    report = (out / "serving.md").read_text()
+    assert "| visual tok/video |" in report and "MP4 `video_url`" in report
 
 
 @pytest.mark.server

@@ -415,3 +415,94 @@ def test_visualize_refuses_family_with_a_model_path(tmp_path):
         "visualize.py", "tokens", "--model", str(tmp_path), "--family", "siglip", tmp_path
     )
     assert done.returncode == 2 and "--family applies to --tiny" in done.stderr
+
+
+# --- videos: a filmstrip, one column per frame, each frame reduced on its own -----------------
+
+
+@pytest.mark.parametrize("mode", ["prumerge+", "off"])
+def test_filmstrip_draws_each_frames_kept_patches_and_the_video_total(mode):
+    frames = 4
+    reduced = reduce_tokens(*synthetic_batch(batch=frames), PruMergeConfig(mode=mode))
+    tmaps = [vis.token_map(reduced, t) for t in range(frames)]
+    pictures = [Image.new("RGB", (336, 336), (30 * t, 90, 200)) for t in range(frames)]
+    fig = vis.draw_filmstrip(pictures, tmaps, title="clip", stock_tokens=576)
+    kept_row, merge_row = fig.axes[:frames], fig.axes[frames : 2 * frames]
+    assert len(fig.axes) == 2 * frames  # one column per frame, no colour bars
+    for t, (kept, merge) in enumerate(zip(kept_row, merge_row, strict=True)):
+        outliers = int(reduced.num_outliers[t])
+        samples = reduced.host_num_kept[t] - outliers
+        assert _rectangles(kept, "red") == outliers
+        assert _rectangles(kept, "cyan") == (0 if mode == "off" else samples)  # off: none marked
+        assert kept.get_xlim() == (0, 24) and merge.get_xlim() == (0, 24)
+        if mode == "off":
+            assert kept.get_title() == f"frame {t}: 576 patches (off)"
+        else:
+            assert kept.get_title() == (
+                f"frame {t}: {outliers} + {samples} + 1 = {reduced.host_lengths[t]}"
+            )
+    if mode == "off":
+        assert fig.get_suptitle() == "clip: mode off: 4 frames passed through = 576 tokens stock"
+    else:
+        assert fig.get_suptitle().endswith(f"= {sum(reduced.host_lengths)} tokens (stock: 576)")
+    with pytest.raises(ValueError, match="one token map per frame"):
+        vis.draw_filmstrip(pictures[:2], tmaps)
+
+
+@pytest.fixture(scope="module")
+def next_video_checkpoint(tmp_path_factory) -> str:
+    from tests.helpers import family_checkpoint
+
+    return family_checkpoint("next_video", tmp_path_factory)
+
+
+def test_visualize_tokens_draws_a_video_as_a_filmstrip(next_video_checkpoint, tiny_llava, tmp_path):
+    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
+
+    from tests.hf_reference import HFPruMergeLlava
+
+    env = tiny_cache_env(next_video_checkpoint, tmp_path)
+    inputs = tmp_path / "inputs"
+    done = run_example("make_inputs.py", inputs, "--images", 0, "--video", 6, env=env)
+    assert done.returncode == 0, done.stderr
+    # The same clip as a folder of PNG frames (lossless): frames 0, 2, 5 of 6 are what an even
+    # spread of 3 picks, as vLLM's loader picks them.
+    from vllm_prumerge.testing import make_video
+
+    clip = make_video(0, 6)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t, frame in enumerate(clip):
+        Image.fromarray(frame).save(folder / f"f{t}.png")
+    out = tmp_path / "vis"
+    args = ["tokens", "--tiny", "--family", "next_video", "--video", "--frames", 3]
+    done = run_example(
+        "visualize.py", *args, "--mode", "prumerge+", "--out-dir", out,
+        inputs / "video.mp4", folder, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    loader = VIDEO_LOADER_REGISTRY.load("opencv")  # vLLM's own decoder of video_url MP4s
+    decoded, _ = loader.load_bytes((inputs / "video.mp4").read_bytes(), num_frames=3)
+    hf = HFPruMergeLlava(next_video_checkpoint)
+    config = PruMergeConfig(mode="prumerge+")
+    for name, video in (("video", decoded), ("frames", clip[[0, 2, 5]])):
+        record = json.loads((out / f"{name}.tokens.json").read_text())
+        frames = hf.video_frames(video)  # transformers' video processor: [3, 3, 336, 336]
+        expected = [len(hf._reduce_crops(f[None], config)) for f in frames]
+        assert [m["tokens"] for m in record["frame_maps"]] == expected
+        assert record["frames"] == 3 and record["tokens"] == sum(expected)
+        for m in record["frame_maps"]:
+            assert m["tokens"] == m["outliers"] + m["samples"] + 1
+            assert len(m["roles"]) == 576
+        ids = hf.processor(videos=[video], text="<video>", return_tensors="pt").input_ids[0]
+        assert record["stock_tokens"] == int((ids == hf.video_token).sum()) == 3 * 144
+        shown = "video.mp4" if name == "video" else "frames"
+        assert f"{shown}: {sum(expected)} tokens over 3 frames (stock 432;" in done.stdout
+        with Image.open(out / f"{name}.tokens.png") as png:
+            assert png.format == "PNG" and png.size == (780, 640)
+    assert "2 filmstrip(s)" in done.stdout
+    env = tiny_cache_env(tiny_llava, tmp_path)  # LLaVA-1.5 takes no videos
+    refused = run_example(
+        "visualize.py", "tokens", "--tiny", "--video", "--out-dir", out, folder, env=env
+    )
+    assert refused.returncode == 2 and "takes no videos" in refused.stderr

@@ -8,8 +8,9 @@ Two steps, so the numbers can be used without drawing anything:
    absorbed it most strongly). :func:`total_counts` sums an image's crops.
 2. :func:`draw_token_map` (one crop: LLaVA-1.5's 24x24 grid, SigLIP's 27x27),
    :func:`draw_anyres_token_maps` (every crop of a LLaVA-NeXT image, on the original image;
-   :func:`anyres_placements` maps the crops back) and :func:`draw_count_histogram` draw figures
-   from those numbers; :func:`save_figure` writes a PNG.
+   :func:`anyres_placements` maps the crops back), :func:`draw_filmstrip` (every frame of a
+   video, one column per frame) and :func:`draw_count_histogram` draw figures from those numbers;
+   :func:`save_figure` writes a PNG.
 
     from vllm_prumerge.encoder import PruMergeEncoder
     from vllm_prumerge import vis
@@ -22,6 +23,11 @@ Two steps, so the numbers can be used without drawing anything:
     tmaps = [vis.token_map(encoded.reduced, k) for k in range(K)]
     places = vis.anyres_placements(image.size, hf_config.image_grid_pinpoints)
     vis.save_figure(vis.draw_anyres_token_maps(image, places, tmaps), "tokens.png")
+
+    # a video: its T frames are rows 0..T-1 of the batch, each reduced on its own
+    tmaps = [vis.token_map(encoded.reduced, t) for t in range(T)]
+    frames = [vis.model_input_image(pixel_values[t], mean, std) for t in range(T)]
+    vis.save_figure(vis.draw_filmstrip(frames, tmaps), "tokens.png")
 
 Drawing uses matplotlib's object API (``Figure`` + Agg canvas): no pyplot, no global state, no
 display needed. matplotlib is imported only by the drawing functions.
@@ -57,6 +63,7 @@ __all__ = [
     "anyres_placements",
     "draw_anyres_token_maps",
     "draw_count_histogram",
+    "draw_filmstrip",
     "draw_token_map",
     "model_input_image",
     "save_figure",
@@ -425,10 +432,28 @@ def _frame(ax, place: CropPlacement, colour, width: float) -> None:
     )
 
 
-def _draw_kept(ax, picture: np.ndarray, extent, crops: Sequence[_Crop]) -> None:
-    """Kept tokens: outliers (red squares), spatial samples (cyan squares), pruned dimmed."""
+def _kept_legend(counts: Sequence[tuple[str, str, int | None]]) -> list:
+    """Legend handles of the kept-token squares: (colour, name, count or None) each."""
     from matplotlib.lines import Line2D
 
+    return [
+        Line2D(
+            [],
+            [],
+            marker="s",
+            linestyle="",
+            markerfacecolor="none",
+            markeredgecolor=colour,
+            label=name if count is None else f"{name} ({count})",
+        )
+        for colour, name, count in counts
+    ]
+
+
+def _draw_kept(
+    ax, picture: np.ndarray, extent, crops: Sequence[_Crop], *, legend: bool = True
+) -> None:
+    """Kept tokens: outliers (red squares), spatial samples (cyan squares), pruned dimmed."""
     ax.imshow(picture, extent=extent, interpolation="bilinear")
     outliers = samples = 0
     for place, tmap in crops:
@@ -443,22 +468,10 @@ def _draw_kept(ax, picture: np.ndarray, extent, crops: Sequence[_Crop]) -> None:
             _squares(ax, place, tmap.outliers, "red", 1.8)
             outliers += len(tmap.outliers)
             samples += len(tmap.samples)
+    if not legend:
+        return
     ax.legend(
-        handles=[
-            Line2D(
-                [],
-                [],
-                marker="s",
-                linestyle="",
-                markerfacecolor="none",
-                markeredgecolor=colour,
-                label=f"{name} ({count})",
-            )
-            for colour, name, count in (
-                ("red", "outliers", outliers),
-                ("cyan", "spatial samples", samples),
-            )
-        ],
+        handles=_kept_legend([("red", "outliers", outliers), ("cyan", "spatial samples", samples)]),
         loc="upper center",
         bbox_to_anchor=(0.5, -0.06),
         ncol=2,
@@ -567,6 +580,17 @@ def _picture(image: Image.Image, width: float, height: float) -> tuple[np.ndarra
     return picture, (0.0, width, height, 0.0)
 
 
+def _patch_picture(
+    image: Image.Image, grid: int, patch_size: int
+) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """``image`` (the crop or frame the tower saw) on a ``grid x grid`` axis in patches, at
+    ``patch_size`` pixels per patch (stretched over the grid when smaller)."""
+    covered = grid * patch_size
+    if image.width < covered or image.height < covered:
+        image = image.resize((covered, covered))
+    return _picture(image, image.width / patch_size, image.height / patch_size)
+
+
 def _limit(ax, left: float, right: float, bottom: float, top: float) -> None:
     ax.set_xlim(left, right)
     ax.set_ylim(bottom, top)
@@ -597,10 +621,7 @@ def draw_token_map(
     from matplotlib.figure import Figure
 
     grid = tmap.grid
-    covered = grid * patch_size
-    if image.width < covered or image.height < covered:
-        image = image.resize((covered, covered))
-    picture, extent = _picture(image, image.width / patch_size, image.height / patch_size)
+    picture, extent = _patch_picture(image, grid, patch_size)
     crops = [(CropPlacement(grid, 0.0, 0.0, 1.0, 1.0, label="image"), tmap)]
     fig = Figure(figsize=(16, 5.8), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
@@ -690,19 +711,102 @@ def draw_anyres_token_maps(
             for ax in row:
                 for place, _ in crops:
                     _frame(ax, place, "yellow", 1.5)
+    stock_note = "stock (unpadded, one newline per row)"
+    fig.suptitle(_totals_title(title, tmaps, "crops", stock_tokens, stock_note), fontsize=12)
+    return fig
+
+
+def _totals_title(
+    title: str | None,
+    tmaps: Sequence[TokenMap],
+    unit: str,
+    stock_tokens: int | None,
+    stock_note: str = "stock",
+) -> str:
+    """A figure title with the totals over several token maps (an image's crops, a video's
+    frames, named by ``unit``) and the stock count if given."""
     totals = total_counts(tmaps)
     if all(tmap.passthrough for tmap in tmaps):
-        summary = f"mode off: {totals['crops']} crops passed through stock"
+        summary = f"mode off: {len(tmaps)} {unit} passed through"
         if stock_tokens is not None:
-            summary += f" = {stock_tokens} tokens (unpadded, one newline per row)"
+            summary += f" = {stock_tokens} tokens {stock_note}"
     else:
         summary = (
-            f"{totals['crops']} crops: {totals['outliers']} outliers + {totals['samples']} "
+            f"{len(tmaps)} {unit}: {totals['outliers']} outliers + {totals['samples']} "
             f"samples + {totals['extra']} extra = {totals['tokens']} tokens"
         )
         if stock_tokens is not None:
             summary += f" (stock: {stock_tokens})"
-    fig.suptitle(f"{title}: {summary}" if title else summary, fontsize=12)
+    return f"{title}: {summary}" if title else summary
+
+
+def draw_filmstrip(
+    frames: Sequence[Image.Image],
+    tmaps: Sequence[TokenMap],
+    *,
+    title: str | None = None,
+    stock_tokens: int | None = None,
+    patch_size: int = 14,
+    dpi: int = 100,
+) -> Figure:
+    """A video's frames as a filmstrip: one column per frame in time order, each frame reduced
+    on its own (kept + its extra token).
+
+    Row 1, kept patches (the first panel of :func:`draw_token_map`: attention outliers red,
+    spatial samples cyan, pruned patches dimmed); row 2, the merge map (each patch tinted with
+    the kept token of its frame that absorbed it most strongly, grey: extra token only). Each
+    column's title gives that frame's counts; the figure's title the video's total.
+
+    Args:
+        frames: the frames as the tower saw them (e.g. :func:`model_input_image` of each).
+        tmaps: one :class:`TokenMap` per frame, in the same order.
+        title: prefix of the figure title.
+        stock_tokens: the stock model's tokens for this video (quoted in the title if given).
+        patch_size: the tower's patch side in pixels of ``frames``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if len(frames) != len(tmaps) or not tmaps:
+        raise ValueError(
+            "draw_filmstrip needs one token map per frame and at least one frame: got "
+            f"{len(frames)} frames, {len(tmaps)} token maps"
+        )
+    count = len(tmaps)
+    fig = Figure(figsize=(max(6.0, 2.6 * count), 6.4), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.asarray(fig.subplots(2, count, squeeze=False))
+    for t, (frame, tmap) in enumerate(zip(frames, tmaps, strict=True)):
+        grid = tmap.grid
+        picture, extent = _patch_picture(frame, grid, patch_size)
+        crops = [(CropPlacement(grid, 0.0, 0.0, 1.0, 1.0, label=f"frame {t}"), tmap)]
+        for ax in axes[:, t]:
+            _limit(ax, 0, grid, grid, 0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        _draw_kept(axes[0, t], picture, extent, crops, legend=False)
+        counts = tmap.counts()
+        if tmap.passthrough:
+            axes[0, t].set_title(f"frame {t}: {counts['patches']} patches (off)", fontsize=8)
+        else:
+            axes[0, t].set_title(
+                f"frame {t}: {counts['outliers']} + {counts['samples']} + 1 = {counts['tokens']}",
+                fontsize=8,
+            )
+        drawn = _draw_merge(axes[1, t], picture, extent, crops)
+        axes[1, t].set_title(
+            f"{drawn['pruned_to_kept']} merged, {drawn['pruned_to_extra']} extra only", fontsize=8
+        )
+    fig.legend(
+        handles=_kept_legend(
+            [("red", "attention outlier", None), ("cyan", "spatial sample", None)]
+        ),
+        loc="outside lower center",
+        ncol=2,
+        fontsize=8,
+        frameon=False,
+    )
+    fig.suptitle(_totals_title(title, tmaps, "frames", stock_tokens), fontsize=11)
     return fig
 
 

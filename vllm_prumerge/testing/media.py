@@ -1,4 +1,4 @@
-"""Media as vLLM users send it: OpenAI `data:` URLs for images and videos.
+"""Media as vLLM users send it: OpenAI `data:` URLs for images and videos; video files read back.
 
 The one home of these helpers for tests, benchmarks and examples.
 """
@@ -70,3 +70,29 @@ def decode_mp4(data: bytes) -> np.ndarray:
 def video_data_url(frames: np.ndarray, fps: float = 2.0) -> str:
     """A `data:video/mp4` URL of the frames `[T, H, W, 3]` for an OpenAI `video_url` part."""
     return "data:video/mp4;base64," + base64.b64encode(encode_mp4(frames, fps)).decode()
+
+
+def read_video(path: str | os.PathLike, num_frames: int | None = None) -> np.ndarray:
+    """The frames of a video file (MP4, ...; OpenCV) as uint8 RGB `[T, H, W, 3]`: every frame,
+    or `num_frames` spread evenly over the clip when it has more (first and last included, as
+    vLLM's `opencv` video loader picks them)."""
+    import cv2
+
+    capture = cv2.VideoCapture(os.fspath(path))
+    try:
+        if not capture.isOpened():
+            raise ValueError(f"cannot open video {path}")
+        decoded = []
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            decoded.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    finally:
+        capture.release()
+    if not decoded:
+        raise ValueError(f"no frames in video {path}")
+    if num_frames is not None and 0 < num_frames < len(decoded):
+        picks = np.linspace(0, len(decoded) - 1, num_frames, dtype=int)
+        decoded = [decoded[i] for i in picks]
+    return np.stack(decoded)

@@ -1,4 +1,5 @@
-"""Synthetic scene images: shapes, text and gradients of varied complexity, deterministic by seed.
+"""Synthetic scene images: shapes, text and gradients of varied complexity, deterministic by seed;
+and videos of them (a camera panning across one scene).
 
 I.i.d. noise gives an unrepresentative, nearly uniform class attention; these scenes have
 structure (flat regions, edges, small salient objects), so token counts vary from image to image.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 _WORDS = ["STOP", "EXIT", "CAFE", "42", "OPEN", "SALE", "vLLM", "LLaVA", "PRUNE", "MERGE", "A", "Z"]
@@ -69,3 +71,16 @@ def make_scene(
 def make_scenes(count: int, seed: int = 0, size: tuple[int, int] = (336, 336)) -> list[Image.Image]:
     """`count` scenes of increasing seed, complexities spread over 0..10."""
     return [make_scene(seed * 100_003 + i, size=size) for i in range(count)]
+
+
+def make_video(
+    seed: int, frames: int, size: tuple[int, int] = (336, 336), pan: int = 12
+) -> np.ndarray:
+    """A video of `frames` frames of `size` (width, height): a camera panning right by `pan`
+    pixels per frame across one scene (`make_scene(seed)`, drawn wide enough for the pan).
+    uint8 `[T, H, W, 3]`, the layout vLLM takes as `multi_modal_data={"video": frames}`."""
+    if frames < 1:
+        raise ValueError(f"a video needs at least one frame, got {frames}")
+    width, height = size
+    wide = np.asarray(make_scene(seed, size=(width + pan * (frames - 1), height)))
+    return np.stack([wide[:, pan * t : pan * t + width] for t in range(frames)])
