@@ -72,7 +72,7 @@ REAL_TOWERS: dict[str, dict[str, int]] = {
     "next_video": _CLIP_L_336,
 }
 TOWERS = ("preset", "real")
-FAMILIES = ("llava", "llava_next", "siglip", "onevision", "next_video")
+FAMILIES = ("llava", "llava_next", "siglip", "onevision", "next_video", "video_llava")
 
 # Questions of varied length (a few tokens to a paragraph), so text cost is not a constant.
 QUESTIONS = (

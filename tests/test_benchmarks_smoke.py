@@ -27,7 +27,11 @@ BENCH = ROOT / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_script(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+def run_script(
+    args: list[str], timeout: float = 600, in_process: bool = False
+) -> subprocess.CompletedProcess:
+    """Run a benchmark script; `in_process`: its vLLM engine inside the script's process (no
+    engine-core or worker spawn, as tests/helpers.py `in_process_engine`)."""
     done = subprocess.run(
         [sys.executable, *map(str, args)],
         capture_output=True,
@@ -37,6 +41,7 @@ def run_script(args: list[str], timeout: float = 600) -> subprocess.CompletedPro
             **os.environ,
             "VLLM_TARGET_DEVICE": "cpu",
             "VLLM_CPU_KVCACHE_SPACE": "1",
+            **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else {}),
         },
     )
     assert done.returncode == 0, f"{args[0]} exited {done.returncode}:\n{done.stderr[-6000:]}"
@@ -106,7 +111,8 @@ def test_throughput_script_reports_real_token_counts_and_consistent_ratios(tiny_
             "--max-num-seqs", 8,
             "--no-progress",
             "--out", out,
-        ]
+        ],
+        in_process=True,
     )  # fmt: skip
     data = json.loads((out / "throughput.json").read_text())
     by_name = {r["name"]: r for r in data["results"]}

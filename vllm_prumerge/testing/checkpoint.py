@@ -46,7 +46,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-# Video-LLaVA's: images, then videos ("USER: <video>\n... ASSISTANT:"), as LanguageBind's.
+# The video families' (Video-LLaVA's as LanguageBind's): images, then videos ("USER: <video>\n...").
 _IMAGE_ITEMS = "{{ '<image>\n' }}{% endfor %}"
 VIDEO_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
     _IMAGE_ITEMS,
@@ -68,6 +68,9 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 FAMILIES = ("llava", "llava_next", "siglip", "onevision", "next_video", "video_llava")
 # Families whose tokenizer has a `<video>` token.
 _VIDEO_FAMILIES = ("onevision", "next_video", "video_llava")
+# Families whose generated files changed after their first release, with the change's number
+# (part of the cache key). 2: the chat template writes video parts.
+_REVISED = {"onevision": 2, "next_video": 2}
 # LLaVA-NeXT grids of the tiny checkpoint: 1x2, 2x1 and 2x2 tiles of 336 px (up to 5 crops).
 NEXT_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672]]
 # LLaVA-OneVision's: the same grids of 384 px SigLIP tiles.
@@ -105,12 +108,16 @@ class TinyLlavaSpec:
         fields = dataclasses.asdict(self)
         if self.family == "llava":  # the key of the original (family-less) spec: caches stay valid
             fields.pop("family")
+        if self.family in _REVISED:  # what it writes changed: a new folder, not a stale cache
+            fields["revision"] = _REVISED[self.family]
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def _chat_template(spec: TinyLlavaSpec) -> str:
-    return VIDEO_CHAT_TEMPLATE if spec.family == "video_llava" else CHAT_TEMPLATE
+    """The families with a `<video>` token get the template that writes video parts too (an
+    OpenAI `video_url` part needs its placeholder in the rendered prompt)."""
+    return VIDEO_CHAT_TEMPLATE if spec.family in _VIDEO_FAMILIES else CHAT_TEMPLATE
 
 
 def _build_tokenizer(spec: TinyLlavaSpec):
