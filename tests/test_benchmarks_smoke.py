@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,8 +207,8 @@ def test_throughput_script_sends_videos_and_counts_every_frame(family_checkpoint
     )  # fmt: skip
     data = json.loads((out / "throughput.json").read_text())
     off, prumerge = data["results"]
-    # The generated template has no case for video parts: vLLM's "string" content format.
-    assert data["media"] == {"modality": "video", "frames": frames, "chat_content_format": "string"}
+    # The generated template writes video parts: vLLM's default content format.
+    assert data["media"] == {"modality": "video", "frames": frames, "chat_content_format": "openai"}
     sys.path.insert(0, str(BENCH))
     from _common import build_workload
 
@@ -265,7 +266,8 @@ def test_serving_script_sends_videos_as_video_urls(family_checkpoints, tmp_path)
         assert r["visual_images"] == num_prompts  # the per-video histogram saw every video
         assert r["text"]["prompt_tokens"] == r["prompt_tokens"]  # text-equivalents match
     assert '--limit-mm-per-prompt {"video": 1}' in data["servers"]["plugin"]
-    assert "--chat-template-content-format string" in data["servers"]["plugin"]
+    # The generated template writes video parts: vLLM's default content format.
+    assert "--chat-template-content-format" not in data["servers"]["plugin"]
 
     # What the server decoded: the same MP4s through vLLM's own video loader (lossy codec).
     sys.path.insert(0, str(BENCH))
@@ -465,3 +467,22 @@ def test_prefill_script_runs_at_a_tiny_shape_on_cpu_without_vllm(tmp_path):
     )
     assert "## LLM prefill" in (out / "prefill.md").read_text()
     assert_png(out / "prefill.png")
+
+
+def test_a_chat_template_that_drops_videos_falls_back_to_the_string_format(
+    family_checkpoints, tmp_path
+):
+    """Video requests on a checkpoint whose template writes no video part (an image-only
+    template): vLLM's "string" content format, whose prompt still carries the `<video>`."""
+    from _common import chat_prompt
+
+    from vllm_prumerge.testing.checkpoint import CHAT_TEMPLATE
+
+    checkpoint = family_checkpoints["onevision"]
+    assert chat_prompt(checkpoint, frames=3).content_format == "openai"
+    assert chat_prompt(checkpoint, frames=0).content_format == "openai"
+    image_only = tmp_path / "image-only-template"
+    shutil.copytree(checkpoint, image_only)
+    (image_only / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    assert chat_prompt(str(image_only), frames=3).content_format == "string"
+    assert chat_prompt(str(image_only), frames=0).content_format == "openai"
