@@ -405,9 +405,7 @@ def test_a_video_url_costs_its_frames_independent_counts_and_one_histogram_obser
     expected = len(hf.video_embeds(decode_mp4(mp4), config))
     text = chat_text_tokens(hf.processor.tokenizer, hf.video_token, QUESTION, 1, "video")
     before = fetch_metrics(server[0])
-    reply = _chat_video(
-        client, model_name, "data:video/mp4;base64," + base64.b64encode(mp4).decode(), mode
-    )
+    reply = _chat_video(client, model_name, mp4, mode)
     after = fetch_metrics(server[0])
     assert reply.usage.prompt_tokens == text + expected
     if not config.enabled:  # OneVision's stock video: 196 per frame after pooling, 1 newline
@@ -433,9 +431,7 @@ def test_a_corrupt_or_empty_video_gets_http_400_and_the_server_keeps_serving(
         assert exc.value.status_code == 400
     _assert_still_serving(client, model_name, hf, images[0])
     text = chat_text_tokens(hf.processor.tokenizer, hf.video_token, QUESTION, 1, "video")
-    reply = _chat_video(
-        client, model_name, "data:video/mp4;base64," + base64.b64encode(mp4).decode()
-    )
+    reply = _chat_video(client, model_name, mp4)
     assert reply.usage.prompt_tokens == text + len(
         hf.video_embeds(decode_mp4(mp4), PruMergeConfig())
     )
