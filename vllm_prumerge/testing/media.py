@@ -46,25 +46,13 @@ def encode_mp4(frames: np.ndarray, fps: float = 2.0) -> bytes:
 
 
 def decode_mp4(data: bytes) -> np.ndarray:
-    """Every frame of an MP4, `[T, H, W, 3]` uint8 RGB, decoded in order by OpenCV (the
+    """Every frame of an MP4's bytes, `[T, H, W, 3]` uint8 RGB, decoded in order by OpenCV (the
     backend vLLM's video loader uses by default): the pixels a server sees for a short clip."""
-    import cv2
-
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "video.mp4")
         with open(path, "wb") as f:
             f.write(data)
-        capture = cv2.VideoCapture(path)
-        frames = []
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-        capture.release()
-    if not frames:
-        raise ValueError("no frame could be decoded")
-    return np.stack(frames)
+        return read_video(path)
 
 
 def video_data_url(frames: np.ndarray, fps: float = 2.0) -> str:
