@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="Torch threads of the plugin's vision tower in the started server (sets "
-        "VLLM_PRUMERGE_TOWER_THREADS). Default: the server's own setting (vLLM's pre-processor "
-        "runs with OMP_NUM_THREADS, else 1 thread).",
+        "VLLM_PRUMERGE_TOWER_THREADS, which overrides --prumerge-tower-threads). Default: the "
+        "server's own setting (--prumerge-tower-threads auto: the cores the server may run on "
+        "divided by --api-server-count).",
     )
     srv.add_argument(
         "--api-server-count",

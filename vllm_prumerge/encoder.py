@@ -16,7 +16,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,11 +208,13 @@ class PruMergeEncoder:
         num_threads: torch intra-op threads for the tower forward and the reduction on a CPU,
             set around every :meth:`encode` (encodes are then serialised: the count is
             process-wide) and restored after it; None keeps the caller's
-            (in vLLM's pre-processor: ``OMP_NUM_THREADS``, else 1). The server reads it from
-            the environment variable :attr:`THREADS_ENV` (:meth:`threads_from_env`).
+            (in vLLM's pre-processor: ``OMP_NUM_THREADS``, else 1). The server picks it with
+            :func:`choose_tower_threads` (engine option `tower_threads`, default ``auto``;
+            the environment variable :attr:`THREADS_ENV` overrides it).
     """
 
-    #: Environment variable with the tower's thread count in a vLLM server (a positive integer).
+    #: Environment variable with the tower's thread count in a vLLM server (a positive integer);
+    #: it overrides the engine option `tower_threads`.
     THREADS_ENV = "VLLM_PRUMERGE_TOWER_THREADS"
 
     def __init__(
@@ -341,11 +343,12 @@ class PruMergeEncoder:
                 torch.set_num_threads(previous)
 
     @classmethod
-    def threads_from_env(cls) -> int | None:
-        """The tower's thread count from :attr:`THREADS_ENV` (None when unset or empty).
+    def threads_from_env(cls, environ: Mapping[str, str] | None = None) -> int | None:
+        """The tower's thread count from :attr:`THREADS_ENV` in `environ` (default
+        ``os.environ``); None when unset or empty.
 
         Raises ValueError naming the variable when it is not a positive integer."""
-        raw = os.environ.get(cls.THREADS_ENV, "").strip()
+        raw = (os.environ if environ is None else environ).get(cls.THREADS_ENV, "").strip()
         if not raw:
             return None
         try:
@@ -355,3 +358,116 @@ class PruMergeEncoder:
         if value < 1:
             raise ValueError(f"{cls.THREADS_ENV} must be a positive integer, got {raw!r}")
         return value
+
+
+# --- The tower's thread count on a CPU (engine option `tower_threads`) -----------------------
+
+#: vLLM's environment variable with the cores its CPU backend keeps out of the engine worker's
+#: OpenMP binding (for the engine-core and API-server processes).
+RESERVED_CPU_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
+
+
+def parse_tower_threads(value: object) -> str | int:
+    """The canonical `tower_threads` value: ``"auto"`` or a positive integer (``"4"`` -> 4).
+    Raises ValueError naming the option."""
+    text = value.strip().lower() if isinstance(value, str) else value
+    if text == "auto":
+        return "auto"
+    if isinstance(text, str):
+        with contextlib.suppress(ValueError):
+            text = int(text)
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 1:
+        return text
+    raise ValueError(f"tower_threads must be 'auto' or a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TowerThreads:
+    """The tower's torch thread count and why it was chosen.
+
+    Attributes:
+        count: threads for every encode (:class:`PruMergeEncoder`'s ``num_threads``), or None
+            to keep the caller's (on a GPU, where the tower's arithmetic is not on the CPU).
+        setting: the option's value (``auto`` or an integer).
+        reason: why, in words (for the start-up log).
+    """
+
+    count: int | None
+    setting: str | int
+    reason: str
+
+    def describe(self) -> str:
+        count = "unchanged" if self.count is None else str(self.count)
+        return f"{count} (tower_threads={self.setting}: {self.reason})"
+
+
+def choose_tower_threads(
+    setting: object,
+    device: str | torch.device,
+    *,
+    api_servers: int = 1,
+    cpus: Iterable[int] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> TowerThreads:
+    """The tower's thread count for the option `setting` on `device`.
+
+    Precedence: :attr:`PruMergeEncoder.THREADS_ENV` in `environ` (an override, any device), then
+    an explicit count, then ``auto``. ``auto``:
+
+    - GPU (any non-CPU device): None, the caller's count is kept; the tower's arithmetic runs on
+      the GPU, so the CPU thread count does not matter.
+    - CPU: the cores this process may run on (`cpus`, default ``os.sched_getaffinity(0)``)
+      shared evenly by the `api_servers` API-server processes (each runs its own tower), at
+      least 1. vLLM's CPU backend binds its engine worker's OpenMP threads to all of those cores
+      but a few it reserves for the engine-core and API-server processes (by default one per
+      local worker, too few to matter for the tower: they are for the scheduler). When the
+      front end is what limits throughput the worker idles between short steps, so the tower
+      gets every core (measured on 2 cores: one tower thread ran 0.90x stock vLLM's requests/s,
+      two 1.29x; see benchmarks/RESULTS.md). When the user sets vLLM's
+      ``VLLM_CPU_NUM_OF_RESERVED_CPU`` to fewer cores than the process has, they have split the
+      machine between the worker and the rest: the towers then share the reserved cores only.
+
+    Raises ValueError for a bad setting or a bad environment value, naming it.
+    """
+    environ = os.environ if environ is None else environ
+    override = PruMergeEncoder.threads_from_env(environ)
+    setting = parse_tower_threads(setting)
+    if not isinstance(api_servers, int) or isinstance(api_servers, bool) or api_servers < 1:
+        raise ValueError(f"api_servers must be a positive integer, got {api_servers!r}")
+    if override is not None:
+        return TowerThreads(
+            override, setting, f"set by {PruMergeEncoder.THREADS_ENV}, which overrides the option"
+        )
+    if setting != "auto":
+        return TowerThreads(setting, setting, "set explicitly")
+    kind = torch.device(device).type
+    if kind != "cpu":
+        return TowerThreads(
+            None, setting, f"the tower runs on {kind}; a CPU thread count does not apply"
+        )
+    allowed = len(set(os.sched_getaffinity(0) if cpus is None else cpus)) or 1
+    servers = f"{api_servers} API server{'s' if api_servers > 1 else ''}"
+    reserved = _reserved_cpus(environ)
+    if reserved is not None and 0 < reserved < allowed:
+        count = max(1, reserved // api_servers)
+        reason = (
+            f"{RESERVED_CPU_ENV}={reserved} of the {allowed} cores this process may run on are "
+            f"kept from vLLM's engine worker, shared by {servers}"
+        )
+    else:
+        count = max(1, allowed // api_servers)
+        reason = (
+            f"the {allowed} core{'s' if allowed > 1 else ''} this process may run on "
+            f"(sched_getaffinity), shared by {servers}"
+        )
+    return TowerThreads(count, setting, reason)
+
+
+def _reserved_cpus(environ: Mapping[str, str]) -> int | None:
+    """vLLM's ``VLLM_CPU_NUM_OF_RESERVED_CPU`` when set to an integer, else None (vLLM's own
+    default reservation: one core per local worker)."""
+    raw = environ.get(RESERVED_CPU_ENV, "").strip()
+    try:
+        return int(raw) if raw else None
+    except ValueError:
+        return None  # vLLM itself refuses it at start-up

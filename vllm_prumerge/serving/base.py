@@ -40,17 +40,24 @@ from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm.utils.tensor_schema import TensorSchema, TensorShape
 
 from vllm_prumerge.config import PruMergeConfig
-from vllm_prumerge.encoder import PruMergeEncoder, supported_vision_config
+from vllm_prumerge.encoder import (
+    PruMergeEncoder,
+    TowerThreads,
+    choose_tower_threads,
+    supported_vision_config,
+)
 from vllm_prumerge.hub_layout import VISION_TOWER
 from vllm_prumerge.serving import metrics
 from vllm_prumerge.serving.options import (
     CONFIG_KEY,
     DOWNLOAD_DIR_KEY,
     PROFILE_KEY,
+    api_server_count,
     describe,
     engine_config,
     request_config,
     tower_dtype_setting,
+    tower_threads_setting,
 )
 from vllm_prumerge.vision import resolve_vision_feature_layer
 from vllm_prumerge.vision.precision import TowerPrecision, choose_tower_dtype, cpu_description
@@ -118,6 +125,7 @@ class PruMergeProcessingInfoMixin:
         config = engine_config(hf_config)
         logger.info_once("PruMerge visual-token reduction: %s", describe(config))
         self.tower_precision  # noqa: B018  logs the tower's dtype at start-up, with the mode
+        self.tower_threads  # noqa: B018  and its thread count
         return config
 
     @cached_property
@@ -138,6 +146,18 @@ class PruMergeProcessingInfoMixin:
         return precision
 
     @cached_property
+    def tower_threads(self) -> TowerThreads:
+        """The tower's torch thread count (engine option `tower_threads`) for this machine."""
+        hf_config = self.get_hf_config()
+        threads = choose_tower_threads(
+            tower_threads_setting(hf_config),
+            self.tower_device,
+            api_servers=api_server_count(hf_config),
+        )
+        logger.info_once("PruMerge vision tower threads: %s", threads.describe())
+        return threads
+
+    @cached_property
     def encoder(self) -> PruMergeEncoder:
         """The tower + reduction of images (and, in most families, of video frames)."""
         return self.make_encoder(self.image_tower)
@@ -155,7 +175,7 @@ class PruMergeProcessingInfoMixin:
             revision=model_config.revision,
             download_dir=getattr(hf_config, DOWNLOAD_DIR_KEY, None),
             token=model_config.hf_token,
-            num_threads=PruMergeEncoder.threads_from_env(),  # VLLM_PRUMERGE_TOWER_THREADS
+            num_threads=self.tower_threads.count,  # VLLM_PRUMERGE_TOWER_THREADS overrides
             tower_name=tower,
         )
 

@@ -22,6 +22,7 @@ from vllm_prumerge.config import IMPORTANCES, MERGE_WEIGHTINGS, MODES, ORDERS, P
 from vllm_prumerge.serving.options import (
     ARCHITECTURES,
     TOWER_DTYPE,
+    TOWER_THREADS,
     PruMergeOverrides,
     resolve_architecture,
 )
@@ -60,6 +61,15 @@ TOWER_DTYPE_HELP = (
     "avx512_bf16; float16: AMX-FP16 or avx512_fp16, from /proc/cpuinfo's flags), else float32 "
     "(bfloat16 without them runs several times slower; float32 weights take twice the memory: "
     "about 1.2 GB instead of 0.6 GB for CLIP-L/14-336). The start-up log states the choice. "
+    "Default: auto."
+)
+TOWER_THREADS_HELP = (
+    "Engine level only: torch threads of the plugin's vision tower (and reduction) on a CPU, "
+    "in each API server's pre-processing thread. auto: the cores this process may run on "
+    "(sched_getaffinity) divided by --api-server-count, at least 1; when "
+    "VLLM_CPU_NUM_OF_RESERVED_CPU is set below that core count, the reserved cores divided by "
+    "--api-server-count instead. Ignored on a GPU (the tower runs there). The environment "
+    "variable VLLM_PRUMERGE_TOWER_THREADS overrides it. The start-up log states the count. "
     "Default: auto."
 )
 _METAVARS = {
@@ -124,6 +134,14 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> None:
         metavar="{" + ",".join(TOWER_DTYPES) + "}",
         help=TOWER_DTYPE_HELP,
     )
+    group.add_argument(
+        _flag(TOWER_THREADS),
+        default=argparse.SUPPRESS,
+        dest="prumerge_" + TOWER_THREADS,
+        type=str,
+        metavar="{auto,N}",
+        help=TOWER_THREADS_HELP,
+    )
 
 
 def _checkpoint_architectures(namespace: argparse.Namespace) -> list[str] | None:
@@ -183,16 +201,20 @@ def apply_plugin_args(namespace: argparse.Namespace) -> None:
         if getattr(namespace, "prumerge_" + field.name, None) is not None
     }
     tower_dtype = getattr(namespace, "prumerge_" + TOWER_DTYPE, None)
+    tower_threads = getattr(namespace, "prumerge_" + TOWER_THREADS, None)
     if getattr(namespace, "plugin", None) != PLUGIN_NAME:
-        given = [*options, *([TOWER_DTYPE] if tower_dtype is not None else [])]
+        engine_level = {TOWER_DTYPE: tower_dtype, TOWER_THREADS: tower_threads}
+        given = [*options, *(k for k, v in engine_level.items() if v is not None)]
         if given:
             raise ValueError(f"{', '.join(_flag(k) for k in given)} need(s) --plugin {PLUGIN_NAME}")
         return
     PruMergeConfig.from_dict(options)  # validated now; merged with the checkpoint's later
     if tower_dtype is not None:
         tower_dtype = parse_tower_dtype(tower_dtype)
-    from vllm_prumerge.encoder import PruMergeEncoder
+    from vllm_prumerge.encoder import PruMergeEncoder, parse_tower_threads
 
+    if tower_threads is not None:
+        tower_threads = parse_tower_threads(tower_threads)
     PruMergeEncoder.threads_from_env()  # a bad VLLM_PRUMERGE_TOWER_THREADS fails here, not later
     overrides = getattr(namespace, "hf_overrides", None) or {}
     if not isinstance(overrides, dict):
@@ -201,7 +223,7 @@ def apply_plugin_args(namespace: argparse.Namespace) -> None:
     if architectures is not None:
         resolve_architecture(overrides.get("architectures", architectures))
     namespace.hf_overrides = PruMergeOverrides(
-        options=options, extra=overrides, tower_dtype=tower_dtype
+        options=options, extra=overrides, tower_dtype=tower_dtype, tower_threads=tower_threads
     )
 
 
@@ -252,7 +274,9 @@ def install_cli_hook() -> bool:
 
 def _pass_download_dir(engine_args_class) -> None:
     """Wrap `create_model_config` so that our `hf_overrides` carry the engine's `download_dir`
-    (the pre-processor, which loads the tower, sees only the model config)."""
+    and its API-server count (the pre-processor, which loads the tower and picks its threads,
+    sees only the model config). Each API-server process builds its own config from engine
+    arguments that vLLM gave that count (`_api_process_count`)."""
     original = engine_args_class.create_model_config
     if getattr(original, _HOOKED, False):
         return
@@ -260,8 +284,15 @@ def _pass_download_dir(engine_args_class) -> None:
     @functools.wraps(original)
     def create_model_config(self):
         overrides = self.hf_overrides
-        if isinstance(overrides, PruMergeOverrides) and self.download_dir is not None:
-            self.hf_overrides = dataclasses.replace(overrides, download_dir=self.download_dir)
+        if isinstance(overrides, PruMergeOverrides):
+            servers = getattr(self, "_api_process_count", None)
+            self.hf_overrides = dataclasses.replace(
+                overrides,
+                download_dir=self.download_dir
+                if self.download_dir is not None
+                else overrides.download_dir,
+                api_server_count=servers if isinstance(servers, int) else None,
+            )
         return original(self)
 
     setattr(create_model_config, _HOOKED, True)

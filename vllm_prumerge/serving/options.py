@@ -12,6 +12,12 @@
   a dtype name; see :mod:`vllm_prumerge.vision.precision`), set by `--prumerge-tower-dtype`,
   `engine_kwargs(tower_dtype=...)` or the dict form's `"prumerge_tower_dtype"` key. It is a
   property of the machine the front end runs on, not of a request: a request naming it is refused.
+- Tower threads (engine level only): `hf_config.prumerge_tower_threads` (`auto`, the default, or
+  a positive integer; see :func:`vllm_prumerge.encoder.choose_tower_threads`), set by
+  `--prumerge-tower-threads`, `engine_kwargs(tower_threads=...)` or the dict form's
+  `"prumerge_tower_threads"` key; the environment variable `VLLM_PRUMERGE_TOWER_THREADS`
+  overrides it. `auto` reads how many API-server processes share the machine from
+  `hf_config.prumerge_api_server_count`, which the CLI hook sets from vLLM's engine arguments.
 - Request level: `mm_processor_kwargs={"prumerge": {...}}` (or just a mode string,
   `{"prumerge": "prumerge+"}`); vLLM puts these kwargs into the processor-cache key, so
   features computed for one mode are never served to a request that asked for another.
@@ -24,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vllm_prumerge.config import PruMergeConfig
+from vllm_prumerge.encoder import parse_tower_threads
 from vllm_prumerge.vision.precision import parse_tower_dtype
 
 # The checkpoint's own architecture -> the plugin's model class for that family.
@@ -46,6 +53,12 @@ PROFILE_KEY = "_prumerge_profile"
 # The HF config attribute with the tower-precision option, and that option's name.
 TOWER_DTYPE_KEY = "prumerge_tower_dtype"
 TOWER_DTYPE = "tower_dtype"
+# The same for the tower's CPU thread count, and the API-server processes sharing the machine.
+TOWER_THREADS_KEY = "prumerge_tower_threads"
+TOWER_THREADS = "tower_threads"
+API_SERVERS_KEY = "prumerge_api_server_count"
+# Engine-level options: a request naming one is refused.
+ENGINE_ONLY = {TOWER_DTYPE: "--prumerge-tower-dtype", TOWER_THREADS: "--prumerge-tower-threads"}
 
 # Options that only make sense in fixed mode; dropped when a request switches to another mode.
 _FIXED_ONLY = ("budget", "budget_ratio", "spatial_samples")
@@ -85,12 +98,18 @@ class PruMergeOverrides:
             built, so the pre-processor reads the tower from the cache the engine loads from.
         tower_dtype: the tower-precision option (validated), or None to keep the checkpoint
             config's (``auto`` when it has none).
+        tower_threads: the tower-threads option (validated), or None to keep the checkpoint
+            config's (``auto`` when it has none).
+        api_server_count: how many API-server processes the engine has (set by the plugin when
+            the engine config is built; None: one).
     """
 
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     download_dir: str | None = None
     tower_dtype: str | None = None
+    tower_threads: str | int | None = None
+    api_server_count: int | None = None
 
     def __call__(self, hf_config: Any) -> Any:
         if list(getattr(hf_config, "architectures", None) or []) == [""]:
@@ -111,7 +130,12 @@ class PruMergeOverrides:
             setattr(hf_config, DOWNLOAD_DIR_KEY, self.download_dir)
         if self.tower_dtype is not None:
             setattr(hf_config, TOWER_DTYPE_KEY, self.tower_dtype)
+        if self.tower_threads is not None:
+            setattr(hf_config, TOWER_THREADS_KEY, self.tower_threads)
+        if self.api_server_count is not None:
+            setattr(hf_config, API_SERVERS_KEY, self.api_server_count)
         tower_dtype_setting(hf_config)  # a bad value from the dict form fails here
+        tower_threads_setting(hf_config)
         return hf_config
 
 
@@ -126,8 +150,10 @@ def engine_kwargs(mode: str | None = None, **options: Any) -> dict[str, Any]:
     fails before the engine starts; unset ones come from the checkpoint's own `prumerge` config
     if it has one, else the defaults. `tower_dtype` (engine level only): the vision tower's compute
     dtype, ``"auto"`` (default: the model dtype, or float32 on a CPU without native arithmetic
-    for it) or ``"float32"`` / ``"bfloat16"`` / ``"float16"``. Your own `hf_overrides` (a dict)
-    go in `hf_overrides=`.
+    for it) or ``"float32"`` / ``"bfloat16"`` / ``"float16"``. `tower_threads` (engine level
+    only): the tower's torch threads on a CPU, ``"auto"`` (default: the cores this process may
+    run on, see :func:`vllm_prumerge.encoder.choose_tower_threads`) or a positive integer.
+    Your own `hf_overrides` (a dict) go in `hf_overrides=`.
     """
     hf_overrides = options.pop("hf_overrides", None) or {}
     if not isinstance(hf_overrides, Mapping):
@@ -135,15 +161,35 @@ def engine_kwargs(mode: str | None = None, **options: Any) -> dict[str, Any]:
     tower_dtype = options.pop(TOWER_DTYPE, None)
     if tower_dtype is not None:
         tower_dtype = parse_tower_dtype(tower_dtype)
+    tower_threads = options.pop(TOWER_THREADS, None)
+    if tower_threads is not None:
+        tower_threads = parse_tower_threads(tower_threads)
     given = dict(options) if mode is None else {"mode": mode, **options}
     PruMergeConfig.from_dict(given)  # validate now; merged with the checkpoint's later
-    overrides = PruMergeOverrides(options=given, extra=dict(hf_overrides), tower_dtype=tower_dtype)
+    overrides = PruMergeOverrides(
+        options=given,
+        extra=dict(hf_overrides),
+        tower_dtype=tower_dtype,
+        tower_threads=tower_threads,
+    )
     return {"hf_overrides": overrides}
 
 
 def tower_dtype_setting(hf_config: Any) -> str:
     """The tower-precision option carried by the model's HF config (``auto`` when absent)."""
     return parse_tower_dtype(getattr(hf_config, TOWER_DTYPE_KEY, None) or "auto")
+
+
+def tower_threads_setting(hf_config: Any) -> str | int:
+    """The tower-threads option carried by the model's HF config (``auto`` when absent)."""
+    value = getattr(hf_config, TOWER_THREADS_KEY, None)
+    return parse_tower_threads("auto" if value is None else value)
+
+
+def api_server_count(hf_config: Any) -> int:
+    """How many API-server processes the engine has, as the plugin recorded it (1 when absent)."""
+    value = getattr(hf_config, API_SERVERS_KEY, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
 
 
 def engine_config(hf_config: Any) -> PruMergeConfig:
@@ -171,12 +217,13 @@ def request_config(engine: PruMergeConfig, value: object) -> PruMergeConfig:
             f"mm_processor_kwargs['{CONFIG_KEY}'] must be a mode name or an object of "
             f"PruMerge options, got {type(value).__name__}"
         )
-    if TOWER_DTYPE in value:
-        raise ValueError(
-            f"{TOWER_DTYPE} is an engine-level option (the vision tower is built once per "
-            "server): set it with --prumerge-tower-dtype or engine_kwargs(tower_dtype=...), "
-            f"not in mm_processor_kwargs['{CONFIG_KEY}']"
-        )
+    for name, flag in ENGINE_ONLY.items():
+        if name in value:
+            raise ValueError(
+                f"{name} is an engine-level option (the vision tower is built once per "
+                f"server): set it with {flag} or engine_kwargs({name}=...), "
+                f"not in mm_processor_kwargs['{CONFIG_KEY}']"
+            )
     merged = engine.to_dict()
     requested = dict(value)
     if "mode" in requested and str(requested["mode"]).strip().lower() != "fixed":
