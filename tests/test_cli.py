@@ -148,6 +148,9 @@ def test_engine_kwargs_overrides_pickle_and_pick_the_family(tmp_path):
         (["--plugin", "other"], "invalid choice"),
         (["--prumerge-tower-dtype", "float32"], "need(s) --plugin prumerge"),
         (["--plugin", "prumerge", "--prumerge-tower-dtype", "int8"], "tower_dtype"),
+        (["--prumerge-tower-threads", "2"], "need(s) --plugin prumerge"),
+        (["--plugin", "prumerge", "--prumerge-tower-threads", "0"], "tower_threads"),
+        (["--plugin", "prumerge", "--prumerge-tower-threads", "many"], "tower_threads"),
     ],
 )
 def test_bad_options_are_clean_parser_errors(serve_parser, capsys, model, argv, message):
@@ -179,6 +182,7 @@ def test_vllm_serve_help_documents_the_plugin_options():
         "--prumerge-spatial-samples",
         "--prumerge-importance",
         "--prumerge-tower-dtype",
+        "--prumerge-tower-threads",
     ):
         assert flag in out, flag
 
@@ -191,6 +195,47 @@ def test_a_bad_tower_thread_count_is_a_parser_error_at_start_up(
         serve_parser.parse_args(["serve", model, "--plugin", "prumerge"])
     assert exc.value.code == 2
     assert "VLLM_PRUMERGE_TOWER_THREADS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "2.5", "lots"])
+def test_a_bad_tower_threads_option_is_a_one_line_error_at_start_up(
+    serve_parser, capsys, model, value
+):
+    with pytest.raises(SystemExit) as exc:
+        serve_parser.parse_args(
+            ["serve", model, "--plugin", "prumerge", "--prumerge-tower-threads", value]
+        )
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert line.endswith(f"tower_threads must be 'auto' or a positive integer, got '{value}'")
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("AUTO", "auto"), ("3", 3)])
+def test_the_tower_threads_flag_reaches_the_engine_config(serve_parser, model, value, expected):
+    argv = ["--plugin", "prumerge", "--prumerge-tower-threads", value]
+    config = _hf_config(model, _engine_args(serve_parser, model, argv))
+    assert config.prumerge_tower_threads == expected
+    assert "tower_threads" not in config.prumerge
+    default = _hf_config(model, _engine_args(serve_parser, model, ["--plugin", "prumerge"]))
+    assert getattr(default, "prumerge_tower_threads", None) is None  # auto
+
+
+@pytest.mark.parametrize("servers", [1, 2])
+def test_the_api_server_count_reaches_the_config_the_pre_processor_reads(
+    serve_parser, model, servers
+):
+    """Each API-server process builds its config from engine arguments that vLLM gave its
+    count (`_api_process_count`); `auto` divides the cores by it."""
+    from vllm_prumerge.serving.options import api_server_count, tower_threads_setting
+
+    args = _engine_args(serve_parser, model, ["--plugin", "prumerge"])
+    args.model = model  # `vllm serve` copies its positional `model_tag` after parsing
+    args._api_process_count = servers
+    hf_config = args.create_model_config().hf_config
+    assert api_server_count(hf_config) == servers
+    assert tower_threads_setting(hf_config) == "auto"
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The tower's own thread count: `PruMergeEncoder(num_threads=N)` and, in a vLLM server, the
-environment variable VLLM_PRUMERGE_TOWER_THREADS.
+engine option `tower_threads` (default `auto`, see `choose_tower_threads`), which the environment
+variable VLLM_PRUMERGE_TOWER_THREADS overrides.
 
 vLLM runs multimodal pre-processing under `set_default_torch_num_threads()` (OMP_NUM_THREADS, else
 one thread); the option gives the tower (and the reduction) its own count for the duration of each
@@ -9,13 +10,22 @@ every tower module sees while it runs, and after), never timing.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoProcessor
 
 from vllm_prumerge import PruMergeConfig, engine_kwargs
 from vllm_prumerge import encoder as encoder_module
-from vllm_prumerge.encoder import PruMergeEncoder
+from vllm_prumerge.encoder import (
+    RESERVED_CPU_ENV,
+    PruMergeEncoder,
+    TowerThreads,
+    choose_tower_threads,
+    parse_tower_threads,
+)
+from vllm_prumerge.serving.options import PruMergeOverrides, request_config
 from vllm_prumerge.vision import tower_scores
 
 ENV = PruMergeEncoder.THREADS_ENV
@@ -92,14 +102,16 @@ def test_the_environment_variable_is_read_and_checked(monkeypatch):
             PruMergeEncoder.threads_from_env()
 
 
-def vllm_processor(checkpoint: str):
-    """vLLM's own multimodal processor for the checkpoint with the plugin, as a server builds it."""
+def vllm_processor(checkpoint: str, hf_overrides=None):
+    """vLLM's own multimodal processor for the checkpoint with the plugin, as a server builds it
+    (with `hf_overrides`, default ``engine_kwargs("prumerge")``'s)."""
     from vllm.config import ModelConfig
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.plugins import load_general_plugins
 
     load_general_plugins()
-    model_config = ModelConfig(model=checkpoint, dtype="float32", **engine_kwargs("prumerge"))
+    hf_overrides = hf_overrides or engine_kwargs("prumerge")["hf_overrides"]
+    model_config = ModelConfig(model=checkpoint, dtype="float32", hf_overrides=hf_overrides)
     return MULTIMODAL_REGISTRY.create_processor(model_config), model_config
 
 
@@ -123,22 +135,56 @@ def process(processor, *images) -> list[int]:
     return result["prompt_token_ids"]
 
 
-@pytest.mark.parametrize("setting, expected", [(None, 1), ("2", 2)])
+@pytest.fixture
+def three_cpus(monkeypatch):
+    """This process may run on 3 CPUs (ids 0, 4, 7), whatever the machine has."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 4, 7})
+    monkeypatch.delenv(RESERVED_CPU_ENV, raising=False)
+
+
+@pytest.mark.parametrize(
+    "env, option, api_servers, expected",
+    [
+        (None, None, None, 3),  # auto: every core this process may run on
+        (None, None, 2, 1),  # auto, two API servers: 3 // 2
+        (None, 2, None, 2),  # the option
+        ("5", 2, None, 5),  # the environment variable overrides the option
+    ],
+)
 def test_the_server_setting_reaches_the_tower_in_vllms_pre_processor(
-    tiny_llava, scenes, monkeypatch, setting, expected
+    tiny_llava, scenes, monkeypatch, three_cpus, env, option, api_servers, expected
 ):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    if setting is None:
+    if env is None:
         monkeypatch.delenv(ENV, raising=False)
     else:
-        monkeypatch.setenv(ENV, setting)
-    processor, model_config = vllm_processor(tiny_llava)
-    assert processor.info.encoder.num_threads == (None if setting is None else expected)
+        monkeypatch.setenv(ENV, env)
+    kwargs = {} if option is None else {"tower_threads": option}
+    overrides = engine_kwargs("prumerge", **kwargs)["hf_overrides"]
+    if api_servers is not None:  # what the CLI hook records from vLLM's engine arguments
+        import dataclasses
+
+        overrides = dataclasses.replace(overrides, api_server_count=api_servers)
+    processor, model_config = vllm_processor(tiny_llava, hf_overrides=overrides)
+    assert processor.info.encoder.num_threads == expected
     seen = record_threads(processor.info.encoder.tower)
     token_ids = process(processor, scenes[0])
     assert seen and set(seen) == {expected}
     visual = token_ids.count(model_config.hf_config.image_token_index)
     assert 2 <= visual <= 577  # a reduced count: the tower and the reduction did run
+
+
+def test_the_start_up_log_states_the_thread_count_and_why(tiny_llava, monkeypatch, three_cpus):
+    from vllm_prumerge.serving import base
+
+    monkeypatch.delenv(ENV, raising=False)
+    lines: list[str] = []
+    monkeypatch.setattr(base.logger, "info_once", lambda msg, *args: lines.append(msg % args))
+    processor, _ = vllm_processor(tiny_llava)
+    processor.info.engine_config  # noqa: B018  the start-up log lines
+    (line,) = [line for line in lines if "threads" in line]
+    assert line.startswith("PruMerge vision tower threads: 3 (tower_threads=auto: ")
+    assert "3 cores this process may run on" in line and "1 API server" in line
 
 
 def test_a_bad_server_setting_fails_with_the_variables_name(tiny_llava, monkeypatch):
@@ -204,3 +250,109 @@ def test_encodes_that_set_a_thread_count_never_overlap_across_threads(
     assert all(owners[i] == owners[i + 1] for i in range(0, len(owners), 2))
     assert seen and set(seen) == {3}
     assert torch.get_num_threads() == caller_threads
+
+
+# --- The rule (`choose_tower_threads`): pure, every input injected --------------------------
+
+
+@pytest.mark.parametrize(
+    "cpus, api_servers, reserved, expected, why",
+    [
+        (range(2), 1, None, 2, "the 2 cores"),  # this project's 2-core machines: both cores
+        (range(2), 2, None, 1, "the 2 cores"),  # two API servers share them
+        (range(3), 2, None, 1, "the 3 cores"),  # rounded down
+        (range(1), 4, None, 1, "the 1 core "),  # never below 1
+        (
+            range(64),
+            1,
+            None,
+            64,
+            "the 64 cores",
+        ),  # vLLM's default reservation is not the front end's
+        ({3, 9, 17, 40}, 1, None, 4, "the 4 cores"),  # the affinity's CPUs, whatever their ids
+        (range(16), 1, "4", 4, "=4 of the 16"),  # the user kept 4 cores from vLLM's worker
+        (range(16), 2, "4", 2, "=4 of the 16"),  # ... shared by the API servers
+        (range(16), 3, "4", 1, "=4 of the 16"),
+        (range(16), 1, "0", 16, "the 16 cores"),  # nothing reserved: the worker binds every core
+        (range(16), 1, "16", 16, "the 16 cores"),  # as many as the cores: vLLM then reserves none
+        (range(16), 1, "32", 16, "the 16 cores"),
+        (range(16), 2, "many", 8, "the 16 cores"),  # vLLM refuses it itself; ignored here
+    ],
+)
+def test_auto_on_a_cpu_shares_the_cores_this_process_may_run_on(
+    cpus, api_servers, reserved, expected, why
+):
+    environ = {} if reserved is None else {RESERVED_CPU_ENV: reserved}
+    threads = choose_tower_threads(
+        "auto", "cpu", api_servers=api_servers, cpus=cpus, environ=environ
+    )
+    assert threads.count == expected
+    assert threads.setting == "auto"
+    assert why in threads.reason
+    assert f"shared by {api_servers} API server" in threads.reason
+
+
+def test_auto_reads_this_process_affinity_by_default(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1, 2, 3, 5, 8})
+    assert choose_tower_threads("auto", "cpu", environ={}).count == 5
+    assert choose_tower_threads("auto", "cpu", api_servers=2, environ={}).count == 2
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("mps")])
+def test_on_a_gpu_auto_keeps_the_callers_count_and_says_why(device):
+    threads = choose_tower_threads("auto", device, cpus=range(8), environ={})
+    assert threads.count is None
+    assert "does not apply" in threads.reason
+    assert threads.describe().startswith("unchanged (tower_threads=auto: the tower runs on ")
+
+
+def test_an_explicit_count_is_used_as_given_on_any_device():
+    for device in ("cpu", "cuda"):
+        threads = choose_tower_threads(6, device, api_servers=4, cpus=range(2), environ={})
+        assert threads == TowerThreads(6, 6, "set explicitly")
+    assert choose_tower_threads(" 3 ", "cpu", environ={}).count == 3
+
+
+def test_the_environment_variable_overrides_the_option():
+    environ = {ENV: "7", RESERVED_CPU_ENV: "1"}
+    for setting in ("auto", 2):
+        threads = choose_tower_threads(setting, "cpu", cpus=range(2), environ=environ)
+        assert threads.count == 7
+        assert ENV in threads.reason
+    with pytest.raises(ValueError, match=ENV):
+        choose_tower_threads("auto", "cpu", environ={ENV: "0"})
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("auto", "auto"), (" AUTO ", "auto"), (4, 4), ("4", 4)]
+)
+def test_the_option_parses(value, expected):
+    assert parse_tower_threads(value) == expected
+
+
+@pytest.mark.parametrize("bad", [0, -1, "0", "two", "1.5", 1.5, True, ""])
+def test_a_bad_option_is_refused_naming_it(bad):
+    with pytest.raises(ValueError, match="tower_threads must be 'auto' or a positive integer"):
+        parse_tower_threads(bad)
+    with pytest.raises(ValueError, match="tower_threads"):
+        engine_kwargs("prumerge", tower_threads=bad)
+    with pytest.raises(ValueError, match="api_servers"):
+        choose_tower_threads("auto", "cpu", api_servers=0, environ={})
+
+
+def test_the_option_travels_in_the_hf_config_and_a_bad_dict_form_value_fails():
+    from transformers import LlavaConfig
+
+    config = LlavaConfig(architectures=["LlavaForConditionalGeneration"])
+    config = PruMergeOverrides(tower_threads=3, api_server_count=2)(config)
+    assert config.prumerge_tower_threads == 3
+    assert config.prumerge_api_server_count == 2
+    assert "tower_threads" not in config.prumerge  # not a reduction option
+    bad = LlavaConfig(architectures=["LlavaForConditionalGeneration"])
+    with pytest.raises(ValueError, match="tower_threads"):
+        PruMergeOverrides(extra={"prumerge_tower_threads": "lots"})(bad)
+
+
+def test_a_request_naming_the_option_is_refused():
+    with pytest.raises(ValueError, match="tower_threads is an engine-level option"):
+        request_config(PruMergeConfig(), {"tower_threads": 2})
