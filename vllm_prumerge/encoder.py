@@ -422,8 +422,8 @@ def choose_tower_threads(
       but a few it reserves for the engine-core and API-server processes (by default one per
       local worker, too few to matter for the tower: they are for the scheduler). When the
       front end is what limits throughput the worker idles between short steps, so the tower
-      gets every core (measured on 2 cores: one tower thread ran 0.90x stock vLLM's requests/s,
-      two 1.29x; see benchmarks/RESULTS.md). When the user sets vLLM's
+      gets every core, which is what stock vLLM's in-engine tower gets too (less the reserved
+      core); measurements in benchmarks/RESULTS.md. When the user sets vLLM's
       ``VLLM_CPU_NUM_OF_RESERVED_CPU`` to fewer cores than the process has, they have split the
       machine between the worker and the rest: the towers then share the reserved cores only.
 
