@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import tiny_cache_env
+from tests.helpers import run_python
 from vllm_prumerge import PruMergeConfig, vis
 from vllm_prumerge.reduction import reduce_by_importance, reduce_tokens
 
@@ -21,14 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_example(script: str, *args: str, env=None, cwd=None, timeout=600):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=timeout,
-    )
+    path = ROOT / "examples" / script
+    return run_python([path, *args], env=env, cwd=cwd, timeout=timeout, check=False)
 
 
 def synthetic_batch(batch: int = 3, n_patches: int = 576, width: int = 32, seed: int = 0):
