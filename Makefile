@@ -4,7 +4,7 @@ SHELL := /bin/bash
 # A failed step of a pipeline fails the target (scripts/env.sh refusing, for one).
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: env demo test lint format compat docs
+.PHONY: env demo test test-fast lint format compat docs
 env:
 	@bash scripts/env.sh | tail -n 1
 
@@ -14,6 +14,11 @@ demo:
 
 test:
 	@bash scripts/test.sh $(ARGS)
+
+# The inner loop: lint and every test that starts no vLLM engine, no `vllm serve` and no
+# example or benchmark script (pytest markers engine, server, script).
+test-fast:
+	@bash scripts/test.sh -m "not engine and not server and not script" $(ARGS)
 
 lint:
 	@env_dir="$$(bash scripts/env.sh | tail -n 1)" && \

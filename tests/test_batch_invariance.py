@@ -145,6 +145,7 @@ def test_features_are_bit_identical_alone_after_other_images_and_from_the_cache(
         assert torch.equal(other, alone)
 
 
+@pytest.mark.script
 def test_the_cost_benchmark_times_both_paths_and_names_the_machine(tmp_path):
     """benchmarks/batch_invariance_cost.py on a tiny tower runs both paths and reports their
     cost and the machine (bit identity itself is pinned by the tests above, not by the

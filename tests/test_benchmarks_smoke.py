@@ -322,6 +322,7 @@ def test_serving_script_measures_latency_against_text(llava_server, tiny_llava, 
     assert_png(out / "serving_latency.png")
 
 
+@pytest.mark.script
 def test_frontend_script_breaks_down_the_plugins_and_stock_front_end(tiny_llava, tmp_path):
     out = tmp_path / "frontend"
     num_images = 2
@@ -372,6 +373,7 @@ def test_frontend_script_breaks_down_the_plugins_and_stock_front_end(tiny_llava,
     assert data["tower_dtype"].startswith("float32 (tower_dtype=auto: the model dtype)")
 
 
+@pytest.mark.script
 def test_prefill_script_runs_at_a_tiny_shape_on_cpu_without_vllm(tmp_path):
     out = tmp_path / "prefill"
     visual = [576, 145, 33]

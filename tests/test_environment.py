@@ -47,6 +47,7 @@ def test_this_run_imports_the_clone_under_test():
 
 
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs a git checkout to clone")
+@pytest.mark.script
 def test_a_second_clone_runs_its_own_code_and_leaves_the_first_ones_alone(tmp_path):
     clone = tmp_path / "second-clone"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)

@@ -11,6 +11,8 @@ import pytest
 
 from tests.helpers import run_python
 
+pytestmark = pytest.mark.script
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 SCRIPTS = [

@@ -213,6 +213,7 @@ def test_demo_fits_one_screen_with_one_table_per_image_and_no_info_logs(tiny_lla
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.script
 def test_demo_shows_errors_in_full_and_info_logs_only_when_verbose(tmp_path):
     missing = tmp_path / "no-such-checkpoint"
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}

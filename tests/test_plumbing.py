@@ -3,8 +3,9 @@
 The homes: `vllm_prumerge.testing.media` (data URLs), `.prometheus` (/metrics), `.engine_args`
 (`--engine-arg`, model resolution), `.images` (finding and opening images), `.prompts` (chat
 prompts; pinned against vLLM in test_chat_prompts.py), `vllm_prumerge.hub_layout` (the
-llava-hf key layout) and, for the tests alone, `tests/helpers.py`. The "one home" test reads the source of benchmarks, examples and tests
-and fails when one of them defines a helper of these homes again.
+llava-hf key layout) and, for the tests alone, `tests/helpers.py`. The "one home" test reads
+the source of benchmarks, examples and tests and fails when one of them defines a helper of these
+homes again.
 """
 
 from __future__ import annotations
