@@ -172,15 +172,18 @@ def cpu_env(in_process: bool = False, **extra: str) -> dict[str, str]:
 # --- vLLM's multimodal processor, without an engine ---------------------------------------------
 
 
-def vllm_processor(checkpoint: str, dtype: str = "float32", plugin: bool = True, **options):
+def vllm_processor(
+    checkpoint: str, dtype: str = "float32", plugin: bool = True, fresh: bool = False, **options
+):
     """vLLM's own multimodal processor for the checkpoint, as a server builds it, and its model
     config: with the plugin (`engine_kwargs(**options)`) or stock. Built once per argument set
-    for the session (building one inspects the model in a vLLM subprocess)."""
-    return _vllm_processor(checkpoint, dtype, plugin, tuple(sorted(options.items())))
+    for the session (building one inspects the model in a vLLM subprocess); `fresh`: a new one,
+    for tests of what a processor reads from the environment when it is built."""
+    build = _build_processor if fresh else _cached_processor
+    return build(checkpoint, dtype, plugin, tuple(sorted(options.items())))
 
 
-@functools.cache
-def _vllm_processor(checkpoint: str, dtype: str, plugin: bool, options: tuple):
+def _build_processor(checkpoint: str, dtype: str, plugin: bool, options: tuple):
     from vllm.config import ModelConfig
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.plugins import load_general_plugins
@@ -191,6 +194,9 @@ def _vllm_processor(checkpoint: str, dtype: str, plugin: bool, options: tuple):
     kwargs = engine_kwargs(**dict(options)) if plugin else {}
     model_config = ModelConfig(model=checkpoint, dtype=dtype, **kwargs)
     return MULTIMODAL_REGISTRY.create_processor(model_config), model_config
+
+
+_cached_processor = functools.cache(_build_processor)
 
 
 def apply_processor(processor, images, mode, *, text="What is this?", cache=None) -> dict:

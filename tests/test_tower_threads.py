@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoProcessor
 
-from vllm_prumerge import PruMergeConfig, engine_kwargs
+from tests import helpers
+from vllm_prumerge import PruMergeConfig
 from vllm_prumerge import encoder as encoder_module
 from vllm_prumerge.encoder import PruMergeEncoder
 from vllm_prumerge.vision import tower_scores
@@ -93,14 +94,8 @@ def test_the_environment_variable_is_read_and_checked(monkeypatch):
 
 
 def vllm_processor(checkpoint: str):
-    """vLLM's own multimodal processor for the checkpoint with the plugin, as a server builds it."""
-    from vllm.config import ModelConfig
-    from vllm.multimodal import MULTIMODAL_REGISTRY
-    from vllm.plugins import load_general_plugins
-
-    load_general_plugins()
-    model_config = ModelConfig(model=checkpoint, dtype="float32", **engine_kwargs("prumerge"))
-    return MULTIMODAL_REGISTRY.create_processor(model_config), model_config
+    """A new processor (the tower's thread setting is read when it is built)."""
+    return helpers.vllm_processor(checkpoint, fresh=True, mode="prumerge")
 
 
 def process(processor, *images) -> list[int]:
