@@ -93,7 +93,7 @@ def test_the_environment_variable_is_read_and_checked(monkeypatch):
             PruMergeEncoder.threads_from_env()
 
 
-def vllm_processor(checkpoint: str):
+def fresh_processor(checkpoint: str):
     """A new processor (the tower's thread setting is read when it is built)."""
     return helpers.vllm_processor(checkpoint, fresh=True, mode="prumerge")
 
@@ -127,7 +127,7 @@ def test_the_server_setting_reaches_the_tower_in_vllms_pre_processor(
         monkeypatch.delenv(ENV, raising=False)
     else:
         monkeypatch.setenv(ENV, setting)
-    processor, model_config = vllm_processor(tiny_llava)
+    processor, model_config = fresh_processor(tiny_llava)
     assert processor.info.encoder.num_threads == (None if setting is None else expected)
     seen = record_threads(processor.info.encoder.tower)
     token_ids = process(processor, scenes[0])
@@ -138,7 +138,7 @@ def test_the_server_setting_reaches_the_tower_in_vllms_pre_processor(
 
 def test_a_bad_server_setting_fails_with_the_variables_name(tiny_llava, monkeypatch):
     monkeypatch.setenv(ENV, "many")
-    processor, _ = vllm_processor(tiny_llava)
+    processor, _ = fresh_processor(tiny_llava)
     with pytest.raises(ValueError, match=ENV):
         processor.info.encoder  # noqa: B018  the property builds the encoder
 
@@ -147,7 +147,7 @@ def test_each_image_of_a_request_goes_through_the_tower_alone(tiny_llava, scenes
     """Batch invariance: a forward of batch 1 per image, so an image's features never depend on
     its companions (tests/test_batch_invariance.py pins the features themselves)."""
     monkeypatch.delenv(ENV, raising=False)
-    processor, model_config = vllm_processor(tiny_llava)
+    processor, model_config = fresh_processor(tiny_llava)
     batches: list[int] = []
     tower = processor.info.encoder.tower
     embeddings = next(m for name, m in tower.named_modules() if name.endswith("embeddings"))
