@@ -93,13 +93,9 @@ def tiny_cache_env(checkpoint: str, tmp_path: Path, in_process: bool = False) ->
     link = cache / "checkpoints" / Path(checkpoint).name
     if not link.exists():
         link.symlink_to(checkpoint, target_is_directory=True)
-    return {
-        **os.environ,
-        "VLLM_PRUMERGE_CACHE": str(cache),
-        "VLLM_TARGET_DEVICE": "cpu",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else {}),
-    }
+    from tests.helpers import cpu_env
+
+    return cpu_env(in_process, VLLM_PRUMERGE_CACHE=str(cache))
 
 
 # --- One LLaVA-1.5 `vllm serve --plugin prumerge` for the session ---------------------------
@@ -145,8 +141,8 @@ def video_server(video_llava_checkpoint, tmp_path_factory):
     """(base URL, log path) of the session's Video-LLaVA server."""
     from tests.helpers import served_from_this_clone
 
-    checkpoint = video_llava_checkpoint
-    with served_from_this_clone(checkpoint, VIDEO_SERVER_ARGS, tmp_path_factory) as server:
+    args = VIDEO_SERVER_ARGS
+    with served_from_this_clone(video_llava_checkpoint, args, tmp_path_factory) as server:
         yield server
 
 
