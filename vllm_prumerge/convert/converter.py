@@ -26,7 +26,8 @@ from vllm_prumerge.convert.weights import (
     load_pickle,
 )
 from vllm_prumerge.convert.writer import PlannedTensor, StagingFolder, write_shards
-from vllm_prumerge.hub_layout import hub_key
+from vllm_prumerge.hub_layout import TOWER_PREFIXES, hub_key
+from vllm_prumerge.vision import num_patches
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 NON_LORA = "non_lora_trainables.bin"
@@ -225,7 +226,6 @@ def convert(
     text_fields.pop("torch_dtype", None)
     text_fields.pop("dtype", None)
     text_config = LlamaConfig(**text_fields)
-    num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -233,7 +233,7 @@ def convert(
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
         vision_feature_layer=llava_config.get("mm_vision_select_layer", -2),
-        image_seq_length=num_patches,
+        image_seq_length=num_patches(vision_config),
         multimodal_projector_bias=True,
         tie_word_embeddings=False,
     )
@@ -300,7 +300,7 @@ def convert(
     if missing:
         where = {
             "multi_modal_projector.": f"{lora_dir / NON_LORA}" if lora is not None else base_name,
-            "vision_tower.": str(vision_dir),
+            TOWER_PREFIXES: str(vision_dir),
         }
         source = next((v for p, v in where.items() if missing[0].startswith(p)), base_name)
         raise ConversionError(

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from torch import nn
+import torch
 from transformers import BatchFeature
-from vllm.config import VllmConfig
 from vllm.model_executor.models.llava import (
     BaseLlavaMultiModalProcessor,
     LlavaDummyInputsBuilder,
@@ -44,9 +43,9 @@ class PruMergeLlavaMultiModalProcessor(
     PruMergeProcessorMixin, BaseLlavaMultiModalProcessor[PruMergeLlavaProcessingInfo]
 ):
     def _reduce_images(
-        self, processed: BatchFeature, config: PruMergeConfig
+        self, processed: BatchFeature, pixel_values: torch.Tensor, config: PruMergeConfig
     ) -> tuple[list[int], float]:
-        encoded = self.info.encoder.encode(processed.pop("pixel_values"), config)
+        encoded = self.info.encoder.encode(pixel_values, config)
         processed[FEATURES_KEY] = encoded.features
         return [len(f) for f in encoded.features], encoded.seconds
 
@@ -68,7 +67,3 @@ class PruMergeLlavaMultiModalProcessor(
 )
 class PruMergeLlavaForConditionalGeneration(PruMergeModelMixin, LlavaForConditionalGeneration):
     """LLaVA whose images arrive as PruMerge-reduced tower features: projector + LLM only."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        nn.Module.__init__(self)
-        self._init_without_tower(vllm_config, prefix)
