@@ -37,7 +37,7 @@ from vllm.config.multimodal import MultiModalDummyOptions
 from vllm.logger import init_logger
 from vllm.model_executor.models.module_mapping import MultiModelKeys
 from vllm.model_executor.models.utils import AutoWeightsLoader, StageMissingLayer
-from vllm.multimodal.inputs import MultiModalKwargsItems
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.processing.inputs import ProcessorInputs
@@ -217,6 +217,8 @@ class PruMergeProcessorMixin:
 
     #: The HF processor's output field of image pixels.
     image_pixels_key: str = "pixel_values"
+    #: The HF processor's per-image fields the engine needs too (e.g. anyres' ``image_sizes``).
+    image_fields: tuple[str, ...] = ()
 
     def get_dummy_inputs(
         self,
@@ -265,6 +267,26 @@ class PruMergeProcessorMixin:
         per image, plus any family fields); return the visual tokens per image and the tower +
         reduction seconds."""
         raise NotImplementedError
+
+    def _get_mm_fields_config(
+        self,
+        hf_inputs: BatchFeature,
+        hf_processor_mm_kwargs: Mapping[str, object],
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        """Per supported modality: features and the stock side channel (kept on the CPU); for
+        images also precomputed ``image_embeds``, and the HF processor's `image_fields`."""
+        fields = {}
+        for modality in MODALITY_ORDER:
+            if modality in self.info.get_supported_mm_limits():
+                fields[FEATURES_KEYS[modality]] = MultiModalFieldConfig.batched(modality)
+                fields[STOCK_KEYS[modality]] = MultiModalFieldConfig.batched(
+                    modality, keep_on_cpu=True
+                )
+        if "image" in self.info.get_supported_mm_limits():
+            fields["image_embeds"] = MultiModalFieldConfig.batched("image")
+            for key in self.image_fields:
+                fields[key] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return fields
 
     def _stock_tokens(
         self, modality: str, units: int, mm_items: MultiModalDataItems, item_idx: int

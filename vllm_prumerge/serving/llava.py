@@ -7,8 +7,6 @@ See :mod:`vllm_prumerge.serving.base` for the design.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from transformers import BatchFeature
 from vllm.model_executor.models.llava import (
@@ -18,7 +16,6 @@ from vllm.model_executor.models.llava import (
     LlavaProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from vllm_prumerge.config import PruMergeConfig
 from vllm_prumerge.serving.base import (
@@ -48,16 +45,6 @@ class PruMergeLlavaMultiModalProcessor(
         encoded = self.info.encoder.encode(pixel_values, config)
         processed[FEATURES_KEY] = encoded.features
         return [len(f) for f in encoded.features], encoded.seconds
-
-    def _get_mm_fields_config(
-        self,
-        hf_inputs: BatchFeature,
-        hf_processor_mm_kwargs: Mapping[str, object],
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        return {
-            FEATURES_KEY: MultiModalFieldConfig.batched("image"),
-            "image_embeds": MultiModalFieldConfig.batched("image"),
-        }
 
 
 @MULTIMODAL_REGISTRY.register_processor(

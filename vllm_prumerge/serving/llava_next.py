@@ -15,8 +15,6 @@ them in ``llava_onevision.py``); the family classes at the bottom put them in fr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from transformers import BatchFeature
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
@@ -27,7 +25,6 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from vllm_prumerge.config import PruMergeConfig
 from vllm_prumerge.serving.base import (
@@ -78,6 +75,8 @@ class AnyresProcessingInfoMixin(PruMergeProcessingInfoMixin):
 class AnyresProcessorMixin(PruMergeProcessorMixin):
     """Per-crop reduction of anyres families (before a vLLM LLaVA-NeXT-style processor)."""
 
+    image_fields = ("image_sizes",)
+
     def _reduce_images(
         self, processed: BatchFeature, pixel_values: torch.Tensor, config: PruMergeConfig
     ) -> tuple[list[int], float]:
@@ -98,18 +97,6 @@ class AnyresProcessorMixin(PruMergeProcessorMixin):
         processed[FEATURES_KEY] = features
         processed[STOCK_CROPS_KEY] = stock_field(0 if config.enabled else n for n in crops)
         return counts, encoded.seconds
-
-    def _get_mm_fields_config(
-        self,
-        hf_inputs: BatchFeature,
-        hf_processor_mm_kwargs: Mapping[str, object],
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        return {
-            FEATURES_KEY: MultiModalFieldConfig.batched("image"),
-            STOCK_CROPS_KEY: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-            "image_sizes": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-            "image_embeds": MultiModalFieldConfig.batched("image"),
-        }
 
 
 class AnyresModelMixin(PruMergeModelMixin):

@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import BatchFeature
-from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import MultiModalDataItems
 
 from vllm_prumerge.config import PruMergeConfig
@@ -139,17 +138,6 @@ class PruMergeVideoProcessorMixin(PruMergeProcessorMixin):
         ``off`` the features the engine packs the stock way), and the seconds taken."""
         encoded = self.info.encoders["video"].encode(pixel_values, config)  # one row per frame
         return encoded.features, encoded.seconds
-
-    def _get_mm_fields_config(
-        self,
-        hf_inputs: BatchFeature,
-        hf_processor_mm_kwargs: Mapping[str, object],
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        return {
-            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-            VIDEO_FEATURES_KEY: MultiModalFieldConfig.batched("video"),
-            STOCK_FRAMES_KEY: MultiModalFieldConfig.batched("video", keep_on_cpu=True),
-        }
 
     def _stock_tokens(
         self, modality: str, units: int, mm_items: MultiModalDataItems, item_idx: int
