@@ -40,6 +40,12 @@ OFFLINE_ENGINE_ARGS = {
     },
     # vLLM's class takes one video per prompt and no image.
     "next_video": {**TINY_ENGINE_ARGS, "max_model_len": 4096, "limit_mm_per_prompt": {"video": 1}},
+    # The plugin's own class (vLLM 0.32 has none): images and one video per prompt.
+    "video_llava": {
+        **TINY_ENGINE_ARGS,
+        "max_model_len": 4096,
+        "limit_mm_per_prompt": {"image": 2, "video": 1},
+    },
 }
 # The plugin's engines run with prefix caching and chunked prefill on; LLaVA-1.5's prefills at
 # a 256-token budget, so a stock-size image (576) arrives in chunks.
@@ -87,13 +93,9 @@ def tiny_cache_env(checkpoint: str, tmp_path: Path, in_process: bool = False) ->
     link = cache / "checkpoints" / Path(checkpoint).name
     if not link.exists():
         link.symlink_to(checkpoint, target_is_directory=True)
-    return {
-        **os.environ,
-        "VLLM_PRUMERGE_CACHE": str(cache),
-        "VLLM_TARGET_DEVICE": "cpu",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else {}),
-    }
+    from tests.helpers import cpu_env
+
+    return cpu_env(in_process, VLLM_PRUMERGE_CACHE=str(cache))
 
 
 # --- One LLaVA-1.5 `vllm serve --plugin prumerge` for the session ---------------------------
@@ -115,13 +117,33 @@ LLAVA_SERVER_ARGS = [
 def llava_server(tiny_llava, tmp_path_factory):
     """(base URL, log path) of the session's LLaVA-1.5 server. Fails unless every served
     process logged this clone's package folder."""
-    from tests.helpers import assert_served_from_this_clone
-    from vllm_prumerge.testing.server import serve
+    from tests.helpers import served_from_this_clone
 
-    log = tmp_path_factory.mktemp("llava-server") / "serve.log"
-    with serve(tiny_llava, LLAVA_SERVER_ARGS, log_path=log) as base_url:
-        assert_served_from_this_clone(log.read_text())
-        yield base_url, log
+    with served_from_this_clone(tiny_llava, LLAVA_SERVER_ARGS, tmp_path_factory) as server:
+        yield server
+
+
+# The session's video server: Video-LLaVA (images and videos; a model stock vLLM 0.32 cannot
+# serve), `video_url` MP4s decoded by vLLM's loader. Shared by test_server.py's video cases and
+# the serving benchmark's video smoke run.
+VIDEO_SERVER_ARGS = [*SERVER_ARGS, "--limit-mm-per-prompt", '{"image": 1, "video": 1}']
+
+
+@pytest.fixture(scope="session")
+def video_llava_checkpoint(tmp_path_factory) -> str:
+    from tests.helpers import family_checkpoint
+
+    return family_checkpoint("video_llava", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def video_server(video_llava_checkpoint, tmp_path_factory):
+    """(base URL, log path) of the session's Video-LLaVA server."""
+    from tests.helpers import served_from_this_clone
+
+    args = VIDEO_SERVER_ARGS
+    with served_from_this_clone(video_llava_checkpoint, args, tmp_path_factory) as server:
+        yield server
 
 
 # --- Offline engines, one pair per family for the whole session ---------------------------------
@@ -154,20 +176,25 @@ def checkpoint(family, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def hf(checkpoint):
     """The independent transformers pipeline of tests/hf_reference.py on the family."""
-    from tests.hf_reference import HFPruMergeLlava
+    from tests.hf_reference import reference_for
 
-    return HFPruMergeLlava(checkpoint)
+    return reference_for(checkpoint)
 
 
 @pytest.fixture(scope="session")
-def stock_llm(family, checkpoint):
+def stock_llm(family, checkpoint, hf):
     """Stock vLLM (no plugin selected) on the family's checkpoint, in this process (OneVision:
     vLLM's default multi-process layout; in-process, stock vLLM 0.32's OneVision hands back
-    3-D video embeddings, `[1, L, H]` per video, which its own sanity check refuses)."""
+    3-D video embeddings, `[1, L, H]` per video, which its own sanity check refuses).
+    Video-LLaVA, which vLLM 0.32 cannot serve: transformers' own model end to end stands in."""
     from vllm import LLM
 
     from tests.helpers import shutdown, start_llm
+    from tests.hf_reference import TransformersStock
 
+    if family == "video_llava":
+        yield TransformersStock(hf)
+        return
     if family == "onevision":
         llm = LLM(model=checkpoint, **OFFLINE_ENGINE_ARGS[family])
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import re
@@ -96,6 +97,18 @@ def chat_text_tokens(
     return len(ids) - num_items
 
 
+@contextlib.contextmanager
+def served_from_this_clone(checkpoint: str, args, tmp_path_factory):
+    """`vllm serve CHECKPOINT *args` for the enclosed tests: yields (base URL, log path), after
+    checking that every served process imported this clone's `vllm_prumerge`."""
+    from vllm_prumerge.testing.server import serve
+
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    with serve(checkpoint, args, log_path=log) as base_url:
+        assert_served_from_this_clone(log.read_text())
+        yield base_url, log
+
+
 def assert_served_from_this_clone(log: str) -> None:
     """Every "vllm-prumerge VERSION loaded from DIR" line of a vLLM log names this clone's
     package folder, and there is at least one (the plugin's `register()` logs it per process
@@ -104,3 +117,133 @@ def assert_served_from_this_clone(log: str) -> None:
     assert found, "no 'vllm-prumerge ... loaded from' line in the vLLM log: plugin not loaded?"
     wrong = sorted({str(f) for f in found if f.resolve() != PACKAGE_DIR})
     assert not wrong, f"vLLM processes imported vllm_prumerge from {wrong}, not {PACKAGE_DIR}"
+
+
+def visual_runs(output, tokens) -> list[int]:
+    """Visual tokens per image or video, in prompt order: the lengths of the maximal runs of one
+    of `tokens` (image / video placeholder ids) in the engine's expanded prompt. Items are
+    separated by text in every test prompt, so a swapped pair of counts shows."""
+    runs: list[int] = []
+    previous = None
+    for token in output.prompt_token_ids:
+        if token in tokens:
+            if token == previous:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        previous = token
+    return runs
+
+
+# --- Subprocesses ------------------------------------------------------------------------------
+
+
+def run_python(args, *, env=None, timeout: float = 900, cwd=None, check: bool = True):
+    """Run `python ARGS...` (this interpreter) and return the completed process; with `check`,
+    fail the test with the tail of its stderr unless it exited 0."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+    if check:
+        assert done.returncode == 0, f"{args[0]} exited {done.returncode}:\n{done.stderr[-6000:]}"
+    return done
+
+
+def cpu_env(in_process: bool = False, **extra: str) -> dict[str, str]:
+    """This environment for a vLLM subprocess on the CPU platform with a small KV cache;
+    `in_process`: its engine inside the subprocess (see `in_process_engine`)."""
+    return {
+        **os.environ,
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else {}),
+        **extra,
+    }
+
+
+# --- vLLM's multimodal processor, without an engine ---------------------------------------------
+
+
+def vllm_processor(
+    checkpoint: str, dtype: str = "float32", plugin: bool = True, fresh: bool = False, **options
+):
+    """vLLM's own multimodal processor for the checkpoint, as a server builds it, and its model
+    config: with the plugin (`engine_kwargs(**options)`) or stock. Built once per argument set
+    for the session (building one inspects the model in a vLLM subprocess); `fresh`: a new one,
+    for tests of what a processor reads from the environment when it is built."""
+    build = _build_processor if fresh else _cached_processor
+    return build(checkpoint, dtype, plugin, tuple(sorted(options.items())))
+
+
+def _build_processor(checkpoint: str, dtype: str, plugin: bool, options: tuple):
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.plugins import load_general_plugins
+
+    from vllm_prumerge import engine_kwargs
+
+    load_general_plugins()
+    kwargs = engine_kwargs(**dict(options)) if plugin else {}
+    model_config = ModelConfig(model=checkpoint, dtype=dtype, **kwargs)
+    return MULTIMODAL_REGISTRY.create_processor(model_config), model_config
+
+
+_cached_processor = functools.cache(_build_processor)
+
+
+def apply_processor(processor, images, mode, *, text="What is this?", cache=None) -> dict:
+    """One prompt, `images` then `text`, through vLLM's `processor.apply` with the plugin option
+    `mode`, under vLLM's pre-processing thread setting; vLLM's processed inputs."""
+    from vllm.multimodal.processing.context import TimingContext
+    from vllm.multimodal.processing.inputs import ProcessorInputs
+    from vllm.utils.torch_utils import set_default_torch_num_threads
+
+    info = processor.info
+    prompt = "USER: " + "<image>\n" * len(images) + f"{text} ASSISTANT:"
+    inputs = ProcessorInputs(
+        prompt=info.get_tokenizer().encode(prompt),
+        mm_data_items=info.parse_mm_data({"image": list(images)}),
+        hf_processor_mm_kwargs={"prumerge": mode},
+        cache=cache,
+    )
+    with set_default_torch_num_threads():
+        return processor.apply(inputs, TimingContext())
+
+
+# --- The plugin's encoder, without vLLM -------------------------------------------------------
+
+
+def encoder_counts(checkpoint: str, images, config) -> list[int]:
+    """Visual tokens per PIL image by the plugin's encoder and core reduction (`len(features)`
+    of `PruMergeEncoder.encode`), single-view checkpoints (LLaVA-1.5, SigLIP-LLaVA)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from vllm_prumerge.encoder import PruMergeEncoder
+
+    pixels = AutoProcessor.from_pretrained(checkpoint).image_processor(
+        images=list(images), return_tensors="pt"
+    )["pixel_values"]
+    vision = AutoConfig.from_pretrained(checkpoint).vision_config
+    encoder = PruMergeEncoder(checkpoint, vision, device="cpu")
+    return [len(f) for f in encoder.encode(pixels, config).features]
+
+
+# --- Videos ------------------------------------------------------------------------------------
+
+VIDEO_PROMPT = "USER: <video>\nWhat happens in this video? ASSISTANT:"
+IMAGE_AND_VIDEO_PROMPT = "USER: <image>\n<video>\nDoes the image appear in the video? ASSISTANT:"
+
+
+def frames(scenes, size):
+    """A `[T, H, W, 3]` uint8 video whose frames are `scenes` resized to `size` (W, H)."""
+    import numpy as np
+
+    return np.stack([np.asarray(s.convert("RGB").resize(size)) for s in scenes])

@@ -132,6 +132,11 @@ class HFPruMergeLlava:
             return packed
         return self.model.model.multi_modal_projector(self._reduce_crops(crops, config))
 
+    @torch.no_grad()
+    def frame_features(self, frames: torch.Tensor, config: PruMergeConfig) -> torch.Tensor:
+        """`[L, C]`: video frames `[T, 3, H, W]` through the tower, each reduced on its own."""
+        return self._reduce_crops(frames, config)
+
     def video_frames(self, video) -> torch.Tensor:
         """`[T, 3, H, W]`: transformers' video processor on one `[T, H, W, 3]` uint8 video."""
         processed = self.processor.video_processor(videos=[video], return_tensors="pt")
@@ -149,7 +154,7 @@ class HFPruMergeLlava:
                 vision_feature_select_strategy=self.config.vision_feature_select_strategy,
             ).pooler_output[0]  # OneVision: [L, H]; NeXT-Video: [T, 144, H]
             return packed.reshape(-1, packed.shape[-1])
-        return self.model.model.multi_modal_projector(self._reduce_crops(frames, config))
+        return self.model.model.multi_modal_projector(self.frame_features(frames, config))
 
     @torch.no_grad()
     def generate(self, prompt: str, images, configs, max_new_tokens: int, videos=()):
@@ -241,3 +246,55 @@ class HFPruMergeVideoLlava(HFPruMergeLlava):
             ).pooler_output  # [T, 257, H]
             return packed.reshape(-1, packed.shape[-1])
         return self.model.model.multi_modal_projector(self.frame_features(frames, config))
+
+
+def reference_for(checkpoint: str) -> HFPruMergeLlava:
+    """The transformers pipeline of the checkpoint's family."""
+    from transformers import AutoConfig
+
+    if AutoConfig.from_pretrained(checkpoint).model_type == "video_llava":
+        return HFPruMergeVideoLlava(checkpoint)
+    return HFPruMergeLlava(checkpoint)
+
+
+class TransformersStock:
+    """transformers' own model end to end in the place of a stock vLLM engine, for the family
+    vLLM 0.32 cannot serve (Video-LLaVA): `generate(prompts, sampling)` takes vLLM's offline
+    prompt dicts and greedy `SamplingParams` and answers with what the tests read of vLLM's
+    `RequestOutput`s (the expanded prompt ids, the greedy tokens and their log-probabilities),
+    by transformers' processor (prompt expansion) and `generate`."""
+
+    def __init__(self, reference: HFPruMergeLlava) -> None:
+        self.reference = reference
+
+    @torch.no_grad()
+    def generate(self, prompts, sampling):
+        from types import SimpleNamespace
+
+        outputs = []
+        for prompt in prompts:
+            data = prompt["multi_modal_data"]
+            images, videos = data.get("image"), data.get("video")
+            images = [images] if images is not None and not isinstance(images, list) else images
+            videos = [videos] if videos is not None and not isinstance(videos, list) else videos
+            inputs = self.reference.processor(
+                text=prompt["prompt"], images=images, videos=videos, return_tensors="pt"
+            )
+            n = sampling.max_tokens
+            generated = self.reference.model.generate(
+                **inputs,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            ids = inputs["input_ids"][0].tolist()
+            tokens = generated.sequences[0, len(ids) :].tolist()
+            logprobs = [
+                {t: SimpleNamespace(logprob=float(torch.log_softmax(step[0].float(), -1)[t]))}
+                for t, step in zip(tokens, generated.logits, strict=True)
+            ]
+            completion = SimpleNamespace(token_ids=tokens, logprobs=logprobs)
+            outputs.append(SimpleNamespace(prompt_token_ids=ids, outputs=[completion]))
+        return outputs

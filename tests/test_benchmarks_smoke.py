@@ -1,52 +1,39 @@
 """The benchmark scripts end to end on tiny workloads: they run, and their figures are consistent.
 
-Each script runs as a user would run it (a subprocess, on a generated checkpoint) and the test
-reads what it wrote: the JSON's token counts are the real ones (stock = 576 per image;
-fixed budgets = budget + 1, PruMerge's equal the core encoder's; videos (`--frames`, offline on
-LLaVA-OneVision, through `video_url` on LLaVA-NeXT-Video): stock = transformers' own processor's
-count, reduced = the independent transformers pipeline's per-frame reduction of the frames the
-engine saw), text-equivalent requests have exactly their image (or video) requests' prompt
-length, ratios follow from the figures, and the Markdown tables and PNG plots exist. Never timing.
+Each script runs as a user would run it (a subprocess, on a generated checkpoint; the serving
+script against the session's servers, `--base-url`, tests/conftest.py) and the test reads what it
+wrote: the JSON's token counts are the real ones (stock = 576 per image; fixed budgets = budget +
+1, PruMerge's equal the core encoder's; videos (`--frames`, offline on LLaVA-OneVision, through
+`video_url` on Video-LLaVA): stock = transformers' own processor's count, reduced = the
+independent transformers pipeline's per-frame reduction of the frames the engine saw),
+text-equivalent requests have exactly their image (or video) requests' prompt length, ratios
+follow from the figures, and the Markdown tables and PNG plots exist. Never timing.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import subprocess
+import statistics
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import family_checkpoint
+from tests.helpers import cpu_env, encoder_counts, family_checkpoint, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The scripts' own modules (`_common`, `serving`), importable by the tests that read them.
+sys.path.insert(0, str(BENCH))
 
 
-def run_script(
-    args: list[str], timeout: float = 600, in_process: bool = False
-) -> subprocess.CompletedProcess:
+def run_script(args: list, timeout: float = 600, in_process: bool = False):
     """Run a benchmark script; `in_process`: its vLLM engine inside the script's process (no
     engine-core or worker spawn, as tests/helpers.py `in_process_engine`)."""
-    done = subprocess.run(
-        [sys.executable, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={
-            **os.environ,
-            "VLLM_TARGET_DEVICE": "cpu",
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else {}),
-        },
-    )
-    assert done.returncode == 0, f"{args[0]} exited {done.returncode}:\n{done.stderr[-6000:]}"
-    return done
+    return run_python(args, env=cpu_env(in_process), timeout=timeout)
 
 
 def assert_png(path: Path) -> None:
@@ -54,12 +41,9 @@ def assert_png(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def family_checkpoints(tmp_path_factory) -> dict[str, str]:
-    """The session's generated tiny LLaVA-OneVision and LLaVA-NeXT-Video checkpoints."""
-    return {
-        family: family_checkpoint(family, tmp_path_factory)
-        for family in ("onevision", "next_video")
-    }
+def onevision(tmp_path_factory) -> str:
+    """The session's generated tiny LLaVA-OneVision checkpoint."""
+    return family_checkpoint("onevision", tmp_path_factory)
 
 
 def stock_video_tokens(checkpoint: str, video) -> int:
@@ -77,11 +61,10 @@ def per_frame_tokens(hf, video) -> list[int]:
     transformers pipeline (tests/hf_reference.py), frames from the family's video processor."""
     from vllm_prumerge import PruMergeConfig
 
-    return [len(hf._reduce_crops(f[None], PruMergeConfig())) for f in hf.video_frames(video)]
+    return [len(hf.frame_features(f[None], PruMergeConfig())) for f in hf.video_frames(video)]
 
 
 def test_configuration_strings_parse_to_request_options():
-    sys.path.insert(0, str(BENCH))
     from _common import parse_configs
 
     configs = parse_configs("off, prumerge+ ,fixed:64,fixed:0.25,fixed:32s")
@@ -127,20 +110,12 @@ def test_throughput_script_reports_real_token_counts_and_consistent_ratios(tiny_
     assert all(2 <= n <= 577 for n in prumerge["visual_tokens_per_request"])
 
     # The counts are the core encoder's, on the same (regenerated) images.
-    sys.path.insert(0, str(BENCH))
     from _common import build_workload
-    from transformers import AutoConfig, AutoProcessor
 
     from vllm_prumerge import PruMergeConfig
-    from vllm_prumerge.encoder import PruMergeEncoder
 
     items = build_workload(num_prompts, data["settings"]["seed"])
-    hf_config = AutoConfig.from_pretrained(tiny_llava)
-    pixels = AutoProcessor.from_pretrained(tiny_llava).image_processor(
-        images=[item.image for item in items], return_tensors="pt"
-    )["pixel_values"]
-    encoder = PruMergeEncoder(tiny_llava, hf_config.vision_config, device="cpu")
-    expected = [len(f) for f in encoder.encode(pixels, PruMergeConfig()).features]
+    expected = encoder_counts(tiny_llava, [item.image for item in items], PruMergeConfig())
     assert prumerge["visual_tokens_per_request"] == expected
 
     # Same questions in every configuration: prompt tokens differ by the visual tokens only.
@@ -182,8 +157,8 @@ def test_throughput_script_reports_real_token_counts_and_consistent_ratios(tiny_
 
 
 @pytest.mark.engine
-def test_throughput_script_sends_videos_and_counts_every_frame(family_checkpoints, tmp_path):
-    checkpoint = family_checkpoints["onevision"]
+def test_throughput_script_sends_videos_and_counts_every_frame(onevision, tmp_path):
+    checkpoint = onevision
     out = tmp_path / "video"
     num_prompts, frames = 2, 3
     run_script(
@@ -203,13 +178,13 @@ def test_throughput_script_sends_videos_and_counts_every_frame(family_checkpoint
             "--no-progress",
             "--no-plots",
             "--out", out,
-        ]
+        ],
+        in_process=True,
     )  # fmt: skip
     data = json.loads((out / "throughput.json").read_text())
     off, prumerge = data["results"]
     # The generated template writes video parts: vLLM's default content format.
     assert data["media"] == {"modality": "video", "frames": frames, "chat_content_format": "openai"}
-    sys.path.insert(0, str(BENCH))
     from _common import build_workload
 
     from tests.hf_reference import HFPruMergeLlava
@@ -235,15 +210,14 @@ def test_throughput_script_sends_videos_and_counts_every_frame(family_checkpoint
 
 
 @pytest.mark.server
-def test_serving_script_sends_videos_as_video_urls(family_checkpoints, tmp_path):
-    checkpoint = family_checkpoints["next_video"]
+def test_serving_script_sends_videos_as_video_urls(video_server, video_llava_checkpoint, tmp_path):
+    checkpoint = video_llava_checkpoint
     out = tmp_path / "video"
     num_prompts, frames = 2, 3
     run_script(
         [
             BENCH / "serving.py",
-            "--model", checkpoint,
-            "--dtype", "float32",
+            "--base-url", video_server[0],
             "--frames", frames,
             "--image-size", "320x240",
             "--configs", "off,prumerge",
@@ -251,9 +225,6 @@ def test_serving_script_sends_videos_as_video_urls(family_checkpoints, tmp_path)
             "--output-len", 2,
             "--warmup", 0,
             "--repeats", 1,
-            "--max-model-len", 4096,
-            "--kv-cache-tokens", 8192,
-            "--max-num-seqs", 4,
             "--no-progress",
             "--no-plots",
             "--out", out,
@@ -265,17 +236,13 @@ def test_serving_script_sends_videos_as_video_urls(family_checkpoints, tmp_path)
         assert r["completed"] == num_prompts and r["failed"] == 0
         assert r["visual_images"] == num_prompts  # the per-video histogram saw every video
         assert r["text"]["prompt_tokens"] == r["prompt_tokens"]  # text-equivalents match
-    assert '--limit-mm-per-prompt {"video": 1}' in data["servers"]["plugin"]
-    # The generated template writes video parts: vLLM's default content format.
-    assert "--chat-template-content-format" not in data["servers"]["plugin"]
 
     # What the server decoded: the same MP4s through vLLM's own video loader (lossy codec).
-    sys.path.insert(0, str(BENCH))
     from _common import build_workload
     from serving import media_url
     from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
 
-    from tests.hf_reference import HFPruMergeLlava
+    from tests.hf_reference import HFPruMergeVideoLlava
 
     loader = VIDEO_LOADER_REGISTRY.load("opencv")
     items = build_workload(num_prompts, data["settings"]["seed"], size=(320, 240), frames=frames)
@@ -284,11 +251,11 @@ def test_serving_script_sends_videos_as_video_urls(family_checkpoints, tmp_path)
         payload = base64.b64decode(media_url(item).split(",", 1)[1])
         decoded.append(loader.load_bytes(payload, num_frames=frames)[0])
     assert all(video.shape == (frames, 240, 320, 3) for video in decoded)
-    # Stock: transformers' own processor (NeXT-Video: 144 per frame, no newline).
+    # Stock: transformers' own processor (Video-LLaVA: 257 per frame, CLS kept).
     stock = [stock_video_tokens(checkpoint, video) for video in decoded]
-    assert off["visual_tokens_mean"] == stock[0] == stock[1] == frames * 144
+    assert off["visual_tokens_mean"] == stock[0] == stock[1] == frames * 257
     # Reduced: each decoded frame reduced on its own by the independent transformers pipeline.
-    hf = HFPruMergeLlava(checkpoint)
+    hf = HFPruMergeVideoLlava(checkpoint)
     reduced = [sum(per_frame_tokens(hf, video)) for video in decoded]
     assert prumerge["visual_tokens_mean"] == pytest.approx(sum(reduced) / num_prompts)
     # usage.prompt_tokens: one <video> placeholder expanded, the rest the chat message's text.
@@ -300,32 +267,27 @@ def test_serving_script_sends_videos_as_video_urls(family_checkpoints, tmp_path)
 
 
 @pytest.mark.server
-def test_serving_script_measures_latency_against_stock_and_text(tiny_llava, tmp_path):
+def test_serving_script_measures_latency_against_text(llava_server, tiny_llava, tmp_path):
     out = tmp_path / "serving"
     num_prompts, output_len = 3, 3
     run_script(
         [
             BENCH / "serving.py",
-            "--model", tiny_llava,
-            "--dtype", "float32",
-            "--configs", "stock,off,prumerge",
-            "--tower-threads", 1,
+            "--base-url", llava_server[0],
+            "--configs", "off,prumerge",
             "--num-prompts", num_prompts,
             "--output-len", output_len,
             "--warmup", 0,
             "--repeats", 1,
             "--max-concurrency", 2,
-            "--kv-cache-tokens", 4096,
-            "--max-num-seqs", 8,
             "--no-progress",
             "--out", out,
         ]
     )  # fmt: skip
     data = json.loads((out / "serving.json").read_text())
-    stock, off, prumerge = data["runs"]
-    assert (stock["name"], off["name"], prumerge["name"]) == ("stock", "off", "prumerge")
-    assert "--plugin" not in data["servers"]["stock"]
-    assert "VLLM_PRUMERGE_TOWER_THREADS=1" in data["servers"]["plugin"]
+    off, prumerge = data["runs"]
+    assert (off["name"], prumerge["name"]) == ("off", "prumerge")
+    assert data["servers"] == {"plugin": f"given ({llava_server[0]})"}
     for r in data["runs"]:
         assert r["completed"] == num_prompts and r["failed"] == 0
         assert r["output_tokens"]["min"] == r["output_tokens"]["max"] == output_len
@@ -338,16 +300,16 @@ def test_serving_script_measures_latency_against_stock_and_text(tiny_llava, tmp_
         assert r["fraction_of_text"]["requests_per_s"] == pytest.approx(
             r["requests_per_s"] / text["requests_per_s"]
         )
-        assert r["ratio_to_stock"]["requests_per_s"] == pytest.approx(
-            r["requests_per_s"] / stock["requests_per_s"]
-        )
-    for r in (off, prumerge):
         assert r["visual_images"] == num_prompts  # the server's histogram saw every image
-    # Stock vLLM and the plugin's `off` give the same prompts (576 visual tokens per image).
-    assert stock["prompt_tokens"] == off["prompt_tokens"]
-    assert stock["visual_tokens_mean"] == 576
+    # `off` gives stock's 576 per image; PruMerge's counts are the core encoder's.
+    from _common import build_workload
+
+    from vllm_prumerge import PruMergeConfig
+
+    items = build_workload(num_prompts, data["settings"]["seed"])
+    counts = encoder_counts(tiny_llava, [item.image for item in items], PruMergeConfig())
     assert off["visual_tokens_mean"] == 576
-    assert prumerge["visual_tokens_mean"] < 576
+    assert prumerge["visual_tokens_mean"] == pytest.approx(statistics.mean(counts))
     # usage.prompt_tokens differs by exactly the visual tokens (same questions).
     assert off["prompt_tokens"]["mean"] - prumerge["prompt_tokens"]["mean"] == pytest.approx(
         576 - prumerge["visual_tokens_mean"]
@@ -360,6 +322,7 @@ def test_serving_script_measures_latency_against_stock_and_text(tiny_llava, tmp_
     assert_png(out / "serving_latency.png")
 
 
+@pytest.mark.script
 def test_frontend_script_breaks_down_the_plugins_and_stock_front_end(tiny_llava, tmp_path):
     out = tmp_path / "frontend"
     num_images = 2
@@ -389,19 +352,12 @@ def test_frontend_script_breaks_down_the_plugins_and_stock_front_end(tiny_llava,
     for threads in (1, 2):
         assert [i["visual_tokens"] for i in rows[("stock", threads)]["per_image"]] == [576] * 2
         assert [i["visual_tokens"] for i in rows[("off", threads)]["per_image"]] == [576] * 2
-    sys.path.insert(0, str(BENCH))
     from _common import build_workload
-    from transformers import AutoConfig, AutoProcessor
 
     from vllm_prumerge import PruMergeConfig
-    from vllm_prumerge.encoder import PruMergeEncoder
 
     items = build_workload(num_images, data["settings"]["seed"])
-    pixels = AutoProcessor.from_pretrained(tiny_llava).image_processor(
-        images=[item.image for item in items], return_tensors="pt"
-    )["pixel_values"]
-    encoder = PruMergeEncoder(tiny_llava, AutoConfig.from_pretrained(tiny_llava).vision_config)
-    expected = [len(f) for f in encoder.encode(pixels, PruMergeConfig()).features]
+    expected = encoder_counts(tiny_llava, [item.image for item in items], PruMergeConfig())
     assert [i["visual_tokens"] for i in rows[("prumerge", 1)]["per_image"]] == expected
     # What crosses to the engine: stock's pixel values (3 x 336 x 336 float32) outweigh the
     # reduced features (a few 64-wide rows).
@@ -417,6 +373,7 @@ def test_frontend_script_breaks_down_the_plugins_and_stock_front_end(tiny_llava,
     assert data["tower_dtype"].startswith("float32 (tower_dtype=auto: the model dtype)")
 
 
+@pytest.mark.script
 def test_prefill_script_runs_at_a_tiny_shape_on_cpu_without_vllm(tmp_path):
     out = tmp_path / "prefill"
     visual = [576, 145, 33]
@@ -469,16 +426,14 @@ def test_prefill_script_runs_at_a_tiny_shape_on_cpu_without_vllm(tmp_path):
     assert_png(out / "prefill.png")
 
 
-def test_a_chat_template_that_drops_videos_falls_back_to_the_string_format(
-    family_checkpoints, tmp_path
-):
+def test_a_chat_template_that_drops_videos_falls_back_to_the_string_format(onevision, tmp_path):
     """Video requests on a checkpoint whose template writes no video part (an image-only
     template): vLLM's "string" content format, whose prompt still carries the `<video>`."""
     from _common import chat_prompt
 
     from vllm_prumerge.testing.checkpoint import CHAT_TEMPLATE
 
-    checkpoint = family_checkpoints["onevision"]
+    checkpoint = onevision
     assert chat_prompt(checkpoint, frames=3).content_format == "openai"
     assert chat_prompt(checkpoint, frames=0).content_format == "openai"
     image_only = tmp_path / "image-only-template"

@@ -160,6 +160,7 @@ def test_bad_options_are_clean_parser_errors(serve_parser, capsys, model, argv, 
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.script
 def test_vllm_serve_help_documents_the_plugin_options():
     vllm = Path(sys.executable).with_name("vllm")
     out = subprocess.run(

@@ -266,6 +266,7 @@ def test_full_original_checkpoint_converts_without_a_merge(stand_ins, tmp_path):
 # ---- the command line -------------------------------------------------------------------------
 
 
+@pytest.mark.script
 def test_console_script_converts_and_help_explains_every_option(stand_ins, tmp_path):
     script = Path(sys.executable).parent / "vllm-prumerge"
     out = tmp_path / "cli"

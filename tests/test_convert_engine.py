@@ -249,25 +249,15 @@ class TestOfflineEngine:
             )
         assert all(c < 576 for c in counts[:3]) and len(set(counts[:3])) > 1, counts
 
-    def test_the_mode_recorded_by_convert_is_the_engines_default(
-        self, llm, reference, images, converted
-    ):
-        image_id = json.loads((converted / "config.json").read_text())["image_token_index"]
-        requests, per_request = _requests(images, None)
-        output = llm.generate(requests[:1], _sampling())[0]
-        plus = _check_against_reference(
-            output, reference, PROMPT, per_request[0], PruMergeConfig(mode=RECORDED_MODE), image_id
-        )
-        plain = reference.generate(PROMPT, per_request[0], PruMergeConfig(mode="prumerge"))[0]
-        assert plus > plain.count(None)  # the recorded PruMerge+, not the plugin's default
-
 
 @pytest.mark.server
 def test_vllm_serve_with_no_mode_flag_serves_the_recorded_mode_through_the_chat_template(
     converted, reference, images
 ):
-    """The README's command: chat template, tokenizer and recorded mode through the CLI."""
-    from openai import OpenAI
+    """The README's command: chat template, tokenizer and recorded mode through the CLI. Without
+    vLLM's `--trust-request-mm-kwargs`, a request that names a mode is refused with HTTP 400
+    naming the flag (vLLM's own check), and the server goes on serving its recorded mode."""
+    from openai import BadRequestError, OpenAI
 
     from vllm_prumerge.testing.media import image_data_url
     from vllm_prumerge.testing.server import serve
@@ -276,19 +266,30 @@ def test_vllm_serve_with_no_mode_flag_serves_the_recorded_mode_through_the_chat_
     question = "What is shown in this image?"
     args = ["--plugin", "prumerge", "--dtype", "float32", "--enforce-eager"]
     args += ["--max-model-len", "2048", "--max-num-seqs", "8"]
-    with serve(converted, args) as base_url:
-        response = OpenAI(base_url=base_url + "/v1", api_key="none").chat.completions.create(
-            model=str(converted),
-            messages=[
-                {"role": "system", "content": [{"type": "text", "text": SYSTEM}]},
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": url}},
-                        {"type": "text", "text": question},
-                    ],
-                },
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": SYSTEM}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": question},
             ],
+        },
+    ]
+    with serve(converted, args) as base_url:
+        client = OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(BadRequestError) as refused:
+            client.chat.completions.create(
+                model=str(converted),
+                messages=messages,
+                max_tokens=1,
+                extra_body={"mm_processor_kwargs": {"prumerge": "off"}},
+            )
+        assert refused.value.status_code == 400
+        assert "--trust-request-mm-kwargs" in str(refused.value)
+        response = client.chat.completions.create(
+            model=str(converted),
+            messages=messages,
             max_tokens=MAX_TOKENS,
             temperature=0.0,
             logprobs=True,

@@ -6,7 +6,15 @@ against the repository, and its flags against the script's own `build_parser()` 
 script without one, its source); `python -m pytest` paths; `vllm serve` and `vllm bench serve`
 against vLLM's own parsers, built offline the way tests/test_cli.py builds them, with the
 plugin's `--plugin` hook installed; `vllm-prumerge` against `vllm_prumerge.commands`. Every
-`python` block must parse, and what it imports from vllm_prumerge must exist.
+`python` block must parse, and what it imports from vllm_prumerge must exist; and every one runs,
+in a temporary folder with a photo, a video file and frame images, against stand-ins for
+`vllm.LLM` and `openai.OpenAI` that check what the snippet asks of them (`engine_kwargs` runs for
+real and its overrides are applied to the family's config; chat requests are validated by vLLM's
+own request model), and with hub ids replaced by a generated tiny checkpoint where a snippet loads
+one itself (no engine, no server, no download).
+
+The supported families are written in one place, `vllm_prumerge.serving.options.FAMILIES`; the
+user-facing texts that list them must name every one.
 
 A command that needs what no test here has carries a marker, `(needs a GPU)`,
 `(needs the real weights)` or `(run by hand)`, in a comment line of its own (marks the rest of
@@ -42,7 +50,7 @@ ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 SEPARATORS = {"&&", "||", "|", ";", "&", ";;"}
 REDIRECTS = {">", ">>", "<", "2>", "2>&1"}
 # Programs the docs use that name nothing of this repository.
-UNCHECKED = {"source", "printf", "curl", "tail", "for", "done", "hf"}
+UNCHECKED = {"source", "printf", "curl", "tail", "for", "done", "hf", "git", "cd"}
 # What runs commands: a script that "a test or CI runs" is named in one of these.
 RUNNERS = [
     *sorted((ROOT / "tests").glob("*.py")),
@@ -426,3 +434,176 @@ def test_python_snippets_parse_and_import_what_exists(doc, line, source):
                 assert hasattr(module, alias.name) or importlib.util.find_spec(
                     f"{node.module}.{alias.name}"
                 ), f"{doc.relative_to(ROOT)}:{line}: {node.module} has no {alias.name}"
+
+
+# --- Python snippets run -----------------------------------------------------------------------
+
+_HF_CONFIGS = [  # (a word of the hub id, the transformers config class) for the stand-in engine
+    ("NeXT-Video", "LlavaNextVideoConfig"),
+    ("Video-LLaVA", "VideoLlavaConfig"),
+    ("onevision", "LlavaOnevisionConfig"),
+    ("v1.6", "LlavaNextConfig"),
+    ("llava", "LlavaConfig"),
+]
+
+
+def _check_prumerge_kwargs(mm_processor_kwargs) -> None:
+    from vllm_prumerge import PruMergeConfig
+
+    if not mm_processor_kwargs:
+        return
+    assert set(mm_processor_kwargs) == {"prumerge"}, mm_processor_kwargs
+    options = mm_processor_kwargs["prumerge"]
+    PruMergeConfig.from_dict({"mode": options} if isinstance(options, str) else options)
+
+
+class _FakeLLM:
+    """`vllm.LLM` for snippets: checks the engine arguments and the prompts, runs no engine."""
+
+    def __init__(self, model, **kwargs):
+        import transformers
+        from vllm.engine.arg_utils import EngineArgs
+
+        from vllm_prumerge.serving.options import ARCHITECTURES, PruMergeOverrides
+
+        overrides = kwargs.pop("hf_overrides")
+        assert isinstance(overrides, PruMergeOverrides), "LLM(...) without engine_kwargs(...)"
+        unknown = set(kwargs) - {f.name for f in dataclasses.fields(EngineArgs)}
+        assert not unknown, f"LLM(...) has no arguments {unknown}"
+        name = next(cls for word, cls in _HF_CONFIGS if word.lower() in model.lower())
+        config = getattr(transformers, name)()
+        config.architectures = [name.replace("Config", "ForConditionalGeneration")]
+        assert overrides(config).architectures[0] in ARCHITECTURES.values()
+
+    def generate(self, prompts, sampling_params=None):
+        from types import SimpleNamespace
+
+        import numpy as np
+        from PIL import Image
+
+        outputs = []
+        for prompt in prompts if isinstance(prompts, list) else [prompts]:
+            for modality, data in prompt.get("multi_modal_data", {}).items():
+                assert f"<{modality}>" in prompt["prompt"], (modality, prompt["prompt"])
+                if modality == "image":
+                    assert isinstance(data, Image.Image), type(data)
+                else:
+                    assert modality == "video", modality
+                    assert isinstance(data, np.ndarray) and data.dtype == np.uint8, type(data)
+                    assert data.ndim == 4 and data.shape[-1] == 3, data.shape
+            _check_prumerge_kwargs(prompt.get("mm_processor_kwargs"))
+            outputs.append(
+                SimpleNamespace(outputs=[SimpleNamespace(text="...")], prompt_token_ids=[0] * 8)
+            )
+        return outputs
+
+
+class _FakeOpenAI:
+    """`openai.OpenAI` for snippets: validates each chat request with vLLM's own request model."""
+
+    def __init__(self, base_url=None, api_key=None, **kwargs):
+        from types import SimpleNamespace
+
+        assert base_url and base_url.endswith("/v1"), base_url
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self._create))
+        model = SimpleNamespace(id="llava-hf/llava-1.5-7b-hf")
+        self.models = SimpleNamespace(list=lambda: SimpleNamespace(data=[model]))
+
+    @staticmethod
+    def _create(*, extra_body=None, **kwargs):
+        from types import SimpleNamespace
+
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        request = ChatCompletionRequest(**kwargs, **(extra_body or {}))
+        _check_prumerge_kwargs(request.mm_processor_kwargs)
+        message = SimpleNamespace(content="...")
+        return SimpleNamespace(
+            choices=[SimpleNamespace(message=message)], usage=SimpleNamespace(prompt_tokens=42)
+        )
+
+
+@pytest.fixture(scope="module")
+def snippet_files(tmp_path_factory):
+    """A folder with what the snippets open: photo.jpg, clip.mp4, frames/*.png, out/inputs/."""
+    from vllm_prumerge.testing.scenes import make_scenes
+
+    folder = tmp_path_factory.mktemp("snippets")
+    scenes = make_scenes(3, seed=1)
+    scenes[0].save(folder / "photo.jpg")
+    (folder / "frames").mkdir()
+    (folder / "out" / "inputs").mkdir(parents=True)
+    for i, scene in enumerate(scenes):
+        scene.save(folder / "frames" / f"{i:03d}.png")
+        scene.save(folder / "out" / "inputs" / f"scene_{i:02d}.png")
+    (folder / "clip.mp4").write_bytes(b"not decoded by the stand-in client")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "doc, line, source",
+    PYTHON_BLOCKS,
+    ids=[f"{d.relative_to(ROOT)}:{n}" for d, n, _ in PYTHON_BLOCKS],
+)
+def test_python_snippets_run(doc, line, source, snippet_files, monkeypatch):
+    import openai
+    import vllm
+
+    from vllm_prumerge.testing import cached_tiny_llava
+
+    monkeypatch.setattr(vllm, "LLM", _FakeLLM)
+    monkeypatch.setattr(openai, "OpenAI", _FakeOpenAI)
+    monkeypatch.chdir(snippet_files)
+    if "from_pretrained(model)" in source:  # loads the checkpoint itself: a generated one
+        source = HUB_ID.sub(str(cached_tiny_llava()), source)
+    code = compile(source, f"{doc.relative_to(ROOT)}:{line}", "exec")
+    exec(code, {"__name__": "__main__"})
+
+
+# --- The supported families: one source --------------------------------------------------------
+
+
+def _names_every_family(text: str, where: str) -> None:
+    from vllm_prumerge.serving.options import family_names
+
+    missing = [n for n in family_names() if not re.search(re.escape(n) + r"(?![\w-])", text)]
+    assert not missing, f"{where} does not name {missing}"
+
+
+def test_the_family_list_has_one_source():
+    from vllm_prumerge.plugin import MODEL_CLASSES
+    from vllm_prumerge.serving.options import ARCHITECTURES, FAMILIES
+
+    assert list(FAMILIES) == list(ARCHITECTURES)
+    assert set(MODEL_CLASSES) == set(ARCHITECTURES.values())
+
+
+def test_user_facing_texts_name_every_family():
+    import vllm_prumerge
+    from vllm_prumerge.serving.cli import add_plugin_args
+    from vllm_prumerge.serving.options import ARCHITECTURES, engine_kwargs
+
+    readme = (ROOT / "README.md").read_text()
+    _names_every_family(readme.split("\n\n")[1], "README.md's opening paragraph")
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    _names_every_family(config.get("metadata", "description"), "setup.cfg's description")
+    _names_every_family(vllm_prumerge.__doc__, "vllm_prumerge's docstring")
+    _names_every_family(engine_kwargs.__doc__, "engine_kwargs's docstring")
+    parser = argparse.ArgumentParser()
+    add_plugin_args(parser)
+    (group,) = [g for g in parser._action_groups if g.title == "PruMerge"]
+    _names_every_family(group.description, "the CLI's PruMerge group")
+    for page in ["README.md", "docs/compatibility.md", "docs/video.md", "docs/benchmarks.md"]:
+        if page != "docs/video.md":
+            _names_every_family((ROOT / page).read_text(), page)
+    serving = (ROOT / "docs" / "serving.md").read_text()
+    without_plugin = serving.split("## Without `--plugin`")[1].split("\n## ")[0]
+    for ours in ARCHITECTURES.values():
+        assert ours in without_plugin, f"docs/serving.md's --hf-overrides list lacks {ours}"
+    design = (ROOT / "docs" / "design.md").read_text()
+    from vllm_prumerge.plugin import MODEL_CLASSES
+
+    for target in [*MODEL_CLASSES.values(), "vllm_prumerge.serving.video:"]:
+        module = target.split(":")[0].removeprefix("vllm_prumerge.serving.")
+        assert f"serving/{module}.py" in design or f"`{module}.py`" in design, module

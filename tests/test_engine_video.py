@@ -1,44 +1,48 @@
-"""Videos with PruMerge per frame, offline: LLaVA-OneVision (images and videos) and
-LLaVA-NeXT-Video (videos only, as vLLM's class).
+"""Videos with PruMerge per frame, offline: LLaVA-OneVision (images and videos),
+LLaVA-NeXT-Video (videos only, as vLLM's class) and Video-LLaVA (images through its image tower,
+frames through its video tower; a model vLLM 0.32 lacks).
 
 Per family, two real engines (stock vLLM, and the plugin's in `prumerge` mode; float32), the
-ones test_engine.py uses for images (tests/conftest.py). Reduced videos must
-give the same greedy tokens (log-probabilities within LOGPROB_ATOL) and the same counts as an
-independent transformers pipeline that reduces each frame on its own (tests/hf_reference.py,
-which reuses the plugin's reduction core, pinned separately against the naive reference); `off`
-must equal stock vLLM token for token.
+ones test_engine.py uses for images (tests/conftest.py; Video-LLaVA's stock is transformers' own
+model). Reduced videos must give the same greedy tokens (log-probabilities within LOGPROB_ATOL)
+and the same count per image and per video as an independent transformers pipeline that reduces
+each frame on its own (tests/hf_reference.py, which reuses the plugin's reduction core, pinned
+separately against the naive reference); `off` must equal stock token for token.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from tests.helpers import greedy, image_count, tokens_and_logprobs
+from tests.helpers import (
+    IMAGE_AND_VIDEO_PROMPT,
+    VIDEO_PROMPT,
+    frames,
+    greedy,
+    image_count,
+    tokens_and_logprobs,
+    visual_runs,
+)
 from vllm_prumerge.config import PruMergeConfig
 
 pytestmark = pytest.mark.engine
 
 LOGPROB_ATOL = 2e-3
 MAX_TOKENS = 6
-VIDEO = "USER: <video>\nWhat happens in this video? ASSISTANT:"
-IMAGE_AND_VIDEO = "USER: <image>\n<video>\nDoes the image appear in the video? ASSISTANT:"
 TWO_VIDEOS = "USER: <video>\n<video>\nWhich video is busier? ASSISTANT:"
 IMAGE = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
-ENGINE_FAMILIES = ("onevision", "next_video")  # engines: tests/conftest.py
+ENGINE_FAMILIES = ("onevision", "next_video", "video_llava")  # engines: tests/conftest.py
 # Stock tokens per frame after the family's 2x2 pooling (OneVision: bilinear on SigLIP's 27x27,
-# ceil(27 / 2) ** 2, plus one newline per video; NeXT-Video: average on CLIP's 24x24).
-STOCK_FRAME_TOKENS = {"onevision": 196, "next_video": 144}
-STOCK_NEWLINES = {"onevision": 1, "next_video": 0}
-PATCHES = {"onevision": (384 // 14) ** 2, "next_video": (336 // 14) ** 2}
+# ceil(27 / 2) ** 2, plus one newline per video; NeXT-Video: average on CLIP's 24x24); Video-LLaVA
+# keeps every patch of its 224 px CLIP and the CLS (16 x 16 + 1).
+STOCK_FRAME_TOKENS = {"onevision": 196, "next_video": 144, "video_llava": 257}
+STOCK_NEWLINES = {"onevision": 1, "next_video": 0, "video_llava": 0}
 
 
 def _sampling():
     return greedy(MAX_TOKENS)
-
-
-def _frames(scenes, size):
-    return np.stack([np.asarray(s.convert("RGB").resize(size)) for s in scenes])
 
 
 def _stock_count(family, frames: int, videos: int) -> int:
@@ -49,8 +53,8 @@ def _stock_count(family, frames: int, videos: int) -> int:
 def media(scenes):
     """Two videos of different frame counts and sizes (`[T, H, W, 3]` uint8), and an image."""
     return {
-        "a": _frames(scenes[0:4], (384, 384)),
-        "b": _frames(scenes[4:7], (320, 240)),
+        "a": frames(scenes[0:4], (384, 384)),
+        "b": frames(scenes[4:7], (320, 240)),
         "image": scenes[7].resize((500, 400)),
     }
 
@@ -60,14 +64,16 @@ def _requests(family, media, mode=None):
     videos, and an image alone, in one batch (NeXT-Video: one video alone per request)."""
     a, b, image = media["a"], media["b"], media["image"]
     cases = [
-        (VIDEO, {"video": a}, [], [a]),
-        (VIDEO, {"video": b}, [], [b]),
-        (IMAGE_AND_VIDEO, {"image": image, "video": b}, [image], [b]),
+        (VIDEO_PROMPT, {"video": a}, [], [a]),
+        (VIDEO_PROMPT, {"video": b}, [], [b]),
+        (IMAGE_AND_VIDEO_PROMPT, {"image": image, "video": b}, [image], [b]),
         (TWO_VIDEOS, {"video": [a, b]}, [], [a, b]),
         (IMAGE, {"image": image}, [image], []),
     ]
-    if family == "next_video":
+    if family == "next_video":  # vLLM's class: one video, no image
         cases = cases[:2]
+    if family == "video_llava":  # one video per prompt
+        cases = [c for c in cases if c[0] != TWO_VIDEOS]
     extra = {} if mode is None else {"mm_processor_kwargs": {"prumerge": mode}}
     return [
         ({"prompt": p, "multi_modal_data": data, **extra}, p, imgs, vids)
@@ -101,30 +107,29 @@ def test_reduced_videos_and_images_equal_the_transformers_pipeline_frame_by_fram
             videos=[(v, config) for v in videos],
         )
         tokens, logprobs = tokens_and_logprobs(out)
-        visual = image_count(out, hf.image_token) + _video_count(out, hf)
-        assert visual == sum(ref_counts)
+        # Per image and per video, in prompt order.
+        assert visual_runs(out, {hf.image_token, hf.video_token}) == ref_counts, prompt
         assert tokens == ref_tokens
         assert logprobs == pytest.approx(ref_logprobs, abs=LOGPROB_ATOL)
-    # Content-dependent counts, per video, in one batch.
-    assert _video_count(outputs[0], hf) != _video_count(outputs[1], hf)
 
 
 def test_a_video_costs_the_sum_over_its_frames_of_kept_plus_one(plugin_llm, hf, family, media):
     out = plugin_llm.generate([_requests(family, media)[0][0]], _sampling())[0]
-    frames = hf.video_frames(media["a"])
-    per_frame = [len(hf._reduce_crops(f[None], PruMergeConfig())) for f in frames]
-    assert all(2 <= n <= PATCHES[family] + 1 for n in per_frame), per_frame  # kept >= 1, + extra
+    pixels = hf.video_frames(media["a"])
+    per_frame = [len(hf.frame_features(f[None], PruMergeConfig())) for f in pixels]
     assert _video_count(out, hf) == sum(per_frame)
-    assert _video_count(out, hf) < _stock_count(family, len(frames), 1)
+    assert _video_count(out, hf) < _stock_count(family, len(pixels), 1)
 
 
 def test_a_fixed_budget_applies_to_every_frame(plugin_llm, hf, family, media):
     budget = 5
     requests = [r for r in _requests(family, media, {"mode": "fixed", "budget": budget}) if r[3]]
     outputs = plugin_llm.generate([r[0] for r in requests], _sampling())
-    frames = [sum(len(v) for v in r[3]) for r in requests]
-    assert [_video_count(o, hf) for o in outputs] == [f * (budget + 1) for f in frames]
-    assert frames == ([4, 3, 3, 7] if family == "onevision" else [4, 3])
+    counts = [sum(len(v) for v in r[3]) * (budget + 1) for r in requests]
+    assert [_video_count(o, hf) for o in outputs] == counts
+    images = [len(r[2]) * (budget + 1) for r in requests]  # single-view families: one crop
+    if family == "video_llava":
+        assert [image_count(o, hf.image_token) for o in outputs] == images
 
 
 def test_mode_off_videos_equal_stock_vllm_and_transformers(
@@ -144,8 +149,8 @@ def test_mode_off_videos_equal_stock_vllm_and_transformers(
         )
         assert tokens == hf_tokens
     for out, (_, _, _, videos) in zip(outputs, requests, strict=True):
-        frames = sum(len(v) for v in videos)
-        assert _video_count(out, hf) == _stock_count(family, frames, len(videos))
+        total = sum(len(v) for v in videos)
+        assert _video_count(out, hf) == _stock_count(family, total, len(videos))
 
 
 def test_each_video_is_observed_once_in_the_per_video_histogram(plugin_llm, hf, media):
@@ -165,7 +170,7 @@ def test_each_video_is_observed_once_in_the_per_video_histogram(plugin_llm, hf, 
     before = totals()
     fresh = media["a"][::-1].copy()  # not in the processor cache: time order reversed
     out = plugin_llm.generate(
-        [{"prompt": VIDEO, "multi_modal_data": {"video": fresh}}], _sampling()
+        [{"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": fresh}}], _sampling()
     )[0]
     after = totals()
     assert after[0] - before[0] == 1
@@ -177,7 +182,9 @@ def test_a_video_without_frames_is_refused_and_the_engine_keeps_serving(plugin_l
     before = plugin_llm.generate([request], _sampling())[0].outputs[0].token_ids
     empty = np.zeros((0, 384, 384, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="frame"):
-        plugin_llm.generate([{"prompt": VIDEO, "multi_modal_data": {"video": empty}}], _sampling())
+        plugin_llm.generate(
+            [{"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": empty}}], _sampling()
+        )
     after = plugin_llm.generate([request], _sampling())[0].outputs[0].token_ids
     assert list(after) == list(before)  # still serving, and the same answer
 
@@ -190,3 +197,44 @@ def test_next_video_refuses_images_as_stock_vllm_does(plugin_llm, family, media)
         plugin_llm.generate(
             [{"prompt": IMAGE, "multi_modal_data": {"image": media["image"]}}], _sampling()
         )
+
+
+# --- Video-LLaVA's two towers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["video_llava"], indirect=True)
+def test_the_two_towers_of_the_checkpoint_differ(hf):
+    """Otherwise nothing here could tell a frame through the image tower from one through the
+    video tower."""
+    image = dict(hf.model.model.image_tower.named_parameters())
+    video = dict(hf.model.model.video_tower.named_parameters())
+    assert image.keys() == video.keys()
+    assert any(not torch.equal(image[k], video[k]) for k in image)
+
+
+@pytest.mark.parametrize("family", ["video_llava"], indirect=True)
+@pytest.mark.parametrize("tower", ["image_tower", "video_tower"])
+def test_the_encoder_loads_each_tower_and_gives_transformers_hidden_states_with_cls(
+    checkpoint, hf, media, tower
+):
+    """The pre-processor's two encoders read their own tower's tensors, and the full hidden
+    states of `off` frames (CLS kept) are transformers' own."""
+    from transformers import AutoConfig
+
+    from vllm_prumerge.encoder import PruMergeEncoder
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    encoder = PruMergeEncoder(checkpoint, config.vision_config, device="cpu", tower_name=tower)
+    ours = dict(encoder.tower.named_parameters())
+    theirs = dict(getattr(hf.model.model, tower).named_parameters())
+    assert ours and all(torch.equal(p, theirs[name]) for name, p in ours.items())
+
+    pixels = hf.video_frames(media["b"])
+    rows, _ = encoder.hidden_states(pixels)
+    with torch.no_grad():
+        expected = getattr(hf.model.model, tower)(pixels, output_hidden_states=True).hidden_states[
+            config.vision_feature_layer
+        ]
+    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    assert [r.shape for r in rows] == [(patches + 1, config.vision_config.hidden_size)] * 3
+    torch.testing.assert_close(torch.stack(rows), expected, atol=1e-4, rtol=1e-4)

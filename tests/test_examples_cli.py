@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_python
+
+pytestmark = pytest.mark.script
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -20,12 +22,7 @@ SCRIPTS = [
 
 
 def run_example(script: str, *args, timeout=120):
-    return subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_python([EXAMPLES / script, *args], timeout=timeout, check=False)
 
 
 @pytest.fixture

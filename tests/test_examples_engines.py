@@ -1,7 +1,8 @@
 """The vLLM examples end to end, run like a user would: their token counts equal the core's.
 
-Each test starts one engine (or one server) on the generated tiny checkpoint, runs the example
-as a subprocess with `--tiny` (pointed at the session's checkpoint) and checks what it wrote:
+Each example runs as a subprocess with `--tiny` (pointed at the session's checkpoint), with its own
+engine (the OpenAI client: against the session's LLaVA-1.5 server; the two Ray examples: in one
+local Ray cluster for this module) and the test checks what it wrote:
 one record per question, errors recorded for bad inputs, and per-image visual token counts equal
 to `len(features)` of `PruMergeEncoder.encode` on the same image and config.
 """
@@ -20,39 +21,38 @@ import pytest
 from PIL import Image
 
 from tests.conftest import tiny_cache_env
+from tests.helpers import encoder_counts, run_python
 from vllm_prumerge import PruMergeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_example(script: str, *args, env=None, timeout=900):
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stderr[-6000:]}"
-    return done
+def run_example(script: str, *args, env=None, timeout=900, check=True):
+    return run_python([ROOT / "examples" / script, *args], env=env, timeout=timeout, check=check)
 
 
 def encoder_tokens(checkpoint: str, paths: list[Path], config: PruMergeConfig) -> dict[str, int]:
     """Image file name -> len(features) of PruMergeEncoder.encode (the core reduction)."""
-    from transformers import AutoConfig, AutoProcessor
-
-    from vllm_prumerge.encoder import PruMergeEncoder
-
-    hf_config = AutoConfig.from_pretrained(checkpoint)
-    processor = AutoProcessor.from_pretrained(checkpoint).image_processor
-    encoder = PruMergeEncoder(checkpoint, hf_config.vision_config, device="cpu")
     images = [Image.open(p).convert("RGB") for p in paths]
-    encoded = encoder.encode(processor(images, return_tensors="pt")["pixel_values"], config)
-    return {p.name: len(f) for p, f in zip(paths, encoded.features, strict=True)}
+    counts = encoder_counts(checkpoint, images, config)
+    return {p.name: n for p, n in zip(paths, counts, strict=True)}
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray cluster for both Ray examples (each joins it with `--address`), started
+    in this process and stopped after them: one cluster start instead of two."""
+    import ray
+
+    context = ray.init(num_cpus=4, object_store_memory=256 * 2**20, include_dashboard=False)
+    try:
+        yield context.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_batch_offline_answers_every_question_with_the_cores_token_counts(
 
 @pytest.mark.engine
 @pytest.mark.timeout(900)
-def test_ray_batch_maps_images_through_an_engine_actor(tiny_llava, tmp_path):
+def test_ray_batch_maps_images_through_an_engine_actor(tiny_llava, ray_address, tmp_path):
     from vllm_prumerge.testing import make_scenes
 
     folder = tmp_path / "images"
@@ -121,6 +121,7 @@ def test_ray_batch_maps_images_through_an_engine_actor(tiny_llava, tmp_path):
     (folder / "notes.txt").write_text("not an image: ignored")
     output = tmp_path / "ray_answers.jsonl"
     args = shlex.split("--tiny --dtype float32 --max-tokens 4 --concurrency 1 --batch-size 2")
+    args += ["--address", ray_address]
     questions = ["--question", "What is this?", "--question", "Any text?"]
     env = tiny_cache_env(tiny_llava, tmp_path)
     run_example("ray_batch.py", folder, *args, *questions, "--output", output, env=env)
@@ -181,13 +182,7 @@ DEMO_ROW = re.compile(r"^  (prumerge\+?|fixed|off \(stock\))\s+(\d+)\s+[\d.]+ %\
 
 
 def run_demo(*args, env):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "demo.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
+    return run_example("demo.py", *args, env=env, check=False)
 
 
 @pytest.mark.engine
@@ -218,6 +213,7 @@ def test_demo_fits_one_screen_with_one_table_per_image_and_no_info_logs(tiny_lla
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.script
 def test_demo_shows_errors_in_full_and_info_logs_only_when_verbose(tmp_path):
     missing = tmp_path / "no-such-checkpoint"
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
@@ -234,7 +230,9 @@ def test_demo_shows_errors_in_full_and_info_logs_only_when_verbose(tmp_path):
 
 @pytest.mark.server
 @pytest.mark.timeout(900)
-def test_ray_serve_llm_serves_the_plugin_with_per_request_modes(tiny_llava, inputs, tmp_path):
+def test_ray_serve_llm_serves_the_plugin_with_per_request_modes(
+    tiny_llava, ray_address, inputs, tmp_path
+):
     import signal
     import time
 
@@ -243,7 +241,7 @@ def test_ray_serve_llm_serves_the_plugin_with_per_request_modes(tiny_llava, inpu
 
     ready = tmp_path / "ready"
     log = (tmp_path / "ray_serve.log").open("w")
-    args = ["--tiny", "--dtype", "float32", "--trust-request-mm-kwargs"]
+    args = ["--tiny", "--dtype", "float32", "--trust-request-mm-kwargs", "--address", ray_address]
     server = subprocess.Popen(
         [
             *[sys.executable, str(ROOT / "examples" / "ray_serve.py"), *args],

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import tiny_cache_env
+from tests.helpers import run_python
 from vllm_prumerge import PruMergeConfig, vis
 from vllm_prumerge.reduction import reduce_by_importance, reduce_tokens
 
@@ -21,14 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_example(script: str, *args: str, env=None, cwd=None, timeout=600):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=timeout,
-    )
+    path = ROOT / "examples" / script
+    return run_python([path, *args], env=env, cwd=cwd, timeout=timeout, check=False)
 
 
 def synthetic_batch(batch: int = 3, n_patches: int = 576, width: int = 32, seed: int = 0):
@@ -158,6 +151,7 @@ def inputs(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.script
 def test_visualize_tokens_writes_pngs_and_the_core_reductions_numbers(tiny_llava, inputs, tmp_path):
     env = tiny_cache_env(tiny_llava, tmp_path)
     out = tmp_path / "vis"
@@ -180,6 +174,7 @@ def test_visualize_tokens_writes_pngs_and_the_core_reductions_numbers(tiny_llava
             assert png.format == "PNG" and png.size == (1600, 580)
 
 
+@pytest.mark.script
 def test_visualize_histogram_counts_every_image_of_the_folder(tiny_llava, inputs, tmp_path):
     env = tiny_cache_env(tiny_llava, tmp_path)
     png = tmp_path / "out" / "hist.png"
@@ -331,6 +326,7 @@ def family_inputs(tmp_path_factory, scenes) -> list[Path]:
     return paths
 
 
+@pytest.mark.script
 def test_visualize_tokens_draws_every_crop_of_a_llava_next_image(
     next_checkpoint, family_inputs, tmp_path
 ):
@@ -363,6 +359,7 @@ def test_visualize_tokens_draws_every_crop_of_a_llava_next_image(
             assert png.format == "PNG" and png.width == 1600
 
 
+@pytest.mark.script
 def test_visualize_tokens_on_siglip_uses_received_attention_on_27x27(
     siglip_checkpoint, family_inputs, tmp_path
 ):
@@ -387,6 +384,7 @@ def test_visualize_tokens_on_siglip_uses_received_attention_on_27x27(
     assert refused.returncode == 2 and "CLS" in refused.stderr
 
 
+@pytest.mark.script
 def test_visualize_histogram_sums_llava_next_crops_and_quotes_the_stock_count(
     next_checkpoint, family_inputs, tmp_path
 ):
@@ -410,6 +408,7 @@ def test_visualize_histogram_sums_llava_next_crops_and_quotes_the_stock_count(
         }
 
 
+@pytest.mark.script
 def test_visualize_refuses_family_with_a_model_path(tmp_path):
     done = run_example(
         "visualize.py", "tokens", "--model", str(tmp_path), "--family", "siglip", tmp_path
@@ -456,6 +455,7 @@ def next_video_checkpoint(tmp_path_factory) -> str:
     return family_checkpoint("next_video", tmp_path_factory)
 
 
+@pytest.mark.script
 def test_visualize_tokens_draws_a_video_as_a_filmstrip(next_video_checkpoint, tiny_llava, tmp_path):
     from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
 

@@ -15,8 +15,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from tests.helpers import family_checkpoint
-from vllm_prumerge import engine_kwargs
+from tests.helpers import family_checkpoint, vllm_processor
 from vllm_prumerge.serving import metrics as metrics_module
 from vllm_prumerge.serving.metrics import TOKENS_METRIC, PruMergeMetrics, token_buckets
 from vllm_prumerge.testing.prometheus import histogram_buckets, parse_prometheus
@@ -30,14 +29,8 @@ HUB_PINPOINTS = {
 
 def processor(checkpoint: str, plugin: bool):
     """vLLM's multimodal processor for the checkpoint, with or without the plugin."""
-    from vllm.config import ModelConfig
-    from vllm.multimodal import MULTIMODAL_REGISTRY
-    from vllm.plugins import load_general_plugins
-
-    load_general_plugins()
-    kwargs = engine_kwargs("off") if plugin else {}
-    model_config = ModelConfig(model=checkpoint, dtype="float32", **kwargs)
-    return MULTIMODAL_REGISTRY.create_processor(model_config)
+    options = {"mode": "off"} if plugin else {}
+    return vllm_processor(checkpoint, plugin=plugin, **options)[0]
 
 
 def stock_maximum(info) -> int:

@@ -2,9 +2,10 @@
 
 The homes: `vllm_prumerge.testing.media` (data URLs), `.prometheus` (/metrics), `.engine_args`
 (`--engine-arg`, model resolution), `.images` (finding and opening images), `.prompts` (chat
-prompts; pinned against vLLM in test_chat_prompts.py) and `vllm_prumerge.hub_layout` (the
-llava-hf key layout). The "one home" test reads the source of benchmarks, examples and tests
-and fails when one of them defines a helper of these homes again.
+prompts; pinned against vLLM in test_chat_prompts.py), `vllm_prumerge.hub_layout` (the
+llava-hf key layout) and, for the tests alone, `tests/helpers.py`. The "one home" test reads
+the source of benchmarks, examples and tests and fails when one of them defines a helper of these
+homes again.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ HOMES = {
     "TOWER_PREFIXES": "vllm_prumerge/hub_layout.py",
     "_TOWER_PREFIXES": None,
     "_hub_key": None,
+    # The tests' own plumbing (tests/helpers.py): vLLM's processor without an engine, the
+    # subprocess runner, the encoder's counts, per-item placeholder counts, video frames.
+    "vllm_processor": "tests/helpers.py",
+    "run_python": "tests/helpers.py",
+    "encoder_counts": "tests/helpers.py",
+    "visual_runs": "tests/helpers.py",
+    "frames": "tests/helpers.py",
+    "_frames": None,
 }
 NOT_CHECKED: set[str] = set()  # modules exempt while they move onto these homes: none
 

@@ -11,12 +11,13 @@ same set through a real `vllm serve --plugin prumerge` and checks the server's c
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_cache_env
+
+from tests.conftest import tiny_cache_env
+from tests.helpers import encoder_counts, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -193,30 +194,15 @@ def labelled_set(tmp_path_factory):
     return jsonl, scenes
 
 
-def encoder_counts(checkpoint: str, images, mode: str) -> list[int]:
+def mode_counts(checkpoint: str, images, mode: str) -> list[int]:
     """Visual tokens per image from the core encoder (no vLLM), on the PNG-decoded images."""
-    from transformers import AutoConfig, AutoProcessor
-
     from vllm_prumerge import PruMergeConfig
-    from vllm_prumerge.encoder import PruMergeEncoder
 
-    hf_config = AutoConfig.from_pretrained(checkpoint)
-    pixels = AutoProcessor.from_pretrained(checkpoint).image_processor(
-        images=images, return_tensors="pt"
-    )["pixel_values"]
-    encoder = PruMergeEncoder(checkpoint, hf_config.vision_config, device="cpu")
-    return [len(f) for f in encoder.encode(pixels, PruMergeConfig(mode=mode)).features]
+    return encoder_counts(checkpoint, images, PruMergeConfig(mode=mode))
 
 
 def run_quality(args: list[str], env: dict[str, str] | None = None) -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "quality.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert done.returncode == 0, f"quality.py exited {done.returncode}:\n{done.stderr[-6000:]}"
+    run_python([BENCH / "quality.py", *args], env=env, timeout=600)
 
 
 def check_run(out: Path, checkpoint: str, source: Path, items: int) -> dict:
@@ -255,7 +241,7 @@ def check_run(out: Path, checkpoint: str, source: Path, items: int) -> dict:
     assert counts("off") == counts("off-again") == [576] * items
     assert counts("fixed-64") == [65] * items
     for mode in ("prumerge", "prumerge+"):
-        assert counts(mode) == encoder_counts(checkpoint, images, mode), mode
+        assert counts(mode) == mode_counts(checkpoint, images, mode), mode
     assert results["prumerge"]["visual_tokens"]["mean"] == pytest.approx(
         sum(counts("prumerge")) / items
     )

@@ -163,6 +163,7 @@ def offline(tiny_llava, tmp_path_factory) -> dict:
     return {"download_dir_path": str(download_dir), **results}
 
 
+@pytest.mark.script
 def test_an_offline_cache_miss_is_the_hubs_own_error_with_a_note_naming_the_checkpoint(offline):
     miss = offline["miss"]
     assert miss["type"] == "LocalEntryNotFoundError"
@@ -170,10 +171,12 @@ def test_an_offline_cache_miss_is_the_hubs_own_error_with_a_note_naming_the_chec
     assert any("HF_HUB_OFFLINE=1" in note for note in miss["notes"])
 
 
+@pytest.mark.script
 def test_a_hub_id_offline_loads_the_tower_shard_from_the_hub_cache(offline):
     assert offline["hub_id_difference"] == 0.0
 
 
+@pytest.mark.script
 def test_a_download_dir_is_the_cache_looked_in_and_its_lack_of_weights_is_named(offline):
     """The download dir's snapshot has no weights (the default cache has them): the error names
     the missing weights in the download dir, so that is where the tower was looked for."""
@@ -183,6 +186,7 @@ def test_a_download_dir_is_the_cache_looked_in_and_its_lack_of_weights_is_named(
     assert looked_in.startswith(offline["download_dir_path"])
 
 
+@pytest.mark.script
 def test_the_servers_pre_processor_reads_the_folder_the_engine_loads(offline):
     """Through vLLM's EngineArgs -> ModelConfig -> multimodal processor, as `vllm serve` builds
     them: offline, vLLM swaps the hub id for its cached snapshot (the folder the engine loads);

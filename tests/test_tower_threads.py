@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoProcessor
 
+from tests import helpers
 from vllm_prumerge import PruMergeConfig, engine_kwargs
 from vllm_prumerge import encoder as encoder_module
 from vllm_prumerge.encoder import (
@@ -102,17 +103,9 @@ def test_the_environment_variable_is_read_and_checked(monkeypatch):
             PruMergeEncoder.threads_from_env()
 
 
-def vllm_processor(checkpoint: str, hf_overrides=None):
-    """vLLM's own multimodal processor for the checkpoint with the plugin, as a server builds it
-    (with `hf_overrides`, default ``engine_kwargs("prumerge")``'s)."""
-    from vllm.config import ModelConfig
-    from vllm.multimodal import MULTIMODAL_REGISTRY
-    from vllm.plugins import load_general_plugins
-
-    load_general_plugins()
-    hf_overrides = hf_overrides or engine_kwargs("prumerge")["hf_overrides"]
-    model_config = ModelConfig(model=checkpoint, dtype="float32", hf_overrides=hf_overrides)
-    return MULTIMODAL_REGISTRY.create_processor(model_config), model_config
+def fresh_processor(checkpoint: str, **options):
+    """A new processor (the tower's thread setting is read when it is built)."""
+    return helpers.vllm_processor(checkpoint, fresh=True, mode="prumerge", **options)
 
 
 def process(processor, *images) -> list[int]:
@@ -143,16 +136,15 @@ def three_cpus(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "env, option, api_servers, expected",
+    "env, option, expected",
     [
-        (None, None, None, 3),  # auto: every core this process may run on
-        (None, None, 2, 1),  # auto, two API servers: 3 // 2
-        (None, 2, None, 2),  # the option
-        ("5", 2, None, 5),  # the environment variable overrides the option
+        (None, None, 3),  # auto: every core this process may run on
+        (None, 2, 2),  # the option
+        ("5", 2, 5),  # the environment variable overrides the option
     ],
 )
 def test_the_server_setting_reaches_the_tower_in_vllms_pre_processor(
-    tiny_llava, scenes, monkeypatch, three_cpus, env, option, api_servers, expected
+    tiny_llava, scenes, monkeypatch, three_cpus, env, option, expected
 ):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     if env is None:
@@ -160,12 +152,7 @@ def test_the_server_setting_reaches_the_tower_in_vllms_pre_processor(
     else:
         monkeypatch.setenv(ENV, env)
     kwargs = {} if option is None else {"tower_threads": option}
-    overrides = engine_kwargs("prumerge", **kwargs)["hf_overrides"]
-    if api_servers is not None:  # what the CLI hook records from vLLM's engine arguments
-        import dataclasses
-
-        overrides = dataclasses.replace(overrides, api_server_count=api_servers)
-    processor, model_config = vllm_processor(tiny_llava, hf_overrides=overrides)
+    processor, model_config = fresh_processor(tiny_llava, **kwargs)
     assert processor.info.encoder.num_threads == expected
     seen = record_threads(processor.info.encoder.tower)
     token_ids = process(processor, scenes[0])
@@ -180,7 +167,7 @@ def test_the_start_up_log_states_the_thread_count_and_why(tiny_llava, monkeypatc
     monkeypatch.delenv(ENV, raising=False)
     lines: list[str] = []
     monkeypatch.setattr(base.logger, "info_once", lambda msg, *args: lines.append(msg % args))
-    processor, _ = vllm_processor(tiny_llava)
+    processor, _ = fresh_processor(tiny_llava)
     processor.info.engine_config  # noqa: B018  the start-up log lines
     (line,) = [line for line in lines if "threads" in line]
     assert line.startswith("PruMerge vision tower threads: 3 (tower_threads=auto: ")
@@ -189,7 +176,7 @@ def test_the_start_up_log_states_the_thread_count_and_why(tiny_llava, monkeypatc
 
 def test_a_bad_server_setting_fails_with_the_variables_name(tiny_llava, monkeypatch):
     monkeypatch.setenv(ENV, "many")
-    processor, _ = vllm_processor(tiny_llava)
+    processor, _ = fresh_processor(tiny_llava)
     with pytest.raises(ValueError, match=ENV):
         processor.info.encoder  # noqa: B018  the property builds the encoder
 
@@ -198,7 +185,7 @@ def test_each_image_of_a_request_goes_through_the_tower_alone(tiny_llava, scenes
     """Batch invariance: a forward of batch 1 per image, so an image's features never depend on
     its companions (tests/test_batch_invariance.py pins the features themselves)."""
     monkeypatch.delenv(ENV, raising=False)
-    processor, model_config = vllm_processor(tiny_llava)
+    processor, model_config = fresh_processor(tiny_llava)
     batches: list[int] = []
     tower = processor.info.encoder.tower
     embeddings = next(m for name, m in tower.named_modules() if name.endswith("embeddings"))

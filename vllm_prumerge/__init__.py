@@ -1,7 +1,9 @@
 """PruMerge / PruMerge+ visual-token reduction for LLaVA-family checkpoints, served by vLLM.
 
-Families: LLaVA-1.5, LLaVA-NeXT, SigLIP-based LLaVA (LLaVA-Interleave) and LLaVA-OneVision
-(images); the model class is picked from the checkpoint's own architecture.
+Families: LLaVA-1.5, LLaVA-NeXT and SigLIP-based LLaVA (LLaVA-Interleave) for images,
+LLaVA-OneVision and Video-LLaVA for images and videos, LLaVA-NeXT-Video for videos; the model
+class is picked from the checkpoint's own architecture. Images are reduced per image (per crop
+on LLaVA-NeXT / OneVision), videos per frame.
 
 from vllm import LLM
 from vllm_prumerge import engine_kwargs

@@ -40,7 +40,10 @@ def _is_real(value: Any) -> bool:
 class PruMergeConfig:
     """How visual tokens are reduced; validated when built, immutable afterwards.
 
-    Every option, as users set it (keys of ``from_dict`` / the plugin's JSON config):
+    Every option, as users set it (keys of ``from_dict`` / the plugin's JSON config). Each
+    applies to one image, one crop (LLaVA-NeXT / OneVision tiles) or one video frame at a time:
+    ``N`` below is the tower's patch count per image, crop or frame (576 for CLIP-L/14-336, 729
+    for SigLIP 384/14, 256 for Video-LLaVA's 224 px CLIP-L/14).
 
     mode (str, default ``"prumerge"``)
         ``"prumerge"``: keep the patches whose class attention is an IQR outlier (above
@@ -90,14 +93,17 @@ class PruMergeConfig:
         ``prumerge+`` (where the reference divides by zero) samples only patch 0, the limit of
         the reference's stride as the outlier ratio goes to 0.
     budget (int >= 0 or None, default None)
-        ``fixed`` mode: how many patches to keep by class attention (clipped to ``N``).
+        ``fixed`` mode: how many patches to keep by class attention per image, crop or frame
+        (clipped to ``N``); each also gets its extra token.
     budget_ratio (float in (0, 1] or None, default None)
-        ``fixed`` mode: the kept fraction; the count is ``int(N * budget_ratio)`` (rounded down,
+        ``fixed`` mode: the kept fraction of the ``N`` patches of each image, crop or frame; the
+        count is ``int(N * budget_ratio)`` (rounded down,
         as the reference's fixed-ratio branch). Exactly one of ``budget`` and ``budget_ratio``
         is required in ``fixed`` mode; neither is allowed in the other modes.
     spatial_samples (bool, default False)
         ``fixed`` mode only: add PruMerge+-style spatial samples, computed from the budget
-        exactly as ``prumerge+`` computes them from the outlier count.
+        exactly as ``prumerge+`` computes them from the outlier count. On the CLI a switch,
+        ``--prumerge-spatial-samples`` (``--no-prumerge-spatial-samples``), without a value.
     importance (str, default ``"auto"``)
         Which per-patch score ranks, selects and weights the patches ("class attention" above).
         ``"cls"``: the CLS token's attention, single head over all channels, exactly as the
@@ -107,6 +113,19 @@ class PruMergeConfig:
         CLS-free towers such as SigLIP; on CLIP an ablation, CLS included among the queries
         and keys, its column dropped). ``"auto"``: ``"cls"`` when the tower has a CLS token,
         else ``"received"``. Asking for ``"cls"`` on a tower without CLS is an error.
+
+    One more option is set with these but is not a field of this class, because it belongs to the
+    machine the front end runs on, not to a request:
+
+    tower_dtype (str, default ``"auto"``; engine level only)
+        The dtype the plugin's vision tower computes in (it runs in the API server; the features
+        handed to the engine are cast to the model dtype). ``"auto"``: the model dtype on a GPU;
+        on a CPU the model dtype where the CPU computes it natively (bfloat16: ``amx_bf16`` or
+        ``avx512_bf16``; float16: ``amx_fp16`` or ``avx512_fp16``), else float32. Or
+        ``"float32"``, ``"bfloat16"``, ``"float16"``. Set by ``--prumerge-tower-dtype``,
+        ``engine_kwargs(tower_dtype=...)`` or the ``--hf-overrides`` key
+        ``prumerge_tower_dtype``; a request that sets it is refused (HTTP 400). See
+        :mod:`vllm_prumerge.vision.precision`.
     """
 
     mode: str = "prumerge"

@@ -16,9 +16,10 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -34,8 +35,10 @@ from vllm_prumerge.config import PruMergeConfig
 from vllm_prumerge.hub_layout import VISION_TOWER
 from vllm_prumerge.hub_layout import strip_tower_prefix as _strip_tower_prefix
 from vllm_prumerge.reduction import ReducedTokens, reduce_by_importance
-from vllm_prumerge.vision import resolve_vision_feature_layer, tower_scores
+from vllm_prumerge.vision import num_patches, resolve_vision_feature_layer, tower_scores
 
+T = TypeVar("T")
+R = TypeVar("R")
 # The vision-tower classes the encoder builds, by the checkpoint's vision_config type.
 _TOWER_CLASSES = {CLIPVisionConfig: CLIPVisionModel, SiglipVisionConfig: SiglipVisionModel}
 # Tensors of the checkpoint's tower that PruMerge never reads (LLaVA skips them too).
@@ -252,7 +255,7 @@ class PruMergeEncoder:
     @property
     def num_patches(self) -> int:
         """Patch tokens per image or crop (576 for CLIP-L/14-336, 729 for SigLIP 384/14)."""
-        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+        return num_patches(self.vision_config)
 
     @property
     def has_cls(self) -> bool:
@@ -285,41 +288,49 @@ class PruMergeEncoder:
         the same result alone, in any request, and through vLLM's processor cache (a hit serves
         what a miss would compute). Raises ValueError for an importance the tower cannot give.
         """
-        tower = self.tower
-        start = time.perf_counter()
-        with self._threads():
-            reduced = ReducedTokens.concat(
-                [
-                    reduce_by_importance(
-                        *tower_scores(tower, row, self.vision_feature_layer, config.importance),
-                        config,
-                    )
-                    for row in pixel_values.split(1)
-                ]
-            )
-        features = [f.to("cpu") for f in reduced.split()]
-        return EncodedImages(features, reduced, time.perf_counter() - start)
+
+        def reduce(tower: nn.Module, row: torch.Tensor) -> ReducedTokens:
+            scores = tower_scores(tower, row, self.vision_feature_layer, config.importance)
+            return reduce_by_importance(*scores, config)
+
+        def collect(rows: list[ReducedTokens]) -> tuple[ReducedTokens, list[torch.Tensor]]:
+            reduced = ReducedTokens.concat(rows)
+            return reduced, [f.to("cpu") for f in reduced.split()]
+
+        (reduced, features), seconds = self._per_row(pixel_values, reduce, collect)
+        return EncodedImages(features, reduced, seconds)
 
     @torch.inference_mode()
     def hidden_states(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], float]:
         """``hidden_states[vision_feature_layer]`` of each row of `[B, 3, H, W]` with no token
         selection (CLIP: the CLS row kept, ``[N + 1, C]``), a forward of batch 1 per row as in
-        :meth:`encode`; and the seconds taken. What Video-LLaVA feeds its projector for video
-        frames without reduction."""
-        tower = self.tower
+        :meth:`encode`; and the seconds taken."""
         index = resolve_vision_feature_layer(
             self.vision_feature_layer, self.vision_config.num_hidden_layers
         )
-        weight = next(tower.parameters())
+
+        def forward(tower: nn.Module, row: torch.Tensor) -> torch.Tensor:
+            weight = next(tower.parameters())
+            out = tower(row.to(weight.device, weight.dtype), output_hidden_states=True)
+            return out.hidden_states[index][0].to("cpu")
+
+        return self._per_row(pixel_values, forward, list)
+
+    def _per_row(
+        self,
+        pixel_values: torch.Tensor,
+        run: Callable[[nn.Module, torch.Tensor], T],
+        collect: Callable[[list[T]], R],
+    ) -> tuple[R, float]:
+        """`run(tower, row)` for each `[1, 3, H, W]` row with this encoder's thread count, then
+        `collect` of the results in row order (results on the CPU: the timing waits for the
+        device); and the seconds of both (the tower is loaded before timing)."""
+        tower = self.tower
         start = time.perf_counter()
         with self._threads():
-            rows = [
-                tower(row.to(weight.device, weight.dtype), output_hidden_states=True)
-                .hidden_states[index][0]
-                .to("cpu")
-                for row in pixel_values.split(1)
-            ]
-        return rows, time.perf_counter() - start
+            results = [run(tower, row) for row in pixel_values.split(1)]
+        collected = collect(results)
+        return collected, time.perf_counter() - start
 
     @contextlib.contextmanager
     def _threads(self) -> Iterator[None]:

@@ -13,6 +13,8 @@ tower from either.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 # transformers-5 prefix -> hub prefix, most specific first (a key takes the first that matches).
 HUB_RENAMES: tuple[tuple[str, str], ...] = (
     ("model.image_newline", "image_newline"),
@@ -29,6 +31,9 @@ HUB_RENAMES: tuple[tuple[str, str], ...] = (
 
 # The tower of every family but Video-LLaVA, whose towers are `image_tower` and `video_tower`.
 VISION_TOWER = "vision_tower"
+# The checkpoint's tower of each modality: one tower for images and video frames (every family
+# but Video-LLaVA, whose family file maps each modality to its own tower).
+SHARED_TOWER = MappingProxyType({"image": VISION_TOWER, "video": VISION_TOWER})
 
 
 def tower_prefixes(tower: str = VISION_TOWER) -> tuple[str, ...]:

@@ -19,7 +19,6 @@ name in the base model, e.g. `model.layers.0.self_attn.q_proj`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import warnings
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_prumerge.convert.original import read_json
 from vllm_prumerge.convert.weights import ConversionError, WeightFile
 
 _KEY = re.compile(
@@ -51,12 +51,7 @@ class LoraConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> LoraConfig:
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConversionError(f"{path}: missing (a PEFT LoRA adapter needs it)") from None
-        except Exception as exc:
-            raise ConversionError(f"{path}: not valid JSON ({exc})") from exc
+        data = read_json(path, "a PEFT LoRA adapter needs it")
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise ConversionError(f"{path}: peft_type is {peft_type!r}; only LORA is supported")

@@ -21,6 +21,7 @@ from typing import Any
 from vllm_prumerge.config import IMPORTANCES, MERGE_WEIGHTINGS, MODES, ORDERS, PruMergeConfig
 from vllm_prumerge.serving.options import (
     ARCHITECTURES,
+    FAMILIES,
     TOWER_DTYPE,
     TOWER_THREADS,
     PruMergeOverrides,
@@ -47,9 +48,12 @@ OPTION_HELP = {
     "order": "Token order: reference (descending attention) or raster (spatial order).",
     "min_tokens": "Safeguard: keep at least this many tokens (top attention) when few or no "
     "patches are outliers, e.g. uniform attention.",
-    "budget": "fixed mode: tokens to keep per image.",
-    "budget_ratio": "fixed mode: fraction of patches to keep (instead of --prumerge-budget).",
-    "spatial_samples": "fixed mode: add PruMerge+-style spatial samples.",
+    "budget": "fixed mode: patches to keep per image, crop or frame (plus its extra token).",
+    "budget_ratio": "fixed mode: fraction of the tower's N patches to keep per image, crop or "
+    "frame (N = 576 for CLIP-L/14-336, 729 for SigLIP 384/14, 256 for Video-LLaVA's 224 px CLIP), "
+    "instead of --prumerge-budget.",
+    "spatial_samples": "fixed mode: add PruMerge+-style spatial samples (a switch: "
+    "--prumerge-spatial-samples / --no-prumerge-spatial-samples).",
     "importance": "Patch score: cls (CLS attention, the reference; CLIP only), received "
     "(attention each patch receives, averaged over heads and queries; SigLIP) or auto (cls "
     "when the tower has a CLS token, else received).",
@@ -91,14 +95,18 @@ def _flag(name: str) -> str:
     return "--prumerge-" + name.replace("_", "-")
 
 
+def _families_text() -> str:
+    """The supported families and what each serves, from :data:`FAMILIES`."""
+    return "; ".join(f"{name}: {what}" for fams in FAMILIES.values() for name, what in fams)
+
+
 def add_plugin_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "PruMerge",
-        "vllm-prumerge plugin: serve LLaVA-family checkpoints (LLaVA-1.5, LLaVA-NeXT, "
-        "SigLIP-based LLaVA-Interleave, LLaVA-OneVision images) with PruMerge / PruMerge+ "
-        "visual-token reduction; each image costs the LLM only its reduced, content-dependent "
-        "token count. Unset options come from the checkpoint's own 'prumerge' config if it has "
-        "one, else the defaults below.",
+        "vllm-prumerge plugin: serve LLaVA-family checkpoints (" + _families_text() + ") with "
+        "PruMerge / PruMerge+ visual-token reduction; each image (crop) or video frame costs the "
+        "LLM only its reduced, content-dependent token count. Unset options come from the "
+        "checkpoint's own 'prumerge' config if it has one, else the defaults below.",
     )
     group.add_argument(
         "--plugin",

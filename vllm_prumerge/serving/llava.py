@@ -7,11 +7,8 @@ See :mod:`vllm_prumerge.serving.base` for the design.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from torch import nn
+import torch
 from transformers import BatchFeature
-from vllm.config import VllmConfig
 from vllm.model_executor.models.llava import (
     BaseLlavaMultiModalProcessor,
     LlavaDummyInputsBuilder,
@@ -19,7 +16,6 @@ from vllm.model_executor.models.llava import (
     LlavaProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from vllm_prumerge.config import PruMergeConfig
 from vllm_prumerge.serving.base import (
@@ -44,21 +40,11 @@ class PruMergeLlavaMultiModalProcessor(
     PruMergeProcessorMixin, BaseLlavaMultiModalProcessor[PruMergeLlavaProcessingInfo]
 ):
     def _reduce_images(
-        self, processed: BatchFeature, config: PruMergeConfig
+        self, processed: BatchFeature, pixel_values: torch.Tensor, config: PruMergeConfig
     ) -> tuple[list[int], float]:
-        encoded = self.info.encoder.encode(processed.pop("pixel_values"), config)
+        encoded = self.info.encoder.encode(pixel_values, config)
         processed[FEATURES_KEY] = encoded.features
         return [len(f) for f in encoded.features], encoded.seconds
-
-    def _get_mm_fields_config(
-        self,
-        hf_inputs: BatchFeature,
-        hf_processor_mm_kwargs: Mapping[str, object],
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        return {
-            FEATURES_KEY: MultiModalFieldConfig.batched("image"),
-            "image_embeds": MultiModalFieldConfig.batched("image"),
-        }
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -68,7 +54,3 @@ class PruMergeLlavaMultiModalProcessor(
 )
 class PruMergeLlavaForConditionalGeneration(PruMergeModelMixin, LlavaForConditionalGeneration):
     """LLaVA whose images arrive as PruMerge-reduced tower features: projector + LLM only."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        nn.Module.__init__(self)
-        self._init_without_tower(vllm_config, prefix)

@@ -15,13 +15,9 @@ them in ``llava_onevision.py``); the family classes at the bottom put them in fr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
-from torch import nn
 from transformers import BatchFeature
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-from vllm.config import VllmConfig
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import (
     LlavaNextForConditionalGeneration,
@@ -29,19 +25,18 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from vllm_prumerge.config import PruMergeConfig
 from vllm_prumerge.serving.base import (
     FEATURES_KEY,
+    STOCK_KEYS,
     PruMergeModelMixin,
     PruMergeProcessingInfoMixin,
     PruMergeProcessorMixin,
+    stock_field,
 )
 
-# Per image: the number of crops whose full features the engine packs the stock way (`off`),
-# or 0 when the features are already the reduced tokens.
-STOCK_CROPS_KEY = "prumerge_stock_crops"
+STOCK_CROPS_KEY = STOCK_KEYS["image"]
 
 
 class AnyresProcessingInfoMixin(PruMergeProcessingInfoMixin):
@@ -80,10 +75,12 @@ class AnyresProcessingInfoMixin(PruMergeProcessingInfoMixin):
 class AnyresProcessorMixin(PruMergeProcessorMixin):
     """Per-crop reduction of anyres families (before a vLLM LLaVA-NeXT-style processor)."""
 
+    image_fields = ("image_sizes",)
+
     def _reduce_images(
-        self, processed: BatchFeature, config: PruMergeConfig
+        self, processed: BatchFeature, pixel_values: torch.Tensor, config: PruMergeConfig
     ) -> tuple[list[int], float]:
-        pixel_values = processed.pop("pixel_values")  # [B, max_crops, 3, H, W] (zero-padded)
+        # pixel_values: [B, max_crops, 3, H, W] (zero-padded)
         sizes = [(int(h), int(w)) for h, w in processed["image_sizes"]]
         crops = [self.info.get_num_crops(image_width=w, image_height=h) for h, w in sizes]
         batch = torch.cat([pixel_values[i][:n] for i, n in enumerate(crops)])
@@ -98,29 +95,8 @@ class AnyresProcessorMixin(PruMergeProcessorMixin):
             else:
                 counts.append(self.info.get_num_image_tokens(image_width=w, image_height=h))
         processed[FEATURES_KEY] = features
-        processed[STOCK_CROPS_KEY] = torch.tensor(
-            [0 if config.enabled else n for n in crops], dtype=torch.int64
-        )
+        processed[STOCK_CROPS_KEY] = stock_field(0 if config.enabled else n for n in crops)
         return counts, encoded.seconds
-
-    def _num_placeholders(self, item, image_size) -> int:
-        if STOCK_CROPS_KEY in item and int(item[STOCK_CROPS_KEY].data) > 0:
-            return self.info.get_num_image_tokens(
-                image_width=image_size.width, image_height=image_size.height
-            )
-        return super()._num_placeholders(item, image_size)
-
-    def _get_mm_fields_config(
-        self,
-        hf_inputs: BatchFeature,
-        hf_processor_mm_kwargs: Mapping[str, object],
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        return {
-            FEATURES_KEY: MultiModalFieldConfig.batched("image"),
-            STOCK_CROPS_KEY: MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-            "image_sizes": MultiModalFieldConfig.batched("image", keep_on_cpu=True),
-            "image_embeds": MultiModalFieldConfig.batched("image"),
-        }
 
 
 class AnyresModelMixin(PruMergeModelMixin):
@@ -130,23 +106,14 @@ class AnyresModelMixin(PruMergeModelMixin):
         """``[K, N, H]`` projected crop features -> the family's stock packed ``[L, H]``."""
         return self._merge_image_patch_embeddings(image_size, crops, strategy="spatial_unpad")
 
-    def _init_family_parameters(self, config) -> None:
-        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
-
     def _embed_features(
-        self, per_image: list[torch.Tensor], kwargs: dict[str, object]
+        self, per_image: list[torch.Tensor], stock: list[int], kwargs: dict[str, object]
     ) -> list[torch.Tensor]:
         embeds = self._project(per_image)
-        stock_crops = kwargs.get(STOCK_CROPS_KEY)
         image_sizes = kwargs.get("image_sizes")
-        if stock_crops is None:  # start-up profiling: reduced layout
-            return embeds
-        patches = (
-            self.config.vision_config.image_size // self.config.vision_config.patch_size
-        ) ** 2
-        for i, crops in enumerate(int(n) for n in stock_crops):
+        for i, crops in enumerate(stock):
             if crops > 0:
-                tiles = embeds[i].view(crops, patches, -1)
+                tiles = embeds[i].view(crops, -1, embeds[i].shape[-1])
                 embeds[i] = self._pack_stock(torch.as_tensor(image_sizes[i]), tiles)
         return embeds
 
@@ -175,8 +142,3 @@ class PruMergeLlavaNextForConditionalGeneration(
 ):
     """LLaVA-NeXT whose crops arrive as PruMerge-reduced tower features: projector (+ stock
     anyres packing in ``off``) + LLM only."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        nn.Module.__init__(self)
-        self.select_layers = None
-        self._init_without_tower(vllm_config, prefix)

@@ -11,13 +11,10 @@ input validation).
 from __future__ import annotations
 
 import torch
-from torch import nn
-from vllm.config import VllmConfig
 from vllm.model_executor.models.llava_next_video import (
     LlavaNextVideoDummyInputsBuilder,
     LlavaNextVideoForConditionalGeneration,
     LlavaNextVideoMultiModalProcessor,
-    LlavaNextVideoPooler,
     LlavaNextVideoProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -57,15 +54,8 @@ class PruMergeLlavaNextVideoForConditionalGeneration(
     stock pooling in ``off``) + LLM only."""
 
     modalities = frozenset({"video"})
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        nn.Module.__init__(self)
-        self._init_without_tower(vllm_config, prefix)
-
-    def _init_family_parameters(self, config) -> None:
-        self.vision_resampler = LlavaNextVideoPooler(config)
-        # In the checkpoint (transformers' class has it for images); unused by video.
-        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
+    # In the checkpoint (transformers' class has it for images); unused by video, as in vLLM.
+    unused_prefixes = ("image_newline",)
 
     def _pack_stock_video(self, frames: torch.Tensor) -> torch.Tensor:
         # vLLM's order: the resampler's pooling, then the projector.

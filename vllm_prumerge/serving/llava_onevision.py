@@ -18,9 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 from transformers import BatchFeature
-from vllm.config import VllmConfig
 from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionDummyInputsBuilder,
     LlavaOnevisionForConditionalGeneration,
@@ -75,10 +73,6 @@ class PruMergeLlavaOnevisionForConditionalGeneration(
 ):
     """LLaVA-OneVision whose image crops and video frames arrive as PruMerge-reduced tower
     features."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        nn.Module.__init__(self)
-        self._init_without_tower(vllm_config, prefix)
 
     def _pack_stock(self, image_size: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
         return self._merge_image_patch_embeddings(

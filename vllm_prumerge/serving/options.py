@@ -41,6 +41,23 @@ ARCHITECTURES = {
     "LlavaNextVideoForConditionalGeneration": "PruMergeLlavaNextVideoForConditionalGeneration",
     "VideoLlavaForConditionalGeneration": "PruMergeVideoLlavaForConditionalGeneration",
 }
+# The checkpoint's own architecture -> the model families users know it by, and what they serve:
+# the one source of the family lists in user-facing text (README, setup.cfg, the package and CLI
+# help texts, docs/; tests/test_docs.py checks that each names every family).
+FAMILIES = {
+    "LlavaForConditionalGeneration": (("LLaVA-1.5", "images"), ("LLaVA-Interleave", "images")),
+    "LlavaNextForConditionalGeneration": (("LLaVA-NeXT", "images"),),
+    "LlavaOnevisionForConditionalGeneration": (("LLaVA-OneVision", "images and videos"),),
+    "LlavaNextVideoForConditionalGeneration": (("LLaVA-NeXT-Video", "videos"),),
+    "VideoLlavaForConditionalGeneration": (("Video-LLaVA", "images and videos"),),
+}
+
+
+def family_names() -> list[str]:
+    """Every supported family's name, in :data:`FAMILIES`' order."""
+    return [name for families in FAMILIES.values() for name, _ in families]
+
+
 # LLaVA-1.5's, the first family; kept as a name for users of the dict form.
 ARCHITECTURE = ARCHITECTURES["LlavaForConditionalGeneration"]
 CONFIG_KEY = "prumerge"
@@ -144,16 +161,17 @@ def engine_kwargs(mode: str | None = None, **options: Any) -> dict[str, Any]:
 
     `LLM(model="llava-hf/llava-1.5-7b-hf", **engine_kwargs("prumerge+"))`. The model class is
     picked from the checkpoint's own architecture (LLaVA-1.5 / LLaVA-Interleave, LLaVA-NeXT,
-    LLaVA-OneVision, LLaVA-NeXT-Video);
-    another architecture fails with a ValueError naming the supported ones. `mode` and `options`
-    are any :class:`~vllm_prumerge.config.PruMergeConfig` fields, validated here, so a typo
-    fails before the engine starts; unset ones come from the checkpoint's own `prumerge` config
-    if it has one, else the defaults. `tower_dtype` (engine level only): the vision tower's compute
-    dtype, ``"auto"`` (default: the model dtype, or float32 on a CPU without native arithmetic
-    for it) or ``"float32"`` / ``"bfloat16"`` / ``"float16"``. `tower_threads` (engine level
-    only): the tower's torch threads on a CPU, ``"auto"`` (default: the cores this process may
-    run on, see :func:`vllm_prumerge.encoder.choose_tower_threads`) or a positive integer.
-    Your own `hf_overrides` (a dict) go in `hf_overrides=`.
+    LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA); another architecture fails with a
+    ValueError naming the supported ones. `mode` and `options` are any
+    :class:`~vllm_prumerge.config.PruMergeConfig` fields, validated here, so a typo fails before
+    the engine starts; unset ones come from the checkpoint's own `prumerge` config if it has
+    one, else the defaults. Images are reduced per image (per crop on LLaVA-NeXT / OneVision),
+    videos per frame. `tower_dtype` (engine level only): the vision tower's compute dtype,
+    ``"auto"`` (default: the model dtype, or float32 on a CPU without native arithmetic for it)
+    or ``"float32"`` / ``"bfloat16"`` / ``"float16"``. `tower_threads` (engine level only): the
+    tower's torch threads on a CPU, ``"auto"`` (default: the cores this process may run on, see
+    :func:`vllm_prumerge.encoder.choose_tower_threads`) or a positive integer. Your own
+    `hf_overrides` (a dict) go in `hf_overrides=`.
     """
     hf_overrides = options.pop("hf_overrides", None) or {}
     if not isinstance(hf_overrides, Mapping):

@@ -14,46 +14,34 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from functools import cached_property
 
 import torch
 from transformers import BatchFeature
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from vllm_prumerge.config import PruMergeConfig
-from vllm_prumerge.encoder import PruMergeEncoder
 from vllm_prumerge.serving import metrics
 from vllm_prumerge.serving.base import (
-    FEATURES_KEY,
-    PruMergeImageFeatureInputs,
+    STOCK_KEYS,
+    VIDEO_FEATURES_KEY,
     PruMergeModelMixin,
     PruMergeProcessingInfoMixin,
     PruMergeProcessorMixin,
+    stock_field,
 )
 from vllm_prumerge.serving.options import CONFIG_KEY, PROFILE_KEY, request_config
 
-# Per video: `[L_v, C]` tower-space features (reduced frames concatenated, or `off`: every
-# frame's full patch grid).
-VIDEO_FEATURES_KEY = "prumerge_video_features"
-# Per video: the frames the engine packs the stock way (`off`), or 0 when the features are
-# already the reduced tokens.
-STOCK_FRAMES_KEY = "prumerge_stock_frames"
-
-
-def _stock_tokens(info, frames: int) -> int:
-    """The family's stock visual tokens for a video of `frames` frames (frame size unused)."""
-    return info.get_num_video_tokens(image_width=0, image_height=0, num_frames=frames)
+STOCK_FRAMES_KEY = STOCK_KEYS["video"]
 
 
 class PruMergeVideoProcessingInfoMixin(PruMergeProcessingInfoMixin):
     """Video bounds (before a family's image mixin, if any, and vLLM's ProcessingInfo)."""
 
-    @cached_property
-    def video_encoder(self) -> PruMergeEncoder:
-        """The tower + reduction of video frames: the image tower's (Video-LLaVA: its own)."""
-        return self.encoder
+    def get_num_stock_video_tokens(self, frames: int) -> int:
+        """The family's stock visual tokens for a video of `frames` frames (each processed to
+        the tower's input size)."""
+        size = self.get_hf_config().vision_config.image_size
+        return self.get_num_video_tokens(image_width=size, image_height=size, num_frames=frames)
 
     def get_max_frame_tokens(self) -> int:
         """A reduced frame's worst case: every patch kept plus its extra token (577 for
@@ -67,7 +55,7 @@ class PruMergeVideoProcessingInfoMixin(PruMergeProcessingInfoMixin):
 
     def get_max_video_tokens(self, seq_len: int, mm_counts: Mapping[str, int]) -> int:
         frames = self.get_num_frames_with_most_features(seq_len, mm_counts)
-        return max(frames * self.get_max_frame_tokens(), _stock_tokens(self, frames))
+        return max(frames * self.get_max_frame_tokens(), self.get_num_stock_video_tokens(frames))
 
     def get_mm_max_tokens_per_item(
         self, seq_len: int, mm_counts: Mapping[str, int]
@@ -115,7 +103,7 @@ class PruMergeVideoProcessorMixin(PruMergeProcessorMixin):
                 VIDEO_FEATURES_KEY: [
                     torch.zeros((len(v) * rows, width), dtype=dtype) for v in videos
                 ],
-                STOCK_FRAMES_KEY: torch.zeros(len(videos), dtype=torch.int64),
+                STOCK_FRAMES_KEY: stock_field([0] * len(videos)),
             }
         processor = self.info.get_hf_processor(**hf_kwargs)
         features, stock_frames, counts, seconds = [], [], [], 0.0
@@ -131,13 +119,16 @@ class PruMergeVideoProcessorMixin(PruMergeProcessorMixin):
             seconds += frame_seconds
             features.append(torch.cat(per_frame).to(dtype))
             stock_frames.append(0 if config.enabled else frames)
-            counts.append(len(features[-1]) if config.enabled else _stock_tokens(self.info, frames))
+            if config.enabled:
+                counts.append(len(features[-1]))
+            else:
+                counts.append(self.info.get_num_stock_video_tokens(frames))
         metrics.record(
             config.mode, counts, seconds, largest=self.info.largest_item_tokens, modality="video"
         )
         return {
             VIDEO_FEATURES_KEY: features,
-            STOCK_FRAMES_KEY: torch.tensor(stock_frames, dtype=torch.int64),
+            STOCK_FRAMES_KEY: stock_field(stock_frames),
         }
 
     def _encode_frames(
@@ -145,48 +136,15 @@ class PruMergeVideoProcessorMixin(PruMergeProcessorMixin):
     ) -> tuple[list[torch.Tensor], float]:
         """`[T, 3, H, W]` frames -> one `[L_t, C]` tower-space tensor per frame (reduced, or in
         ``off`` the features the engine packs the stock way), and the seconds taken."""
-        encoded = self.info.video_encoder.encode(pixel_values, config)  # one row per frame
+        encoded = self.info.encoders["video"].encode(pixel_values, config)  # one row per frame
         return encoded.features, encoded.seconds
 
-    def _get_mm_fields_config(
-        self,
-        hf_inputs: BatchFeature,
-        hf_processor_mm_kwargs: Mapping[str, object],
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        return {
-            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-            VIDEO_FEATURES_KEY: MultiModalFieldConfig.batched("video"),
-            STOCK_FRAMES_KEY: MultiModalFieldConfig.batched("video", keep_on_cpu=True),
-        }
-
-    def _get_prompt_updates(
-        self,
-        mm_items: MultiModalDataItems,
-        hf_processor_mm_kwargs: Mapping[str, object],
-        out_mm_kwargs: MultiModalKwargsItems,
-    ) -> Sequence[PromptUpdate]:
-        image_updates = (
-            super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-            if "image" in self.info.get_supported_mm_limits()
-            else []
-        )
-        video_token_id = self.info.get_hf_config().video_token_index
-
-        def get_replacement(item_idx: int) -> list[int]:
-            item = out_mm_kwargs["video"][item_idx]
-            frames = int(item[STOCK_FRAMES_KEY].data)
-            if frames > 0:  # the family's stock count
-                count = _stock_tokens(self.info, frames)
-            else:  # the exact reduced count of this video
-                count = item[VIDEO_FEATURES_KEY].data.shape[0]
-            return [video_token_id] * count
-
-        return [
-            *image_updates,
-            PromptReplacement(
-                modality="video", target=[video_token_id], replacement=get_replacement
-            ),
-        ]
+    def _stock_tokens(
+        self, modality: str, units: int, mm_items: MultiModalDataItems, item_idx: int
+    ) -> int:
+        if modality == "video":
+            return self.info.get_num_stock_video_tokens(units)
+        return super()._stock_tokens(modality, units, mm_items, item_idx)
 
 
 class PruMergeVideoModelMixin(PruMergeModelMixin):
@@ -199,39 +157,14 @@ class PruMergeVideoModelMixin(PruMergeModelMixin):
         ``[L, H]`` (projector, pooling, newline, in the family's order)."""
         raise NotImplementedError
 
-    def get_patches_per_frame(self) -> int:
-        """Rows per frame of an ``off`` video's features (the tower's patch grid)."""
-        vision = self.config.vision_config
-        return (vision.image_size // vision.patch_size) ** 2
-
-    def _embed_videos(self, features: object, stock_frames: object) -> list[torch.Tensor]:
-        """Per-video ``[L_v, H]`` LLM embeddings."""
-        inputs = PruMergeImageFeatureInputs(
-            data=features, resolve_bindings={"c": self.config.vision_config.hidden_size}
-        )
-        per_video = list(inputs["data"])
-        # Start-up profiling carries no stock frames: the reduced layout.
-        frames = [0] * len(per_video) if stock_frames is None else [int(n) for n in stock_frames]
-        reduced = [f for f, n in zip(per_video, frames, strict=True) if n == 0]
+    def _embed_videos(
+        self, per_video: list[torch.Tensor], stock: list[int], kwargs: dict[str, object]
+    ) -> list[torch.Tensor]:
+        """Per-video ``[L_v, H]`` LLM embeddings: reduced videos in one projector call, ``off``
+        videos (`stock` frames each, ``[T * N, C]``) packed the family's stock way."""
+        reduced = [f for f, n in zip(per_video, stock, strict=True) if n == 0]
         projected = iter(self._project(reduced) if reduced else ())
-        patches = self.get_patches_per_frame()
         return [
-            next(projected) if n == 0 else self._pack_stock_video(f.view(n, patches, -1))
-            for f, n in zip(per_video, frames, strict=True)
+            next(projected) if n == 0 else self._pack_stock_video(f.view(n, -1, f.shape[-1]))
+            for f, n in zip(per_video, stock, strict=True)
         ]
-
-    def embed_multimodal(self, **kwargs: object) -> list[torch.Tensor] | torch.Tensor:
-        order = list(kwargs)
-        video_features = kwargs.pop(VIDEO_FEATURES_KEY, None)
-        stock_frames = kwargs.pop(STOCK_FRAMES_KEY, None)
-        if video_features is None:
-            return super().embed_multimodal(**kwargs)
-        videos = self._embed_videos(video_features, stock_frames)
-        image_keys = [k for k in (FEATURES_KEY, "image_embeds") if k in kwargs]
-        if not image_keys:
-            return videos
-        images = list(super().embed_multimodal(**kwargs))
-        # vLLM's order of modalities: the order of their keys (as its own OneVision model).
-        if min(order.index(k) for k in image_keys) < order.index(VIDEO_FEATURES_KEY):
-            return [*images, *videos]
-        return [*videos, *images]

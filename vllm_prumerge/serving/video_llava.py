@@ -17,33 +17,29 @@ strategy to videos), projected: ``frames * 257`` tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from functools import cached_property
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
-from torch import nn
-from transformers import BatchFeature, VideoLlavaConfig, VideoLlavaProcessor
-from vllm.config import VllmConfig
+from transformers import VideoLlavaConfig, VideoLlavaProcessor
 from vllm.model_executor.models.llava import (
     BaseLlavaProcessingInfo,
     LlavaForConditionalGeneration,
 )
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionDummyInputsBuilder
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import BaseMultiModalProcessor
 
 from vllm_prumerge.config import PruMergeConfig
-from vllm_prumerge.encoder import PruMergeEncoder
-from vllm_prumerge.hub_layout import tower_prefixes
 from vllm_prumerge.serving.llava import PruMergeLlavaMultiModalProcessor
 from vllm_prumerge.serving.video import (
     PruMergeVideoModelMixin,
     PruMergeVideoProcessingInfoMixin,
     PruMergeVideoProcessorMixin,
 )
+from vllm_prumerge.vision import num_patches
 
-IMAGE_TOWER = "image_tower"
-VIDEO_TOWER = "video_tower"
+# The checkpoint's tower of each modality.
+TOWERS = MappingProxyType({"image": "image_tower", "video": "video_tower"})
 
 
 class VideoLlavaProcessingInfo(BaseLlavaProcessingInfo):
@@ -60,16 +56,11 @@ class VideoLlavaProcessingInfo(BaseLlavaProcessingInfo):
 
     def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int) -> int:
         """transformers' stock count: every frame's patches plus its CLS row."""
-        vision = self.get_hf_config().vision_config
-        return num_frames * ((vision.image_size // vision.patch_size) ** 2 + 1)
+        return num_frames * (num_patches(self.get_hf_config().vision_config) + 1)
 
 
 class PruMergeVideoLlavaProcessingInfo(PruMergeVideoProcessingInfoMixin, VideoLlavaProcessingInfo):
-    image_tower = IMAGE_TOWER
-
-    @cached_property
-    def video_encoder(self) -> PruMergeEncoder:
-        return self.make_encoder(VIDEO_TOWER)
+    towers = TOWERS
 
     def get_max_image_tokens(self) -> int:
         # An image is reduced as one frame: every patch kept plus the extra token.
@@ -80,29 +71,18 @@ class PruMergeVideoLlavaDummyInputsBuilder(LlavaOnevisionDummyInputsBuilder):
     """`<image>` and `<video>` placeholders, images at the tower's size, the longest videos."""
 
 
-class _VideoLlavaImageKey(BaseMultiModalProcessor):
-    """Video-LLaVA's HF processor names image pixels ``pixel_values_images``; the shared image
-    path reads ``pixel_values``."""
-
-    def _call_hf_processor(
-        self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
-    ) -> BatchFeature:
-        processed = super()._call_hf_processor(hf_data, hf_kwargs)
-        if "pixel_values_images" in processed:
-            processed["pixel_values"] = processed.pop("pixel_values_images")
-        return processed
-
-
 class PruMergeVideoLlavaMultiModalProcessor(
-    PruMergeVideoProcessorMixin, PruMergeLlavaMultiModalProcessor, _VideoLlavaImageKey
+    PruMergeVideoProcessorMixin, PruMergeLlavaMultiModalProcessor
 ):
+    image_pixels_key = "pixel_values_images"
+
     def _encode_frames(
         self, pixel_values: torch.Tensor, config: PruMergeConfig
     ) -> tuple[list[torch.Tensor], float]:
         if config.enabled:
             return super()._encode_frames(pixel_values, config)
         # transformers' stock video features: no select strategy, the CLS row stays.
-        return self.info.video_encoder.hidden_states(pixel_values)
+        return self.info.encoders["video"].hidden_states(pixel_values)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -124,17 +104,8 @@ class PruMergeVideoLlavaForConditionalGeneration(
             return "<video>"
         raise ValueError("Only image or video modality is supported")
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        nn.Module.__init__(self)
-        self._init_without_tower(vllm_config, prefix)
-
-    def get_patches_per_frame(self) -> int:
-        return super().get_patches_per_frame() + 1  # the CLS row of each stock frame
+    towers = TOWERS
 
     def _pack_stock_video(self, frames: torch.Tensor) -> torch.Tensor:
+        # [T, N + 1, C]: every frame's patches with its CLS row.
         return self._project([frames.flatten(0, 1)])[0]
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        # Both towers run in the pre-processor (PruMergeEncoder).
-        towers = (*tower_prefixes(IMAGE_TOWER), *tower_prefixes(VIDEO_TOWER))
-        return super().load_weights((n, w) for n, w in weights if not n.startswith(towers))

@@ -27,7 +27,9 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 from vllm_prumerge.hub_layout import hub_key
 
@@ -174,167 +176,171 @@ def _vision_config(spec: TinyLlavaSpec):
     )
 
 
-def _model_and_processor(spec: TinyLlavaSpec, tokenizer, vision, text):
-    """The family's transformers config, model (random weights) and processor."""
-    import torch
-    from transformers import (
-        CLIPImageProcessor,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-        LlavaNextVideoConfig,
-        LlavaNextVideoForConditionalGeneration,
-        LlavaNextVideoProcessor,
-        LlavaNextVideoVideoProcessor,
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessor,
-        LlavaOnevisionProcessor,
-        LlavaOnevisionVideoProcessor,
-        LlavaProcessor,
-        SiglipImageProcessor,
-        VideoLlavaConfig,
-        VideoLlavaForConditionalGeneration,
-        VideoLlavaImageProcessor,
-        VideoLlavaProcessor,
-        VideoLlavaVideoProcessor,
-    )
+def _transformers():
+    import transformers
 
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    common = dict(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_token_id,
-        projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-    )
-    clip_processor = dict(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        do_center_crop=True,
+    return transformers
+
+
+def _clip_processor(size: int, **center_crop: bool) -> dict:
+    """A CLIP image processor's arguments at `size` px (LLaVA-1.5's 336 px with
+    ``do_center_crop=True``; Video-LLaVA's 224 px)."""
+    return dict(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        **center_crop,
         image_mean=_CLIP_MEAN,
         image_std=_CLIP_STD,
     )
-    if spec.family == "llava_next":
-        config = LlavaNextConfig(
-            **common,
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-2,
-            image_grid_pinpoints=NEXT_GRID_PINPOINTS,
-        )
-        architecture, model_class = (
+
+
+def _clip_336() -> dict:
+    """LLaVA-1.5's image processor arguments (llava-hf/llava-1.5-7b-hf)."""
+    return _clip_processor(336, do_center_crop=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FamilyLayout:
+    """What a family's checkpoint is made of: transformers classes (by name), the config fields
+    of the family, its image processor and the processor's extra arguments."""
+
+    architecture: str  # the model class, also the config's `architectures`
+    config_class: str
+    processor_class: str
+    config_fields: Mapping[str, object]
+    image_processor: Callable[[], object]
+    processor_fields: Callable[[], dict]  # besides image processor, tokenizer and template
+
+
+_LAYOUTS = MappingProxyType(
+    {
+        "llava": _FamilyLayout(
+            "LlavaForConditionalGeneration",
+            "LlavaConfig",
+            "LlavaProcessor",
+            dict(
+                vision_feature_select_strategy="default",
+                vision_feature_layer=-2,
+                image_seq_length=576,
+            ),
+            lambda: _transformers().CLIPImageProcessor(**_clip_336()),
+            lambda: {"num_additional_image_tokens": 1},
+        ),
+        "llava_next": _FamilyLayout(
             "LlavaNextForConditionalGeneration",
-            (LlavaNextForConditionalGeneration),
-        )
-        image_processor = LlavaNextImageProcessor(
-            image_grid_pinpoints=NEXT_GRID_PINPOINTS, **clip_processor
-        )
-        processor_class, extra = LlavaNextProcessor, {"num_additional_image_tokens": 1}
-    elif spec.family == "next_video":
-        config = LlavaNextVideoConfig(
-            **common,
-            video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-2,
-            image_grid_pinpoints=NEXT_GRID_PINPOINTS,
-            spatial_pool_mode="average",
-            spatial_pool_stride=2,
-        )
-        architecture, model_class = (
-            "LlavaNextVideoForConditionalGeneration",
-            LlavaNextVideoForConditionalGeneration,
-        )
-        image_processor = LlavaNextImageProcessor(
-            image_grid_pinpoints=NEXT_GRID_PINPOINTS, **clip_processor
-        )
-        processor_class = LlavaNextVideoProcessor
-        extra = {
-            "video_processor": LlavaNextVideoVideoProcessor(**clip_processor),
-            "num_additional_image_tokens": 1,
-        }
-    elif spec.family == "onevision":
-        config = LlavaOnevisionConfig(
-            **common,
-            video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-            vision_feature_select_strategy="full",
-            vision_feature_layer=-1,
-            image_grid_pinpoints=ONEVISION_GRID_PINPOINTS,
-            vision_aspect_ratio="anyres_max_9",
-        )
-        architecture, model_class = (
+            "LlavaNextConfig",
+            "LlavaNextProcessor",
+            dict(
+                vision_feature_select_strategy="default",
+                vision_feature_layer=-2,
+                image_grid_pinpoints=NEXT_GRID_PINPOINTS,
+            ),
+            lambda: _transformers().LlavaNextImageProcessor(
+                image_grid_pinpoints=NEXT_GRID_PINPOINTS, **_clip_336()
+            ),
+            lambda: {"num_additional_image_tokens": 1},
+        ),
+        "siglip": _FamilyLayout(
+            "LlavaForConditionalGeneration",
+            "LlavaConfig",
+            "LlavaProcessor",
+            dict(
+                vision_feature_select_strategy="full",
+                vision_feature_layer=-1,
+                image_seq_length=729,
+            ),
+            lambda: _transformers().SiglipImageProcessor(
+                size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+            ),
+            lambda: {"num_additional_image_tokens": 0},
+        ),
+        "onevision": _FamilyLayout(
             "LlavaOnevisionForConditionalGeneration",
-            (LlavaOnevisionForConditionalGeneration),
-        )
-        image_processor = LlavaOnevisionImageProcessor(
-            image_grid_pinpoints=ONEVISION_GRID_PINPOINTS,
-            size={"height": 384, "width": 384},
-            image_mean=[0.5] * 3,
-            image_std=[0.5] * 3,
-        )
-        processor_class = LlavaOnevisionProcessor
-        extra = {
-            "video_processor": LlavaOnevisionVideoProcessor(),
-            "num_image_tokens": 729,
-            "vision_aspect_ratio": "anyres_max_9",
-        }
-    elif spec.family == "video_llava":
-        config = VideoLlavaConfig(
-            **common,
-            video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-2,
-            image_seq_length=256,
-            video_seq_length=8 * 257,
-        )
-        architecture, model_class = (
+            "LlavaOnevisionConfig",
+            "LlavaOnevisionProcessor",
+            dict(
+                vision_feature_select_strategy="full",
+                vision_feature_layer=-1,
+                image_grid_pinpoints=ONEVISION_GRID_PINPOINTS,
+                vision_aspect_ratio="anyres_max_9",
+            ),
+            lambda: _transformers().LlavaOnevisionImageProcessor(
+                image_grid_pinpoints=ONEVISION_GRID_PINPOINTS,
+                size={"height": 384, "width": 384},
+                image_mean=[0.5] * 3,
+                image_std=[0.5] * 3,
+            ),
+            lambda: {
+                "video_processor": _transformers().LlavaOnevisionVideoProcessor(),
+                "num_image_tokens": 729,
+                "vision_aspect_ratio": "anyres_max_9",
+            },
+        ),
+        "next_video": _FamilyLayout(
+            "LlavaNextVideoForConditionalGeneration",
+            "LlavaNextVideoConfig",
+            "LlavaNextVideoProcessor",
+            dict(
+                vision_feature_select_strategy="default",
+                vision_feature_layer=-2,
+                image_grid_pinpoints=NEXT_GRID_PINPOINTS,
+                spatial_pool_mode="average",
+                spatial_pool_stride=2,
+            ),
+            lambda: _transformers().LlavaNextImageProcessor(
+                image_grid_pinpoints=NEXT_GRID_PINPOINTS, **_clip_336()
+            ),
+            lambda: {
+                "video_processor": _transformers().LlavaNextVideoVideoProcessor(**_clip_336()),
+                "num_additional_image_tokens": 1,
+            },
+        ),
+        "video_llava": _FamilyLayout(
             "VideoLlavaForConditionalGeneration",
-            VideoLlavaForConditionalGeneration,
-        )
-        clip_224 = dict(
-            size={"shortest_edge": 224},
-            crop_size={"height": 224, "width": 224},
-            image_mean=_CLIP_MEAN,
-            image_std=_CLIP_STD,
-        )
-        image_processor = VideoLlavaImageProcessor(**clip_224)
-        processor_class = VideoLlavaProcessor
-        extra = {
-            "video_processor": VideoLlavaVideoProcessor(**clip_224),
-            "num_additional_image_tokens": 1,
-        }
-    elif spec.family == "siglip":
-        config = LlavaConfig(
-            **common,
-            vision_feature_select_strategy="full",
-            vision_feature_layer=-1,
-            image_seq_length=729,
-        )
-        architecture, model_class = "LlavaForConditionalGeneration", LlavaForConditionalGeneration
-        image_processor = SiglipImageProcessor(
-            size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-        )
-        processor_class, extra = LlavaProcessor, {"num_additional_image_tokens": 0}
-    else:
-        config = LlavaConfig(
-            **common,
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-2,
-            image_seq_length=576,
-        )
-        architecture, model_class = "LlavaForConditionalGeneration", LlavaForConditionalGeneration
-        image_processor = CLIPImageProcessor(**clip_processor)
-        processor_class, extra = LlavaProcessor, {"num_additional_image_tokens": 1}
-    config.architectures = [architecture]
+            "VideoLlavaConfig",
+            "VideoLlavaProcessor",
+            dict(
+                vision_feature_select_strategy="default",
+                vision_feature_layer=-2,
+                image_seq_length=256,
+                video_seq_length=8 * 257,
+            ),
+            lambda: _transformers().VideoLlavaImageProcessor(**_clip_processor(224)),
+            lambda: {
+                "video_processor": _transformers().VideoLlavaVideoProcessor(**_clip_processor(224)),
+                "num_additional_image_tokens": 1,
+            },
+        ),
+    }
+)
+
+
+def _model_and_processor(spec: TinyLlavaSpec, tokenizer, vision, text):
+    """The family's transformers config, model (random weights) and processor."""
+    import torch
+
+    layout = _LAYOUTS[spec.family]
+    transformers = _transformers()
+    fields = dict(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+        **layout.config_fields,
+    )
+    if spec.family in _VIDEO_FAMILIES:
+        fields["video_token_index"] = tokenizer.convert_tokens_to_ids("<video>")
+    config = getattr(transformers, layout.config_class)(**fields)
+    config.architectures = [layout.architecture]
     config.dtype = "float32"
     torch.manual_seed(spec.seed)
-    model = model_class(config).eval()
-    if processor_class is not LlavaOnevisionProcessor:
+    model = getattr(transformers, layout.architecture)(config).eval()
+    extra = layout.processor_fields()
+    if layout.processor_class != "LlavaOnevisionProcessor":
         extra["patch_size"] = 14
-    processor = processor_class(
-        image_processor=image_processor,
+    processor = getattr(transformers, layout.processor_class)(
+        image_processor=layout.image_processor(),
         tokenizer=tokenizer,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         chat_template=_chat_template(spec),

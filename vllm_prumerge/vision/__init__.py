@@ -4,6 +4,7 @@ from vllm_prumerge.vision.clip import PruMergeInputs, clip_prumerge_inputs
 from vllm_prumerge.vision.towers import (
     ScoringInputs,
     TowerScores,
+    num_patches,
     resolve_importance,
     resolve_vision_feature_layer,
     scoring_inputs,
@@ -16,6 +17,7 @@ __all__ = [
     "ScoringInputs",
     "TowerScores",
     "clip_prumerge_inputs",
+    "num_patches",
     "resolve_importance",
     "resolve_vision_feature_layer",
     "scoring_inputs",

@@ -24,6 +24,7 @@ __all__ = [
     "ScoringInputs",
     "TowerParts",
     "TowerScores",
+    "num_patches",
     "resolve_importance",
     "resolve_vision_feature_layer",
     "scoring_inputs",
@@ -57,6 +58,13 @@ def tower_parts(vision_model: nn.Module) -> TowerParts:
         "expected a transformers CLIPVisionModel / SiglipVisionModel (or their vision "
         f"transformer, with embeddings and encoder), got {type(vision_model).__name__}"
     )
+
+
+def num_patches(vision_config) -> int:
+    """Patch tokens of one image, crop or frame on the tower's grid, ``(image_size //
+    patch_size) ** 2`` (576 for CLIP-L/14-336, 729 for SigLIP 384/14, 256 for CLIP-L/14-224);
+    CLIP's CLS token not counted. `vision_config`: a CLIP or SigLIP vision config."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2
 
 
 def resolve_vision_feature_layer(vision_feature_layer: int, num_layers: int) -> int:
