@@ -189,13 +189,14 @@ def stock_llm(family, checkpoint, hf):
     Video-LLaVA, which vLLM 0.32 cannot serve: transformers' own model end to end stands in."""
     from vllm import LLM
 
-    from tests.helpers import shutdown, start_llm
+    from tests.helpers import shutdown, start_llm, warm_model_info
     from tests.hf_reference import TransformersStock
 
     if family == "video_llava":
         yield TransformersStock(hf)
         return
     if family == "onevision":
+        warm_model_info()
         llm = LLM(model=checkpoint, **OFFLINE_ENGINE_ARGS[family])
     else:
         llm = start_llm(checkpoint, **OFFLINE_ENGINE_ARGS[family])

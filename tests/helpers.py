@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -14,6 +15,62 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = REPO_ROOT / "vllm_prumerge"
 # `vllm_prumerge.plugin.LOADED_FROM` as logged by vLLM's logger, one line per process.
 _LOADED_FROM = re.compile(r"vllm-prumerge (\S+) loaded from (.+?)\s*$", re.MULTILINE)
+
+
+# vLLM inspects each model class in a subprocess of its own on first use (~20 s on 2 cores; the
+# suite builds nine classes: each stock class and its PruMerge class) and keeps the result in its
+# model-info cache (`VLLM_CACHE_ROOT`/modelinfos, keyed by the module file's hash). On a cold
+# machine this fills that cache for every class in one subprocess instead, with vLLM's own
+# inspection and cache writer, before the session's first processor, engine or server.
+_INSPECT_EVERY_CLASS = """
+import vllm.model_executor.models.registry as registry
+
+from tests.helpers import _model_classes
+
+registry._run_in_subprocess = lambda fn: fn()  # this process is that subprocess
+for model in _model_classes():
+    model.inspect_model_cls()
+"""
+
+
+def _model_classes() -> list:
+    """vLLM's registry entries of every architecture the suite builds, stock and PruMerge."""
+    from vllm.model_executor.models.registry import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    from vllm_prumerge.serving.options import ARCHITECTURES
+
+    load_general_plugins()
+    models = ModelRegistry.models
+    return [models[a] for a in (*ARCHITECTURES, *ARCHITECTURES.values()) if a in models]
+
+
+def _cached(model) -> bool:
+    """Whether vLLM's model-info cache holds the current inspection of `model`."""
+    from vllm.model_executor.models.registry import _LazyRegisteredModel
+
+    if not isinstance(model, _LazyRegisteredModel):
+        return True
+    path = Path(importlib.util.find_spec(model.module_name).origin)
+    return model._load_modelinfo_from_cache(model._get_modelinfo_module_hash(path)) is not None
+
+
+@functools.cache
+def warm_model_info() -> None:
+    """Fill vLLM's model-info cache for every class the suite builds, once per session, in one
+    subprocess (nothing to do when it is current)."""
+    import subprocess
+    import sys
+
+    if all(map(_cached, _model_classes())):
+        return
+    subprocess.run(
+        [sys.executable, "-c", _INSPECT_EVERY_CLASS],
+        env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"},
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+    )
 
 
 @contextlib.contextmanager
@@ -43,6 +100,7 @@ def start_llm(model: str, **kwargs):
     """An offline `vllm.LLM` built in this process (see `in_process_engine`)."""
     from vllm import LLM
 
+    warm_model_info()
     with in_process_engine():
         return LLM(model=model, **kwargs)
 
@@ -103,6 +161,7 @@ def served_from_this_clone(checkpoint: str, args, tmp_path_factory):
     checking that every served process imported this clone's `vllm_prumerge`."""
     from vllm_prumerge.testing.server import serve
 
+    warm_model_info()
     log = tmp_path_factory.mktemp("server") / "serve.log"
     with serve(checkpoint, args, log_path=log) as base_url:
         assert_served_from_this_clone(log.read_text())
@@ -160,6 +219,7 @@ def run_python(args, *, env=None, timeout: float = 900, cwd=None, check: bool = 
 def cpu_env(in_process: bool = False, **extra: str) -> dict[str, str]:
     """This environment for a vLLM subprocess on the CPU platform with a small KV cache;
     `in_process`: its engine inside the subprocess (see `in_process_engine`)."""
+    warm_model_info()
     return {
         **os.environ,
         "VLLM_TARGET_DEVICE": "cpu",
@@ -191,6 +251,7 @@ def _build_processor(checkpoint: str, dtype: str, plugin: bool, options: tuple):
     from vllm_prumerge import engine_kwargs
 
     load_general_plugins()
+    warm_model_info()
     kwargs = engine_kwargs(**dict(options)) if plugin else {}
     model_config = ModelConfig(model=checkpoint, dtype=dtype, **kwargs)
     return MULTIMODAL_REGISTRY.create_processor(model_config), model_config
