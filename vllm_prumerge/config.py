@@ -154,9 +154,10 @@ class PruMergeConfig:
     temporal_rate (float in [0, 1), default 0.75)
         ``evs`` only: the share of the video's patches dropped (vLLM's ``q``,
         ``--video-pruning-rate``). Ignored by the other ``temporal`` settings.
-    temporal_threshold (float in [0, 1], default 0.9)
+    temporal_threshold (float in [0, 1), default 0.9)
         ``adaptive`` only: the cosine similarity (float32, of the tower's patch features) at
-        and above which a patch counts as unchanged. Higher keeps more. Ignored by the other
+        and above which a patch counts as unchanged. Higher keeps more. 1 is excluded: the
+        cosine of two identical features rounds to either side of 1. Ignored by the other
         ``temporal`` settings.
 
     One more option is set with these but is not a field of this class, because it belongs to the
@@ -257,9 +258,9 @@ class PruMergeConfig:
             )
         set_(self, "temporal_rate", float(rate))
         threshold = self.temporal_threshold
-        if not _is_real(threshold) or not math.isfinite(threshold) or not 0 <= threshold <= 1:
+        if not _is_real(threshold) or not math.isfinite(threshold) or not 0 <= threshold < 1:
             raise ValueError(
-                f"PruMergeConfig.temporal_threshold must be a number in [0, 1], got {threshold!r}"
+                f"PruMergeConfig.temporal_threshold must be a number in [0, 1), got {threshold!r}"
             )
         set_(self, "temporal_threshold", float(threshold))
 

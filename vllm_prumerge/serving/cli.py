@@ -76,7 +76,7 @@ OPTION_HELP = {
     "Not with mode off.",
     "temporal_rate": "evs: the share of a video's patches dropped, in [0, 1) (vLLM's "
     "--video-pruning-rate).",
-    "temporal_threshold": "adaptive: the cosine similarity, in [0, 1], at and above which a "
+    "temporal_threshold": "adaptive: the cosine similarity, in [0, 1), at and above which a "
     "patch counts as unchanged; higher keeps more.",
 }
 TOWER_DTYPE_HELP = (
