@@ -202,6 +202,23 @@ class HFPruMergeLlava:
         (with `config.temporal`: on the patches it retained)."""
         return self._reduce_crops(frames, config, video=True)
 
+    def crop_counts(self, image, config: PruMergeConfig) -> list[int]:
+        """Tokens of each crop (one view: one crop) of one PIL image, each reduced alone."""
+        return [len(self._reduce_crops(crop[None], config)) for crop in self._crops(image)[0]]
+
+    def frame_counts(self, video, config: PruMergeConfig) -> list[int]:
+        """Tokens of each frame of one video, each reduced alone (no temporal stage)."""
+        return [len(self.frame_features(f[None], config)) for f in self.video_frames(video)]
+
+    @torch.no_grad()
+    def video_patch_features(self, video) -> torch.Tensor:
+        """`[T, N, C]`: the tower's patch features (``hidden_states[vision_feature_layer]``, CLS
+        row dropped) of one `[T, H, W, 3]` uint8 video's frames: what the temporal stage
+        compares."""
+        out = self._tower()(self.video_frames(video), output_hidden_states=True)
+        hidden = out.hidden_states[self.config.vision_feature_layer]
+        return hidden[:, 1:] if self.has_cls else hidden
+
     def video_frames(self, video) -> torch.Tensor:
         """`[T, 3, H, W]`: transformers' video processor on one `[T, H, W, 3]` uint8 video."""
         processed = self.processor.video_processor(videos=[video], return_tensors="pt")
@@ -294,6 +311,11 @@ class HFPruMergeVideoLlava(HFPruMergeLlava):
         `config.temporal`: on the patches it retained)."""
         with self._using(self.model.model.video_tower):
             return self._reduce_crops(frames, config, video=True)
+
+    @torch.no_grad()
+    def video_patch_features(self, video) -> torch.Tensor:
+        with self._using(self.model.model.video_tower):
+            return super().video_patch_features(video)
 
     @torch.no_grad()
     def image_embeds(self, image, config: PruMergeConfig) -> torch.Tensor:

@@ -238,3 +238,109 @@ def test_the_encoder_loads_each_tower_and_gives_transformers_hidden_states_with_
     patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     assert [r.shape for r in rows] == [(patches + 1, config.vision_config.hidden_size)] * 3
     torch.testing.assert_close(torch.stack(rows), expected, atol=1e-4, rtol=1e-4)
+
+
+# --- Across time: the temporal stage; the max_tokens ceiling ----------------------------------
+# One engine per family serves every setting (per request, `mm_processor_kwargs`).
+
+TEMPORAL_SETTINGS = {
+    "adaptive": {"temporal": "adaptive"},
+    "evs-0.5": {"temporal": "evs", "temporal_rate": 0.5},
+    "adaptive-prumerge+": {"mode": "prumerge+", "temporal": "adaptive", "temporal_threshold": 0.97},
+}
+
+
+@pytest.fixture(scope="module")
+def scene_videos(scenes):
+    """Two scenes A and B: a static video (A x 8), A alone, a cut (A x 4 then B x 4), the pair AB,
+    and a camera panning across a third scene."""
+    from vllm_prumerge.testing import make_video
+
+    a, b, size = scenes[1], scenes[6], (336, 336)
+    return {
+        "static": frames([a] * 8, size),
+        "one": frames([a], size),
+        "cut": frames([a] * 4 + [b] * 4, size),
+        "pair": frames([a, b], size),
+        "panning": make_video(seed=3, frames=6, size=(384, 320)),
+    }
+
+
+def _video_request(video, option=None) -> dict:
+    extra = {} if option is None else {"mm_processor_kwargs": {"prumerge": option}}
+    return {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": video}, **extra}
+
+
+@pytest.mark.parametrize("setting", list(TEMPORAL_SETTINGS))
+def test_temporal_videos_equal_the_transformers_pipeline(
+    plugin_llm, hf, family, media, scene_videos, setting
+):
+    """Counts, greedy tokens and log-probabilities against transformers' towers with vLLM's own
+    EVS function or a plain float64 loop for the mask (tests/hf_reference.py)."""
+    option = TEMPORAL_SETTINGS[setting]
+    videos = [scene_videos["panning"], media["a"]]
+    outputs = plugin_llm.generate([_video_request(v, option) for v in videos], _sampling())
+    config = PruMergeConfig.from_dict(option)
+    per_frame = config.replace(temporal="off")
+    dropped = 0
+    for out, video in zip(outputs, videos, strict=True):
+        ref_tokens, ref_logprobs, ref_counts = hf.generate(
+            VIDEO_PROMPT, [], [], MAX_TOKENS, videos=[(video, config)]
+        )
+        assert [_video_count(out, hf)] == ref_counts
+        tokens, logprobs = tokens_and_logprobs(out)
+        assert tokens == ref_tokens
+        assert logprobs == pytest.approx(ref_logprobs, abs=LOGPROB_ATOL)
+        dropped += sum(hf.frame_counts(video, per_frame)) - ref_counts[0]
+    assert dropped > 0  # the stage dropped something: the comparison is not per-frame again
+
+
+def test_a_static_video_costs_one_frame_and_a_cut_its_two_scenes(
+    plugin_llm, hf, family, scene_videos
+):
+    """8 identical frames with `adaptive` = the one frame; AAAABBBB with `adaptive`, and with
+    `evs` at 0.75 (2 of 8 frames' patches: A's first and B's first) = the 2-frame video AB
+    without the temporal stage; by placeholder counts and greedy tokens."""
+    pair = hf.video_patch_features(scene_videos["pair"])
+    threshold = PruMergeConfig(temporal="adaptive").temporal_threshold
+    similarity = torch.nn.functional.cosine_similarity(pair[0], pair[1], dim=-1)
+    assert similarity.max() < threshold  # a cut: no patch of B within the threshold of A's
+    adaptive, evs = {"temporal": "adaptive"}, {"temporal": "evs", "temporal_rate": 0.75}
+    v = scene_videos
+    requests = [
+        _video_request(v["static"], adaptive),
+        _video_request(v["one"]),
+        _video_request(v["cut"], adaptive),
+        _video_request(v["cut"], evs),
+        _video_request(v["pair"]),
+    ]
+    outputs = plugin_llm.generate(requests, _sampling())
+    counts = [_video_count(o, hf) for o in outputs]
+    tokens = [tokens_and_logprobs(o)[0] for o in outputs]
+    assert counts[0] == counts[1] == sum(hf.frame_counts(v["one"], PruMergeConfig()))
+    assert counts[2] == counts[3] == counts[4] == sum(hf.frame_counts(v["pair"], PruMergeConfig()))
+    assert tokens[0] == tokens[1]
+    assert tokens[2] == tokens[3] == tokens[4]
+
+
+def test_max_tokens_caps_every_image_crop_and_frame(plugin_llm, hf, family, media):
+    """Each image, crop and frame keeps min(its kept patches, the ceiling) plus its extra token:
+    counted from transformers' uncapped per-crop and per-frame counts; greedy tokens as the
+    pipeline's own capped reduction."""
+    cap = 3
+    requests = _requests(family, media, {"max_tokens": cap})
+    outputs = plugin_llm.generate([r[0] for r in requests], _sampling())
+    uncapped, capped = PruMergeConfig(), PruMergeConfig(max_tokens=cap)
+    lowered = 0
+    for out, (_, prompt, images, videos) in zip(outputs, requests, strict=True):
+        per_item = [hf.crop_counts(im, uncapped) for im in images]
+        per_item += [hf.frame_counts(v, uncapped) for v in videos]  # images first in prompts
+        expected = [sum(min(n - 1, cap) + 1 for n in counts) for counts in per_item]
+        assert visual_runs(out, {hf.image_token, hf.video_token}) == expected, prompt
+        lowered += sum(map(sum, per_item)) - sum(expected)
+        ref_tokens, _, ref_counts = hf.generate(
+            prompt, images, [capped] * len(images), MAX_TOKENS, videos=[(v, capped) for v in videos]
+        )
+        assert ref_counts == expected
+        assert tokens_and_logprobs(out)[0] == ref_tokens
+    assert lowered > 0  # the ceiling was below some item's count
