@@ -291,3 +291,9 @@ def test_a_request_for_mode_off_drops_the_engines_temporal_stage():
     assert request_config(engine, {"temporal": "adaptive"}).temporal == "adaptive"
     with pytest.raises(ValueError, match="temporal"):
         request_config(engine, {"mode": "off", "temporal": "evs"})
+
+
+def test_engine_options_override_a_checkpoints_own_ceiling():
+    own = PruMergeConfig(max_tokens=16, temporal="evs")
+    assert request_config(own, {"max_tokens": 64}, ceiling=False).max_tokens == 64
+    assert request_config(own, "off", ceiling=False) == PruMergeConfig(mode="off")

@@ -141,7 +141,9 @@ class PruMergeOverrides:
                     continue
             setattr(hf_config, key, value)
         hf_config.architectures = [resolve_architecture(hf_config.architectures)]
-        config = request_config(engine_config(hf_config), dict(self.options) or None)
+        # Explicit options override the checkpoint's own freely (its max_tokens included).
+        options = dict(self.options) or None
+        config = request_config(engine_config(hf_config), options, ceiling=False)
         setattr(hf_config, CONFIG_KEY, config.to_dict())
         if self.download_dir is not None:
             setattr(hf_config, DOWNLOAD_DIR_KEY, self.download_dir)
@@ -222,14 +224,17 @@ def engine_config(hf_config: Any) -> PruMergeConfig:
     return PruMergeConfig.from_dict(value)
 
 
-def request_config(engine: PruMergeConfig, value: object) -> PruMergeConfig:
+def request_config(
+    engine: PruMergeConfig, value: object, *, ceiling: bool = True
+) -> PruMergeConfig:
     """Combine a request's `mm_processor_kwargs["prumerge"]` with the engine's config.
 
     Fields the request gives override the engine's; when the request switches to a non-fixed
     mode, the engine's fixed-budget fields are dropped, and when it switches to ``off`` the
     engine's ``temporal`` setting too (stock video). The engine's ``max_tokens`` is a ceiling: a
-    request may lower it, not raise or remove it, nor switch to ``off``. Raises ValueError
-    naming the bad field.
+    request may lower it, not raise or remove it, nor switch to ``off``; `ceiling=False` (engine
+    options over a checkpoint's own, which may set anything) drops it instead when switching to
+    ``off``. Raises ValueError naming the bad field.
     """
     if value is None:
         return engine
@@ -253,23 +258,24 @@ def request_config(engine: PruMergeConfig, value: object) -> PruMergeConfig:
     if "mode" in requested and mode != "fixed":
         for name in _FIXED_ONLY:
             merged.pop(name, None)
-    ceiling = engine.max_tokens
+    limit = engine.max_tokens if ceiling else None
     if mode == "off":
-        if ceiling is not None:
+        if limit is not None:
             raise ValueError(
                 f"mode 'off' (the family's stock count) is not available on this engine: its "
-                f"max_tokens ceiling ({ceiling} per image, crop or frame) bounds every request"
+                f"max_tokens ceiling ({limit} per image, crop or frame) bounds every request"
             )
         merged.pop("temporal", None)  # stock video: the engine's temporal stage does not apply
+        merged.pop("max_tokens", None)
     if "budget" in requested:
         merged.pop("budget_ratio", None)
     if "budget_ratio" in requested:
         merged.pop("budget", None)
     merged.update(requested)
     config = PruMergeConfig.from_dict(merged)
-    if ceiling is not None and (config.max_tokens is None or config.max_tokens > ceiling):
+    if limit is not None and (config.max_tokens is None or config.max_tokens > limit):
         raise ValueError(
-            f"max_tokens: this engine's ceiling is {ceiling} per image, crop or frame (vLLM "
+            f"max_tokens: this engine's ceiling is {limit} per image, crop or frame (vLLM "
             f"sized its memory for it); a request may lower it, not raise or remove it "
             f"(got {config.max_tokens})"
         )
