@@ -31,6 +31,7 @@ separately against the naive reference.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionConfig
@@ -66,6 +67,31 @@ def reference_retention(features: torch.Tensor, config: PruMergeConfig) -> torch
         retained[t] = kept
         anchor[kept] = x[t][kept]
     return retained
+
+
+def retention_margin(features: torch.Tensor, config: PruMergeConfig) -> float:
+    """How far a video's temporal decisions are from their boundary: ``adaptive``, the smallest
+    ``|cosine - threshold|`` of any patch against its anchor; ``evs``, the gap between the last
+    kept and the first dropped dissimilarity. Two towers that differ by float rounding (~1e-6)
+    take the same decisions when this is well above it."""
+    x = features.double()
+    if config.temporal == "adaptive":
+        margin, anchor = math.inf, x[0].clone()
+        for t in range(1, x.shape[0]):
+            cosine = (x[t] * anchor).sum(-1) / (x[t].norm(dim=-1) * anchor.norm(dim=-1))
+            margin = min(margin, float((cosine - config.temporal_threshold).abs().min()))
+            kept = ~(cosine >= config.temporal_threshold)
+            anchor[kept] = x[t][kept]
+        return margin
+    frames, patches, _ = x.shape
+    if frames == 1:
+        return math.inf
+    later = (1 - torch.nn.functional.cosine_similarity(x[1:], x[:-1], dim=-1)).flatten()
+    keep = max(patches, int(patches * frames * (1 - config.temporal_rate))) - patches
+    ranked = later.sort(descending=True).values
+    if keep == 0 or keep >= len(ranked):
+        return math.inf
+    return float(ranked[keep - 1] - ranked[keep])
 
 
 def reduce_video_reference(
