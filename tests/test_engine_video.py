@@ -12,6 +12,8 @@ separately against the naive reference); `off` must equal stock token for token.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -347,3 +349,22 @@ def test_max_tokens_caps_every_image_crop_and_frame(plugin_llm, hf, family, medi
         assert ref_counts == expected
         assert tokens_and_logprobs(out)[0] == ref_tokens
     assert lowered > 0  # the ceiling was below some item's count
+
+
+def test_an_engine_ceiling_shrinks_the_bounds_vllm_profiles_with(checkpoint, family):
+    """`max_tokens` at engine level: every frame, image and crop bound is `max_tokens + 1` (no
+    stock count: requests may not switch to `off`); without it, every patch kept, or stock."""
+    from tests.helpers import vllm_processor
+
+    cap, seq_len = 8, 4096
+    info = vllm_processor(checkpoint, max_tokens=cap)[0].info
+    counts = dict.fromkeys(info.get_supported_mm_limits(), 1)
+    bounds = info.get_mm_max_tokens_per_item(seq_len, counts)
+    assert info.get_max_frame_tokens() == cap + 1
+    assert bounds["video"] == math.ceil(seq_len / (cap + 1)) * (cap + 1)
+    if family == "video_llava":
+        assert bounds["image"] == cap + 1
+    if family == "onevision":
+        assert bounds["image"] == info.get_max_crops() * (cap + 1)
+    patches = info.get_patches_per_crop()
+    assert patches + 1 > cap + 1  # the ceiling is below the uncapped bound: it shrank
