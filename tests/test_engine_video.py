@@ -8,6 +8,10 @@ model). Reduced videos must give the same greedy tokens (log-probabilities withi
 and the same count per image and per video as an independent transformers pipeline that reduces
 each frame on its own (tests/hf_reference.py, which reuses the plugin's reduction core, pinned
 separately against the naive reference); `off` must equal stock token for token.
+
+Across time (option `temporal`) and under the `max_tokens` ceiling, per request on the same
+engines: the same pipeline with the temporal mask by vLLM's own EVS function or a plain float64
+loop (tests/hf_reference.py); a static clip must cost its one frame and a cut its two scenes.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ figures.
   is answered with HTTP 400 and the server keeps serving; `/metrics` counts one observation per
   image valued at its whole count, in a finite bucket, aggregated over both processes.
 - Video-LLaVA (images and videos; stock vLLM 0.32 cannot serve it): a real MP4 `video_url`
-  costs the chat text plus its decoded frames' counts and one per-video histogram observation; a
-  corrupt or empty video is a 400 and the server keeps serving.
+  costs the chat text plus its decoded frames' counts and one per-video histogram observation,
+  per frame and across time (`temporal`, `max_tokens` per request); a corrupt or empty video is
+  a 400 and the server keeps serving; a 1x1 image is served at its count.
 
 The other families' counts are pinned offline against the same pipeline (test_engine.py,
 test_engine_video.py): their servers would add nothing the engine tests do not check. Every served
