@@ -80,7 +80,7 @@ def test_prumerge_options_reach_the_engine_config(serve_parser, model):
 def test_the_temporal_and_ceiling_flags_reach_the_engine_config(serve_parser, model):
     argv = [
         *["--plugin", "prumerge", "--prumerge-temporal", "adaptive"],
-        *["--prumerge-temporal-threshold", "0.95", "--prumerge-temporal-rate", "0.5"],
+        *["--prumerge-temporal-threshold", "0.8", "--prumerge-temporal-rate", "0.5"],
         *["--prumerge-max-tokens", "64"],
     ]
     options = _hf_config(model, _engine_args(serve_parser, model, argv)).prumerge
@@ -89,7 +89,7 @@ def test_the_temporal_and_ceiling_flags_reach_the_engine_config(serve_parser, mo
         options["temporal_threshold"],
         options["temporal_rate"],
         options["max_tokens"],
-    ) == ("adaptive", 0.95, 0.5, 64)
+    ) == ("adaptive", 0.8, 0.5, 64)
 
 
 def test_the_tower_dtype_flag_reaches_the_engine_config_outside_the_reduction_options(

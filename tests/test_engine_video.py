@@ -253,7 +253,7 @@ def test_the_encoder_loads_each_tower_and_gives_transformers_hidden_states_with_
 TEMPORAL_SETTINGS = {
     "adaptive": {"temporal": "adaptive"},
     "evs-0.5": {"temporal": "evs", "temporal_rate": 0.5},
-    "adaptive-prumerge+": {"mode": "prumerge+", "temporal": "adaptive", "temporal_threshold": 0.97},
+    "adaptive-prumerge+": {"mode": "prumerge+", "temporal": "adaptive", "temporal_threshold": 0.9},
 }
 
 

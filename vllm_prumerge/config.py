@@ -25,9 +25,10 @@ IMPORTANCES = ("auto", "cls", "received")
 TEMPORALS = ("off", "evs", "adaptive")
 # `evs`: the share of a video's patches dropped (the first frame is always whole).
 DEFAULT_TEMPORAL_RATE = 0.75
-# `adaptive`: the cosine similarity to a patch's anchor at and above which it is dropped; chosen
-# from the sweep in docs/notes/temporal-threshold.md.
-DEFAULT_TEMPORAL_THRESHOLD = 0.9
+# `adaptive`: the cosine similarity to a patch's anchor at and above which it is dropped: the
+# lowest threshold of the sweep in docs/notes/temporal-threshold.md at which no tower drops a
+# patch of a new scene.
+DEFAULT_TEMPORAL_THRESHOLD = 0.95
 
 _MODE_ALIASES = {
     "prumerge": "prumerge",
@@ -154,7 +155,7 @@ class PruMergeConfig:
     temporal_rate (float in [0, 1), default 0.75)
         ``evs`` only: the share of the video's patches dropped (vLLM's ``q``,
         ``--video-pruning-rate``). Ignored by the other ``temporal`` settings.
-    temporal_threshold (float in [0, 1), default 0.9)
+    temporal_threshold (float in [0, 1), default 0.95)
         ``adaptive`` only: the cosine similarity (float32, of the tower's patch features) at
         and above which a patch counts as unchanged. Higher keeps more. 1 is excluded: the
         cosine of two identical features rounds to either side of 1. Ignored by the other
