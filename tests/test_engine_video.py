@@ -252,24 +252,22 @@ def test_the_encoder_loads_each_tower_and_gives_transformers_hidden_states_with_
 
 TEMPORAL_SETTINGS = {
     "adaptive": {"temporal": "adaptive"},
-    "evs-0.5": {"temporal": "evs", "temporal_rate": 0.5},
-    "adaptive-prumerge+": {"mode": "prumerge+", "temporal": "adaptive", "temporal_threshold": 0.9},
+    "evs-0.6": {"temporal": "evs", "temporal_rate": 0.6},
+    "adaptive-prumerge+": {"mode": "prumerge+", "temporal": "adaptive", "temporal_threshold": 0.97},
 }
 
 
 @pytest.fixture(scope="module")
 def scene_videos(scenes):
-    """Two scenes A and B: a static video (A x 8), A alone, a cut (A x 4 then B x 4), the pair AB,
-    and a camera panning across a third scene."""
-    from vllm_prumerge.testing import make_video
-
-    a, b, size = scenes[1], scenes[6], (336, 336)
+    """Scenes A, B and C: a static video (A x 8), A alone, a cut (A x 4 then B x 4), the pair AB,
+    and AABBCA (repeats and changes)."""
+    a, b, c, size = scenes[1], scenes[6], scenes[3], (336, 336)
     return {
         "static": frames([a] * 8, size),
         "one": frames([a], size),
         "cut": frames([a] * 4 + [b] * 4, size),
         "pair": frames([a, b], size),
-        "panning": make_video(seed=3, frames=6, size=(384, 320)),
+        "repeats": frames([a, a, b, b, c, a], size),
     }
 
 
@@ -285,10 +283,13 @@ def test_temporal_videos_equal_the_transformers_pipeline(
     """Counts, greedy tokens and log-probabilities against transformers' towers with vLLM's own
     EVS function or a plain float64 loop for the mask (tests/hf_reference.py)."""
     option = TEMPORAL_SETTINGS[setting]
-    videos = [scene_videos["panning"], media["a"]]
+    videos = [scene_videos["repeats"], media["a"]]
     config = PruMergeConfig.from_dict(option)
     dropped = 0
-    for video in videos:  # no decision within float rounding of its boundary: a fair comparison
+    # No decision within float rounding of its boundary (the plugin's SDPA tower and
+    # transformers' eager one differ by ~1e-6): a fair comparison. (A slow pan on the tiny CLIP
+    # towers ties EVS's dissimilarities to ~1e-6, so the test videos are cuts and repeats.)
+    for video in videos:
         features = hf.video_patch_features(video)
         assert retention_margin(features, config) > 1e-4
         dropped += int((~reference_retention(features, config)).sum())
