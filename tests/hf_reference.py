@@ -19,7 +19,9 @@ crops, packing, placeholder counts, projector and the language model.
 
 Videos (LLaVA-OneVision, LLaVA-NeXT-Video): transformers' own video processor gives the
 frames; each frame is reduced by the same per-row path as an image (tower via hooks, then the core
-reduction), the frames' projected tokens are concatenated in time order; ``off`` uses
+reduction), the frames' projected tokens are concatenated in time order (with ``temporal``:
+the retained patches by :func:`reference_retention`, vLLM's own EVS function or a plain
+float64 loop, then each frame's retained patches through the core); ``off`` uses
 transformers' own ``get_video_features`` (OneVision: projector, 2x2 bilinear pooling, one
 newline; NeXT-Video: 2x2 average pooling, then projector). This reuses the plugin's reduction
 core (``reduce_tokens`` / ``reduce_by_importance``), which tests/test_reduction_reference.py pins
@@ -29,13 +31,87 @@ separately against the naive reference.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPVisionConfig
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from vllm_prumerge.config import PruMergeConfig
-from vllm_prumerge.reduction import reduce_by_importance, reduce_tokens
+from vllm_prumerge.reduction import class_attention, reduce_by_importance, reduce_tokens
+
+
+def reference_retention(features: torch.Tensor, config: PruMergeConfig) -> torch.Tensor:
+    """``[T, N]`` bool: the patches a video's temporal stage retains, by paths independent of the
+    plugin's (:mod:`vllm_prumerge.reduction.temporal`): ``evs`` is vLLM's own
+    ``compute_retention_mask`` (spatial merge 1 on the ``[T, N, C]`` patch features, float32);
+    ``adaptive`` a plain loop over frames in float64, ``x . a / (|x| |a|)`` to each position's
+    anchor (the last frame that kept it), dropped at ``>= temporal_threshold``."""
+    frames, patches, width = features.shape
+    if config.temporal == "evs":
+        from vllm.multimodal.video_prune.evs import compute_retention_mask
+
+        side = round(patches**0.5)
+        assert side * side == patches, patches
+        flat = features.float().reshape(frames * patches, width)
+        mask = compute_retention_mask(flat, (frames, side, side), 1, config.temporal_rate)
+        return mask.view(frames, patches)
+    assert config.temporal == "adaptive", config.temporal
+    x = features.double()
+    retained = torch.ones(frames, patches, dtype=torch.bool)
+    anchor = x[0].clone()
+    for t in range(1, frames):
+        dots = (x[t] * anchor).sum(-1)
+        cosine = dots / (x[t].norm(dim=-1) * anchor.norm(dim=-1))
+        kept = ~(cosine >= config.temporal_threshold)
+        retained[t] = kept
+        anchor[kept] = x[t][kept]
+    return retained
+
+
+def retention_margin(features: torch.Tensor, config: PruMergeConfig) -> float:
+    """How far a video's temporal decisions are from their boundary: ``adaptive``, the smallest
+    ``|cosine - threshold|`` of any patch against its anchor; ``evs``, the gap between the last
+    kept and the first dropped dissimilarity. Two towers that differ by float rounding (~1e-6)
+    take the same decisions when this is well above it."""
+    x = features.double()
+    if config.temporal == "adaptive":
+        margin, anchor = math.inf, x[0].clone()
+        for t in range(1, x.shape[0]):
+            cosine = (x[t] * anchor).sum(-1) / (x[t].norm(dim=-1) * anchor.norm(dim=-1))
+            margin = min(margin, float((cosine - config.temporal_threshold).abs().min()))
+            kept = ~(cosine >= config.temporal_threshold)
+            anchor[kept] = x[t][kept]
+        return margin
+    frames, patches, _ = x.shape
+    if frames == 1:
+        return math.inf
+    later = (1 - torch.nn.functional.cosine_similarity(x[1:], x[:-1], dim=-1)).flatten()
+    keep = max(patches, int(patches * frames * (1 - config.temporal_rate))) - patches
+    ranked = later.sort(descending=True).values
+    if keep == 0 or keep >= len(ranked):
+        return math.inf
+    return float(ranked[keep - 1] - ranked[keep])
+
+
+def reduce_video_reference(
+    features: torch.Tensor, importance: torch.Tensor, keys: torch.Tensor, config: PruMergeConfig
+) -> torch.Tensor:
+    """``[L, C]``: a video's frames with the temporal stage: :func:`reference_retention`, then
+    each frame's retained patches gathered and reduced by the core as if they were the whole
+    frame (no token for a frame that retained none), frames in time order."""
+    retained = reference_retention(features, config)
+    rows = []
+    for t in range(features.shape[0]):
+        index = retained[t].nonzero()[:, 0]
+        if len(index):
+            part = (
+                features[t : t + 1, index],
+                importance[t : t + 1, index],
+                keys[t : t + 1, index],
+            )
+            rows.append(reduce_by_importance(*part, config).features)
+    return torch.cat(rows) if rows else features.new_zeros((0, features.shape[-1]))
 
 
 class HFPruMergeLlava:
@@ -65,8 +141,11 @@ class HFPruMergeLlava:
         return min(index, n - 1)
 
     @torch.no_grad()
-    def _reduce_crops(self, pixel_values: torch.Tensor, config: PruMergeConfig) -> torch.Tensor:
-        """`[L, C]`: every row of `[K, 3, H, W]` reduced on its own, concatenated."""
+    def _reduce_crops(
+        self, pixel_values: torch.Tensor, config: PruMergeConfig, video: bool = False
+    ) -> torch.Tensor:
+        """`[L, C]`: every row of `[K, 3, H, W]` reduced on its own, concatenated; a `video`'s
+        frames with `config.temporal` go through :func:`reduce_video_reference` instead."""
         tower = self._tower()
         layer = tower.encoder.layers[self._scoring_layer_index()]
         captured = {}
@@ -81,6 +160,17 @@ class HFPruMergeLlava:
             for h in hooks:
                 h.remove()
         hidden = out.hidden_states[self.config.vision_feature_layer]
+        if video and config.enabled and config.temporal != "off":
+            if by_cls:
+                importance = class_attention(captured["q"][:, 0], captured["k"])
+            else:
+                probs = out.attentions[self._scoring_layer_index()]
+                received = probs.float().mean(dim=1).mean(dim=1)
+                importance = received[:, 1:] if self.has_cls else received
+            prefix = 1 if self.has_cls else 0
+            return reduce_video_reference(
+                hidden[:, prefix:], importance, captured["k"][:, prefix:], config
+            )
         if by_cls:
             reduced = reduce_tokens(hidden[:, 1:], captured["q"][:, 0], captured["k"], config)
         else:
@@ -134,8 +224,26 @@ class HFPruMergeLlava:
 
     @torch.no_grad()
     def frame_features(self, frames: torch.Tensor, config: PruMergeConfig) -> torch.Tensor:
-        """`[L, C]`: video frames `[T, 3, H, W]` through the tower, each reduced on its own."""
-        return self._reduce_crops(frames, config)
+        """`[L, C]`: video frames `[T, 3, H, W]` through the tower, each reduced on its own
+        (with `config.temporal`: on the patches it retained)."""
+        return self._reduce_crops(frames, config, video=True)
+
+    def crop_counts(self, image, config: PruMergeConfig) -> list[int]:
+        """Tokens of each crop (one view: one crop) of one PIL image, each reduced alone."""
+        return [len(self._reduce_crops(crop[None], config)) for crop in self._crops(image)[0]]
+
+    def frame_counts(self, video, config: PruMergeConfig) -> list[int]:
+        """Tokens of each frame of one video, each reduced alone (no temporal stage)."""
+        return [len(self.frame_features(f[None], config)) for f in self.video_frames(video)]
+
+    @torch.no_grad()
+    def video_patch_features(self, video) -> torch.Tensor:
+        """`[T, N, C]`: the tower's patch features (``hidden_states[vision_feature_layer]``, CLS
+        row dropped) of one `[T, H, W, 3]` uint8 video's frames: what the temporal stage
+        compares."""
+        out = self._tower()(self.video_frames(video), output_hidden_states=True)
+        hidden = out.hidden_states[self.config.vision_feature_layer]
+        return hidden[:, 1:] if self.has_cls else hidden
 
     def video_frames(self, video) -> torch.Tensor:
         """`[T, 3, H, W]`: transformers' video processor on one `[T, H, W, 3]` uint8 video."""
@@ -216,14 +324,24 @@ class HFPruMergeVideoLlava(HFPruMergeLlava):
             self._active = previous
 
     def _crops(self, image):
-        processed = self.processor.image_processor([image], return_tensors="pt")
+        # A PIL image is channels-last; stated, since this (numpy) image processor otherwise
+        # guesses the channel axis from the shape, wrongly for a 1x1 image.
+        processed = self.processor.image_processor(
+            [image], input_data_format="channels_last", return_tensors="pt"
+        )
         return processed["pixel_values_images"], None
 
     @torch.no_grad()
     def frame_features(self, frames: torch.Tensor, config: PruMergeConfig) -> torch.Tensor:
-        """`[L, C]`: the video tower's frames `[T, 3, H, W]`, each reduced on its own."""
+        """`[L, C]`: the video tower's frames `[T, 3, H, W]`, each reduced on its own (with
+        `config.temporal`: on the patches it retained)."""
         with self._using(self.model.model.video_tower):
-            return self._reduce_crops(frames, config)
+            return self._reduce_crops(frames, config, video=True)
+
+    @torch.no_grad()
+    def video_patch_features(self, video) -> torch.Tensor:
+        with self._using(self.model.model.video_tower):
+            return super().video_patch_features(video)
 
     @torch.no_grad()
     def image_embeds(self, image, config: PruMergeConfig) -> torch.Tensor:

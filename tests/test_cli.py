@@ -77,6 +77,21 @@ def test_prumerge_options_reach_the_engine_config(serve_parser, model):
     assert config.image_seq_length == 576  # the user's own overrides survive
 
 
+def test_the_temporal_and_ceiling_flags_reach_the_engine_config(serve_parser, model):
+    argv = [
+        *["--plugin", "prumerge", "--prumerge-temporal", "adaptive"],
+        *["--prumerge-temporal-threshold", "0.8", "--prumerge-temporal-rate", "0.5"],
+        *["--prumerge-max-tokens", "64"],
+    ]
+    options = _hf_config(model, _engine_args(serve_parser, model, argv)).prumerge
+    assert (
+        options["temporal"],
+        options["temporal_threshold"],
+        options["temporal_rate"],
+        options["max_tokens"],
+    ) == ("adaptive", 0.8, 0.5, 64)
+
+
 def test_the_tower_dtype_flag_reaches_the_engine_config_outside_the_reduction_options(
     serve_parser, model
 ):
@@ -146,6 +161,12 @@ def test_engine_kwargs_overrides_pickle_and_pick_the_family(tmp_path):
         (["--plugin", "prumerge", "--prumerge-k-neighbors", "many"], "k_neighbors"),
         (["--plugin", "prumerge", "--prumerge-mode", "fixed"], "budget"),
         (["--plugin", "other"], "invalid choice"),
+        (["--plugin", "prumerge", "--prumerge-temporal", "sometimes"], "temporal"),
+        (
+            ["--plugin", "prumerge", "--prumerge-mode", "off", "--prumerge-temporal", "evs"],
+            "temporal",
+        ),
+        (["--plugin", "prumerge", "--prumerge-max-tokens", "0"], "max_tokens"),
         (["--prumerge-tower-dtype", "float32"], "need(s) --plugin prumerge"),
         (["--plugin", "prumerge", "--prumerge-tower-dtype", "int8"], "tower_dtype"),
         (["--prumerge-tower-threads", "2"], "need(s) --plugin prumerge"),
@@ -182,6 +203,10 @@ def test_vllm_serve_help_documents_the_plugin_options():
         "--prumerge-budget-ratio",
         "--prumerge-spatial-samples",
         "--prumerge-importance",
+        "--prumerge-max-tokens",
+        "--prumerge-temporal",
+        "--prumerge-temporal-rate",
+        "--prumerge-temporal-threshold",
         "--prumerge-tower-dtype",
         "--prumerge-tower-threads",
     ):

@@ -201,8 +201,7 @@ def test_prefix_cache_hits_give_identical_results_and_respect_the_mode(plugin_ll
     )
 
 
-# Video-LLaVA: transformers' image processor guesses the channel axis of a 1x1 image wrongly.
-@pytest.mark.parametrize("family", VLLM_STOCK_FAMILIES, indirect=True)
+# Video-LLaVA included: its image processor is told the channel layout of a 1x1 image.
 def test_odd_images_get_correct_results(plugin_llm, hf):
     images = [
         Image.new("RGB", (1, 1), (200, 30, 30)),

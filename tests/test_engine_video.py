@@ -8,9 +8,15 @@ model). Reduced videos must give the same greedy tokens (log-probabilities withi
 and the same count per image and per video as an independent transformers pipeline that reduces
 each frame on its own (tests/hf_reference.py, which reuses the plugin's reduction core, pinned
 separately against the naive reference); `off` must equal stock token for token.
+
+Across time (option `temporal`) and under the `max_tokens` ceiling, per request on the same
+engines: the same pipeline with the temporal mask by vLLM's own EVS function or a plain float64
+loop (tests/hf_reference.py); a static clip must cost its one frame and a cut its two scenes.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -25,6 +31,7 @@ from tests.helpers import (
     tokens_and_logprobs,
     visual_runs,
 )
+from tests.hf_reference import reference_retention, retention_margin
 from vllm_prumerge.config import PruMergeConfig
 
 pytestmark = pytest.mark.engine
@@ -238,3 +245,140 @@ def test_the_encoder_loads_each_tower_and_gives_transformers_hidden_states_with_
     patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     assert [r.shape for r in rows] == [(patches + 1, config.vision_config.hidden_size)] * 3
     torch.testing.assert_close(torch.stack(rows), expected, atol=1e-4, rtol=1e-4)
+
+
+# --- Across time: the temporal stage; the max_tokens ceiling ----------------------------------
+# One engine per family serves every setting (per request, `mm_processor_kwargs`).
+
+TEMPORAL_SETTINGS = {
+    "adaptive": {"temporal": "adaptive"},
+    "evs-0.6-prumerge+": {"mode": "prumerge+", "temporal": "evs", "temporal_rate": 0.6},
+}
+
+
+@pytest.fixture(scope="module")
+def scene_videos(scenes):
+    """Scenes A, B and C: a static video (A x 8), A alone, a cut (A x 4 then B x 4), the pair AB,
+    and AABBCA (repeats and changes)."""
+    a, b, c, size = scenes[1], scenes[6], scenes[3], (336, 336)
+    return {
+        "static": frames([a] * 8, size),
+        "one": frames([a], size),
+        "cut": frames([a] * 4 + [b] * 4, size),
+        "pair": frames([a, b], size),
+        "repeats": frames([a, a, b, b, c, a], size),
+    }
+
+
+def _video_request(video, option=None) -> dict:
+    extra = {} if option is None else {"mm_processor_kwargs": {"prumerge": option}}
+    return {"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": video}, **extra}
+
+
+@pytest.mark.parametrize("setting", list(TEMPORAL_SETTINGS))
+def test_temporal_videos_equal_the_transformers_pipeline(
+    plugin_llm, hf, family, media, scene_videos, setting
+):
+    """Counts, greedy tokens and log-probabilities against transformers' towers with vLLM's own
+    EVS function or a plain float64 loop for the mask (tests/hf_reference.py)."""
+    option = TEMPORAL_SETTINGS[setting]
+    videos = [scene_videos["repeats"]]
+    config = PruMergeConfig.from_dict(option)
+    dropped = 0
+    # No decision within float rounding of its boundary (the plugin's SDPA tower and
+    # transformers' eager one differ by ~1e-6): a fair comparison. (A slow pan on the tiny CLIP
+    # towers ties EVS's dissimilarities to ~1e-6, so the test videos are cuts and repeats.)
+    for video in videos:
+        features = hf.video_patch_features(video)
+        assert retention_margin(features, config) > 1e-4
+        dropped += int((~reference_retention(features, config)).sum())
+    assert dropped > 0  # the stage dropped patches: the comparison is not per-frame again
+    outputs = plugin_llm.generate([_video_request(v, option) for v in videos], _sampling())
+    for out, video in zip(outputs, videos, strict=True):
+        ref_tokens, ref_logprobs, ref_counts = hf.generate(
+            VIDEO_PROMPT, [], [], MAX_TOKENS, videos=[(video, config)]
+        )
+        assert [_video_count(out, hf)] == ref_counts
+        tokens, logprobs = tokens_and_logprobs(out)
+        assert tokens == ref_tokens
+        assert logprobs == pytest.approx(ref_logprobs, abs=LOGPROB_ATOL)
+
+
+def test_a_static_video_costs_one_frame_and_a_cut_its_two_scenes(
+    plugin_llm, hf, family, scene_videos
+):
+    """8 identical frames with `adaptive` = the one frame; AAAABBBB with `adaptive`, and with
+    `evs` at 0.75 (2 of 8 frames' patches: A's first and B's first) = the 2-frame video AB
+    without the temporal stage; by placeholder counts and greedy tokens."""
+    pair = hf.video_patch_features(scene_videos["pair"])
+    threshold = PruMergeConfig(temporal="adaptive").temporal_threshold
+    similarity = torch.nn.functional.cosine_similarity(pair[0], pair[1], dim=-1)
+    assert similarity.max() < threshold  # a cut: no patch of B within the threshold of A's
+    adaptive, evs = {"temporal": "adaptive"}, {"temporal": "evs", "temporal_rate": 0.75}
+    v = scene_videos
+    requests = [
+        _video_request(v["static"], adaptive),
+        _video_request(v["one"]),
+        _video_request(v["cut"], adaptive),
+        _video_request(v["cut"], evs),
+        _video_request(v["pair"]),
+    ]
+    outputs = plugin_llm.generate(requests, _sampling())
+    counts = [_video_count(o, hf) for o in outputs]
+    tokens = [tokens_and_logprobs(o)[0] for o in outputs]
+    assert counts[0] == counts[1] == sum(hf.frame_counts(v["one"], PruMergeConfig()))
+    assert counts[2] == counts[3] == counts[4] == sum(hf.frame_counts(v["pair"], PruMergeConfig()))
+    assert tokens[0] == tokens[1]
+    assert tokens[2] == tokens[3] == tokens[4]
+
+
+def test_max_tokens_caps_every_image_crop_and_frame(plugin_llm, hf, family, media):
+    """Each image, crop and frame keeps min(its kept patches, the ceiling) plus its extra token:
+    counted from transformers' uncapped per-crop and per-frame counts; the greedy tokens of one
+    request as the pipeline's own capped reduction."""
+    cap = 3
+    requests = _requests(family, media, {"max_tokens": cap})
+    outputs = plugin_llm.generate([r[0] for r in requests], _sampling())
+    uncapped, capped = PruMergeConfig(), PruMergeConfig(max_tokens=cap)
+    counts = {}  # per item, uncapped per crop or frame (the module's media repeat)
+
+    def uncapped_counts(item, image: bool) -> list[int]:
+        if id(item) not in counts:
+            count = hf.crop_counts if image else hf.frame_counts
+            counts[id(item)] = count(item, uncapped)
+        return counts[id(item)]
+
+    lowered = 0
+    for out, (_, prompt, images, videos) in zip(outputs, requests, strict=True):
+        per_item = [uncapped_counts(im, True) for im in images]
+        per_item += [uncapped_counts(v, False) for v in videos]  # images first in prompts
+        expected = [sum(min(n - 1, cap) + 1 for n in counts) for counts in per_item]
+        assert visual_runs(out, {hf.image_token, hf.video_token}) == expected, prompt
+        lowered += sum(map(sum, per_item)) - sum(expected)
+    assert lowered > 0  # the ceiling was below some item's count
+    # The tokens of the image-and-video request (a video alone on NeXT-Video), as the pipeline's.
+    index = 0 if family == "next_video" else 2
+    _, prompt, images, videos = requests[index]
+    ref_tokens, _, _ = hf.generate(
+        prompt, images, [capped] * len(images), MAX_TOKENS, videos=[(v, capped) for v in videos]
+    )
+    assert tokens_and_logprobs(outputs[index])[0] == ref_tokens
+
+
+def test_an_engine_ceiling_shrinks_the_bounds_vllm_profiles_with(checkpoint, family):
+    """`max_tokens` at engine level: every frame, image and crop bound is `max_tokens + 1` (no
+    stock count: requests may not switch to `off`); without it, every patch kept, or stock."""
+    from tests.helpers import vllm_processor
+
+    cap, seq_len = 8, 4096
+    info = vllm_processor(checkpoint, max_tokens=cap)[0].info
+    counts = dict.fromkeys(info.get_supported_mm_limits(), 1)
+    bounds = info.get_mm_max_tokens_per_item(seq_len, counts)
+    assert info.get_max_frame_tokens() == cap + 1
+    assert bounds["video"] == math.ceil(seq_len / (cap + 1)) * (cap + 1)
+    if family == "video_llava":
+        assert bounds["image"] == cap + 1
+    if family == "onevision":
+        assert bounds["image"] == info.get_max_crops() * (cap + 1)
+    patches = info.get_patches_per_crop()
+    assert patches + 1 > cap + 1  # the ceiling is below the uncapped bound: it shrank

@@ -11,8 +11,9 @@ figures.
   is answered with HTTP 400 and the server keeps serving; `/metrics` counts one observation per
   image valued at its whole count, in a finite bucket, aggregated over both processes.
 - Video-LLaVA (images and videos; stock vLLM 0.32 cannot serve it): a real MP4 `video_url`
-  costs the chat text plus its decoded frames' counts and one per-video histogram observation; a
-  corrupt or empty video is a 400 and the server keeps serving.
+  costs the chat text plus its decoded frames' counts and one per-video histogram observation,
+  per frame and across time (`temporal`, `max_tokens` per request); a corrupt or empty video is
+  a 400 and the server keeps serving; a 1x1 image is served at its count.
 
 The other families' counts are pinned offline against the same pipeline (test_engine.py,
 test_engine_video.py): their servers would add nothing the engine tests do not check. Every served
@@ -33,7 +34,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import chat_text_tokens, frames
-from tests.hf_reference import HFPruMergeLlava, HFPruMergeVideoLlava
+from tests.hf_reference import HFPruMergeLlava, HFPruMergeVideoLlava, retention_margin
 from vllm_prumerge.config import PruMergeConfig
 from vllm_prumerge.testing.media import decode_mp4, encode_mp4, image_data_url, video_data_url
 from vllm_prumerge.testing.prometheus import fetch_metrics, histogram_buckets, metric_total
@@ -399,6 +400,56 @@ def test_a_corrupt_or_empty_video_gets_http_400_and_the_server_keeps_serving(
     expected = len(video_hf.video_embeds(decode_mp4(mp4), PruMergeConfig()))
     assert reply.usage.prompt_tokens == _video_text_tokens(video_hf) + expected
     image = scenes[5].resize((500, 400))
+    client, model = video_client
+    reply = _chat(client, model, [image_data_url(image)])
+    text = chat_text_tokens(video_hf.processor.tokenizer, video_hf.image_token, QUESTION, 1)
+    assert reply.usage.prompt_tokens == text + len(video_hf.image_embeds(image, PruMergeConfig()))
+
+
+@pytest.fixture(scope="module")
+def cut_mp4(scenes) -> bytes:
+    """A real eight-frame MP4 of a scene cut: scene A four times, then scene B four times."""
+    return encode_mp4(frames([scenes[1]] * 4 + [scenes[6]] * 4, (320, 240)))
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"temporal": "adaptive"},
+        {"temporal": "evs", "temporal_rate": 0.75},
+        {"mode": "prumerge+", "temporal": "adaptive", "max_tokens": 2},
+    ],
+    ids=["adaptive", "evs-0.75", "prumerge+-adaptive-max-2"],
+)
+def test_a_video_url_across_time_costs_its_independent_count(
+    video_server, video_client, video_hf, cut_mp4, option
+):
+    """With the temporal stage (and the ceiling), per request: `usage.prompt_tokens` and the
+    per-video histogram as transformers' video tower with vLLM's own EVS function or a plain
+    float64 loop for the mask (tests/hf_reference.py), on the decoded frames; fewer tokens than
+    each frame reduced alone."""
+    config = PruMergeConfig.from_dict(option)
+    decoded = decode_mp4(cut_mp4)
+    # No decision within float rounding of its boundary: the two towers take the same ones.
+    assert retention_margin(video_hf.video_patch_features(decoded), config) > 1e-4
+    expected = len(video_hf.video_embeds(decoded, config))
+    per_frame = len(video_hf.video_embeds(decoded, PruMergeConfig(mode=config.mode)))
+    before = fetch_metrics(video_server[0])
+    reply = _chat_video(video_client, cut_mp4, option)
+    after = fetch_metrics(video_server[0])
+    assert reply.usage.prompt_tokens == _video_text_tokens(video_hf) + expected
+    assert expected < per_frame
+    delta = [
+        metric_total(after, VIDEO_METRIC + suffix, mode=config.mode)
+        - metric_total(before, VIDEO_METRIC + suffix, mode=config.mode)
+        for suffix in ("_count", "_sum")
+    ]
+    assert delta == [1, expected]
+
+
+def test_video_llava_serves_a_1x1_image_at_its_independent_count(video_client, video_hf):
+    """Its image processor used to read a (1, 1, 3) image as channels-first and fail (HTTP 400)."""
+    image = Image.new("RGB", (1, 1), (255, 0, 0))
     client, model = video_client
     reply = _chat(client, model, [image_data_url(image)])
     text = chat_text_tokens(video_hf.processor.tokenizer, video_hf.image_token, QUESTION, 1)

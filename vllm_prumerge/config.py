@@ -7,12 +7,28 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["IMPORTANCES", "MERGE_WEIGHTINGS", "MODES", "ORDERS", "PruMergeConfig"]
+__all__ = [
+    "DEFAULT_TEMPORAL_RATE",
+    "DEFAULT_TEMPORAL_THRESHOLD",
+    "IMPORTANCES",
+    "MERGE_WEIGHTINGS",
+    "MODES",
+    "ORDERS",
+    "TEMPORALS",
+    "PruMergeConfig",
+]
 
 MODES = ("prumerge", "prumerge+", "fixed", "off")
 MERGE_WEIGHTINGS = ("reference", "normalized")
 ORDERS = ("reference", "raster")
 IMPORTANCES = ("auto", "cls", "received")
+TEMPORALS = ("off", "evs", "adaptive")
+# `evs`: the share of a video's patches dropped (the first frame is always whole).
+DEFAULT_TEMPORAL_RATE = 0.75
+# `adaptive`: the cosine similarity to a patch's anchor at and above which it is dropped: the
+# lowest threshold of the sweep in docs/notes/temporal-threshold.md at which no tower drops a
+# patch of a new scene.
+DEFAULT_TEMPORAL_THRESHOLD = 0.95
 
 _MODE_ALIASES = {
     "prumerge": "prumerge",
@@ -113,6 +129,37 @@ class PruMergeConfig:
         CLS-free towers such as SigLIP; on CLIP an ablation, CLS included among the queries
         and keys, its column dropped). ``"auto"``: ``"cls"`` when the tower has a CLS token,
         else ``"received"``. Asking for ``"cls"`` on a tower without CLS is an error.
+    max_tokens (int >= 1 or None, default None)
+        A ceiling per image, crop or frame: at most ``max_tokens`` kept patches (the extra token
+        comes on top), the highest-importance ones first. It applies last, after the IQR fence,
+        the ``min_tokens`` safeguard, the fixed budget and the spatial samples: when more are
+        kept, the attention-selected patches (highest importance first) fill the ceiling before
+        any spatial sample, which then enter by importance too; the rest is pruned (merged as
+        any pruned patch). Set at engine level it is also the bound vLLM profiles memory with
+        (``max_tokens + 1`` tokens per image, crop or frame instead of ``N + 1``), so a request
+        may lower it but not raise or remove it, nor switch to ``off``. Not allowed in mode
+        ``"off"`` (stock), nor below ``min_tokens`` or ``budget``.
+    temporal (str, default ``"off"``)
+        Videos only: which patches of each frame the reduction sees. ``"off"``: every patch,
+        each frame reduced on its own. ``"evs"``: vLLM's Efficient Video Sampling criterion
+        (``compute_retention_mask`` with spatial merge 1 on the tower's patch features): every
+        patch of frame ``t >= 2`` is ranked by ``1 - cosine`` to the same patch of frame
+        ``t - 1``, the first frame is kept whole and the most changed patches fill
+        ``max(N, int(T * N * (1 - temporal_rate)))`` slots of the video's ``T * N``.
+        ``"adaptive"``: a patch of frame ``t >= 2`` is dropped when the cosine similarity of its
+        feature to the same patch of its anchor (the last frame in which that position was kept)
+        is at least ``temporal_threshold``; the first frame is whole. Then each frame's mode
+        runs on its retained patches only (importance, IQR fence, PruMerge+ samples and merge
+        among them; its extra token when it retained any); a frame that retained none costs 0
+        tokens. Images and crops are unaffected. Not allowed in mode ``"off"`` (stock video).
+    temporal_rate (float in [0, 1), default 0.75)
+        ``evs`` only: the share of the video's patches dropped (vLLM's ``q``,
+        ``--video-pruning-rate``). Ignored by the other ``temporal`` settings.
+    temporal_threshold (float in [0, 1), default 0.95)
+        ``adaptive`` only: the cosine similarity (float32, of the tower's patch features) at
+        and above which a patch counts as unchanged. Higher keeps more. 1 is excluded: the
+        cosine of two identical features rounds to either side of 1. Ignored by the other
+        ``temporal`` settings.
 
     One more option is set with these but is not a field of this class, because it belongs to the
     machine the front end runs on, not to a request:
@@ -138,6 +185,10 @@ class PruMergeConfig:
     budget_ratio: float | None = None
     spatial_samples: bool = False
     importance: str = "auto"
+    max_tokens: int | None = None
+    temporal: str = "off"
+    temporal_rate: float = DEFAULT_TEMPORAL_RATE
+    temporal_threshold: float = DEFAULT_TEMPORAL_THRESHOLD
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # the dataclass is frozen; normalise in place once, here
@@ -169,6 +220,7 @@ class PruMergeConfig:
             ("merge_weighting", MERGE_WEIGHTINGS),
             ("order", ORDERS),
             ("importance", IMPORTANCES),
+            ("temporal", TEMPORALS),
         ):
             value = getattr(self, name)
             if not isinstance(value, str) or value.strip().lower() not in allowed:
@@ -195,6 +247,43 @@ class PruMergeConfig:
             raise ValueError(
                 f"PruMergeConfig.spatial_samples must be a bool, got {self.spatial_samples!r}"
             )
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(
+                "PruMergeConfig.max_tokens must be an integer >= 1 or None, "
+                f"got {self.max_tokens!r}"
+            )
+        rate = self.temporal_rate
+        if not _is_real(rate) or not math.isfinite(rate) or not 0 <= rate < 1:
+            raise ValueError(
+                f"PruMergeConfig.temporal_rate must be a number in [0, 1), got {rate!r}"
+            )
+        set_(self, "temporal_rate", float(rate))
+        threshold = self.temporal_threshold
+        if not _is_real(threshold) or not math.isfinite(threshold) or not 0 <= threshold < 1:
+            raise ValueError(
+                f"PruMergeConfig.temporal_threshold must be a number in [0, 1), got {threshold!r}"
+            )
+        set_(self, "temporal_threshold", float(threshold))
+
+        if self.mode == "off":
+            if self.temporal != "off":
+                raise ValueError(
+                    f"PruMergeConfig.temporal {self.temporal!r} needs a reducing mode: mode "
+                    "'off' is the family's stock path, where temporal reduction does not apply"
+                )
+            if self.max_tokens is not None:
+                raise ValueError(
+                    f"PruMergeConfig.max_tokens ({self.max_tokens}) needs a reducing mode: mode "
+                    "'off' is the family's stock count"
+                )
+        if self.max_tokens is not None:
+            for name in ("min_tokens", "budget"):
+                value = getattr(self, name)
+                if value is not None and value > self.max_tokens:
+                    raise ValueError(
+                        f"PruMergeConfig.{name} ({value}) is above max_tokens ({self.max_tokens}), "
+                        "the ceiling on kept patches"
+                    )
 
         if self.mode == "fixed":
             if (self.budget is None) == (self.budget_ratio is None):
@@ -246,8 +335,8 @@ class PruMergeConfig:
         Unknown keys are rejected with their names. Strings are coerced the obvious way, so CLI
         and environment values work: ``"32"`` -> 32, ``"1.5"`` -> 1.5, ``"true"``/``"false"``
         (also ``yes/no/on/off/1/0``) -> bool, ``"none"``/``"null"``/``""`` -> None for
-        ``budget`` and ``budget_ratio``. Values that do not coerce raise ``ValueError`` naming
-        the field.
+        ``budget``, ``budget_ratio`` and ``max_tokens``. Values that do not coerce raise
+        ``ValueError`` naming the field.
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"PruMergeConfig.from_dict expects a mapping, got {type(data)!r}")
@@ -266,14 +355,14 @@ def _coerce(name: str, value: Any) -> Any:
     if not isinstance(value, str):
         return value
     text = value.strip()
-    if name in ("budget", "budget_ratio") and text.lower() in _NONE_WORDS:
+    if name in ("budget", "budget_ratio", "max_tokens") and text.lower() in _NONE_WORDS:
         return None
-    if name in ("k_neighbors", "min_tokens", "budget"):
+    if name in ("k_neighbors", "min_tokens", "budget", "max_tokens"):
         try:
             return int(text)
         except ValueError:
             raise ValueError(f"PruMergeConfig.{name} must be an integer, got {value!r}") from None
-    if name in ("iqr_multiplier", "budget_ratio"):
+    if name in ("iqr_multiplier", "budget_ratio", "temporal_rate", "temporal_threshold"):
         try:
             return float(text)
         except ValueError:

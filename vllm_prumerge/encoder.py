@@ -34,7 +34,7 @@ from transformers import (
 from vllm_prumerge.config import PruMergeConfig
 from vllm_prumerge.hub_layout import VISION_TOWER
 from vllm_prumerge.hub_layout import strip_tower_prefix as _strip_tower_prefix
-from vllm_prumerge.reduction import ReducedTokens, reduce_by_importance
+from vllm_prumerge.reduction import ReducedTokens, reduce_by_importance, reduce_frames
 from vllm_prumerge.vision import num_patches, resolve_vision_feature_layer, tower_scores
 
 T = TypeVar("T")
@@ -301,6 +301,30 @@ class PruMergeEncoder:
         return EncodedImages(features, reduced, seconds)
 
     @torch.inference_mode()
+    def encode_frames(self, pixel_values: torch.Tensor, config: PruMergeConfig) -> EncodedImages:
+        """Reduce a video's preprocessed frames `[T, 3, H, W]` with `config`, frames in time order.
+
+        `config.temporal` ``"off"`` (or mode ``"off"``): :meth:`encode`, each frame on its own.
+        Otherwise every frame goes through the tower alone (as in :meth:`encode`), then the
+        temporal stage and each frame's reduction on its retained patches
+        (:func:`vllm_prumerge.reduction.reduce_frames`): `features` has one `[L_t, C]` tensor per
+        frame, `L_t = 0` for a frame that retained no patch.
+        """
+        if not config.enabled or config.temporal == "off":
+            return self.encode(pixel_values, config)
+
+        def score(tower: nn.Module, row: torch.Tensor):
+            return tower_scores(tower, row, self.vision_feature_layer, config.importance)
+
+        def collect(rows: list) -> tuple[ReducedTokens, list[torch.Tensor]]:
+            features, importance, keys = (torch.cat(parts) for parts in zip(*rows, strict=True))
+            reduced = reduce_frames(features, importance, keys, config)
+            return reduced, [f.to("cpu") for f in reduced.split()]
+
+        (reduced, features), seconds = self._per_row(pixel_values, score, collect)
+        return EncodedImages(features, reduced, seconds)
+
+    @torch.inference_mode()
     def hidden_states(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], float]:
         """``hidden_states[vision_feature_layer]`` of each row of `[B, 3, H, W]` with no token
         selection (CLIP: the CLS row kept, ``[N + 1, C]``), a forward of batch 1 per row as in
@@ -322,14 +346,15 @@ class PruMergeEncoder:
         run: Callable[[nn.Module, torch.Tensor], T],
         collect: Callable[[list[T]], R],
     ) -> tuple[R, float]:
-        """`run(tower, row)` for each `[1, 3, H, W]` row with this encoder's thread count, then
-        `collect` of the results in row order (results on the CPU: the timing waits for the
-        device); and the seconds of both (the tower is loaded before timing)."""
+        """`run(tower, row)` for each `[1, 3, H, W]` row, then `collect` of the results in row
+        order, both with this encoder's thread count (`collect` may reduce: a video's temporal
+        stage needs every frame); results on the CPU (the timing waits for the device); and the
+        seconds of both (the tower is loaded before timing)."""
         tower = self.tower
         start = time.perf_counter()
         with self._threads():
             results = [run(tower, row) for row in pixel_values.split(1)]
-        collected = collect(results)
+            collected = collect(results)
         return collected, time.perf_counter() - start
 
     @contextlib.contextmanager

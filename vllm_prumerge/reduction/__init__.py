@@ -9,6 +9,9 @@ Small pure functions, batched and vectorised, composed by :func:`reduce_tokens`:
 - :func:`merge_kept_tokens` (``merge.py``): key-similarity merge and the extra token.
 - :func:`reduce_by_importance` (``core.py``): selection + merge from any importance scores,
   packed into :class:`ReducedTokens`; :func:`reduce_tokens`: the reference's CLS-attention entry.
+- :func:`reduce_frames` (``temporal.py``): a video's frames, with the temporal masks
+  (:func:`evs_retention_mask`, :func:`adaptive_retention_mask`) applied before each frame's
+  reduction.
 """
 
 from vllm_prumerge.reduction.attention import class_attention, received_attention
@@ -22,19 +25,33 @@ from vllm_prumerge.reduction.selection import (
     select_tokens,
     spatial_sample_mask,
 )
+from vllm_prumerge.reduction.temporal import (
+    adaptive_retention_mask,
+    evs_retained_count,
+    evs_retention_mask,
+    reduce_frames,
+    reduce_retained,
+    retention_mask,
+)
 
 __all__ = [
     "MergeResult",
     "ReducedTokens",
     "Selection",
+    "adaptive_retention_mask",
     "attention_order",
     "class_attention",
+    "evs_retained_count",
+    "evs_retention_mask",
     "iqr_upper_fence",
     "merge_kept_tokens",
     "received_attention",
     "reduce_by_importance",
+    "reduce_frames",
+    "reduce_retained",
     "reduce_tokens",
     "reference_count",
+    "retention_mask",
     "select_tokens",
     "spatial_sample_mask",
 ]

@@ -29,7 +29,9 @@ class ReducedTokens:
 
     Attributes:
         features: ``[T, C]`` in the input features' dtype, ``T = sum(lengths)``.
-        lengths: ``[B]`` int64, tokens per image: ``num_kept + 1`` (``N`` in mode ``"off"``).
+        lengths: ``[B]`` int64, tokens per image: ``num_kept + 1`` (``N`` in mode ``"off"``;
+            0 for a video frame that retained no patch, see
+            :func:`~vllm_prumerge.reduction.reduce_frames`).
         kept_indices: ``[sum(num_kept)]`` int64, packed per image: the patch index (``0..N-1``,
             row-major) behind each kept output token, in output order.
         num_kept: ``[B]`` int64, kept patches per image (attention-selected + spatial samples).
@@ -46,7 +48,8 @@ class ReducedTokens:
             (``0..lengths[b]-1``) of the token that absorbed it most strongly: a kept patch its
             own position; a pruned patch the kept token that picked it as a neighbour with the
             highest key cosine similarity, or the extra token (position ``num_kept[b]``) when
-            none picked it. Identity in mode ``"off"``.
+            none picked it. Identity in mode ``"off"``; -1 at a video frame's patches dropped
+            by the temporal stage (:func:`~vllm_prumerge.reduction.reduce_frames`).
         host_lengths: ``lengths`` as Python ints (already on the host; no further sync).
         host_num_kept: ``num_kept`` as Python ints.
     """

@@ -14,6 +14,7 @@ from vllm_prumerge.config import PruMergeConfig
 __all__ = [
     "Selection",
     "attention_order",
+    "cap_kept",
     "iqr_upper_fence",
     "reference_count",
     "select_tokens",
@@ -136,6 +137,31 @@ def spatial_sample_mask(num_selected: torch.Tensor, n_patches: int) -> torch.Ten
     return (index % stride.unsqueeze(-1) == 0) & (index < n_patches - 1)
 
 
+def cap_kept(
+    by_attention: torch.Tensor,
+    samples: torch.Tensor,
+    order_by_attention: torch.Tensor,
+    max_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``max_tokens`` ceiling: of the kept patches, only the ``max_tokens`` of highest
+    importance stay (ties: lower patch index first, the order of :func:`attention_order`).
+
+    Args:
+        by_attention: ``[B, N]`` bool, patches kept for their importance.
+        samples: ``[B, N]`` bool, spatial samples not among them.
+        order_by_attention: ``[B, N]`` int64, patch indices by descending importance.
+        max_tokens: the ceiling (>= 1).
+
+    Returns:
+        ``(by_attention, samples)`` restricted to the ceiling.
+    """
+    kept = by_attention | samples
+    kept_by_rank = kept.gather(1, order_by_attention)
+    within = kept_by_rank & (torch.cumsum(kept_by_rank.to(torch.int64), dim=-1) <= max_tokens)
+    capped = torch.zeros_like(kept).scatter_(1, order_by_attention, within)
+    return by_attention & capped, samples & capped
+
+
 def select_tokens(attention: torch.Tensor, config: PruMergeConfig) -> Selection:
     """Choose the kept patches of every image and their output order.
 
@@ -145,7 +171,9 @@ def select_tokens(attention: torch.Tensor, config: PruMergeConfig) -> Selection:
     ``min_tokens`` patches by attention instead. ``fixed``: the top ``budget`` (or
     ``int(N * budget_ratio)``) patches, at least ``min_tokens``. All counts are clipped to N.
     Then ``prumerge+`` (and ``fixed`` with ``spatial_samples``) add the spatial samples of
-    :func:`spatial_sample_mask`, minus those already kept. As in the reference, the stride comes
+    :func:`spatial_sample_mask`, minus those already kept. Last, ``config.max_tokens`` caps the
+    kept patches to the highest-importance ones (:func:`cap_kept`); ``num_outliers`` then counts
+    the attention-selected patches left. As in the reference, the stride comes
     from the raw outlier count (before the ``int(N * (n / N))`` round trip), or from
     ``min_tokens`` when the safeguard applies, or from the budget in ``fixed`` mode.
 
@@ -190,6 +218,12 @@ def select_tokens(attention: torch.Tensor, config: PruMergeConfig) -> Selection:
     else:
         samples = torch.zeros_like(by_attention)
     kept = by_attention | samples
+    if config.max_tokens is not None:
+        by_attention, samples = cap_kept(
+            by_attention, samples, order_by_attention, config.max_tokens
+        )
+        kept = by_attention | samples
+        selected = by_attention.sum(-1)
 
     index = torch.arange(n_patches, device=device).expand(batch, n_patches)
     if config.order == "raster":

@@ -215,6 +215,20 @@ class PruMergeProcessingInfoMixin:
         """Tower patches of one image or crop (576 for CLIP-L/14-336, 729 for SigLIP 384/14)."""
         return num_patches(self.get_hf_config().vision_config)
 
+    def get_max_crop_tokens(self) -> int:
+        """A reduced image's, crop's or frame's worst case: every patch kept, or at most the
+        engine's ``max_tokens``, plus its extra token (577 for CLIP-L/14-336 without a ceiling)."""
+        patches = self.get_patches_per_crop()
+        ceiling = self.engine_config.max_tokens
+        return (patches if ceiling is None else min(patches, ceiling)) + 1
+
+    @property
+    def stock_reachable(self) -> bool:
+        """Whether an item may take the family's stock count (mode ``off``): not under an
+        engine-level ``max_tokens`` ceiling, which requests may not lift (see
+        :func:`~vllm_prumerge.serving.options.request_config`)."""
+        return self.engine_config.max_tokens is None
+
     def get_mm_max_tokens_per_item(
         self, seq_len: int, mm_counts: Mapping[str, int]
     ) -> Mapping[str, int]:

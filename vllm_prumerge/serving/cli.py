@@ -18,7 +18,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vllm_prumerge.config import IMPORTANCES, MERGE_WEIGHTINGS, MODES, ORDERS, PruMergeConfig
+from vllm_prumerge.config import (
+    IMPORTANCES,
+    MERGE_WEIGHTINGS,
+    MODES,
+    ORDERS,
+    TEMPORALS,
+    PruMergeConfig,
+)
 from vllm_prumerge.serving.options import (
     ARCHITECTURES,
     FAMILIES,
@@ -57,6 +64,20 @@ OPTION_HELP = {
     "importance": "Patch score: cls (CLS attention, the reference; CLIP only), received "
     "(attention each patch receives, averaged over heads and queries; SigLIP) or auto (cls "
     "when the tower has a CLS token, else received).",
+    "max_tokens": "Ceiling per image, crop or frame: keep at most N patches (highest importance "
+    "first; plus the extra token). At engine level also the worst case vLLM profiles memory "
+    "with (N + 1 tokens per image, crop or frame); requests may lower it, not raise it, nor use "
+    "mode off. Not with mode off.",
+    "temporal": "Videos: drop patches that did not change between frames before each frame's "
+    "reduction. off (each frame whole), evs (vLLM's EVS criterion: the first frame whole, a "
+    "fixed share --prumerge-temporal-rate of the video's patches dropped, the least changed "
+    "first) or adaptive (a patch is dropped when its cosine similarity to the last kept patch at "
+    "its position is >= --prumerge-temporal-threshold: a static video costs about one frame). "
+    "Not with mode off.",
+    "temporal_rate": "evs: the share of a video's patches dropped, in [0, 1) (vLLM's "
+    "--video-pruning-rate).",
+    "temporal_threshold": "adaptive: the cosine similarity, in [0, 1), at and above which a "
+    "patch counts as unchanged; higher keeps more.",
 }
 TOWER_DTYPE_HELP = (
     "Engine level only: the dtype the plugin's vision tower computes in (it runs in the API "
@@ -82,12 +103,16 @@ _METAVARS = {
     "min_tokens": "N",
     "budget": "N",
     "budget_ratio": "RATIO",
+    "max_tokens": "N",
+    "temporal_rate": "RATE",
+    "temporal_threshold": "COSINE",
 }
 _CHOICES = {
     "mode": list(MODES),
     "merge_weighting": list(MERGE_WEIGHTINGS),
     "order": list(ORDERS),
     "importance": list(IMPORTANCES),
+    "temporal": list(TEMPORALS),
 }
 
 

@@ -28,8 +28,9 @@ from vllm_prumerge.serving.base import (
 
 class PruMergeLlavaProcessingInfo(PruMergeProcessingInfoMixin, LlavaProcessingInfo):
     def get_max_image_tokens(self) -> int:
-        # Every patch kept plus the extra token: the bound of every mode.
-        return self.get_patches_per_crop() + 1
+        # Every patch kept (at most max_tokens) plus the extra token: the bound of every mode
+        # (the stock count, N, is below N + 1; an engine ceiling rules `off` out).
+        return self.get_max_crop_tokens()
 
 
 class PruMergeLlavaDummyInputsBuilder(LlavaDummyInputsBuilder[PruMergeLlavaProcessingInfo]):

@@ -63,8 +63,11 @@ class AnyresProcessingInfoMixin(PruMergeProcessingInfoMixin):
         # Reduced modes: every patch of every crop kept plus one extra token per crop; `off`:
         # the stock count, at vLLM's worst-case size and at every pinpoint (vLLM's OneVision
         # hard-codes the worst-case size of the hub checkpoints' pinpoints, which other
-        # pinpoints can exceed). The largest bounds every mode.
-        reduced = self.get_max_crops() * (self.get_patches_per_crop() + 1)
+        # pinpoints can exceed). The largest bounds every mode. Under an engine `max_tokens`
+        # ceiling `off` is ruled out and every crop keeps at most that many.
+        reduced = self.get_max_crops() * self.get_max_crop_tokens()
+        if not self.stock_reachable:
+            return reduced
         pinpoints = max(
             self.get_num_image_tokens(image_width=w, image_height=h)
             for h, w in self.get_hf_config().image_grid_pinpoints

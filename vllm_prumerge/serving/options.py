@@ -141,7 +141,9 @@ class PruMergeOverrides:
                     continue
             setattr(hf_config, key, value)
         hf_config.architectures = [resolve_architecture(hf_config.architectures)]
-        config = request_config(engine_config(hf_config), dict(self.options) or None)
+        # Explicit options override the checkpoint's own freely (its max_tokens included).
+        options = dict(self.options) or None
+        config = request_config(engine_config(hf_config), options, ceiling=False)
         setattr(hf_config, CONFIG_KEY, config.to_dict())
         if self.download_dir is not None:
             setattr(hf_config, DOWNLOAD_DIR_KEY, self.download_dir)
@@ -166,7 +168,9 @@ def engine_kwargs(mode: str | None = None, **options: Any) -> dict[str, Any]:
     :class:`~vllm_prumerge.config.PruMergeConfig` fields, validated here, so a typo fails before
     the engine starts; unset ones come from the checkpoint's own `prumerge` config if it has
     one, else the defaults. Images are reduced per image (per crop on LLaVA-NeXT / OneVision),
-    videos per frame. `tower_dtype` (engine level only): the vision tower's compute dtype,
+    videos per frame (after the `temporal` stage, if set: ``"evs"`` / ``"adaptive"``);
+    `max_tokens` caps every image, crop and frame, and the bounds vLLM profiles with.
+    `tower_dtype` (engine level only): the vision tower's compute dtype,
     ``"auto"`` (default: the model dtype, or float32 on a CPU without native arithmetic for it)
     or ``"float32"`` / ``"bfloat16"`` / ``"float16"``. `tower_threads` (engine level only): the
     tower's torch threads on a CPU, ``"auto"`` (default: the cores this process may run on, see
@@ -220,11 +224,17 @@ def engine_config(hf_config: Any) -> PruMergeConfig:
     return PruMergeConfig.from_dict(value)
 
 
-def request_config(engine: PruMergeConfig, value: object) -> PruMergeConfig:
+def request_config(
+    engine: PruMergeConfig, value: object, *, ceiling: bool = True
+) -> PruMergeConfig:
     """Combine a request's `mm_processor_kwargs["prumerge"]` with the engine's config.
 
     Fields the request gives override the engine's; when the request switches to a non-fixed
-    mode, the engine's fixed-budget fields are dropped. Raises ValueError naming the bad field.
+    mode, the engine's fixed-budget fields are dropped, and when it switches to ``off`` the
+    engine's ``temporal`` setting too (stock video). The engine's ``max_tokens`` is a ceiling: a
+    request may lower it, not raise or remove it, nor switch to ``off``; `ceiling=False` (engine
+    options over a checkpoint's own, which may set anything) drops it instead when switching to
+    ``off``. Raises ValueError naming the bad field.
     """
     if value is None:
         return engine
@@ -244,15 +254,32 @@ def request_config(engine: PruMergeConfig, value: object) -> PruMergeConfig:
             )
     merged = engine.to_dict()
     requested = dict(value)
-    if "mode" in requested and str(requested["mode"]).strip().lower() != "fixed":
+    mode = str(requested.get("mode", "")).strip().lower()
+    if "mode" in requested and mode != "fixed":
         for name in _FIXED_ONLY:
             merged.pop(name, None)
+    limit = engine.max_tokens if ceiling else None
+    if mode == "off":
+        if limit is not None:
+            raise ValueError(
+                f"mode 'off' (the family's stock count) is not available on this engine: its "
+                f"max_tokens ceiling ({limit} per image, crop or frame) bounds every request"
+            )
+        merged.pop("temporal", None)  # stock video: the engine's temporal stage does not apply
+        merged.pop("max_tokens", None)
     if "budget" in requested:
         merged.pop("budget_ratio", None)
     if "budget_ratio" in requested:
         merged.pop("budget", None)
     merged.update(requested)
-    return PruMergeConfig.from_dict(merged)
+    config = PruMergeConfig.from_dict(merged)
+    if limit is not None and (config.max_tokens is None or config.max_tokens > limit):
+        raise ValueError(
+            f"max_tokens: this engine's ceiling is {limit} per image, crop or frame (vLLM "
+            f"sized its memory for it); a request may lower it, not raise or remove it "
+            f"(got {config.max_tokens})"
+        )
+    return config
 
 
 def describe(config: PruMergeConfig) -> str:

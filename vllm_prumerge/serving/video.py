@@ -4,6 +4,11 @@ Semantics (per video): each frame is reduced exactly as a LLaVA-1.5 image on the
 patch grid (its own importance, IQR fence, PruMerge+ samples, merge within the frame, then its
 own extra token); frames are concatenated in time order with no spatial pooling and no newline,
 so a video costs ``sum over frames (kept_f + 1)`` tokens (``fixed``: ``frames * (budget + 1)``).
+With ``temporal`` (``evs`` / ``adaptive``) the encoder first drops the patches that did not
+change across time (:mod:`vllm_prumerge.reduction.temporal`) and each frame is reduced on the
+patches it retained: ``sum over frames with any retained patch (kept_f + 1)``. Either way the
+count is the rows of the features the encoder hands over, which is what the placeholders,
+the scheduler and the metrics see.
 ``off`` is the family's stock vLLM video path token for token: the full frame features go to the
 engine, which packs them the stock way (:meth:`PruMergeVideoModelMixin._pack_stock_video`).
 
@@ -44,9 +49,10 @@ class PruMergeVideoProcessingInfoMixin(PruMergeProcessingInfoMixin):
         return self.get_num_video_tokens(image_width=size, image_height=size, num_frames=frames)
 
     def get_max_frame_tokens(self) -> int:
-        """A reduced frame's worst case: every patch kept plus its extra token (577 for
-        CLIP-L/14-336, 730 for SigLIP 384/14: more than a stock frame after pooling)."""
-        return self.get_patches_per_crop() + 1
+        """A reduced frame's worst case: every patch kept (at most the engine's ``max_tokens``)
+        plus its extra token (577 for CLIP-L/14-336, 730 for SigLIP 384/14 without a ceiling:
+        more than a stock frame after pooling). The temporal stage only lowers it."""
+        return self.get_max_crop_tokens()
 
     def get_num_frames_with_most_features(self, seq_len: int, mm_counts: Mapping[str, int]) -> int:
         # Enough frames that a video keeping every patch fills the whole sequence: any video
@@ -55,7 +61,10 @@ class PruMergeVideoProcessingInfoMixin(PruMergeProcessingInfoMixin):
 
     def get_max_video_tokens(self, seq_len: int, mm_counts: Mapping[str, int]) -> int:
         frames = self.get_num_frames_with_most_features(seq_len, mm_counts)
-        return max(frames * self.get_max_frame_tokens(), self.get_num_stock_video_tokens(frames))
+        reduced = frames * self.get_max_frame_tokens()
+        if not self.stock_reachable:  # an engine `max_tokens` ceiling rules `off` out
+            return reduced
+        return max(reduced, self.get_num_stock_video_tokens(frames))
 
     def get_mm_max_tokens_per_item(
         self, seq_len: int, mm_counts: Mapping[str, int]
@@ -136,7 +145,8 @@ class PruMergeVideoProcessorMixin(PruMergeProcessorMixin):
     ) -> tuple[list[torch.Tensor], float]:
         """`[T, 3, H, W]` frames -> one `[L_t, C]` tower-space tensor per frame (reduced, or in
         ``off`` the features the engine packs the stock way), and the seconds taken."""
-        encoded = self.info.encoders["video"].encode(pixel_values, config)  # one row per frame
+        # One row per frame; with `config.temporal`, frames reduced on their retained patches.
+        encoded = self.info.encoders["video"].encode_frames(pixel_values, config)
         return encoded.features, encoded.seconds
 
     def _stock_tokens(

@@ -21,7 +21,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 import torch
-from transformers import VideoLlavaConfig, VideoLlavaProcessor
+from PIL import Image
+from transformers import BatchFeature, VideoLlavaConfig, VideoLlavaProcessor
 from vllm.model_executor.models.llava import (
     BaseLlavaProcessingInfo,
     LlavaForConditionalGeneration,
@@ -71,8 +72,27 @@ class PruMergeVideoLlavaDummyInputsBuilder(LlavaOnevisionDummyInputsBuilder):
     """`<image>` and `<video>` placeholders, images at the tower's size, the longest videos."""
 
 
+class StatedImageLayoutMixin:
+    """Tells transformers' Video-LLaVA image processor that PIL images are channels-last.
+
+    Its (numpy) image processor guesses the channel axis from the array's shape, and a 1x1
+    image, ``(1, 1, 3)``, reads as channels-first (then fails: "mean must have 1 elements"),
+    where every other family's processor serves it. vLLM hands the HF processor the PIL images
+    it decoded (and its dummy inputs are PIL images), always ``(H, W, 3)`` as arrays; other
+    image types are left to transformers' guess, as before.
+    """
+
+    def _call_hf_processor(
+        self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
+    ) -> BatchFeature:
+        images = hf_data.get("images") or []
+        if images and all(isinstance(image, Image.Image) for image in images):
+            hf_kwargs = {**hf_kwargs, "input_data_format": "channels_last"}
+        return super()._call_hf_processor(hf_data, hf_kwargs)
+
+
 class PruMergeVideoLlavaMultiModalProcessor(
-    PruMergeVideoProcessorMixin, PruMergeLlavaMultiModalProcessor
+    PruMergeVideoProcessorMixin, StatedImageLayoutMixin, PruMergeLlavaMultiModalProcessor
 ):
     image_pixels_key = "pixel_values_images"
 
