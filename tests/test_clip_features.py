@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from naive_reference import naive_class_attention, naive_prumerge
+from vllm_prumerge.testing.naive_reference import naive_class_attention, naive_prumerge
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from vllm_prumerge.config import PruMergeConfig

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from naive_reference import (
+from vllm_prumerge.testing.naive_reference import (
     naive_class_attention,
     naive_descending,
     naive_merge,

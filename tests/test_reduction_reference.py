@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from naive_reference import (
+from vllm_prumerge.testing.naive_reference import (
     naive_class_attention,
     naive_descending,
     naive_merge,
