@@ -9,6 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from vllm_prumerge.config import PruMergeConfig
+from vllm_prumerge.reduction import (
+    iqr_upper_fence,
+    reduce_tokens,
+    reference_count,
+    spatial_sample_mask,
+)
 from vllm_prumerge.testing.naive_reference import (
     naive_class_attention,
     naive_descending,
@@ -17,14 +25,6 @@ from vllm_prumerge.testing.naive_reference import (
     naive_prumerge,
     naive_upper_fence,
     synthetic_inputs,
-)
-
-from vllm_prumerge.config import PruMergeConfig
-from vllm_prumerge.reduction import (
-    iqr_upper_fence,
-    reduce_tokens,
-    reference_count,
-    spatial_sample_mask,
 )
 
 FP32_TOL = {"atol": 2e-5, "rtol": 1e-5}
