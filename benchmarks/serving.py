@@ -251,12 +251,12 @@ def server_args(args: argparse.Namespace, *, stock: bool, dtype: str | None = No
     """`vllm serve` arguments: the plugin (not for `stock`) and the engine settings of
     throughput.py, from the shared engine options."""
     settings = {
-        **engine_settings(args),
         "seed": args.seed,
         "limit_mm_per_prompt": {modality(args.frames): 1},
         "enable_prefix_caching": False,  # every request pays for its whole prompt
         "mm_processor_cache_gb": 0,  # and for its image (tower + reduction)
         "api_server_count": args.api_server_count,
+        **engine_settings(args),  # --engine-arg last: it overrides any of these
     }
     if dtype:
         settings["dtype"] = dtype
