@@ -43,8 +43,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from _cli import add_output_arguments
 from _common import BenchConfig, parse_configs, summary
 from _report import (
@@ -60,9 +58,10 @@ from _report import (
 
 from vllm_prumerge.evaluation import exact_match, normalize_answer, vqa_accuracy
 from vllm_prumerge.testing.engine_args import (
-    add_engine_arg_option,
-    parse_engine_args,
+    add_engine_arguments,
+    engine_settings,
     resolve_model,
+    use_cpu_if_no_gpu,
 )
 from vllm_prumerge.testing.images import IMAGE_SUFFIXES, find_images, is_url, open_image
 from vllm_prumerge.testing.media import image_data_url
@@ -209,26 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "first batch.",
     )
 
-    eng = parser.add_argument_group("offline engine")
-    eng.add_argument(
-        "--dtype",
-        default="auto",
-        help="Model dtype (also the CLIP tower's): auto, float32, bfloat16, float16. auto = "
-        "vLLM's choice (bfloat16 on a CPU).",
-    )
-    eng.add_argument("--max-model-len", type=int, default=2048, help="Context length.")
-    eng.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=None,
-        help="Most sequences the engine runs at once (default: vLLM's).",
-    )
-    eng.add_argument(
-        "--enforce-eager",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Skip torch.compile / CUDA graphs (default: on without a GPU, off with one).",
-    )
+    eng = add_engine_arguments(parser, max_num_seqs=None, title="offline engine")
     eng.add_argument(
         "--keep-caches",
         action="store_true",
@@ -236,7 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
         "every request pays for its image and prompt and requests/s compare fairly).",
     )
     eng.add_argument("--seed", type=int, default=0, help="Engine seed (and warm-up images).")
-    add_engine_arg_option(eng)
 
     add_output_arguments(
         parser,
@@ -416,19 +395,14 @@ class OfflineEngine:
 
         self.args = args
         self.chat = None if args.prompt_template else ChatPrompt(model)
-        settings: dict[str, Any] = dict(
-            model=model,
-            dtype=args.dtype,
-            seed=args.seed,
-            max_model_len=args.max_model_len,
-            enforce_eager=args.enforce_eager,
-            limit_mm_per_prompt={"image": 1},
-        )
-        if args.max_num_seqs:
-            settings["max_num_seqs"] = args.max_num_seqs
+        settings: dict[str, Any] = {
+            "model": model,
+            "seed": args.seed,
+            "limit_mm_per_prompt": {"image": 1},
+        }
         if not args.keep_caches:
             settings.update(enable_prefix_caching=False, mm_processor_cache_gb=0)
-        settings.update(parse_engine_args(args.engine_arg))
+        settings.update(engine_settings(args))  # --engine-arg last
         # The plugin's architecture in "off" mode; each request picks its configuration.
         user_overrides = settings.pop("hf_overrides", None)
         extra = {"hf_overrides": user_overrides} if user_overrides else {}
@@ -903,14 +877,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = engine.model
         env = environment({"device": "client of " + engine.base})
     else:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-        if not has_gpu:
-            os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        if args.enforce_eager is None:
-            args.enforce_eager = not has_gpu
+        has_gpu = use_cpu_if_no_gpu()
         model = resolve_model(None if args.tiny else args.model)
         env = environment({"device": "cuda" if has_gpu else "cpu"})
         engine = OfflineEngine(model, args)
