@@ -54,23 +54,6 @@ SYNTHETIC_SPECS: dict[str, dict[str, int]] = {
     ),
 }
 
-# --tower real: the family's production tower shape with random weights, so the front end
-# costs what it costs in production. CLIP ViT-L/14-336 (LLaVA-1.5, LLaVA-NeXT: 24 layers, 1024
-# wide, 16 heads, MLP 4096) and SigLIP-so400m 384/14 as llava-hf's SigLIP-LLaVA checkpoints hold
-# it (LLaVA-Interleave and LLaVA-OneVision: 26 layers, 1152 wide, 16 heads, MLP 4304, no head).
-_CLIP_L_336 = dict(
-    vision_hidden_size=1024, vision_layers=24, vision_heads=16, vision_intermediate_size=4096
-)
-_SIGLIP_SO400M = dict(
-    vision_hidden_size=1152, vision_layers=26, vision_heads=16, vision_intermediate_size=4304
-)
-REAL_TOWERS: dict[str, dict[str, int]] = {
-    "llava": _CLIP_L_336,
-    "llava_next": _CLIP_L_336,
-    "siglip": _SIGLIP_SO400M,
-    "onevision": _SIGLIP_SO400M,
-    "next_video": _CLIP_L_336,
-}
 TOWERS = ("preset", "real")
 FAMILIES = ("llava", "llava_next", "siglip", "onevision", "next_video", "video_llava")
 
@@ -102,14 +85,15 @@ def synthetic_checkpoint(
     tower shape when `tower` is "real"; made once and cached under ~/.cache/vllm-prumerge."""
     from vllm_prumerge.testing import TinyLlavaSpec
     from vllm_prumerge.testing.engine_args import resolve_model
+    from vllm_prumerge.testing.towers import FAMILY_TOWERS, spec_fields
 
     if tower not in TOWERS:
         raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
     fields = dict(SYNTHETIC_SPECS[size])
-    if tower == "real":
-        if family not in REAL_TOWERS:
+    if tower == "real":  # the family's production tower shape (vllm_prumerge.testing.towers)
+        if family not in FAMILY_TOWERS:
             raise ValueError(f"no production tower shape is known for family {family!r}")
-        fields.update(REAL_TOWERS[family])
+        fields.update(spec_fields(FAMILY_TOWERS[family]))
     spec = TinyLlavaSpec(family=family, **fields)
     return resolve_model(None, spec), dataclasses.asdict(spec)
 

@@ -2,9 +2,9 @@
 
 Measures, on one device:
 1. the batched reduction (``vllm_prumerge.reduction.reduce_tokens``) against the deliberately
-   naive per-token transcription of the reference (``tests/naive_reference.py``: one image at a
-   time, a Python loop per kept token, NumPy quartiles), for several batch sizes B and patch
-   counts N, at width C;
+   naive per-token transcription of the reference (``vllm_prumerge.testing.naive_reference``:
+   one image at a time, a Python loop per kept token, NumPy quartiles), for several batch sizes
+   B and patch counts N, at width C;
 2. a CLIP ViT-L/14-336-shaped tower forward (random weights: 24 layers, width 1024, 16 heads,
    MLP 4096, 336 px / patch 14 = 576 patches) at the same batch sizes, so the reduction's cost
    can be stated as a percentage of the tower's forward (N = 576 only).
@@ -36,16 +36,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _report import cpu_model
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
-
-from _report import cpu_model  # noqa: E402
-from naive_reference import naive_prumerge, synthetic_inputs  # noqa: E402
-
-from vllm_prumerge.config import PruMergeConfig  # noqa: E402
-from vllm_prumerge.reduction import reduce_tokens  # noqa: E402
+from vllm_prumerge.config import PruMergeConfig
+from vllm_prumerge.reduction import reduce_tokens
+from vllm_prumerge.testing.naive_reference import naive_prumerge, synthetic_inputs
+from vllm_prumerge.testing.towers import build_tower
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -230,28 +226,12 @@ def bench_reduction(args: argparse.Namespace, device: torch.device) -> list[dict
     return rows
 
 
-def build_tower(device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """CLIP ViT-L/14-336's geometry with random weights (transformers' default init)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    config = CLIPVisionConfig(
-        image_size=336,
-        patch_size=14,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        hidden_act="quick_gelu",
-    )
-    return CLIPVisionModel(config).eval().to(device=device, dtype=dtype)
-
-
 def bench_tower(args: argparse.Namespace, device: torch.device) -> list[dict]:
     if not args.tower_batch_sizes:
         return []
     dtype = DTYPES[args.dtype]
     log("building a random-weight CLIP ViT-L/14-336 tower")
-    tower = build_tower(device, dtype)
+    tower = build_tower("clip-l-336", dtype, device)
     warm = torch.randn(1, 3, 336, 336).to(device=device, dtype=dtype)
     with torch.inference_mode():
         for _ in range(args.tower_warmup):

@@ -34,8 +34,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from _cli import add_image_size_argument, add_model_arguments, add_output_arguments, model_label
 from _common import build_workload, summary, synthetic_checkpoint
 from _report import device_line, environment, finish, markdown_table, progress

@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from _cli import add_output_arguments
 from _report import (
     device_name,
@@ -44,6 +42,8 @@ from _report import (
     save_figure,
 )
 
+from vllm_prumerge.testing.towers import spec_fields
+
 # Model shapes: LLaVA-1.5-7B (Vicuna-7B + CLIP-L/14-336) and a tiny one for CPU validation.
 SHAPES: dict[str, dict[str, int]] = {
     "7b": dict(
@@ -52,10 +52,7 @@ SHAPES: dict[str, dict[str, int]] = {
         intermediate_size=11008,
         heads=32,
         vocab_size=32064,
-        vision_layers=24,
-        vision_hidden_size=1024,
-        vision_intermediate_size=4096,
-        vision_heads=16,
+        **spec_fields("clip-l-336"),
     ),
     "tiny": dict(
         layers=2,
@@ -302,22 +299,20 @@ def measure_prefill(model: Any, args: argparse.Namespace, device: Any, bar: Any)
 
 
 def build_tower(shape: dict[str, int], dtype: Any, device: Any, attn: str) -> Any:
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    """CLIP-L/14-336 (`vllm_prumerge.testing.towers`) at the shape's width and depth."""
+    from vllm_prumerge.testing.towers import build_tower as tower
 
-    config = CLIPVisionConfig(
-        image_size=336,
-        patch_size=14,
+    return tower(
+        "clip-l-336",
+        dtype,
+        device,
+        attn,
         hidden_size=shape["vision_hidden_size"],
         intermediate_size=shape["vision_intermediate_size"],
         num_hidden_layers=shape["vision_layers"],
         num_attention_heads=shape["vision_heads"],
         projection_dim=shape["vision_hidden_size"],
-        hidden_act="quick_gelu",
     )
-    with torch.device(device):
-        tower = CLIPVisionModel._from_config(config, attn_implementation=attn, dtype=dtype)
-    return tower.eval()
 
 
 def pixel_batch(count: int, seed: int) -> Any:

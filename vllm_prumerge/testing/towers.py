@@ -52,13 +52,16 @@ def vision_config(name: str, **overrides: Any) -> Any:
     return CLIPVisionConfig(**{"projection_dim": 768, "hidden_act": "quick_gelu", **shape})
 
 
-def build_tower(name: str, dtype: Any = None, device: Any = None, **overrides: Any) -> Any:
-    """Tower `name` (see `vision_config`) with random weights, SDPA attention, in eval mode."""
+def build_tower(
+    name: str, dtype: Any = None, device: Any = None, attn: str = "sdpa", **overrides: Any
+) -> Any:
+    """Tower `name` (see `vision_config`) with random weights, `attn` attention (transformers'
+    attn_implementation), in eval mode."""
     from transformers import CLIPVisionModel, SiglipVisionModel
 
     config = vision_config(name, **overrides)
     model = SiglipVisionModel if name.startswith("siglip") else CLIPVisionModel
-    tower = model._from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
+    tower = model._from_config(config, attn_implementation=attn, dtype=dtype).eval()
     return tower.to(device) if device is not None else tower
 
 
