@@ -30,30 +30,15 @@ def default_configs(frames: int) -> str:
 # has a text model ~8x small's per token (1024 wide, 8 layers), for workloads where the LLM, not
 # the front end, is the bottleneck. All keep the real tower geometry (336 px, 14 px patches: 576
 # patches + CLS; SigLIP 384 px: 729 patches); --tower real also gives the tower its real size.
+_TEXT = ("text_hidden_size", "text_layers", "text_heads", "text_intermediate_size")
+_SMALL_TOWER = dict(
+    vision_hidden_size=128, vision_layers=3, vision_heads=4, vision_intermediate_size=512
+)
 SYNTHETIC_SPECS: dict[str, dict[str, int]] = {
     "tiny": {},
-    "small": dict(
-        text_hidden_size=512,
-        text_layers=4,
-        text_heads=16,
-        text_intermediate_size=1408,
-        vision_hidden_size=128,
-        vision_layers=3,
-        vision_heads=4,
-        vision_intermediate_size=512,
-    ),
-    "medium": dict(
-        text_hidden_size=1024,
-        text_layers=8,
-        text_heads=32,
-        text_intermediate_size=2816,
-        vision_hidden_size=128,
-        vision_layers=3,
-        vision_heads=4,
-        vision_intermediate_size=512,
-    ),
+    "small": {**dict(zip(_TEXT, (512, 4, 16, 1408), strict=True)), **_SMALL_TOWER},
+    "medium": {**dict(zip(_TEXT, (1024, 8, 32, 2816), strict=True)), **_SMALL_TOWER},
 }
-
 TOWERS = ("preset", "real")
 FAMILIES = ("llava", "llava_next", "siglip", "onevision", "next_video", "video_llava")
 

@@ -45,26 +45,17 @@ from _report import (
 from vllm_prumerge.testing.towers import spec_fields
 
 # Model shapes: LLaVA-1.5-7B (Vicuna-7B + CLIP-L/14-336) and a tiny one for CPU validation.
+_LLAMA = ("layers", "hidden_size", "intermediate_size", "heads", "vocab_size")
+_CLIP = ("vision_layers", "vision_hidden_size", "vision_intermediate_size", "vision_heads")
 SHAPES: dict[str, dict[str, int]] = {
-    "7b": dict(
-        layers=32,
-        hidden_size=4096,
-        intermediate_size=11008,
-        heads=32,
-        vocab_size=32064,
+    "7b": {
+        **dict(zip(_LLAMA, (32, 4096, 11008, 32, 32064), strict=True)),
         **spec_fields("clip-l-336"),
-    ),
-    "tiny": dict(
-        layers=2,
-        hidden_size=256,
-        intermediate_size=688,
-        heads=8,
-        vocab_size=32064,
-        vision_layers=2,
-        vision_hidden_size=64,
-        vision_intermediate_size=128,
-        vision_heads=4,
-    ),
+    },
+    "tiny": {
+        **dict(zip(_LLAMA, (2, 256, 688, 8, 32064), strict=True)),
+        **dict(zip(_CLIP, (2, 64, 128, 4), strict=True)),
+    },
 }
 PAPER = {"device": "V100 (roofline estimate)", "prefill_ms": {"576": 88.6, "prumerge": 15.3}}
 

@@ -11,23 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_KEYS += ("image_size", "patch_size")
 TOWER_SHAPES: dict[str, dict[str, int]] = {
-    "clip-l-336": dict(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-    ),
-    "siglip-so400m-384": dict(
-        hidden_size=1152,
-        intermediate_size=4304,
-        num_hidden_layers=26,
-        num_attention_heads=16,
-        image_size=384,
-        patch_size=14,
-    ),
+    "clip-l-336": dict(zip(_KEYS, (1024, 4096, 24, 16, 336, 14), strict=True)),
+    "siglip-so400m-384": dict(zip(_KEYS, (1152, 4304, 26, 16, 384, 14), strict=True)),
 }
 # The layer LLaVA reads its features from (vision_feature_layer) for each tower.
 FEATURE_LAYER = {"clip-l-336": -2, "siglip-so400m-384": -1}
