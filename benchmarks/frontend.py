@@ -338,36 +338,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max(args.warmup, 1), args.seed, args.images, start=len(items), size=size, prompt=chat
     )
     per_setting: list[list[dict[str, Any]]] = [[] for _ in settings]
+
+    def one(item: Any, config: Any, threads: int) -> dict[str, Any]:
+        processor = stock if config is None else plugin
+        prompt = list(item.prompt_token_ids)
+        args_ = (processor, model_config, plugin.info, item.image, prompt, config, threads)
+        return time_image(*args_, stock_tower)
+
     with progress(len(settings) * len(items), "front end", disable=args.no_progress) as bar:
         for item in warm[: args.warmup]:
             for _, config, threads in settings:
-                processor = stock if config is None else plugin
-                time_image(
-                    processor,
-                    model_config,
-                    plugin.info,
-                    item.image,
-                    list(item.prompt_token_ids),
-                    config,
-                    threads,
-                    stock_tower,
-                )
+                one(item, config, threads)
         for item in items:  # every setting on this image, then the next image
             for rows, (name, config, threads) in zip(per_setting, settings, strict=True):
                 bar.set_description(f"{name}, {threads} thread(s)")
-                processor = stock if config is None else plugin
-                rows.append(
-                    time_image(
-                        processor,
-                        model_config,
-                        plugin.info,
-                        item.image,
-                        list(item.prompt_token_ids),
-                        config,
-                        threads,
-                        stock_tower,
-                    )
-                )
+                rows.append(one(item, config, threads))
                 bar.update(1)
     results = []
     for rows, (name, _, threads) in zip(per_setting, settings, strict=True):
