@@ -34,7 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _cli import add_image_size_argument, add_model_arguments, add_output_arguments, model_label
+from _cli import (
+    add_image_size_argument,
+    add_model_arguments,
+    add_output_arguments,
+    model_label,
+    new_parser,
+)
 from _common import build_workload, summary, synthetic_checkpoint
 from _report import device_line, environment, finish, markdown_table, progress
 
@@ -46,20 +52,17 @@ STOCK = "stock"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0]
-        + " Medians per stage, per configuration and thread count; JSON and Markdown output.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = new_parser(
+        __doc__,
+        "Medians per stage, per configuration and thread count; JSON and Markdown output.",
     )
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        default=None,
-        help="LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA or LLaVA-OneVision checkpoint (hub id or "
+    add_model_arguments(
+        model,
+        "LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA or LLaVA-OneVision checkpoint (hub id or "
         "folder). Default: a generated random-weight checkpoint (see --synthetic, --family, "
         "--tower).",
     )
-    add_model_arguments(model)
     model.add_argument(
         "--dtype",
         default="auto",

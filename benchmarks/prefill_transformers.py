@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _cli import add_output_arguments
+from _cli import add_output_arguments, new_parser
 from _report import (
     device_name,
     environment,
@@ -61,10 +61,9 @@ PAPER = {"device": "V100 (roofline estimate)", "prefill_ms": {"576": 88.6, "prum
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0]
-        + " Random weights, torch + transformers only (no vLLM); JSON, Markdown and PNG output.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = new_parser(
+        __doc__,
+        "Random weights, torch + transformers only (no vLLM); JSON, Markdown and PNG output.",
     )
     shape = parser.add_argument_group(
         "model shape (--shape sets all; a flag given explicitly overrides it)"

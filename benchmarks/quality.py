@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _cli import add_output_arguments
+from _cli import add_output_arguments, new_parser
 from _common import BenchConfig, parse_configs, summary
 from _report import (
     device_line,
@@ -74,11 +74,10 @@ WARMUP_QUESTION = "What is shown in this image?"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0]
-        + " Every configuration runs on one engine; JSON, Markdown, PNG and per-answer JSONL "
+    parser = new_parser(
+        __doc__,
+        "Every configuration runs on one engine; JSON, Markdown, PNG and per-answer JSONL "
         "output. Accuracy on the generated --tiny checkpoint is meaningless (random weights).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data (one of --data or --images)")
     data.add_argument(

@@ -54,7 +54,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _cli import add_model_arguments, add_output_arguments, add_workload_arguments, model_label
+from _cli import (
+    add_model_arguments,
+    add_output_arguments,
+    add_workload_arguments,
+    model_label,
+    new_parser,
+)
 from _common import (
     BenchConfig,
     WorkItem,
@@ -117,11 +123,10 @@ def is_stock(name: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0]
-        + " TTFT, TPOT, ITL, end-to-end latency and throughput per configuration; JSON, "
+    parser = new_parser(
+        __doc__,
+        "TTFT, TPOT, ITL, end-to-end latency and throughput per configuration; JSON, "
         "Markdown and PNG output.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     srv = parser.add_argument_group("server")
     srv.add_argument(
@@ -131,15 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         "MODEL --plugin prumerge --trust-request-mm-kwargs`) instead of starting one; the "
         "engine options below then do not apply.",
     )
-    srv.add_argument(
-        "--model",
-        default=None,
-        help="Checkpoint the started server serves (hub id such as llava-hf/llava-1.5-7b-hf or "
+    add_model_arguments(
+        srv,
+        "Checkpoint the started server serves (hub id such as llava-hf/llava-1.5-7b-hf or "
         "a folder; LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA, LLaVA-OneVision or LLaVA-NeXT-Video). "
         "Default: a generated random-weight checkpoint (see --synthetic, --family, --tower). "
         "With --base-url: the served model name (default: the server's first).",
     )
-    add_model_arguments(srv)
     srv.add_argument(
         "--tower-threads",
         type=int,

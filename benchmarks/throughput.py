@@ -52,7 +52,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _cli import add_model_arguments, add_output_arguments, add_workload_arguments, model_label
+from _cli import (
+    add_model_arguments,
+    add_output_arguments,
+    add_workload_arguments,
+    model_label,
+    new_parser,
+)
 from _common import (
     BenchConfig,
     WorkItem,
@@ -96,21 +102,18 @@ STOCK = "stock"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0]
-        + " Runs every configuration in one run and writes JSON, Markdown and PNG plots.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = new_parser(
+        __doc__,
+        "Runs every configuration in one run and writes JSON, Markdown and PNG plots.",
     )
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        default=None,
-        help="LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA, LLaVA-OneVision or LLaVA-NeXT-Video "
+    add_model_arguments(
+        model,
+        "LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA, LLaVA-OneVision or LLaVA-NeXT-Video "
         "checkpoint (hub id such as "
         "llava-hf/llava-1.5-7b-hf, or a local folder). Default: a generated random-weight "
         "checkpoint (see --synthetic, --family, --tower).",
     )
-    add_model_arguments(model)
     work = parser.add_argument_group("workload")
     add_workload_arguments(work, "Seed of images, questions and engine.")
     work.add_argument(
