@@ -26,6 +26,7 @@ import torch
 
 from vllm_prumerge import PruMergeConfig
 from vllm_prumerge.reduction import core
+from vllm_prumerge.testing.engine_args import add_number_options
 from vllm_prumerge.testing.towers import FEATURE_LAYER, TOWER_SHAPES, build_tower
 from vllm_prumerge.vision import tower_scores
 from vllm_prumerge.vision.precision import cpu_description
@@ -49,12 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="clip-l-336",
         help="real-shaped tower with random weights (default clip-l-336)",
     )
-    parser.add_argument("--images", type=int, default=4, help="images per batch (default 4)")
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=2,
-        help="timed repeats of each path, after one warm-up (default 2)",
+    add_number_options(
+        parser,
+        ("--images", int, 4, "images per batch (default 4)"),
+        ("--repeats", int, 2, "timed repeats of each path, after one warm-up (default 2)"),
     )
     parser.add_argument(
         "--dtype",

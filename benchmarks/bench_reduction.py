@@ -40,6 +40,7 @@ from _report import cpu_model
 
 from vllm_prumerge.config import PruMergeConfig
 from vllm_prumerge.reduction import reduce_tokens
+from vllm_prumerge.testing.engine_args import add_number_options
 from vllm_prumerge.testing.naive_reference import naive_prumerge, synthetic_inputs
 from vllm_prumerge.testing.towers import build_tower
 
@@ -81,18 +82,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--modes", type=_modes, default="prumerge,prumerge+", help="reduction modes timed"
     )
-    parser.add_argument(
-        "--repeats", type=int, default=9, help="timed repeats of the batched reduction"
-    )
-    parser.add_argument(
-        "--naive-repeats", type=int, default=3, help="timed repeats of the naive transcription"
-    )
-    parser.add_argument(
-        "--naive-max-patches",
-        type=int,
-        default=32 * 576,
-        help="skip the naive path (reported as not measured) when B * N exceeds this; the "
-        "default times it everywhere at N = 576 and up to B = 8 at N = 2304",
+    add_number_options(
+        parser,
+        ("--repeats", int, 9, "timed repeats of the batched reduction"),
+        ("--naive-repeats", int, 3, "timed repeats of the naive transcription"),
+        (
+            "--naive-max-patches",
+            int,
+            32 * 576,
+            "skip the naive path (reported as not measured) when B * N exceeds this; the "
+            "default times it everywhere at N = 576 and up to B = 8 at N = 2304",
+        ),
     )
     parser.add_argument(
         "--tower-batch-sizes",
@@ -100,22 +100,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="batch sizes of the tower forward (N = 576); unset: --batch-sizes; '' skips it",
     )
-    parser.add_argument(
-        "--tower-repeats", type=int, default=1, help="timed repeats of each tower forward"
+    add_number_options(
+        parser,
+        ("--tower-repeats", int, 1, "timed repeats of each tower forward"),
+        (
+            "--tower-warmup",
+            int,
+            1,
+            "untimed tower forwards at B = 1 before timing (larger B are not warmed up again)",
+        ),
+        ("--warmup", int, 1, "untimed calls before each timed measurement"),
+        ("--threads", int, None, "torch.set_num_threads; unset: torch's default"),
+        ("--seed", int, 0, "seed of the synthetic inputs"),
     )
-    parser.add_argument(
-        "--tower-warmup",
-        type=int,
-        default=1,
-        help="untimed tower forwards at B = 1 before timing (larger B are not warmed up again)",
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=1, help="untimed calls before each timed measurement"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads; unset: torch's default"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     parser.add_argument(
         "--no-malloc-tuning",
         dest="malloc_tuning",

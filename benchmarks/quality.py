@@ -59,6 +59,7 @@ from _report import (
 from vllm_prumerge.evaluation import exact_match, normalize_answer, vqa_accuracy
 from vllm_prumerge.testing.engine_args import (
     add_engine_arguments,
+    add_number_options,
     engine_settings,
     resolve_model,
     use_cpu_if_no_gpu,
@@ -189,22 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
         "in the same message; the checkpoint's own chat template does the rest: offline here, "
         "as `vllm serve` does for --server; so every family gets its own format).",
     )
-    gen.add_argument(
-        "--max-tokens", type=int, default=16, help="Most tokens generated per answer (greedy)."
-    )
-    gen.add_argument(
-        "--batch-size",
-        type=int,
-        default=64,
-        help="Items loaded and sent per batch (every configuration runs each batch, in rotating "
-        "order); bounds memory for large sets.",
-    )
-    gen.add_argument(
-        "--warmup",
-        type=int,
-        default=2,
-        help="Warm-up requests per configuration (generated images, not measured) before the "
-        "first batch.",
+    add_number_options(
+        gen,
+        ("--max-tokens", int, 16, "Most tokens generated per answer (greedy)."),
+        (
+            "--batch-size",
+            int,
+            64,
+            "Items loaded and sent per batch (every configuration runs each batch, in rotating "
+            "order); bounds memory for large sets.",
+        ),
+        (
+            "--warmup",
+            int,
+            2,
+            "Warm-up requests per configuration (generated images, not measured) before the "
+            "first batch.",
+        ),
     )
 
     eng = add_engine_arguments(parser, max_num_seqs=None, title="offline engine")

@@ -186,3 +186,9 @@ def serve_flags(settings: dict[str, Any]) -> list[str]:
             text = json.dumps(value) if isinstance(value, dict | list) else str(value)
             flags += [flag, text]
     return flags
+
+
+def add_number_options(group: Any, *specs: tuple[str, type, Any, str]) -> None:
+    """Numeric options declared as a table, one (flag, type, default, help) each."""
+    for flag, kind, default, text in specs:
+        group.add_argument(flag, type=kind, default=default, help=text)
