@@ -15,8 +15,6 @@ import argparse
 import json
 from pathlib import Path
 
-from vllm_prumerge.testing.engine_args import add_number_options
-
 QUESTIONS = (
     "What is shown in this image?",
     "How many objects are there?",
@@ -28,17 +26,14 @@ QUESTIONS = (
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write (created if missing)")
-    add_number_options(
-        parser,
-        ("--images", int, 8, "number of scene images. Default: 8."),
-        (
-            "--questions-per-image",
-            int,
-            1,
-            "questions.jsonl lines per image (cycling through a fixed list). Default: 1.",
-        ),
-        ("--seed", int, 0, "scene seed. Default: 0."),
+    parser.add_argument("--images", type=int, default=8, help="number of scene images. Default: 8.")
+    parser.add_argument(
+        "--questions-per-image",
+        type=int,
+        default=1,
+        help="questions.jsonl lines per image (cycling through a fixed list). Default: 1.",
     )
+    parser.add_argument("--seed", type=int, default=0, help="scene seed. Default: 0.")
     parser.add_argument(
         "--broken",
         action="store_true",
