@@ -31,16 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _report
 from _cli import add_output_arguments, new_parser
-from _report import (
-    device_name,
-    environment,
-    finish,
-    markdown_table,
-    progress,
-    pyplot,
-    save_figure,
-)
 
 from vllm_prumerge.testing.towers import spec_fields
 
@@ -383,7 +375,7 @@ def mib(value: int | None) -> float | None:
 def markdown_report(data: dict[str, Any]) -> str:
     env = data["environment"]
     shape = data["shape"]
-    device = device_name(env)
+    device = _report.device_name(env)
     lines = [
         "# Prefill and front-end cost without vLLM (transformers, random weights)",
         "",
@@ -417,7 +409,7 @@ def markdown_report(data: dict[str, Any]) -> str:
         lines += [
             "## LLM prefill (V visual + T text tokens)",
             "",
-            markdown_table(
+            _report.markdown_table(
                 [
                     "batch",
                     "V",
@@ -439,7 +431,7 @@ def markdown_report(data: dict[str, Any]) -> str:
         lines += [
             "## Front end per image (CLIP tower to the feature layer + reduction)",
             "",
-            markdown_table(
+            _report.markdown_table(
                 [
                     "batch",
                     "mode",
@@ -470,7 +462,7 @@ def markdown_report(data: dict[str, Any]) -> str:
 
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
-    plt = pyplot()
+    plt = _report.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     for i, batch in enumerate(sorted({r["batch_size"] for r in data["prefill"]})):
@@ -520,12 +512,12 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     if not any(r["peak_memory_bytes"] is not None for r in data["prefill"]):
         axes[1].set_title("KV cache (peak memory is measured on CUDA only)", fontsize=9)
     axes[1].legend(fontsize=7)
-    env = data["environment"]
+    device = _report.device_name(data["environment"])
     fig.suptitle(
-        f"LLM prefill, shape {data['settings']['shape']}, {data['dtype']}, {device_name(env)}",
+        f"LLM prefill, shape {data['settings']['shape']}, {data['dtype']}, {device}",
         fontsize=9,
     )
-    return [save_figure(fig, out, "prefill.png")]
+    return [_report.save_figure(fig, out, "prefill.png")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "shape": shape,
         "dtype": dtype_name,
         "device": str(device),
-        "environment": environment(extra),
+        "environment": _report.environment(extra),
         "paper": PAPER,
         "prefill": [],
         "frontend": [],
@@ -570,7 +562,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         * len([m for m in args.modes.split(",") if m.strip()])
     )
     wall = time.perf_counter()
-    with progress(steps, "prefill", disable=args.no_progress) as bar:
+    with _report.progress(steps, "prefill", disable=args.no_progress) as bar:
         if not args.skip_prefill:
             bar.set_description("building LLM")
             model = build_llm(shape, dtype, device, args.attn_implementation)
@@ -589,7 +581,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bar.set_description("front end")
             data["frontend"] = measure_frontend(tower, args, device, bar)
     plots = None if args.no_plots or not data["prefill"] else plot
-    return finish(out, "prefill", data, wall, markdown_report, plots)
+    return _report.finish(out, "prefill", data, wall, markdown_report, plots)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from _report import (
     progress,
     pyplot,
     save_figure,
-    token_ticks,
+    token_axis,
 )
 
 from vllm_prumerge.evaluation import exact_match, normalize_answer, vqa_accuracy
@@ -774,13 +774,9 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
             ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=offset, fontsize=8)
         off_y = ys[[r["name"] for r in results].index(BASELINE)]
         ax.axhline(off_y, color="C3", linestyle="--", alpha=0.5)
-        ax.set_xscale("log")
-        ticks = token_ticks(max(xs))
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.minorticks_off()
+        token_axis(ax, max(xs), "image")
         ax.set_ylim(-3, 103)
         ax.set_xlim(0.8, max(1000, 1.3 * max(xs)))  # stock NeXT / OneVision: thousands
-        ax.set_xlabel("visual tokens per image (mean, log scale)")
         ax.set_ylabel(title)
         ax.set_title(title.split(" (")[0] + " vs visual tokens")
         ax.legend(fontsize=8, loc="best")

@@ -54,13 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _cli import (
-    add_model_arguments,
-    add_output_arguments,
-    add_workload_arguments,
-    model_label,
-    new_parser,
-)
+import _cli
 from _common import (
     BenchConfig,
     WorkItem,
@@ -123,7 +117,7 @@ def is_stock(name: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = new_parser(
+    parser = _cli.new_parser(
         __doc__,
         "TTFT, TPOT, ITL, end-to-end latency and throughput per configuration; JSON, "
         "Markdown and PNG output.",
@@ -136,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "MODEL --plugin prumerge --trust-request-mm-kwargs`) instead of starting one; the "
         "engine options below then do not apply.",
     )
-    add_model_arguments(
+    _cli.add_model_arguments(
         srv,
         "Checkpoint the started server serves (hub id such as llava-hf/llava-1.5-7b-hf or "
         "a folder; LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA, LLaVA-OneVision or LLaVA-NeXT-Video). "
@@ -194,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         "messages without the image, padded to exactly the image request's prompt tokens), "
         "the limit an image request can reach on this server.",
     )
-    add_workload_arguments(work, "Seed of images, questions and arrivals (vllm bench serve's).")
+    _cli.add_workload_arguments(
+        work, "Seed of images, questions and arrivals (vllm bench serve's)."
+    )
     work.add_argument(
         "--request-rate",
         default="inf",
@@ -236,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Extra argument for every `vllm bench serve` run (repeatable; the = form for "
         "values, e.g. --bench-arg=--burstiness=0.5 or --bench-arg=--goodput=ttft:500).",
     )
-    add_output_arguments(
+    _cli.add_output_arguments(
         parser,
         "out/serving",
         "Folder for serving.json, serving.md, serving_latency.png, server.log, the datasets "
@@ -878,7 +874,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "serving (vllm serve, OpenAI chat API, vllm bench serve)",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "model": model if args.base_url else model_label(args),
+        "model": model if args.base_url else _cli.model_label(args),
         "model_path": model,
         "served_model": data["served_model"],
         "server": "; ".join(f"{k}: {v}" for k, v in servers.items()),
