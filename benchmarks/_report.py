@@ -139,10 +139,13 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, out: Path, name: str) -> str:
-    """Lay out `fig`, write it to `out`/`name` (PNG, 120 dpi) and close it; returns `name`."""
+def save_figure(fig: Any, out: Path, name: str, title: str | None = None) -> str:
+    """Give `fig` its `title` (small, it names the run), lay it out, write it to `out`/`name`
+    (PNG, 120 dpi) and close it; returns `name`."""
     import matplotlib.pyplot as plt
 
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out / name, dpi=120)
     plt.close(fig)

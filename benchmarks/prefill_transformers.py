@@ -513,11 +513,8 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
         axes[1].set_title("KV cache (peak memory is measured on CUDA only)", fontsize=9)
     axes[1].legend(fontsize=7)
     device = _report.device_name(data["environment"])
-    fig.suptitle(
-        f"LLM prefill, shape {data['settings']['shape']}, {data['dtype']}, {device}",
-        fontsize=9,
-    )
-    return [_report.save_figure(fig, out, "prefill.png")]
+    title = f"LLM prefill, shape {data['settings']['shape']}, {data['dtype']}, {device}"
+    return [_report.save_figure(fig, out, "prefill.png", title)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -780,12 +780,11 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
         ax.set_ylabel(title)
         ax.set_title(title.split(" (")[0] + " vs visual tokens")
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle(
+    title = (
         f"{data['model']} ({data['backend']}); {data['data']['items']} items of "
-        f"{Path(str(data['data']['source'])).name}",
-        fontsize=9,
+        f"{Path(str(data['data']['source'])).name}"
     )
-    return [save_figure(fig, out, "quality_vs_tokens.png")]
+    return [save_figure(fig, out, "quality_vs_tokens.png", title)]
 
 
 METHOD = (

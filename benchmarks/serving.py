@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import _cli
+import _report
 from _common import (
     BenchConfig,
     WorkItem,
@@ -65,23 +66,6 @@ from _common import (
     parse_configs,
     summary,
     synthetic_checkpoint,
-)
-from _report import (
-    BASELINE_RULE,
-    device_line,
-    device_name,
-    environment,
-    finish,
-    label_points,
-    media_labels,
-    pick_baseline,
-    pyplot,
-    ratio,
-    save_figure,
-    table,
-    text_section,
-    token_axis,
-    video_note,
 )
 
 from vllm_prumerge.testing.engine_args import (
@@ -177,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Comma-separated configurations, as in throughput.py: off, prumerge, prumerge+, "
         "fixed:N, fixed:Ns, fixed:RATIO, and stock (stock vLLM, no plugin, in a second server "
         "started by this script; stock:DTYPE: one more stock server at that --dtype, e.g. "
-        f"stock:float32). {BASELINE_RULE} Default: {default_configs(0)}; with --frames: "
+        f"stock:float32). {_report.BASELINE_RULE} Default: {default_configs(0)}; with --frames: "
         f"{default_configs(1)} (budgets per frame).",
     )
     work.add_argument(
@@ -620,9 +604,10 @@ def fill_stock_visual_tokens(runs: list[dict[str, Any]]) -> None:
 def add_ratios(runs: list[dict[str, Any]]) -> None:
     """Per request rate: ratios to the baseline (`_report.pick_baseline`), to `stock`, and to
     each run's own text-equivalent."""
+    ratio = _report.ratio
     for rate in sorted({r["request_rate"] for r in runs}):
         group = [r for r in runs if r["request_rate"] == rate]
-        base = pick_baseline(group)
+        base = _report.pick_baseline(group)
         stock = next((o for o in group if o["name"] == STOCK), None)
         for r in group:
             r["baseline"] = base["name"]
@@ -655,7 +640,7 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
 
 def markdown_report(data: dict[str, Any]) -> str:
     env, settings = data["environment"], data["settings"]
-    short, long = media_labels(settings)
+    short, long = _report.media_labels(settings)
     has_stock = any("ratio_to_stock" in r for r in data["runs"])
     text_columns = [
         ("config", "name"),
@@ -712,22 +697,22 @@ def markdown_report(data: dict[str, Any]) -> str:
     lines = [
         f"# Serving: visual tokens per {long} vs latency and throughput (vllm serve)",
         "",
-        *video_note(settings, SERVER_VIDEO_NOTE),
+        *_report.video_note(settings, SERVER_VIDEO_NOTE),
         f"Model: `{data['model']}`; server: {data['server']}; {settings['num_prompts']} "
         f"requests per configuration and repeat ({settings['repeats']} repeats, pooled), "
         f"{settings['output_len']} output tokens each, max concurrency "
-        f"{settings['max_concurrency'] or 'unlimited'}; {device_line(env)}.",
+        f"{settings['max_concurrency'] or 'unlimited'}; {_report.device_line(env)}.",
         "",
-        f"Latencies in ms (p50 / p99). {BASELINE_RULE} Each at the same request rate; "
+        f"Latencies in ms (p50 / p99). {_report.BASELINE_RULE} Each at the same request rate; "
         "`prompt-ratio ideal x` = prompt-token ratio (the speed-up if cost were "
         "proportional to prompt tokens; no engine reaches it, decode steps do not shrink). "
         "Visual tokens: the server's own histogram (`stock`: prompt tokens minus the requests' "
         "text tokens); peak KV and running: sampled from /metrics.",
         "",
-        *text_section(data["runs"], text_intro, text_columns),
+        *_report.text_section(data["runs"], text_intro, text_columns),
         "## All figures",
         "",
-        table(data["runs"], columns),
+        _report.table(data["runs"], columns),
         "Method: " + data["method"],
         "",
     ]
@@ -735,7 +720,7 @@ def markdown_report(data: dict[str, Any]) -> str:
 
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
-    plt = pyplot()
+    plt = _report.pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     rates = sorted({r["request_rate"] for r in data["runs"]})
@@ -765,20 +750,19 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
                 label=f"text-equivalent, {tag}",
             )
         axes[2].set_title("requests / s")
-        label_points(axes[2], group, xs, rps)
+        _report.label_points(axes[2], group, xs, rps)
     largest = max(
         (r["visual_tokens_mean"] for r in data["runs"] if not math.isnan(r["visual_tokens_mean"])),
         default=576,
     )
     for ax in axes:
-        token_axis(ax, largest, media_labels(data["settings"])[1])
+        _report.token_axis(ax, largest, _report.media_labels(data["settings"])[1])
         ax.legend(fontsize=7)
-    fig.suptitle(
+    title = (
         f"{data['model']}: {data['settings']['num_prompts']} requests, max concurrency "
-        f"{data['settings']['max_concurrency']}; {device_name(data['environment'])}",
-        fontsize=9,
+        f"{data['settings']['max_concurrency']}; {_report.device_name(data['environment'])}"
     )
-    return [save_figure(fig, out, "serving_latency.png")]
+    return [_report.save_figure(fig, out, "serving_latency.png", title)]
 
 
 METHOD = (
@@ -846,7 +830,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.chat_content_format = "the server's" if args.base_url else "openai"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = environment({"device": "cuda" if gpu else "cpu"})
+    env = _report.environment({"device": "cuda" if gpu else "cpu"})
     print(env["cpu_line"], flush=True)
     wall = time.perf_counter()
     started: dict[str, float] = {}
@@ -886,7 +870,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "environment": env,
         "runs": runs,
     }
-    return finish(out, "serving", result, wall, markdown_report, None if args.no_plots else plot)
+    return _report.finish(
+        out, "serving", result, wall, markdown_report, None if args.no_plots else plot
+    )
 
 
 if __name__ == "__main__":

@@ -592,13 +592,12 @@ def plot_scaling(data: dict[str, Any], out: Path) -> str:
         token_axis(ax, max(xs), media_labels(data["settings"])[1])
         ax.set_title(title)
         ax.legend(fontsize=7)
-    fig.suptitle(
+    title = (
         f"{data['model']}: {data['settings']['num_prompts']} requests released at once, "
         f"{data['settings']['output_len']} output tokens; "
-        f"{data['environment'].get('gpu') or data['environment']['cpu']}",
-        fontsize=9,
+        f"{data['environment'].get('gpu') or data['environment']['cpu']}"
     )
-    return save_figure(fig, out, "scaling.png")
+    return save_figure(fig, out, "scaling.png", title)
 
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
@@ -654,13 +653,12 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     ax.legend(fontsize=7)
     for ax in axes:
         token_axis(ax, top, media_labels(data["settings"])[1])
-    fig.suptitle(
+    title = (
         f"{data['model']}\n{data['settings']['num_prompts']} requests, "
         f"{data['settings']['output_len']} output tokens; "
-        f"{data['environment'].get('gpu') or data['environment']['cpu']}",
-        fontsize=9,
+        f"{data['environment'].get('gpu') or data['environment']['cpu']}"
     )
-    save_figure(fig, out, "throughput_vs_tokens.png")
+    save_figure(fig, out, "throughput_vs_tokens.png", title)
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     shown = [r for r in results if r["name"] in ("prumerge", "prumerge+")] or results
