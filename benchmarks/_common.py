@@ -7,10 +7,14 @@ where only torch and transformers are installed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import random
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIGS = "off,prumerge,prumerge+,fixed:576,fixed:288,fixed:144,fixed:64,fixed:32"
@@ -330,3 +334,67 @@ def summary(values: Sequence[float]) -> dict[str, float]:
         "min": min(values),
         "max": max(values),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM's load generator, `vllm bench serve`, for the scripts that measure a server
+
+
+def write_dataset(path: Path, requests: Sequence[list[dict[str, Any]]]) -> Path:
+    """A `vllm bench serve --dataset-name custom` JSONL: one chat message's content parts per
+    line (sent as they are: `--skip-tokenizer-init` applies no chat template client-side)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": parts}) + "\n" for parts in requests))
+    return path
+
+
+def bench_serve_argv(
+    base: str, model: str, dataset: Path, count: int, output_len: int, **options: Any
+) -> list[str]:
+    """`vllm bench serve` arguments: the `count` chat requests of `dataset` (`write_dataset`)
+    to the server at `base`, at most `output_len` tokens each, greedy. `options`: `body` (more
+    of the request body, e.g. mm_processor_kwargs), `ignore_eos`, `rate` (requests/s, default
+    inf), `concurrency` (0: unlimited), `seed`, `result` (the path of its saved result), `quiet`
+    (no progress bar), `extra` (more arguments).
+
+    `--dataset-name custom` with `--skip-tokenizer-init` sends each line's content parts as they
+    are (vLLM 0.32's `custom_image` takes no `video_url` part), but then asks for one output
+    token: the output length goes in --extra-body's max_completion_tokens, which wins."""
+    body = {"max_completion_tokens": output_len, **options.get("body", {})}
+    argv = [
+        *("--backend", "openai-chat", "--endpoint", "/v1/chat/completions"),
+        *("--base-url", base, "--model", model, "--skip-tokenizer-init"),
+        *("--dataset-name", "custom", "--dataset-path", str(dataset), "--disable-shuffle"),
+        *("--num-prompts", str(count), "--output-len", str(output_len), "--temperature", "0"),
+        *(
+            "--request-rate",
+            str(options.get("rate", math.inf)),
+            "--seed",
+            str(options.get("seed", 0)),
+        ),
+        *("--ready-check-timeout-sec", "0", "--save-detailed", "--extra-body", json.dumps(body)),
+        *("--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,95,99"),
+    ]
+    if options.get("ignore_eos"):
+        argv.append("--ignore-eos")
+    if options.get("concurrency"):
+        argv += ["--max-concurrency", str(options["concurrency"])]
+    if options.get("result") is not None:
+        result = options["result"]
+        argv += ["--save-result", "--result-dir", str(result.parent)]
+        argv += ["--result-filename", result.name]
+    if options.get("quiet"):
+        argv.append("--disable-tqdm")
+    return argv + list(options.get("extra", ()))
+
+
+async def bench_serve(argv: list[str]) -> dict[str, Any]:
+    """One `vllm bench serve` run, in this process: vLLM's own parser and load generator (its
+    printed summary goes to stderr); returns its result, per-request lists included."""
+    from vllm.benchmarks.serve import add_cli_args, main_async
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="vllm bench serve")
+    add_cli_args(parser)
+    with contextlib.redirect_stdout(sys.stderr):
+        return await main_async(parser.parse_args(argv))

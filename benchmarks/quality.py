@@ -44,7 +44,14 @@ from pathlib import Path
 from typing import Any
 
 from _cli import add_output_arguments, new_parser
-from _common import BenchConfig, parse_configs, summary
+from _common import (
+    BenchConfig,
+    bench_serve,
+    bench_serve_argv,
+    parse_configs,
+    summary,
+    write_dataset,
+)
 from _report import (
     device_line,
     environment,
@@ -447,34 +454,30 @@ class OfflineEngine:
 
 class ServerClient:
     """A running `vllm serve --plugin prumerge --trust-request-mm-kwargs`, through the OpenAI
-    chat API; every request carries its configuration in `extra_body`."""
+    chat API, loaded by vLLM's own `vllm bench serve` (a `custom` dataset of the batch's chat
+    messages, written to OUT/datasets/; the configuration in --extra-body)."""
 
     kind = "server"
 
     def __init__(self, url: str, args: argparse.Namespace) -> None:
         self.base = url.rstrip("/").removesuffix("/v1")
         self.api_key = args.api_key or os.environ.get("OPENAI_API_KEY", "EMPTY")
+        os.environ["OPENAI_API_KEY"] = self.api_key  # vllm bench serve sends it
         self.args = args
         self.loop = asyncio.new_event_loop()
         self.model, self.image_token = self.loop.run_until_complete(self._connect())
         self.text_tokens: dict[str, int] = {}  # chat text -> non-image prompt tokens
         self.blank = image_data_url(_blank_image())
         self.dtype = None
+        self.batches = 0
 
     async def _connect(self) -> tuple[str, int]:
         import httpx
-        from openai import AsyncOpenAI
 
         headers = {"Authorization": f"Bearer {self.api_key}"}
         self.http = httpx.AsyncClient(base_url=self.base, timeout=600.0, headers=headers)
-        self.client = AsyncOpenAI(
-            base_url=self.base + "/v1",
-            api_key=self.api_key,
-            timeout=3600.0,
-            max_retries=0,
-        )
         try:
-            model = self.args.model or (await self.client.models.list()).data[0].id
+            model = self.args.model or (await self.http.get("/v1/models")).json()["data"][0]["id"]
         except Exception as exc:
             raise ConnectionError(f"--server {self.base}: cannot list models: {exc}") from None
         # The placeholder string LLaVA's chat templates render for an image.
@@ -511,31 +514,6 @@ class ServerClient:
         tokens = response.json()["tokens"]
         return len(tokens) - tokens.count(self.image_token)
 
-    async def _one(self, question: str, url: str, config: BenchConfig, limit: Any) -> Answer:
-        async with limit:
-            try:
-                response = await self.client.chat.completions.create(
-                    model=self.model,
-                    messages=self._messages(question, url),
-                    max_completion_tokens=self.args.max_tokens,
-                    temperature=0.0,
-                    extra_body={"mm_processor_kwargs": {"prumerge": config.prumerge}},
-                )
-            except Exception as exc:
-                hint = (
-                    " (start the server with --trust-request-mm-kwargs)"
-                    if "trust-request-mm-kwargs" in str(exc)
-                    else ""
-                )
-                raise RuntimeError(f"request failed in {config.name}{hint}: {exc}") from None
-        prompt = response.usage.prompt_tokens
-        return Answer(
-            text=response.choices[0].message.content or "",
-            visual_tokens=prompt - self.text_tokens[self._text(question)],
-            prompt_tokens=prompt,
-            output_tokens=response.usage.completion_tokens,
-        )
-
     async def _batch(
         self, questions: Sequence[str], urls: Sequence[str], config: BenchConfig, bar: Any
     ) -> tuple[list[Answer], float]:
@@ -543,18 +521,47 @@ class ServerClient:
         counts = await asyncio.gather(*(self._text_tokens(q) for q in missing))
         for question, count in zip(missing, counts, strict=True):
             self.text_tokens[self._text(question)] = count
-        limit = asyncio.Semaphore(max(1, self.args.concurrency))
-
-        async def tracked(question: str, url: str) -> Answer:
-            answer = await self._one(question, url, config, limit)
-            bar.update(1)
-            return answer
-
-        start = time.perf_counter()
-        answers = await asyncio.gather(
-            *(tracked(q, u) for q, u in zip(questions, urls, strict=True))
+        self.batches += 1
+        dataset = write_dataset(
+            Path(self.args.out) / "datasets" / f"batch-{self.batches}.jsonl",
+            [self._messages(q, u)[0]["content"] for q, u in zip(questions, urls, strict=True)],
         )
-        return list(answers), time.perf_counter() - start
+        argv = bench_serve_argv(
+            self.base,
+            self.model,
+            dataset,
+            len(urls),
+            self.args.max_tokens,
+            body={"mm_processor_kwargs": {"prumerge": config.prumerge}},
+            concurrency=self.args.concurrency,
+            quiet=True,
+        )
+        result = await bench_serve(argv)
+        errors = [e for e in result["errors"] if e]
+        if errors:
+            hint = (
+                " (start the server with --trust-request-mm-kwargs)"
+                if "trust-request-mm-kwargs" in str(errors)
+                else ""
+            )
+            raise RuntimeError(f"request failed in {config.name}{hint}: {errors[0][-500:]}")
+        bar.update(len(urls))
+        answers = [
+            Answer(
+                text=text,
+                visual_tokens=prompt - self.text_tokens[self._text(question)],
+                prompt_tokens=prompt,
+                output_tokens=output,
+            )
+            for question, text, prompt, output in zip(
+                questions,
+                result["generated_texts"],
+                result["input_lens"],
+                result["output_lens"],
+                strict=True,
+            )
+        ]
+        return answers, result["duration"]
 
     def run(
         self, questions: Sequence[str], images: Sequence[Any], config: BenchConfig, bar: Any
@@ -564,11 +571,7 @@ class ServerClient:
         return self.loop.run_until_complete(self._batch(questions, urls, config, bar))
 
     def close(self) -> None:
-        async def shutdown() -> None:
-            await self.client.close()
-            await self.http.aclose()
-
-        self.loop.run_until_complete(shutdown())
+        self.loop.run_until_complete(self.http.aclose())
         self.loop.close()
 
 
@@ -794,7 +797,8 @@ METHOD = (
     "image, then the question in --chat-template), rendered by the checkpoint's own chat "
     "template (offline: the token ids vllm serve would build). Offline: vllm.LLM with the plugin's "
     "architecture, prefix and multimodal processor caches off unless --keep-caches; visual "
-    "tokens = count of the image token in prompt_token_ids. Server: OpenAI chat completions; "
+    "tokens = count of the image token in prompt_token_ids. Server: OpenAI chat completions "
+    "sent by vLLM's own load generator (vllm bench serve, a custom dataset of each batch); "
     "visual tokens = usage.prompt_tokens minus the non-image tokens of the same chat prompt "
     "(from the server's /tokenize with a blank image). requests/s = items / time spent "
     "generating them (image decoding excluded; pre-processing, CLIP tower, reduction, prefill "

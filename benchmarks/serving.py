@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import shlex
 import sys
@@ -59,6 +58,8 @@ import _report
 from _common import (
     BenchConfig,
     WorkItem,
+    bench_serve,
+    bench_serve_argv,
     build_workload,
     chat_prompt,
     default_configs,
@@ -66,6 +67,7 @@ from _common import (
     parse_configs,
     summary,
     synthetic_checkpoint,
+    write_dataset,
 )
 
 from vllm_prumerge.testing.engine_args import (
@@ -255,55 +257,27 @@ def server_args(args: argparse.Namespace, *, stock: bool, dtype: str | None = No
 def bench_argv(
     args: argparse.Namespace, base: str, model: str, dataset: Path, count: int, rate: float, **kw
 ) -> list[str]:
-    """`vllm bench serve` arguments for the `count` requests of `dataset` at `rate`;
-    `prumerge` (keyword): the configuration sent in --extra-body (None: no plugin kwargs);
-    `result`: the path of its saved result (None: not saved).
-
-    `--dataset-name custom` with `--skip-tokenizer-init` sends each line's content parts as they
-    are (vLLM 0.32's `custom_image` takes no `video_url` part), but then asks for one output
-    token: the output length goes in --extra-body's max_completion_tokens, which wins."""
-    argv = [
-        *("--backend", "openai-chat", "--endpoint", "/v1/chat/completions"),
-        *("--base-url", base, "--model", model, "--skip-tokenizer-init"),
-        *("--dataset-name", "custom", "--dataset-path", str(dataset), "--disable-shuffle"),
-        *("--num-prompts", str(count), "--output-len", str(args.output_len), "--ignore-eos"),
-        *("--temperature", "0", "--request-rate", str(rate), "--seed", str(args.seed)),
-        *("--ready-check-timeout-sec", "0", "--save-detailed"),
-        *("--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,95,99"),
-    ]
-    body: dict[str, Any] = {"max_completion_tokens": args.output_len}
-    if kw.get("prumerge") is not None:
-        body["mm_processor_kwargs"] = {"prumerge": kw["prumerge"]}
-    argv += ["--extra-body", json.dumps(body)]
-    if args.max_concurrency > 0:
-        argv += ["--max-concurrency", str(args.max_concurrency)]
-    if kw.get("result") is not None:
-        result = kw["result"]
-        argv += ["--save-result", "--result-dir", str(result.parent)]
-        argv += ["--result-filename", result.name]
-    if args.no_progress:
-        argv.append("--disable-tqdm")
-    return argv + list(args.bench_arg)
-
-
-async def bench_serve(argv: list[str]) -> dict[str, Any]:
-    """One `vllm bench serve` run, in this process: vLLM's own parser and load generator (its
-    printed summary goes to stderr); returns its result, per-request lists included."""
-    from vllm.benchmarks.serve import add_cli_args, main_async
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser(prog="vllm bench serve")
-    add_cli_args(parser)
-    with contextlib.redirect_stdout(sys.stderr):
-        return await main_async(parser.parse_args(argv))
-
-
-def write_dataset(path: Path, requests: list[list[dict[str, Any]]]) -> Path:
-    """A `vllm bench serve --dataset-name custom` JSONL: one chat message's content parts per
-    line (sent as they are: `--skip-tokenizer-init` applies no chat template client-side)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"prompt": parts}) + "\n" for parts in requests))
-    return path
+    """`vllm bench serve` arguments (`_common.bench_serve_argv`) for the `count` requests of
+    `dataset` at `rate`, --ignore-eos; `prumerge` (keyword): the configuration sent in
+    --extra-body (None: no plugin kwargs); `result`: the path of its saved result."""
+    body = (
+        {} if kw.get("prumerge") is None else {"mm_processor_kwargs": {"prumerge": kw["prumerge"]}}
+    )
+    return bench_serve_argv(
+        base,
+        model,
+        dataset,
+        count,
+        args.output_len,
+        body=body,
+        ignore_eos=True,
+        rate=rate,
+        concurrency=args.max_concurrency,
+        seed=args.seed,
+        result=kw.get("result"),
+        quiet=args.no_progress,
+        extra=args.bench_arg,
+    )
 
 
 def media_url(item: WorkItem) -> str:
