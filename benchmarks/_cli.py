@@ -8,6 +8,7 @@ vLLM, so `--help` and input errors stay instant.
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 from _common import FAMILIES, SYNTHETIC_SPECS, TOWERS
@@ -18,12 +19,24 @@ __all__ = [
     "add_output_arguments",
     "add_workload_arguments",
     "model_label",
+    "new_parser",
     "parse_size",
 ]
 
 
-def add_model_arguments(group: Any) -> None:
-    """--synthetic, --family, --tower: the generated checkpoint used when --model is not given."""
+def new_parser(doc: str, summary: str) -> argparse.ArgumentParser:
+    """A script's parser: its docstring's first paragraph + `summary` as the description, every
+    option's default shown in --help."""
+    return argparse.ArgumentParser(
+        description=doc.split("\n\n")[0] + " " + summary,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+
+def add_model_arguments(group: Any, model_help: str) -> None:
+    """--model (`model_help`), then --synthetic, --family, --tower: the generated checkpoint
+    used when --model is not given."""
+    group.add_argument("--model", default=None, help=model_help)
     group.add_argument(
         "--synthetic",
         choices=sorted(SYNTHETIC_SPECS),

@@ -7,10 +7,14 @@ where only torch and transformers are installed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import random
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIGS = "off,prumerge,prumerge+,fixed:576,fixed:288,fixed:144,fixed:64,fixed:32"
@@ -30,46 +34,14 @@ def default_configs(frames: int) -> str:
 # has a text model ~8x small's per token (1024 wide, 8 layers), for workloads where the LLM, not
 # the front end, is the bottleneck. All keep the real tower geometry (336 px, 14 px patches: 576
 # patches + CLS; SigLIP 384 px: 729 patches); --tower real also gives the tower its real size.
+_TEXT = ("text_hidden_size", "text_layers", "text_heads", "text_intermediate_size")
+_SMALL_TOWER = dict(
+    vision_hidden_size=128, vision_layers=3, vision_heads=4, vision_intermediate_size=512
+)
 SYNTHETIC_SPECS: dict[str, dict[str, int]] = {
     "tiny": {},
-    "small": dict(
-        text_hidden_size=512,
-        text_layers=4,
-        text_heads=16,
-        text_intermediate_size=1408,
-        vision_hidden_size=128,
-        vision_layers=3,
-        vision_heads=4,
-        vision_intermediate_size=512,
-    ),
-    "medium": dict(
-        text_hidden_size=1024,
-        text_layers=8,
-        text_heads=32,
-        text_intermediate_size=2816,
-        vision_hidden_size=128,
-        vision_layers=3,
-        vision_heads=4,
-        vision_intermediate_size=512,
-    ),
-}
-
-# --tower real: the family's production tower shape with random weights, so the front end
-# costs what it costs in production. CLIP ViT-L/14-336 (LLaVA-1.5, LLaVA-NeXT: 24 layers, 1024
-# wide, 16 heads, MLP 4096) and SigLIP-so400m 384/14 as llava-hf's SigLIP-LLaVA checkpoints hold
-# it (LLaVA-Interleave and LLaVA-OneVision: 26 layers, 1152 wide, 16 heads, MLP 4304, no head).
-_CLIP_L_336 = dict(
-    vision_hidden_size=1024, vision_layers=24, vision_heads=16, vision_intermediate_size=4096
-)
-_SIGLIP_SO400M = dict(
-    vision_hidden_size=1152, vision_layers=26, vision_heads=16, vision_intermediate_size=4304
-)
-REAL_TOWERS: dict[str, dict[str, int]] = {
-    "llava": _CLIP_L_336,
-    "llava_next": _CLIP_L_336,
-    "siglip": _SIGLIP_SO400M,
-    "onevision": _SIGLIP_SO400M,
-    "next_video": _CLIP_L_336,
+    "small": {**dict(zip(_TEXT, (512, 4, 16, 1408), strict=True)), **_SMALL_TOWER},
+    "medium": {**dict(zip(_TEXT, (1024, 8, 32, 2816), strict=True)), **_SMALL_TOWER},
 }
 TOWERS = ("preset", "real")
 FAMILIES = ("llava", "llava_next", "siglip", "onevision", "next_video", "video_llava")
@@ -102,14 +74,15 @@ def synthetic_checkpoint(
     tower shape when `tower` is "real"; made once and cached under ~/.cache/vllm-prumerge."""
     from vllm_prumerge.testing import TinyLlavaSpec
     from vllm_prumerge.testing.engine_args import resolve_model
+    from vllm_prumerge.testing.towers import FAMILY_TOWERS, spec_fields
 
     if tower not in TOWERS:
         raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
     fields = dict(SYNTHETIC_SPECS[size])
-    if tower == "real":
-        if family not in REAL_TOWERS:
+    if tower == "real":  # the family's production tower shape (vllm_prumerge.testing.towers)
+        if family not in FAMILY_TOWERS:
             raise ValueError(f"no production tower shape is known for family {family!r}")
-        fields.update(REAL_TOWERS[family])
+        fields.update(spec_fields(FAMILY_TOWERS[family]))
     spec = TinyLlavaSpec(family=family, **fields)
     return resolve_model(None, spec), dataclasses.asdict(spec)
 
@@ -361,3 +334,67 @@ def summary(values: Sequence[float]) -> dict[str, float]:
         "min": min(values),
         "max": max(values),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM's load generator, `vllm bench serve`, for the scripts that measure a server
+
+
+def write_dataset(path: Path, requests: Sequence[list[dict[str, Any]]]) -> Path:
+    """A `vllm bench serve --dataset-name custom` JSONL: one chat message's content parts per
+    line (sent as they are: `--skip-tokenizer-init` applies no chat template client-side)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": parts}) + "\n" for parts in requests))
+    return path
+
+
+def bench_serve_argv(
+    base: str, model: str, dataset: Path, count: int, output_len: int, **options: Any
+) -> list[str]:
+    """`vllm bench serve` arguments: the `count` chat requests of `dataset` (`write_dataset`)
+    to the server at `base`, at most `output_len` tokens each, greedy. `options`: `body` (more
+    of the request body, e.g. mm_processor_kwargs), `ignore_eos`, `rate` (requests/s, default
+    inf), `concurrency` (0: unlimited), `seed`, `result` (the path of its saved result), `quiet`
+    (no progress bar), `extra` (more arguments).
+
+    `--dataset-name custom` with `--skip-tokenizer-init` sends each line's content parts as they
+    are (vLLM 0.32's `custom_image` takes no `video_url` part), but then asks for one output
+    token: the output length goes in --extra-body's max_completion_tokens, which wins."""
+    body = {"max_completion_tokens": output_len, **options.get("body", {})}
+    argv = [
+        *("--backend", "openai-chat", "--endpoint", "/v1/chat/completions"),
+        *("--base-url", base, "--model", model, "--skip-tokenizer-init"),
+        *("--dataset-name", "custom", "--dataset-path", str(dataset), "--disable-shuffle"),
+        *("--num-prompts", str(count), "--output-len", str(output_len), "--temperature", "0"),
+        *(
+            "--request-rate",
+            str(options.get("rate", math.inf)),
+            "--seed",
+            str(options.get("seed", 0)),
+        ),
+        *("--ready-check-timeout-sec", "0", "--save-detailed", "--extra-body", json.dumps(body)),
+        *("--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,95,99"),
+    ]
+    if options.get("ignore_eos"):
+        argv.append("--ignore-eos")
+    if options.get("concurrency"):
+        argv += ["--max-concurrency", str(options["concurrency"])]
+    if options.get("result") is not None:
+        result = options["result"]
+        argv += ["--save-result", "--result-dir", str(result.parent)]
+        argv += ["--result-filename", result.name]
+    if options.get("quiet"):
+        argv.append("--disable-tqdm")
+    return argv + list(options.get("extra", ()))
+
+
+async def bench_serve(argv: list[str]) -> dict[str, Any]:
+    """One `vllm bench serve` run, in this process: vLLM's own parser and load generator (its
+    printed summary goes to stderr); returns its result, per-request lists included."""
+    from vllm.benchmarks.serve import add_cli_args, main_async
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="vllm bench serve")
+    add_cli_args(parser)
+    with contextlib.redirect_stdout(sys.stderr):
+        return await main_async(parser.parse_args(argv))

@@ -1,10 +1,8 @@
-"""Report writing shared by the benchmark scripts: the machine and versions of a run, JSON and
-Markdown outputs, tables, plots and progress bars.
+"""Report writing shared by the benchmark scripts: the machine and versions of a run, the baseline
+of every ratio, JSON and Markdown outputs, tables, plots and progress bars.
 
-Every script imports it before any `vllm_prumerge` module, so it also puts this checkout on
-`sys.path` (the scripts run from a checkout without `pip install -e .`). Imports neither vLLM nor
-matplotlib at module level: `prefill_transformers.py` runs where only torch and transformers are
-installed.
+Imports neither vLLM nor matplotlib at module level: `prefill_transformers.py` runs where only
+torch and transformers are installed.
 """
 
 from __future__ import annotations
@@ -21,10 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO_ROOT))
-
 TOKEN_TICKS = (1, 4, 16, 32, 64, 144, 288, 576)  # x ticks of the token-count plots
 
 
@@ -33,6 +27,30 @@ def token_ticks(largest: float) -> list[int]:
     LLaVA-OneVision about 7,000)."""
     ticks = [*TOKEN_TICKS, 729, 1176, 2928, 7371]
     return sorted(t for t in set(ticks) if t <= max(largest, 576) * 1.05)
+
+
+# The one baseline rule of every ratio (`x`) in the reports.
+BASELINE_RULE = (
+    "Ratios (x) are to `off` (the stock visual-token count through the plugin's code path) when "
+    "it ran, else to the configuration with the most prompt tokens per request: every "
+    "configuration sends the same requests, so that is the one with the most visual tokens."
+)
+
+
+def pick_baseline(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The row every ratio is taken to (BASELINE_RULE): `off`, else the most prompt tokens
+    (`row["prompt_tokens"]["mean"]`; the first of equals). Prompt tokens, not visual tokens:
+    they are measured for every configuration (stock vLLM's server reports no visual-token
+    count), and the prompt-ratio ideal is taken to the same row."""
+    return next(
+        (r for r in rows if r["name"] == "off"),
+        max(rows, key=lambda r: r["prompt_tokens"]["mean"]),
+    )
+
+
+def ratio(value: float | None, base: float | None) -> float:
+    """`value / base`, NaN when either is missing or `base` is 0."""
+    return value / base if value is not None and base else float("nan")
 
 
 def media_labels(settings: dict[str, Any]) -> tuple[str, str]:
@@ -121,10 +139,13 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, out: Path, name: str) -> str:
-    """Lay out `fig`, write it to `out`/`name` (PNG, 120 dpi) and close it; returns `name`."""
+def save_figure(fig: Any, out: Path, name: str, title: str | None = None) -> str:
+    """Give `fig` its `title` (small, it names the run), lay it out, write it to `out`/`name`
+    (PNG, 120 dpi) and close it; returns `name`."""
     import matplotlib.pyplot as plt
 
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out / name, dpi=120)
     plt.close(fig)
@@ -179,6 +200,46 @@ def fmt(value: Any, digits: int = 2) -> str:
             return f"{value:.0f}"
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def cell(row: dict[str, Any], key: Any) -> Any:
+    """`key(row)` for a callable, else the value at the dotted path `key` (None if absent)."""
+    if callable(key):
+        return key(row)
+    value: Any = row
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, Any]]) -> str:
+    """A Markdown table of `rows`, one column per (header, key) of `columns` (see `cell`)."""
+    return markdown_table([h for h, _ in columns], [[cell(r, k) for _, k in columns] for r in rows])
+
+
+def text_section(rows: Sequence[dict[str, Any]], intro: str, columns: Sequence[tuple]) -> list:
+    """The "true limit" section: `intro`, then the table of the rows measured with their
+    text-equivalents (none: no section)."""
+    rows = [r for r in rows if "text" in r]
+    if not rows:
+        return []
+    heading = "## Against the true limit (text-equivalent requests)"
+    return [heading, "", intro, "", table(rows, columns)]
+
+
+def token_axis(ax: Any, largest: float, long: str) -> None:
+    """A log x-axis of visual tokens per `long` ("image", "video"), ticked up to `largest`."""
+    ticks = token_ticks(largest)
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel(f"visual tokens per {long} (mean, log scale)")
+
+
+def label_points(ax: Any, rows: Sequence[dict], xs: Sequence, ys: Sequence, size: int = 7):
+    """Each point (x, y) annotated with its row's configuration name."""
+    for row, x, y in zip(rows, xs, ys, strict=True):
+        ax.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=size)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -23,27 +23,21 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from vllm_prumerge import PruMergeConfig
 from vllm_prumerge.reduction import core
+from vllm_prumerge.testing.engine_args import add_number_options
+from vllm_prumerge.testing.towers import FEATURE_LAYER, TOWER_SHAPES, build_tower
 from vllm_prumerge.vision import tower_scores
 from vllm_prumerge.vision.precision import cpu_description
 
+# The real-shaped towers (random weights), and for the smoke test CLIP-L's geometry (336 px, 576
+# patches + CLS) at a tiny width and depth.
 TOWERS = {
-    # vision_feature_layer, config: the towers of LLaVA-1.5 / NeXT and of Interleave / OneVision.
-    "clip-l-336": (-2, lambda: CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, projection_dim=768,
-    )),
-    "siglip-so400m-384": (-1, lambda: SiglipVisionConfig(
-        hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
-        image_size=384, patch_size=14, vision_use_head=False,
-    )),
-    # For the smoke test: CLIP-L's geometry (336 px, 576 patches + CLS), a tiny width and depth.
-    "tiny": (-2, lambda: CLIPVisionConfig(
+    **{name: (FEATURE_LAYER[name], name, {}) for name in TOWER_SHAPES},
+    "tiny": (-2, "clip-l-336", dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-        image_size=336, patch_size=14, projection_dim=32,
+        projection_dim=32,
     )),
 }  # fmt: skip
 
@@ -56,12 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="clip-l-336",
         help="real-shaped tower with random weights (default clip-l-336)",
     )
-    parser.add_argument("--images", type=int, default=4, help="images per batch (default 4)")
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=2,
-        help="timed repeats of each path, after one warm-up (default 2)",
+    add_number_options(
+        parser,
+        ("--images", int, 4, "images per batch (default 4)"),
+        ("--repeats", int, 2, "timed repeats of each path, after one warm-up (default 2)"),
     )
     parser.add_argument(
         "--dtype",
@@ -113,12 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    layer, make_config = TOWERS[args.tower]
-    vision = make_config()
-    model_class = CLIPVisionModel if isinstance(vision, CLIPVisionConfig) else SiglipVisionModel
+    layer, name, overrides = TOWERS[args.tower]
     dtype = getattr(torch, args.dtype)
-    tower = model_class._from_config(vision, attn_implementation="sdpa", dtype=dtype).eval()
-    pixels = torch.randn(args.images, 3, vision.image_size, vision.image_size, dtype=dtype)
+    tower = build_tower(name, dtype, **overrides)
+    size = tower.config.image_size
+    pixels = torch.randn(args.images, 3, size, size, dtype=dtype)
     config = PruMergeConfig(mode=args.mode)
     print(cpu_description(), f"| load average at start {os.getloadavg()[0]:.2f}", file=sys.stderr)
     print(f"{args.tower}, {args.dtype}, {args.threads} thread(s), {args.images} images, "

@@ -2,9 +2,9 @@
 
 Measures, on one device:
 1. the batched reduction (``vllm_prumerge.reduction.reduce_tokens``) against the deliberately
-   naive per-token transcription of the reference (``tests/naive_reference.py``: one image at a
-   time, a Python loop per kept token, NumPy quartiles), for several batch sizes B and patch
-   counts N, at width C;
+   naive per-token transcription of the reference (``vllm_prumerge.testing.naive_reference``:
+   one image at a time, a Python loop per kept token, NumPy quartiles), for several batch sizes
+   B and patch counts N, at width C;
 2. a CLIP ViT-L/14-336-shaped tower forward (random weights: 24 layers, width 1024, 16 heads,
    MLP 4096, 336 px / patch 14 = 576 patches) at the same batch sizes, so the reduction's cost
    can be stated as a percentage of the tower's forward (N = 576 only).
@@ -36,16 +36,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _report import cpu_model
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
-
-from _report import cpu_model  # noqa: E402
-from naive_reference import naive_prumerge, synthetic_inputs  # noqa: E402
-
-from vllm_prumerge.config import PruMergeConfig  # noqa: E402
-from vllm_prumerge.reduction import reduce_tokens  # noqa: E402
+from vllm_prumerge.config import PruMergeConfig
+from vllm_prumerge.reduction import reduce_tokens
+from vllm_prumerge.testing.engine_args import add_number_options
+from vllm_prumerge.testing.naive_reference import naive_prumerge, synthetic_inputs
+from vllm_prumerge.testing.towers import build_tower
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,18 +82,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--modes", type=_modes, default="prumerge,prumerge+", help="reduction modes timed"
     )
-    parser.add_argument(
-        "--repeats", type=int, default=9, help="timed repeats of the batched reduction"
-    )
-    parser.add_argument(
-        "--naive-repeats", type=int, default=3, help="timed repeats of the naive transcription"
-    )
-    parser.add_argument(
-        "--naive-max-patches",
-        type=int,
-        default=32 * 576,
-        help="skip the naive path (reported as not measured) when B * N exceeds this; the "
-        "default times it everywhere at N = 576 and up to B = 8 at N = 2304",
+    add_number_options(
+        parser,
+        ("--repeats", int, 9, "timed repeats of the batched reduction"),
+        ("--naive-repeats", int, 3, "timed repeats of the naive transcription"),
+        (
+            "--naive-max-patches",
+            int,
+            32 * 576,
+            "skip the naive path (reported as not measured) when B * N exceeds this; the "
+            "default times it everywhere at N = 576 and up to B = 8 at N = 2304",
+        ),
     )
     parser.add_argument(
         "--tower-batch-sizes",
@@ -104,22 +100,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="batch sizes of the tower forward (N = 576); unset: --batch-sizes; '' skips it",
     )
-    parser.add_argument(
-        "--tower-repeats", type=int, default=1, help="timed repeats of each tower forward"
+    add_number_options(
+        parser,
+        ("--tower-repeats", int, 1, "timed repeats of each tower forward"),
+        (
+            "--tower-warmup",
+            int,
+            1,
+            "untimed tower forwards at B = 1 before timing (larger B are not warmed up again)",
+        ),
+        ("--warmup", int, 1, "untimed calls before each timed measurement"),
+        ("--threads", int, None, "torch.set_num_threads; unset: torch's default"),
+        ("--seed", int, 0, "seed of the synthetic inputs"),
     )
-    parser.add_argument(
-        "--tower-warmup",
-        type=int,
-        default=1,
-        help="untimed tower forwards at B = 1 before timing (larger B are not warmed up again)",
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=1, help="untimed calls before each timed measurement"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads; unset: torch's default"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     parser.add_argument(
         "--no-malloc-tuning",
         dest="malloc_tuning",
@@ -230,28 +223,12 @@ def bench_reduction(args: argparse.Namespace, device: torch.device) -> list[dict
     return rows
 
 
-def build_tower(device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """CLIP ViT-L/14-336's geometry with random weights (transformers' default init)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    config = CLIPVisionConfig(
-        image_size=336,
-        patch_size=14,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        hidden_act="quick_gelu",
-    )
-    return CLIPVisionModel(config).eval().to(device=device, dtype=dtype)
-
-
 def bench_tower(args: argparse.Namespace, device: torch.device) -> list[dict]:
     if not args.tower_batch_sizes:
         return []
     dtype = DTYPES[args.dtype]
     log("building a random-weight CLIP ViT-L/14-336 tower")
-    tower = build_tower(device, dtype)
+    tower = build_tower("clip-l-336", dtype, device)
     warm = torch.randn(1, 3, 336, 336).to(device=device, dtype=dtype)
     with torch.inference_mode():
         for _ in range(args.tower_warmup):

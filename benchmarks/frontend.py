@@ -34,9 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _cli import add_image_size_argument, add_model_arguments, add_output_arguments, model_label
+from _cli import (
+    add_image_size_argument,
+    add_model_arguments,
+    add_output_arguments,
+    model_label,
+    new_parser,
+)
 from _common import build_workload, summary, synthetic_checkpoint
 from _report import device_line, environment, finish, markdown_table, progress
 
@@ -48,20 +52,17 @@ STOCK = "stock"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0]
-        + " Medians per stage, per configuration and thread count; JSON and Markdown output.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = new_parser(
+        __doc__,
+        "Medians per stage, per configuration and thread count; JSON and Markdown output.",
     )
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        default=None,
-        help="LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA or LLaVA-OneVision checkpoint (hub id or "
+    add_model_arguments(
+        model,
+        "LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA or LLaVA-OneVision checkpoint (hub id or "
         "folder). Default: a generated random-weight checkpoint (see --synthetic, --family, "
         "--tower).",
     )
-    add_model_arguments(model)
     model.add_argument(
         "--dtype",
         default="auto",
@@ -340,36 +341,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max(args.warmup, 1), args.seed, args.images, start=len(items), size=size, prompt=chat
     )
     per_setting: list[list[dict[str, Any]]] = [[] for _ in settings]
+
+    def one(item: Any, config: Any, threads: int) -> dict[str, Any]:
+        processor = stock if config is None else plugin
+        prompt = list(item.prompt_token_ids)
+        args_ = (processor, model_config, plugin.info, item.image, prompt, config, threads)
+        return time_image(*args_, stock_tower)
+
     with progress(len(settings) * len(items), "front end", disable=args.no_progress) as bar:
         for item in warm[: args.warmup]:
             for _, config, threads in settings:
-                processor = stock if config is None else plugin
-                time_image(
-                    processor,
-                    model_config,
-                    plugin.info,
-                    item.image,
-                    list(item.prompt_token_ids),
-                    config,
-                    threads,
-                    stock_tower,
-                )
+                one(item, config, threads)
         for item in items:  # every setting on this image, then the next image
             for rows, (name, config, threads) in zip(per_setting, settings, strict=True):
                 bar.set_description(f"{name}, {threads} thread(s)")
-                processor = stock if config is None else plugin
-                rows.append(
-                    time_image(
-                        processor,
-                        model_config,
-                        plugin.info,
-                        item.image,
-                        list(item.prompt_token_ids),
-                        config,
-                        threads,
-                        stock_tower,
-                    )
-                )
+                rows.append(one(item, config, threads))
                 bar.update(1)
     results = []
     for rows, (name, _, threads) in zip(per_setting, settings, strict=True):

@@ -31,52 +31,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report
+from _cli import add_output_arguments, new_parser
 
-from _cli import add_output_arguments
-from _report import (
-    device_name,
-    environment,
-    finish,
-    markdown_table,
-    progress,
-    pyplot,
-    save_figure,
-)
+from vllm_prumerge.testing.towers import spec_fields
 
 # Model shapes: LLaVA-1.5-7B (Vicuna-7B + CLIP-L/14-336) and a tiny one for CPU validation.
+_LLAMA = ("layers", "hidden_size", "intermediate_size", "heads", "vocab_size")
+_CLIP = ("vision_layers", "vision_hidden_size", "vision_intermediate_size", "vision_heads")
 SHAPES: dict[str, dict[str, int]] = {
-    "7b": dict(
-        layers=32,
-        hidden_size=4096,
-        intermediate_size=11008,
-        heads=32,
-        vocab_size=32064,
-        vision_layers=24,
-        vision_hidden_size=1024,
-        vision_intermediate_size=4096,
-        vision_heads=16,
-    ),
-    "tiny": dict(
-        layers=2,
-        hidden_size=256,
-        intermediate_size=688,
-        heads=8,
-        vocab_size=32064,
-        vision_layers=2,
-        vision_hidden_size=64,
-        vision_intermediate_size=128,
-        vision_heads=4,
-    ),
+    "7b": {
+        **dict(zip(_LLAMA, (32, 4096, 11008, 32, 32064), strict=True)),
+        **spec_fields("clip-l-336"),
+    },
+    "tiny": {
+        **dict(zip(_LLAMA, (2, 256, 688, 8, 32064), strict=True)),
+        **dict(zip(_CLIP, (2, 64, 128, 4), strict=True)),
+    },
 }
 PAPER = {"device": "V100 (roofline estimate)", "prefill_ms": {"576": 88.6, "prumerge": 15.3}}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0]
-        + " Random weights, torch + transformers only (no vLLM); JSON, Markdown and PNG output.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = new_parser(
+        __doc__,
+        "Random weights, torch + transformers only (no vLLM); JSON, Markdown and PNG output.",
     )
     shape = parser.add_argument_group(
         "model shape (--shape sets all; a flag given explicitly overrides it)"
@@ -302,22 +281,20 @@ def measure_prefill(model: Any, args: argparse.Namespace, device: Any, bar: Any)
 
 
 def build_tower(shape: dict[str, int], dtype: Any, device: Any, attn: str) -> Any:
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    """CLIP-L/14-336 (`vllm_prumerge.testing.towers`) at the shape's width and depth."""
+    from vllm_prumerge.testing.towers import build_tower as tower
 
-    config = CLIPVisionConfig(
-        image_size=336,
-        patch_size=14,
+    return tower(
+        "clip-l-336",
+        dtype,
+        device,
+        attn,
         hidden_size=shape["vision_hidden_size"],
         intermediate_size=shape["vision_intermediate_size"],
         num_hidden_layers=shape["vision_layers"],
         num_attention_heads=shape["vision_heads"],
         projection_dim=shape["vision_hidden_size"],
-        hidden_act="quick_gelu",
     )
-    with torch.device(device):
-        tower = CLIPVisionModel._from_config(config, attn_implementation=attn, dtype=dtype)
-    return tower.eval()
 
 
 def pixel_batch(count: int, seed: int) -> Any:
@@ -398,7 +375,7 @@ def mib(value: int | None) -> float | None:
 def markdown_report(data: dict[str, Any]) -> str:
     env = data["environment"]
     shape = data["shape"]
-    device = device_name(env)
+    device = _report.device_name(env)
     lines = [
         "# Prefill and front-end cost without vLLM (transformers, random weights)",
         "",
@@ -432,7 +409,7 @@ def markdown_report(data: dict[str, Any]) -> str:
         lines += [
             "## LLM prefill (V visual + T text tokens)",
             "",
-            markdown_table(
+            _report.markdown_table(
                 [
                     "batch",
                     "V",
@@ -454,7 +431,7 @@ def markdown_report(data: dict[str, Any]) -> str:
         lines += [
             "## Front end per image (CLIP tower to the feature layer + reduction)",
             "",
-            markdown_table(
+            _report.markdown_table(
                 [
                     "batch",
                     "mode",
@@ -485,7 +462,7 @@ def markdown_report(data: dict[str, Any]) -> str:
 
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
-    plt = pyplot()
+    plt = _report.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
     for i, batch in enumerate(sorted({r["batch_size"] for r in data["prefill"]})):
@@ -535,12 +512,9 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     if not any(r["peak_memory_bytes"] is not None for r in data["prefill"]):
         axes[1].set_title("KV cache (peak memory is measured on CUDA only)", fontsize=9)
     axes[1].legend(fontsize=7)
-    env = data["environment"]
-    fig.suptitle(
-        f"LLM prefill, shape {data['settings']['shape']}, {data['dtype']}, {device_name(env)}",
-        fontsize=9,
-    )
-    return [save_figure(fig, out, "prefill.png")]
+    device = _report.device_name(data["environment"])
+    title = f"LLM prefill, shape {data['settings']['shape']}, {data['dtype']}, {device}"
+    return [_report.save_figure(fig, out, "prefill.png", title)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,7 +543,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "shape": shape,
         "dtype": dtype_name,
         "device": str(device),
-        "environment": environment(extra),
+        "environment": _report.environment(extra),
         "paper": PAPER,
         "prefill": [],
         "frontend": [],
@@ -585,7 +559,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         * len([m for m in args.modes.split(",") if m.strip()])
     )
     wall = time.perf_counter()
-    with progress(steps, "prefill", disable=args.no_progress) as bar:
+    with _report.progress(steps, "prefill", disable=args.no_progress) as bar:
         if not args.skip_prefill:
             bar.set_description("building LLM")
             model = build_llm(shape, dtype, device, args.attn_implementation)
@@ -604,7 +578,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bar.set_description("front end")
             data["frontend"] = measure_frontend(tower, args, device, bar)
     plots = None if args.no_plots or not data["prefill"] else plot
-    return finish(out, "prefill", data, wall, markdown_report, plots)
+    return _report.finish(out, "prefill", data, wall, markdown_report, plots)
 
 
 if __name__ == "__main__":

@@ -43,10 +43,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _cli import add_output_arguments
-from _common import BenchConfig, parse_configs, summary
+from _cli import add_output_arguments, new_parser
+from _common import (
+    BenchConfig,
+    bench_serve,
+    bench_serve_argv,
+    parse_configs,
+    summary,
+    write_dataset,
+)
 from _report import (
     device_line,
     environment,
@@ -55,14 +60,16 @@ from _report import (
     progress,
     pyplot,
     save_figure,
-    token_ticks,
+    token_axis,
 )
 
 from vllm_prumerge.evaluation import exact_match, normalize_answer, vqa_accuracy
 from vllm_prumerge.testing.engine_args import (
-    add_engine_arg_option,
-    parse_engine_args,
+    add_engine_arguments,
+    add_number_options,
+    engine_settings,
     resolve_model,
+    use_cpu_if_no_gpu,
 )
 from vllm_prumerge.testing.images import IMAGE_SUFFIXES, find_images, is_url, open_image
 from vllm_prumerge.testing.media import image_data_url
@@ -75,11 +82,10 @@ WARMUP_QUESTION = "What is shown in this image?"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0]
-        + " Every configuration runs on one engine; JSON, Markdown, PNG and per-answer JSONL "
+    parser = new_parser(
+        __doc__,
+        "Every configuration runs on one engine; JSON, Markdown, PNG and per-answer JSONL "
         "output. Accuracy on the generated --tiny checkpoint is meaningless (random weights).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data (one of --data or --images)")
     data.add_argument(
@@ -191,44 +197,26 @@ def build_parser() -> argparse.ArgumentParser:
         "in the same message; the checkpoint's own chat template does the rest: offline here, "
         "as `vllm serve` does for --server; so every family gets its own format).",
     )
-    gen.add_argument(
-        "--max-tokens", type=int, default=16, help="Most tokens generated per answer (greedy)."
-    )
-    gen.add_argument(
-        "--batch-size",
-        type=int,
-        default=64,
-        help="Items loaded and sent per batch (every configuration runs each batch, in rotating "
-        "order); bounds memory for large sets.",
-    )
-    gen.add_argument(
-        "--warmup",
-        type=int,
-        default=2,
-        help="Warm-up requests per configuration (generated images, not measured) before the "
-        "first batch.",
+    add_number_options(
+        gen,
+        ("--max-tokens", int, 16, "Most tokens generated per answer (greedy)."),
+        (
+            "--batch-size",
+            int,
+            64,
+            "Items loaded and sent per batch (every configuration runs each batch, in rotating "
+            "order); bounds memory for large sets.",
+        ),
+        (
+            "--warmup",
+            int,
+            2,
+            "Warm-up requests per configuration (generated images, not measured) before the "
+            "first batch.",
+        ),
     )
 
-    eng = parser.add_argument_group("offline engine")
-    eng.add_argument(
-        "--dtype",
-        default="auto",
-        help="Model dtype (also the CLIP tower's): auto, float32, bfloat16, float16. auto = "
-        "vLLM's choice (bfloat16 on a CPU).",
-    )
-    eng.add_argument("--max-model-len", type=int, default=2048, help="Context length.")
-    eng.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=None,
-        help="Most sequences the engine runs at once (default: vLLM's).",
-    )
-    eng.add_argument(
-        "--enforce-eager",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Skip torch.compile / CUDA graphs (default: on without a GPU, off with one).",
-    )
+    eng = add_engine_arguments(parser, max_num_seqs=None, title="offline engine")
     eng.add_argument(
         "--keep-caches",
         action="store_true",
@@ -236,7 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
         "every request pays for its image and prompt and requests/s compare fairly).",
     )
     eng.add_argument("--seed", type=int, default=0, help="Engine seed (and warm-up images).")
-    add_engine_arg_option(eng)
 
     add_output_arguments(
         parser,
@@ -416,19 +403,14 @@ class OfflineEngine:
 
         self.args = args
         self.chat = None if args.prompt_template else ChatPrompt(model)
-        settings: dict[str, Any] = dict(
-            model=model,
-            dtype=args.dtype,
-            seed=args.seed,
-            max_model_len=args.max_model_len,
-            enforce_eager=args.enforce_eager,
-            limit_mm_per_prompt={"image": 1},
-        )
-        if args.max_num_seqs:
-            settings["max_num_seqs"] = args.max_num_seqs
+        settings: dict[str, Any] = {
+            "model": model,
+            "seed": args.seed,
+            "limit_mm_per_prompt": {"image": 1},
+        }
         if not args.keep_caches:
             settings.update(enable_prefix_caching=False, mm_processor_cache_gb=0)
-        settings.update(parse_engine_args(args.engine_arg))
+        settings.update(engine_settings(args))  # --engine-arg last
         # The plugin's architecture in "off" mode; each request picks its configuration.
         user_overrides = settings.pop("hf_overrides", None)
         extra = {"hf_overrides": user_overrides} if user_overrides else {}
@@ -472,34 +454,30 @@ class OfflineEngine:
 
 class ServerClient:
     """A running `vllm serve --plugin prumerge --trust-request-mm-kwargs`, through the OpenAI
-    chat API; every request carries its configuration in `extra_body`."""
+    chat API, loaded by vLLM's own `vllm bench serve` (a `custom` dataset of the batch's chat
+    messages, written to OUT/datasets/; the configuration in --extra-body)."""
 
     kind = "server"
 
     def __init__(self, url: str, args: argparse.Namespace) -> None:
         self.base = url.rstrip("/").removesuffix("/v1")
         self.api_key = args.api_key or os.environ.get("OPENAI_API_KEY", "EMPTY")
+        os.environ["OPENAI_API_KEY"] = self.api_key  # vllm bench serve sends it
         self.args = args
         self.loop = asyncio.new_event_loop()
         self.model, self.image_token = self.loop.run_until_complete(self._connect())
         self.text_tokens: dict[str, int] = {}  # chat text -> non-image prompt tokens
         self.blank = image_data_url(_blank_image())
         self.dtype = None
+        self.batches = 0
 
     async def _connect(self) -> tuple[str, int]:
         import httpx
-        from openai import AsyncOpenAI
 
         headers = {"Authorization": f"Bearer {self.api_key}"}
         self.http = httpx.AsyncClient(base_url=self.base, timeout=600.0, headers=headers)
-        self.client = AsyncOpenAI(
-            base_url=self.base + "/v1",
-            api_key=self.api_key,
-            timeout=3600.0,
-            max_retries=0,
-        )
         try:
-            model = self.args.model or (await self.client.models.list()).data[0].id
+            model = self.args.model or (await self.http.get("/v1/models")).json()["data"][0]["id"]
         except Exception as exc:
             raise ConnectionError(f"--server {self.base}: cannot list models: {exc}") from None
         # The placeholder string LLaVA's chat templates render for an image.
@@ -536,31 +514,6 @@ class ServerClient:
         tokens = response.json()["tokens"]
         return len(tokens) - tokens.count(self.image_token)
 
-    async def _one(self, question: str, url: str, config: BenchConfig, limit: Any) -> Answer:
-        async with limit:
-            try:
-                response = await self.client.chat.completions.create(
-                    model=self.model,
-                    messages=self._messages(question, url),
-                    max_completion_tokens=self.args.max_tokens,
-                    temperature=0.0,
-                    extra_body={"mm_processor_kwargs": {"prumerge": config.prumerge}},
-                )
-            except Exception as exc:
-                hint = (
-                    " (start the server with --trust-request-mm-kwargs)"
-                    if "trust-request-mm-kwargs" in str(exc)
-                    else ""
-                )
-                raise RuntimeError(f"request failed in {config.name}{hint}: {exc}") from None
-        prompt = response.usage.prompt_tokens
-        return Answer(
-            text=response.choices[0].message.content or "",
-            visual_tokens=prompt - self.text_tokens[self._text(question)],
-            prompt_tokens=prompt,
-            output_tokens=response.usage.completion_tokens,
-        )
-
     async def _batch(
         self, questions: Sequence[str], urls: Sequence[str], config: BenchConfig, bar: Any
     ) -> tuple[list[Answer], float]:
@@ -568,18 +521,47 @@ class ServerClient:
         counts = await asyncio.gather(*(self._text_tokens(q) for q in missing))
         for question, count in zip(missing, counts, strict=True):
             self.text_tokens[self._text(question)] = count
-        limit = asyncio.Semaphore(max(1, self.args.concurrency))
-
-        async def tracked(question: str, url: str) -> Answer:
-            answer = await self._one(question, url, config, limit)
-            bar.update(1)
-            return answer
-
-        start = time.perf_counter()
-        answers = await asyncio.gather(
-            *(tracked(q, u) for q, u in zip(questions, urls, strict=True))
+        self.batches += 1
+        dataset = write_dataset(
+            Path(self.args.out) / "datasets" / f"batch-{self.batches}.jsonl",
+            [self._messages(q, u)[0]["content"] for q, u in zip(questions, urls, strict=True)],
         )
-        return list(answers), time.perf_counter() - start
+        argv = bench_serve_argv(
+            self.base,
+            self.model,
+            dataset,
+            len(urls),
+            self.args.max_tokens,
+            body={"mm_processor_kwargs": {"prumerge": config.prumerge}},
+            concurrency=self.args.concurrency,
+            quiet=True,
+        )
+        result = await bench_serve(argv)
+        errors = [e for e in result["errors"] if e]
+        if errors:
+            hint = (
+                " (start the server with --trust-request-mm-kwargs)"
+                if "trust-request-mm-kwargs" in str(errors)
+                else ""
+            )
+            raise RuntimeError(f"request failed in {config.name}{hint}: {errors[0][-500:]}")
+        bar.update(len(urls))
+        answers = [
+            Answer(
+                text=text,
+                visual_tokens=prompt - self.text_tokens[self._text(question)],
+                prompt_tokens=prompt,
+                output_tokens=output,
+            )
+            for question, text, prompt, output in zip(
+                questions,
+                result["generated_texts"],
+                result["input_lens"],
+                result["output_lens"],
+                strict=True,
+            )
+        ]
+        return answers, result["duration"]
 
     def run(
         self, questions: Sequence[str], images: Sequence[Any], config: BenchConfig, bar: Any
@@ -589,11 +571,7 @@ class ServerClient:
         return self.loop.run_until_complete(self._batch(questions, urls, config, bar))
 
     def close(self) -> None:
-        async def shutdown() -> None:
-            await self.client.close()
-            await self.http.aclose()
-
-        self.loop.run_until_complete(shutdown())
+        self.loop.run_until_complete(self.http.aclose())
         self.loop.close()
 
 
@@ -799,22 +777,17 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
             ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=offset, fontsize=8)
         off_y = ys[[r["name"] for r in results].index(BASELINE)]
         ax.axhline(off_y, color="C3", linestyle="--", alpha=0.5)
-        ax.set_xscale("log")
-        ticks = token_ticks(max(xs))
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.minorticks_off()
+        token_axis(ax, max(xs), "image")
         ax.set_ylim(-3, 103)
         ax.set_xlim(0.8, max(1000, 1.3 * max(xs)))  # stock NeXT / OneVision: thousands
-        ax.set_xlabel("visual tokens per image (mean, log scale)")
         ax.set_ylabel(title)
         ax.set_title(title.split(" (")[0] + " vs visual tokens")
         ax.legend(fontsize=8, loc="best")
-    fig.suptitle(
+    title = (
         f"{data['model']} ({data['backend']}); {data['data']['items']} items of "
-        f"{Path(str(data['data']['source'])).name}",
-        fontsize=9,
+        f"{Path(str(data['data']['source'])).name}"
     )
-    return [save_figure(fig, out, "quality_vs_tokens.png")]
+    return [save_figure(fig, out, "quality_vs_tokens.png", title)]
 
 
 METHOD = (
@@ -824,7 +797,8 @@ METHOD = (
     "image, then the question in --chat-template), rendered by the checkpoint's own chat "
     "template (offline: the token ids vllm serve would build). Offline: vllm.LLM with the plugin's "
     "architecture, prefix and multimodal processor caches off unless --keep-caches; visual "
-    "tokens = count of the image token in prompt_token_ids. Server: OpenAI chat completions; "
+    "tokens = count of the image token in prompt_token_ids. Server: OpenAI chat completions "
+    "sent by vLLM's own load generator (vllm bench serve, a custom dataset of each batch); "
     "visual tokens = usage.prompt_tokens minus the non-image tokens of the same chat prompt "
     "(from the server's /tokenize with a blank image). requests/s = items / time spent "
     "generating them (image decoding excluded; pre-processing, CLIP tower, reduction, prefill "
@@ -903,14 +877,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = engine.model
         env = environment({"device": "client of " + engine.base})
     else:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-        if not has_gpu:
-            os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        if args.enforce_eager is None:
-            args.enforce_eager = not has_gpu
+        has_gpu = use_cpu_if_no_gpu()
         model = resolve_model(None if args.tiny else args.model)
         env = environment({"device": "cuda" if has_gpu else "cpu"})
         engine = OfflineEngine(model, args)

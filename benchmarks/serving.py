@@ -1,14 +1,16 @@
 """Online serving benchmark: `vllm serve --plugin prumerge` with stock token counts vs PruMerge,
-against stock vLLM and against text-only requests of the same length.
+against stock vLLM and against text-only requests of the same length, driven by `vllm bench serve`.
 
-The same workload as `throughput.py` (generated scenes or your images, questions of varied
-length, fixed output length) is sent to one OpenAI-compatible server through the chat API, one
-configuration after another, each request choosing its PruMerge mode with
-`extra_body={"mm_processor_kwargs": {"prumerge": ...}}`. Per configuration: TTFT, TPOT, ITL and
-end-to-end latency percentiles, request and token throughput, prompt tokens (the server's
-`usage`), visual tokens per image (the server's `vllm_prumerge:visual_tokens_per_image`
-histogram, read from `/metrics` around each batch) and the peak KV-cache usage / running
-requests sampled from `/metrics`, each with its ratio to `off`.
+The load is vLLM's own load generator, `vllm bench serve --backend openai-chat`, on a custom
+dataset this script writes (the same workload as `throughput.py`: generated scenes or your
+images, questions of varied length; one chat message each, the image then the question) with a
+fixed output length; each configuration is the same dataset with its PruMerge mode in
+`--extra-body '{"mm_processor_kwargs": {"prumerge": ...}}'`. What is this script's own: the
+text-equivalent requests, the server's `/metrics` around each run (visual tokens per image from
+the `vllm_prumerge:visual_tokens_per_image` histogram, the tower's time, the peak KV-cache usage
+and running requests sampled meanwhile), repeats pooled, ratios, the report and the plot. TTFT,
+TPOT, ITL, end-to-end latency and prompt tokens (the server's `usage`) are `vllm bench serve`'s
+per-request figures (`--save-detailed`); its own result files are kept in OUT/vllm-bench-serve/.
 
 Videos (`--frames N`, on a checkpoint that takes videos): every request sends one N-frame video as
 an OpenAI `video_url` part (an MP4 data URL, decoded by the server's own video loader, all N
@@ -35,7 +37,8 @@ it is: start it with `--plugin prumerge --trust-request-mm-kwargs` (requests cho
 configuration) and, for comparable figures, `--no-enable-prefix-caching --mm-processor-cache-gb 0`
 (`stock` needs a started server).
 
-Writes OUT/serving.json, OUT/serving.md and OUT/serving_latency.png.
+Writes OUT/serving.json, OUT/serving.md, OUT/serving_latency.png, the datasets it sends
+(OUT/datasets/) and `vllm bench serve`'s result files (OUT/vllm-bench-serve/).
 """
 
 from __future__ import annotations
@@ -43,22 +46,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
-import json
 import math
-import os
-import random
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _cli import add_model_arguments, add_output_arguments, add_workload_arguments, model_label
+import _cli
+import _report
 from _common import (
     BenchConfig,
     WorkItem,
+    bench_serve,
+    bench_serve_argv,
     build_workload,
     chat_prompt,
     default_configs,
@@ -66,32 +67,34 @@ from _common import (
     parse_configs,
     summary,
     synthetic_checkpoint,
-)
-from _report import (
-    device_line,
-    device_name,
-    environment,
-    finish,
-    markdown_table,
-    media_labels,
-    progress,
-    pyplot,
-    save_figure,
-    token_ticks,
-    video_note,
+    write_dataset,
 )
 
+from vllm_prumerge.testing.engine_args import (
+    add_engine_arguments,
+    engine_settings,
+    serve_flags,
+    use_cpu_if_no_gpu,
+)
 from vllm_prumerge.testing.media import image_data_url, video_data_url
 from vllm_prumerge.testing.prometheus import metric_max, metric_total, parse_prometheus
 from vllm_prumerge.testing.prompts import chat_messages
 
 VISUAL_METRIC = "vllm_prumerge:visual_tokens_per_image"
 VIDEO_METRIC = "vllm_prumerge:visual_tokens_per_video"
-TOWER_METRIC = "vllm_prumerge:reduction_seconds"  # tower + reduction, per processed batch
-KV_METRIC = "vllm:kv_cache_usage_perc"
-RUNNING_METRIC = "vllm:num_requests_running"
-WAITING_METRIC = "vllm:num_requests_waiting"
+TOWER_METRIC = "vllm_prumerge:reduction_seconds_sum"  # tower + reduction, per processed batch
+PEAK_METRICS = {  # sampled from /metrics during every run: the peaks are kept
+    "peak_kv_cache_usage": "vllm:kv_cache_usage_perc",
+    "max_running_requests": "vllm:num_requests_running",
+    "max_waiting_requests": "vllm:num_requests_waiting",
+}
 STOCK = "stock"
+FILLER = " the"  # one text token per repetition in LLaVA's tokenizers; checked with /tokenize
+# The server's part of the report's line on video requests (`_report.video_note`).
+SERVER_VIDEO_NOTE = (
+    "Sent as an MP4 `video_url`, counted by `vllm_prumerge:visual_tokens_per_video`; tower ms "
+    "per video."
+)
 
 
 def is_stock(name: str) -> bool:
@@ -99,54 +102,26 @@ def is_stock(name: str) -> bool:
     return name == STOCK or name.startswith(STOCK + ":")
 
 
-# The server's part of the report's line on video requests (`_report.video_note`).
-SERVER_VIDEO_NOTE = (
-    "Sent as an MP4 `video_url`, counted by `vllm_prumerge:visual_tokens_per_video`; tower ms "
-    "per video."
-)
-FILLER = " the"  # one text token per repetition in LLaVA's tokenizers; checked with /tokenize
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0]
-        + " TTFT, TPOT, ITL, end-to-end latency and throughput per configuration; JSON, "
+    parser = _cli.new_parser(
+        __doc__,
+        "TTFT, TPOT, ITL, end-to-end latency and throughput per configuration; JSON, "
         "Markdown and PNG output.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     srv = parser.add_argument_group("server")
     srv.add_argument(
         "--base-url",
         default=None,
         help="Use this running server (e.g. http://127.0.0.1:8000, started with `vllm serve "
-        "MODEL --plugin prumerge`) instead of starting one.",
+        "MODEL --plugin prumerge --trust-request-mm-kwargs`) instead of starting one; the "
+        "engine options below then do not apply.",
     )
-    srv.add_argument(
-        "--model",
-        default=None,
-        help="Checkpoint the started server serves (hub id such as llava-hf/llava-1.5-7b-hf or "
+    _cli.add_model_arguments(
+        srv,
+        "Checkpoint the started server serves (hub id such as llava-hf/llava-1.5-7b-hf or "
         "a folder; LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA, LLaVA-OneVision or LLaVA-NeXT-Video). "
-        "Default: a "
-        "generated random-weight checkpoint (see --synthetic, --family, --tower). With "
-        "--base-url: the served model name (default: the server's first).",
-    )
-    add_model_arguments(srv)
-    srv.add_argument("--dtype", default="auto", help="--dtype of the started server.")
-    srv.add_argument(
-        "--kv-cache-tokens",
-        type=int,
-        default=8192,
-        help="KV-cache capacity of the started server in tokens (--num-gpu-blocks-override = "
-        "this / --block-size); 0 = sized by vLLM from memory.",
-    )
-    srv.add_argument("--block-size", type=int, default=32, help="KV-cache block size (tokens).")
-    srv.add_argument("--max-num-seqs", type=int, default=64, help="Server's --max-num-seqs.")
-    srv.add_argument("--max-model-len", type=int, default=2048, help="Server's --max-model-len.")
-    srv.add_argument(
-        "--enforce-eager",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Server's --enforce-eager (default: on without a GPU, off with one).",
+        "Default: a generated random-weight checkpoint (see --synthetic, --family, --tower). "
+        "With --base-url: the served model name (default: the server's first).",
     )
     srv.add_argument(
         "--tower-threads",
@@ -178,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=900,
         help="Seconds to wait for the started server to answer /health.",
     )
+    add_engine_arguments(
+        parser, kv_cache=True, title="engine of the started servers", target="vllm serve option"
+    )
     work = parser.add_argument_group("workload")
     work.add_argument(
         "--configs",
@@ -185,9 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Comma-separated configurations, as in throughput.py: off, prumerge, prumerge+, "
         "fixed:N, fixed:Ns, fixed:RATIO, and stock (stock vLLM, no plugin, in a second server "
         "started by this script; stock:DTYPE: one more stock server at that --dtype, e.g. "
-        "stock:float32). Ratios are taken to 'off' (or to the configuration with the "
-        f"most prompt tokens when 'off' is absent). Default: {default_configs(0)}; with "
-        f"--frames: {default_configs(1)} (budgets per frame).",
+        f"stock:float32). {_report.BASELINE_RULE} Default: {default_configs(0)}; with --frames: "
+        f"{default_configs(1)} (budgets per frame).",
     )
     work.add_argument(
         "--text",
@@ -197,13 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
         "messages without the image, padded to exactly the image request's prompt tokens), "
         "the limit an image request can reach on this server.",
     )
-    add_workload_arguments(work, "Seed of images, questions, arrivals.")
+    _cli.add_workload_arguments(
+        work, "Seed of images, questions and arrivals (vllm bench serve's)."
+    )
     work.add_argument(
         "--request-rate",
         default="inf",
-        help="Request arrival rate(s) in requests/s (Poisson arrivals, seeded); 'inf' sends "
-        "all at once (then --max-concurrency alone limits). A comma-separated list runs a "
-        "sweep: every configuration at every rate.",
+        help="Request arrival rate(s) in requests/s (vllm bench serve's --request-rate: Poisson "
+        "arrivals, seeded); 'inf' sends all at once (then --max-concurrency alone limits). A "
+        "comma-separated list runs a sweep: every configuration at every rate.",
     )
     work.add_argument(
         "--max-concurrency",
@@ -231,133 +210,74 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.25,
         help="Seconds between /metrics samples for peak KV-cache usage and running requests.",
     )
-    add_output_arguments(
+    work.add_argument(
+        "--bench-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="Extra argument for every `vllm bench serve` run (repeatable; the = form for "
+        "values, e.g. --bench-arg=--burstiness=0.5 or --bench-arg=--goodput=ttft:500).",
+    )
+    _cli.add_output_arguments(
         parser,
         "out/serving",
-        "Folder for serving.json, serving.md, serving_latency.png (and server.log).",
+        "Folder for serving.json, serving.md, serving_latency.png, server.log, the datasets "
+        "sent (datasets/) and vllm bench serve's results (vllm-bench-serve/).",
         plots="PNG plot",
     )
     return parser
 
 
 # --------------------------------------------------------------------------------------------
-# Server
+# The server and the load generator
 
 
-def server_args(
-    args: argparse.Namespace, *, stock: bool = False, dtype: str | None = None
-) -> list[str]:
+def server_args(args: argparse.Namespace, *, stock: bool, dtype: str | None = None) -> list:
     """`vllm serve` arguments: the plugin (not for `stock`) and the engine settings of
-    throughput.py."""
-    plugin = [] if stock else ["--plugin", "prumerge", "--trust-request-mm-kwargs"]
-    result = [
-        *plugin,  # --trust-request-mm-kwargs lets each request choose its configuration
-        "--dtype",
-        dtype or args.dtype,
-        "--seed",
-        str(args.seed),
-        "--max-model-len",
-        str(args.max_model_len),
-        "--max-num-seqs",
-        str(args.max_num_seqs),
-        "--block-size",
-        str(args.block_size),
-        "--limit-mm-per-prompt",
-        json.dumps({modality(args.frames): 1}),
-        "--no-enable-prefix-caching",
-        "--mm-processor-cache-gb",
-        "0",
-        "--api-server-count",
-        str(args.api_server_count),
-    ]
-    if args.kv_cache_tokens:
-        result += [
-            "--num-gpu-blocks-override",
-            str(max(1, args.kv_cache_tokens // args.block_size)),
-        ]
+    throughput.py, from the shared engine options."""
+    settings = {
+        "seed": args.seed,
+        "limit_mm_per_prompt": {modality(args.frames): 1},
+        "enable_prefix_caching": False,  # every request pays for its whole prompt
+        "mm_processor_cache_gb": 0,  # and for its image (tower + reduction)
+        "api_server_count": args.api_server_count,
+        **engine_settings(args),  # --engine-arg last: it overrides any of these
+    }
+    if dtype:
+        settings["dtype"] = dtype
     if args.frames:  # every frame of the clip, as sent (vLLM's loader samples 32 by default)
-        result += ["--media-io-kwargs", json.dumps({"video": {"num_frames": args.frames}})]
+        settings["media_io_kwargs"] = {"video": {"num_frames": args.frames}}
         if args.chat_content_format != "openai":  # the template drops video parts
-            result += ["--chat-template-content-format", args.chat_content_format]
-    if args.enforce_eager:
-        result.append("--enforce-eager")
-    return result + list(args.server_arg)
+            settings["chat_template_content_format"] = args.chat_content_format
+    # --trust-request-mm-kwargs lets each request choose its configuration.
+    plugin = [] if stock else ["--plugin", "prumerge", "--trust-request-mm-kwargs"]
+    return plugin + serve_flags(settings) + list(args.server_arg)
 
 
-# --------------------------------------------------------------------------------------------
-# Client
-
-
-def text_messages(question: str, fillers: int) -> list[dict[str, Any]]:
-    """The text-only chat message: `fillers` filler words in place of the image, then the
-    question."""
-    return [{"role": "user", "content": [{"type": "text", "text": FILLER * fillers + question}]}]
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """One chat request of a batch: its messages and the PruMerge option (None: no plugin
-    kwargs, for stock vLLM and text-only requests)."""
-
-    messages: list[dict[str, Any]]
-    prumerge: str | dict[str, Any] | None
-
-
-async def one_request(client: Any, model: str, request: Request, output_len: int) -> dict[str, Any]:
-    """One streamed chat completion; timings as `vllm bench serve` (openai-chat) takes them:
-    TTFT at the first chunk with choices, ITL between later chunks, latency at the last."""
-    extra_body: dict[str, Any] = {"ignore_eos": True}
-    if request.prumerge is not None:
-        extra_body["mm_processor_kwargs"] = {"prumerge": request.prumerge}
-    result: dict[str, Any] = {"ok": False, "ttft": None, "itl": [], "latency": None}
-    start = time.perf_counter()
-    last = start
-    try:
-        stream = await client.chat.completions.create(
-            model=model,
-            messages=request.messages,
-            max_completion_tokens=output_len,
-            temperature=0.0,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body=extra_body,
-        )
-        async for chunk in stream:
-            now = time.perf_counter()
-            if chunk.choices:
-                if result["ttft"] is None:
-                    result["ttft"] = now - start
-                else:
-                    result["itl"].append(now - last)
-                last = now
-            if chunk.usage is not None:
-                result["prompt_tokens"] = chunk.usage.prompt_tokens
-                result["output_tokens"] = chunk.usage.completion_tokens
-        result["latency"] = last - start
-        result["ok"] = result["ttft"] is not None and "output_tokens" in result
-    except Exception as exc:  # recorded per request, the run goes on
-        result["error"] = f"{type(exc).__name__}: {exc}"[:500]
-    result["start"] = start
-    result["end"] = time.perf_counter()
-    return result
-
-
-async def sample_metrics(http: Any, base_url: str, interval: float, peaks: dict) -> None:
-    """Poll /metrics until cancelled; keep the peaks of KV usage, running and waiting."""
-    while True:
-        with contextlib.suppress(Exception):
-            response = await http.get(base_url + "/metrics")
-            samples = parse_prometheus(response.text)
-            for key, name in (
-                ("peak_kv_cache_usage", KV_METRIC),
-                ("max_running_requests", RUNNING_METRIC),
-                ("max_waiting_requests", WAITING_METRIC),
-            ):
-                value = metric_max(samples, name)
-                if value is not None:
-                    peaks[key] = max(peaks.get(key, 0.0), value)
-            peaks["samples"] = peaks.get("samples", 0) + 1
-        await asyncio.sleep(interval)
+def bench_argv(
+    args: argparse.Namespace, base: str, model: str, dataset: Path, count: int, rate: float, **kw
+) -> list[str]:
+    """`vllm bench serve` arguments (`_common.bench_serve_argv`) for the `count` requests of
+    `dataset` at `rate`, --ignore-eos; `prumerge` (keyword): the configuration sent in
+    --extra-body (None: no plugin kwargs); `result`: the path of its saved result."""
+    body = (
+        {} if kw.get("prumerge") is None else {"mm_processor_kwargs": {"prumerge": kw["prumerge"]}}
+    )
+    return bench_serve_argv(
+        base,
+        model,
+        dataset,
+        count,
+        args.output_len,
+        body=body,
+        ignore_eos=True,
+        rate=rate,
+        concurrency=args.max_concurrency,
+        seed=args.seed,
+        result=kw.get("result"),
+        quiet=args.no_progress,
+        extra=args.bench_arg,
+    )
 
 
 def media_url(item: WorkItem) -> str:
@@ -365,102 +285,90 @@ def media_url(item: WorkItem) -> str:
     return image_data_url(item.image) if item.video is None else video_data_url(item.video)
 
 
-def image_requests(items: list[WorkItem], urls: list[str], config: BenchConfig) -> list[Request]:
-    """The chat requests of `items` (an `image_url` or a `video_url` part each, then the
-    question) in `config`."""
-    option = None if is_stock(config.name) else config.prumerge
+def media_parts(items: list[WorkItem]) -> list[list[dict[str, Any]]]:
+    """Each item's chat message: an `image_url` or a `video_url` part, then the question."""
     return [
-        Request(
-            chat_messages(item.question, [url])
-            if item.video is None
-            else chat_messages(item.question, video_urls=[url]),
-            option,
-        )
-        for item, url in zip(items, urls, strict=True)
+        chat_messages(item.question, [media_url(item)])[0]["content"]
+        if item.video is None
+        else chat_messages(item.question, video_urls=[media_url(item)])[0]["content"]
+        for item in items
     ]
 
 
-async def run_batch(
-    client: Any,
-    model: str,
-    requests: list[Request],
-    args: argparse.Namespace,
-    rate: float,
-    bar: Any,
-) -> tuple[list[dict[str, Any]], float]:
-    """Send `requests` with Poisson arrivals at `rate` (inf: all at once), at most
-    `--max-concurrency` in flight; returns (results in order, seconds first send -> last end)."""
-    limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency > 0 else None
-    rng = random.Random(args.seed)
+def text_parts(question: str, fillers: int) -> list[dict[str, Any]]:
+    """The text-only chat message: `fillers` filler words in place of the image, then the
+    question."""
+    return [{"type": "text", "text": FILLER * fillers + question}]
 
-    async def guarded(request: Request) -> dict[str, Any]:
-        if limit is None:
-            result = await one_request(client, model, request, args.output_len)
-        else:
-            async with limit:
-                result = await one_request(client, model, request, args.output_len)
-        bar.update(1)
-        return result
 
-    start = time.perf_counter()
-    tasks = []
-    for i, request in enumerate(requests):
-        if i and math.isfinite(rate):
-            await asyncio.sleep(rng.expovariate(rate))
-        tasks.append(asyncio.create_task(guarded(request)))
-    results = await asyncio.gather(*tasks)
-    return list(results), time.perf_counter() - start
+# --------------------------------------------------------------------------------------------
+# One run and its /metrics
+
+
+async def sample_metrics(http: Any, base_url: str, interval: float, peaks: dict) -> None:
+    """Poll /metrics until cancelled; keep the peaks of KV usage, running and waiting."""
+    while True:
+        with contextlib.suppress(Exception):
+            samples = parse_prometheus((await http.get(base_url + "/metrics")).text)
+            for key, name in PEAK_METRICS.items():
+                value = metric_max(samples, name)
+                if value is not None:
+                    peaks[key] = max(peaks.get(key, 0.0), value)
+            peaks["samples"] = peaks.get("samples", 0) + 1
+        await asyncio.sleep(interval)
 
 
 async def read_metrics(http: Any, base_url: str) -> dict[str, Any]:
-    """The server's /metrics, parsed (the async client's counterpart of `fetch_metrics`)."""
     response = await http.get(base_url + "/metrics")
     response.raise_for_status()
     return parse_prometheus(response.text)
 
 
-async def measure_batch(
-    client: Any,
-    http: Any,
-    base_url: str,
-    model: str,
-    requests: list[Request],
-    mode: str | None,
-    args: argparse.Namespace,
-    rate: float,
-    bar: Any,
+async def measured_run(
+    http: Any, base: str, argv: list[str], mode: str | None, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """One measured batch: per-request results, its duration, the server's visual-token
-    histogram change for `mode` (None: not read), and the /metrics peaks sampled meanwhile."""
-    before = await read_metrics(http, base_url)
+    """One measured `vllm bench serve` run: its requests, its duration, the change of the
+    server's visual-token histogram and tower time for `mode` (None: not read) and the /metrics
+    peaks sampled meanwhile."""
+    before = await read_metrics(http, base)
     peaks: dict[str, Any] = {}
-    sampler = asyncio.create_task(sample_metrics(http, base_url, args.metrics_interval, peaks))
+    sampler = asyncio.create_task(sample_metrics(http, base, args.metrics_interval, peaks))
     try:
-        results, seconds = await run_batch(client, model, requests, args, rate, bar)
+        result = await bench_serve(argv)
     finally:
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
-    after = await read_metrics(http, base_url)
-    visual = {"sum": 0.0, "count": 0.0}
+    after = await read_metrics(http, base)
+
+    def delta(name: str) -> float:
+        if mode is None:
+            return 0.0
+        return metric_total(after, name, mode=mode) - metric_total(before, name, mode=mode)
+
     metric = VIDEO_METRIC if args.frames else VISUAL_METRIC
-    for suffix in ("sum", "count") if mode is not None else ():
-        name = f"{metric}_{suffix}"
-        visual[suffix] = metric_total(after, name, mode=mode) - metric_total(
-            before, name, mode=mode
+    visual = {"sum": delta(metric + "_sum"), "count": delta(metric + "_count")}
+    requests = [
+        {
+            "ok": not error and output_tokens > 0,
+            "prompt_tokens": prompt_tokens,
+            "output_tokens": output_tokens,
+            "ttft": ttft,
+            "itl": itl,
+            "latency": latency,
+            **({"error": error[-500:]} if error else {}),
+        }
+        for prompt_tokens, output_tokens, ttft, itl, latency, error in zip(
+            *(result[k] for k in ("input_lens", "output_lens", "ttfts", "itls", "latencies")),
+            result["errors"],
+            strict=True,
         )
-    visual["mean"] = visual["sum"] / visual["count"] if visual["count"] else math.nan
-    tower_name = f"{TOWER_METRIC}_sum"
-    tower_seconds = (
-        metric_total(after, tower_name, mode=mode) - metric_total(before, tower_name, mode=mode)
-        if mode is not None
-        else 0.0
-    )
+    ]
     return {
-        "results": results,
-        "seconds": seconds,
+        "requests": requests,
+        "seconds": result["duration"],
         "visual": visual,
-        "tower_seconds": tower_seconds,
+        "tower_seconds": delta(TOWER_METRIC),
         "peaks": peaks,
     }
 
@@ -468,25 +376,27 @@ async def measure_batch(
 def figures(batches: list[dict[str, Any]]) -> dict[str, Any]:
     """Figures of one configuration pooled over its repeats: percentiles over every request,
     throughput = completed requests / total measured seconds, peaks = max over repeats."""
-    results = [r for batch in batches for r in batch["results"]]
+    results = [r for batch in batches for r in batch["requests"]]
     seconds = sum(batch["seconds"] for batch in batches)
     ok = [r for r in results if r["ok"]]
     tpot = [
         (r["latency"] - r["ttft"]) / (r["output_tokens"] - 1) for r in ok if r["output_tokens"] > 1
     ]
-    itl = [x for r in ok for x in r["itl"]]
     prompt = [r["prompt_tokens"] for r in ok]
     output = [r["output_tokens"] for r in ok]
     visual_sum = sum(batch["visual"]["sum"] for batch in batches)
     visual_count = sum(batch["visual"]["count"] for batch in batches)
-    tower_seconds = sum(batch.get("tower_seconds", 0.0) for batch in batches)
+    tower_seconds = sum(batch["tower_seconds"] for batch in batches)
     peaks: dict[str, float] = {}
     for batch in batches:
         for key, value in batch["peaks"].items():
-            combine = sum if key == "samples" else max
-            peaks[key] = combine((value, peaks.get(key, 0)))
+            peaks[key] = (sum if key == "samples" else max)((value, peaks.get(key, 0)))
     # Too few samples (batches shorter than a few intervals) would read as zero: omitted.
     sampled = peaks.get("samples", 0) >= 3 * len(batches)
+
+    def ms(values: list[float]) -> dict[str, float]:
+        return {k: 1e3 * v for k, v in summary(values).items()}
+
     return {
         "completed": len(ok),
         "failed": len(results) - len(ok),
@@ -495,7 +405,7 @@ def figures(batches: list[dict[str, Any]]) -> dict[str, Any]:
         "seconds": seconds,
         "requests_per_s": len(ok) / seconds,
         "requests_per_s_per_repeat": [
-            sum(r["ok"] for r in batch["results"]) / batch["seconds"] for batch in batches
+            sum(r["ok"] for r in batch["requests"]) / batch["seconds"] for batch in batches
         ],
         "output_tokens_per_s": sum(output) / seconds,
         "total_tokens_per_s": (sum(prompt) + sum(output)) / seconds,
@@ -507,13 +417,11 @@ def figures(batches: list[dict[str, Any]]) -> dict[str, Any]:
         # their sum over the measured time (>= 1 per API server: the front end never idled).
         "tower_ms_per_image": 1e3 * tower_seconds / visual_count if visual_count else math.nan,
         "tower_busy": tower_seconds / seconds,
-        "ttft_ms": {k: 1e3 * v for k, v in summary([r["ttft"] for r in ok]).items()},
-        "tpot_ms": {k: 1e3 * v for k, v in summary(tpot).items()},
-        "itl_ms": {k: 1e3 * v for k, v in summary(itl).items()},
-        "e2el_ms": {k: 1e3 * v for k, v in summary([r["latency"] for r in ok]).items()},
-        "peak_kv_cache_usage_sampled": peaks.get("peak_kv_cache_usage") if sampled else None,
-        "max_running_requests_sampled": peaks.get("max_running_requests") if sampled else None,
-        "max_waiting_requests_sampled": peaks.get("max_waiting_requests") if sampled else None,
+        "ttft_ms": ms([r["ttft"] for r in ok]),
+        "tpot_ms": ms(tpot),
+        "itl_ms": ms([x for r in ok for x in r["itl"]]),
+        "e2el_ms": ms([r["latency"] for r in ok]),
+        **{f"{k}_sampled": peaks.get(k) if sampled else None for k in PEAK_METRICS},
         "metrics_samples": peaks.get("samples", 0),
     }
 
@@ -523,56 +431,40 @@ class TextPadder:
     filler words, their count found with the server's own /tokenize (cached)."""
 
     def __init__(self, http: Any, base_url: str, model: str) -> None:
-        self.http = http
-        self.base_url = base_url
-        self.model = model
-        self.found: dict[tuple[str, int], tuple[list[dict[str, Any]], int]] = {}
+        self.http, self.base_url, self.model = http, base_url, model
+        self.found: dict[tuple[str, int], list[dict[str, Any]]] = {}
 
-    async def count(self, messages: list[dict[str, Any]]) -> int:
-        response = await self.http.post(
-            self.base_url + "/tokenize",
-            json={"model": self.model, "messages": messages, "add_generation_prompt": True},
-        )
+    async def count(self, question: str, fillers: int) -> int:
+        messages = [{"role": "user", "content": text_parts(question, fillers)}]
+        body = {"model": self.model, "messages": messages, "add_generation_prompt": True}
+        response = await self.http.post(self.base_url + "/tokenize", json=body)
         response.raise_for_status()
         return int(response.json()["count"])
 
-    async def messages(self, question: str, target: int) -> tuple[list[dict[str, Any]], int]:
-        """(messages, their prompt tokens): `target` unless no filler count reaches it."""
-        key = (question, target)
-        if key not in self.found:
-            fillers = max(0, target - await self.count(text_messages(question, 0)))
-            tokens = await self.count(text_messages(question, fillers))
-            for _ in range(4):
+    async def parts(self, question: str, target: int) -> list[dict[str, Any]]:
+        """The message's parts: `target` prompt tokens, unless no filler count reaches it."""
+        if (question, target) not in self.found:
+            fillers = max(0, target - await self.count(question, 0))
+            for _ in range(5):
+                tokens = await self.count(question, fillers)
                 if tokens == target:
                     break
                 fillers = max(0, fillers + target - tokens)
-                tokens = await self.count(text_messages(question, fillers))
-            self.found[key] = (text_messages(question, fillers), tokens)
-        return self.found[key]
+            self.found[(question, target)] = text_parts(question, fillers)
+        return self.found[(question, target)]
 
 
-async def text_requests(
-    padder: TextPadder, items: list[WorkItem], batch: dict[str, Any]
-) -> tuple[list[Request], list[int]]:
-    """The text-equivalents of a measured image batch: per completed request, its question
-    padded to the prompt tokens the server reported for it; (requests, their target lengths)."""
-    requests, targets = [], []
-    for item, result in zip(items, batch["results"], strict=True):
-        if result["ok"]:
-            messages, _ = await padder.messages(item.question, result["prompt_tokens"])
-            requests.append(Request(messages, None))
-            targets.append(result["prompt_tokens"])
-    return requests, targets
+# --------------------------------------------------------------------------------------------
+# Every configuration against one server
 
 
-async def benchmark(
-    base_url: str, args: argparse.Namespace, configs: list[BenchConfig]
-) -> dict[str, Any]:
-    """Every configuration of `configs` (all served by the server at `base_url`), with its
-    text-equivalent when --text; returns the served model name and one run per (rate, config)."""
+async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConfig]) -> dict:
+    """Every configuration of `configs` (all served by the server at `base`), with its
+    text-equivalent when --text; returns the served model name, one run per (rate, config) and
+    a `vllm bench serve` command line of a measured run."""
     import httpx
-    from openai import AsyncOpenAI
 
+    out = Path(args.out)
     rates = [float(r) for r in args.request_rate.split(",") if r.strip()]
     size = tuple(args.image_size)
     items = build_workload(args.num_prompts, args.seed, args.images, size=size, frames=args.frames)
@@ -584,85 +476,71 @@ async def benchmark(
         size=size,
         frames=args.frames,
     )
-    urls = [media_url(item) for item in items]
-    warm_urls = [media_url(item) for item in warm]
+    dataset = write_dataset(out / "datasets" / "requests.jsonl", media_parts(items))
+    http = httpx.AsyncClient(timeout=600.0)
+    model = args.model if args.base_url and args.model else None
+    if model is None:
+        model = (await http.get(base + "/v1/models")).json()["data"][0]["id"]
+    padder = TextPadder(http, base, model)
     warm_index = 0
-    limits = httpx.Limits(max_connections=max(64, args.max_concurrency * 2))
-    client = AsyncOpenAI(
-        base_url=base_url + "/v1",
-        api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"),
-        timeout=httpx.Timeout(3600.0),
-        http_client=httpx.AsyncClient(limits=limits, timeout=3600.0),
-        max_retries=0,
-    )
-    http = httpx.AsyncClient(timeout=30.0)
-    model = args.model if args.base_url and args.model else (await client.models.list()).data[0].id
-    padder = TextPadder(http, base_url, model)
-    silent = progress(0, "", disable=True)
+
+    async def warm_up(config: BenchConfig, count: int, rate: float) -> None:
+        nonlocal warm_index
+        chosen = warm[warm_index : warm_index + count]
+        warm_index += count
+        path = write_dataset(out / "datasets" / f"warm-{warm_index}.jsonl", media_parts(chosen))
+        option = None if is_stock(config.name) else config.prumerge
+        await bench_serve(bench_argv(args, base, model, path, count, rate, prumerge=option))
+
     # A first round of every configuration: loads the tower in the server's front end and
     # touches every code path before anything is measured.
     for config in configs:
-        await run_batch(
-            client, model, image_requests(warm[:2], warm_urls[:2], config), args, math.inf, silent
-        )
+        await warm_up(config, 2, math.inf)
+        warm_index -= 2  # every configuration's first round on the same two images
     warm_index = 2
     pooled: dict[tuple[float, str], list[dict[str, Any]]] = {}
     pooled_text: dict[tuple[float, str], list[dict[str, Any]]] = {}
-    text_targets: dict[tuple[float, str], list[int]] = {}
-    per_config = args.num_prompts * (2 if args.text else 1)
-    total = len(configs) * len(rates) * per_config * args.repeats
-    with progress(total, "serving", disable=args.no_progress) as bar:
-        for repeat in range(args.repeats):
-            shift = repeat % len(configs)
-            for rate in rates:
-                for config in configs[shift:] + configs[:shift]:
-                    if args.warmup:
-                        bar.set_description(f"{config.name} @ {rate:g} req/s (warm-up)")
-                        chosen = slice(warm_index, warm_index + args.warmup)
-                        warm_index += args.warmup
-                        await run_batch(
-                            client,
-                            model,
-                            image_requests(warm[chosen], warm_urls[chosen], config),
-                            args,
-                            rate,
-                            silent,
-                        )
-                    bar.set_description(f"{config.name} @ {rate:g} req/s")
-                    measured = await measure_batch(
-                        client,
-                        http,
-                        base_url,
-                        model,
-                        image_requests(items, urls, config),
-                        None if is_stock(config.name) else config.mode,
-                        args,
-                        rate,
-                        bar,
+    targets: dict[tuple[float, str], list[int]] = {}
+    command = ""
+    for repeat in range(args.repeats):
+        shift = repeat % len(configs)
+        for rate in rates:
+            for config in configs[shift:] + configs[:shift]:
+                if args.warmup:
+                    await warm_up(config, args.warmup, rate)
+                key, tag = (rate, config.name), f"{config.name}-{rate:g}-{repeat}"
+                option = None if is_stock(config.name) else config.prumerge
+                result = out / "vllm-bench-serve" / f"{tag}.json"
+                argv = bench_argv(
+                    args, base, model, dataset, len(items), rate, prumerge=option, result=result
+                )
+                command = command or "vllm bench serve " + shlex.join(argv)
+                mode = None if is_stock(config.name) else config.mode
+                measured = await measured_run(http, base, argv, mode, args)
+                pooled.setdefault(key, []).append(measured)
+                if not any(r["ok"] for r in measured["requests"]):
+                    errors = sorted({r.get("error", "") for r in measured["requests"]})[:3]
+                    hint = (
+                        " (start the server with --trust-request-mm-kwargs)"
+                        if "trust-request-mm-kwargs" in str(errors)
+                        else ""
                     )
-                    pooled.setdefault((rate, config.name), []).append(measured)
-                    ok = sum(r["ok"] for r in measured["results"])
-                    if not ok:
-                        errors = sorted({r.get("error", "") for r in measured["results"]})[:3]
-                        hint = (
-                            " (start the server with --trust-request-mm-kwargs)"
-                            if "trust-request-mm-kwargs" in str(errors)
-                            else ""
-                        )
-                        raise RuntimeError(f"every request of {config.name} failed{hint}: {errors}")
-                    bar.set_postfix_str(
-                        f"{config.name}: {ok / measured['seconds']:.2f} req/s, "
-                        f"{measured['visual']['mean']:.1f} visual tok/"
-                        + media_labels(vars(args))[0]
+                    raise RuntimeError(f"every request of {config.name} failed{hint}: {errors}")
+                if args.text:  # per completed request: its question padded to its prompt tokens
+                    done = [
+                        (item, r["prompt_tokens"])
+                        for item, r in zip(items, measured["requests"], strict=True)
+                        if r["ok"]
+                    ]
+                    parts = [await padder.parts(item.question, n) for item, n in done]
+                    path = write_dataset(out / "datasets" / f"text-{tag}.jsonl", parts)
+                    result = out / "vllm-bench-serve" / f"text-{tag}.json"
+                    argv = bench_argv(args, base, model, path, len(parts), rate, result=result)
+                    pooled_text.setdefault(key, []).append(
+                        await measured_run(http, base, argv, None, args)
                     )
-                    if args.text:
-                        bar.set_description(f"text@{config.name} @ {rate:g} req/s")
-                        requests, targets = await text_requests(padder, items, measured)
-                        text = await measure_batch(
-                            client, http, base_url, model, requests, None, args, rate, bar
-                        )
-                        pooled_text.setdefault((rate, config.name), []).append(text)
-                        text_targets.setdefault((rate, config.name), []).extend(targets)
+                    targets.setdefault(key, []).extend(n for _, n in done)
+    await http.aclose()
     runs = []
     for rate in rates:
         for config in configs:
@@ -674,21 +552,16 @@ async def benchmark(
             }
             if args.text:
                 text = figures(pooled_text[(rate, config.name)])
-                targets = text_targets[(rate, config.name)]
-                text["target_prompt_tokens"] = summary(targets)
+                text["target_prompt_tokens"] = summary(targets[(rate, config.name)])
                 run["text"] = text
             runs.append(run)
-    await client.close()
-    await http.aclose()
-    return {"served_model": model, "runs": runs}
+    return {"served_model": model, "runs": runs, "bench_serve_command": command}
 
 
 def fill_stock_visual_tokens(runs: list[dict[str, Any]]) -> None:
     """Visual tokens of `stock` runs (no plugin histogram): its prompt tokens minus the text
     tokens of the same requests, known from a plugin run at the same rate (prompt - visual)."""
     for r in runs:
-        if not is_stock(r["name"]):
-            continue
         known = [
             o
             for o in runs
@@ -696,42 +569,42 @@ def fill_stock_visual_tokens(runs: list[dict[str, Any]]) -> None:
             and o["request_rate"] == r["request_rate"]
             and not math.isnan(o["visual_tokens_mean"])
         ]
-        if known:
+        if is_stock(r["name"]) and known:
             text = known[0]["prompt_tokens"]["mean"] - known[0]["visual_tokens_mean"]
             r["visual_tokens_mean"] = r["prompt_tokens"]["mean"] - text
             r["visual_tokens_source"] = f"prompt tokens - text tokens of {known[0]['name']}"
 
 
 def add_ratios(runs: list[dict[str, Any]]) -> None:
-    """Per request rate: ratios to `off` (or the run with the most prompt tokens)."""
+    """Per request rate: ratios to the baseline (`_report.pick_baseline`), to `stock`, and to
+    each run's own text-equivalent."""
+    ratio = _report.ratio
     for rate in sorted({r["request_rate"] for r in runs}):
         group = [r for r in runs if r["request_rate"] == rate]
-        base = next(
-            (r for r in group if r["name"] == "off"),
-            max(group, key=lambda r: r["prompt_tokens"]["mean"]),
-        )
+        base = _report.pick_baseline(group)
+        stock = next((o for o in group if o["name"] == STOCK), None)
         for r in group:
             r["baseline"] = base["name"]
             r["ideal_speedup"] = base["prompt_tokens"]["mean"] / r["prompt_tokens"]["mean"]
             r["ratio_to_baseline"] = {
-                "requests_per_s": r["requests_per_s"] / base["requests_per_s"],
-                "output_tokens_per_s": r["output_tokens_per_s"] / base["output_tokens_per_s"],
-                "ttft_p50": r["ttft_ms"]["p50"] / base["ttft_ms"]["p50"],
-                "ttft_mean": r["ttft_ms"]["mean"] / base["ttft_ms"]["mean"],
-                "tpot_p50": r["tpot_ms"]["p50"] / base["tpot_ms"]["p50"],
-                "e2el_p50": r["e2el_ms"]["p50"] / base["e2el_ms"]["p50"],
-                "prompt_tokens": r["prompt_tokens"]["mean"] / base["prompt_tokens"]["mean"],
+                "requests_per_s": ratio(r["requests_per_s"], base["requests_per_s"]),
+                "output_tokens_per_s": ratio(r["output_tokens_per_s"], base["output_tokens_per_s"]),
+                "prompt_tokens": ratio(r["prompt_tokens"]["mean"], base["prompt_tokens"]["mean"]),
+                **{
+                    f"{key}_{stat}": ratio(r[f"{key}_ms"][stat], base[f"{key}_ms"][stat])
+                    for key, stat in (("ttft", "p50"), ("ttft", "mean"), ("tpot", "p50"))
+                },
+                "e2el_p50": ratio(r["e2el_ms"]["p50"], base["e2el_ms"]["p50"]),
             }
-            stock = next((o for o in group if o["name"] == STOCK), None)
             if stock is not None:
                 r["ratio_to_stock"] = {
-                    "requests_per_s": r["requests_per_s"] / stock["requests_per_s"],
-                    "ttft_p50": r["ttft_ms"]["p50"] / stock["ttft_ms"]["p50"],
+                    "requests_per_s": ratio(r["requests_per_s"], stock["requests_per_s"]),
+                    "ttft_p50": ratio(r["ttft_ms"]["p50"], stock["ttft_ms"]["p50"]),
                 }
             if "text" in r:
                 r["fraction_of_text"] = {
-                    "requests_per_s": r["requests_per_s"] / r["text"]["requests_per_s"],
-                    "ttft_p50": r["ttft_ms"]["p50"] / r["text"]["ttft_ms"]["p50"],
+                    "requests_per_s": ratio(r["requests_per_s"], r["text"]["requests_per_s"]),
+                    "ttft_p50": ratio(r["ttft_ms"]["p50"], r["text"]["ttft_ms"]["p50"]),
                 }
 
 
@@ -740,133 +613,28 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
 
 
 def markdown_report(data: dict[str, Any]) -> str:
-    env = data["environment"]
-    settings = data["settings"]
-    short, long = media_labels(settings)
-    lines = [
-        f"# Serving: visual tokens per {long} vs latency and throughput (vllm serve)",
-        "",
-        *video_note(settings, SERVER_VIDEO_NOTE),
-        f"Model: `{data['model']}`; server: {data['server']}; {settings['num_prompts']} "
-        f"requests per configuration and repeat ({settings['repeats']} repeats, pooled), "
-        f"{settings['output_len']} output tokens each, max concurrency "
-        f"{settings['max_concurrency'] or 'unlimited'}; {device_line(env)}.",
-        "",
-        "Latencies in ms (p50 / p99). `x` = ratio to the baseline (`off`) at the same request "
-        "rate; `prompt-ratio ideal x` = prompt-token ratio (the speed-up if cost were "
-        "proportional to prompt tokens; no engine reaches it, decode steps do not shrink). "
-        "Visual tokens: the server's own histogram (`stock`: prompt tokens minus the requests' "
-        "text tokens); peak KV and running: sampled from /metrics.",
-        "",
-        *text_section(data),
-        "## All figures",
-        "",
-        markdown_table(
-            [
-                "config",
-                "rate",
-                f"visual tok/{short}",
-                "prompt tok",
-                "req/s",
-                "x",
-                "prompt-ratio ideal x",
-                "out tok/s",
-                "TTFT p50",
-                "TTFT p99",
-                "TTFT x",
-                "TPOT p50",
-                "TPOT p99",
-                "ITL p50",
-                "E2E p50",
-                "E2E p99",
-                "E2E x",
-                "peak KV %",
-                "max running",
-                "failed",
-            ],
-            [
-                [
-                    r["name"],
-                    r["request_rate"],
-                    r["visual_tokens_mean"],
-                    r["prompt_tokens"]["mean"],
-                    r["requests_per_s"],
-                    r["ratio_to_baseline"]["requests_per_s"],
-                    r["ideal_speedup"],
-                    r["output_tokens_per_s"],
-                    r["ttft_ms"]["p50"],
-                    r["ttft_ms"]["p99"],
-                    r["ratio_to_baseline"]["ttft_p50"],
-                    r["tpot_ms"]["p50"],
-                    r["tpot_ms"]["p99"],
-                    r["itl_ms"]["p50"],
-                    r["e2el_ms"]["p50"],
-                    r["e2el_ms"]["p99"],
-                    r["ratio_to_baseline"]["e2el_p50"],
-                    None
-                    if r["peak_kv_cache_usage_sampled"] is None
-                    else 100 * r["peak_kv_cache_usage_sampled"],
-                    r["max_running_requests_sampled"],
-                    r["failed"],
-                ]
-                for r in data["runs"]
-            ],
-        ),
-        "Method: " + data["method"],
-        "",
+    env, settings = data["environment"], data["settings"]
+    short, long = _report.media_labels(settings)
+    has_stock = any("ratio_to_stock" in r for r in data["runs"])
+    text_columns = [
+        ("config", "name"),
+        ("rate", "request_rate"),
+        (f"visual tok/{short}", "visual_tokens_mean"),
+        ("prompt tok", "prompt_tokens.mean"),
+        ("text prompt tok", "text.prompt_tokens.mean"),
+        ("req/s", "requests_per_s"),
+        ("text-equiv. req/s", "text.requests_per_s"),
+        ("of text", "fraction_of_text.requests_per_s"),
+        ("x off", "ratio_to_baseline.requests_per_s"),
+        *([("x stock", "ratio_to_stock.requests_per_s")] if has_stock else []),
+        ("TTFT p50", "ttft_ms.p50"),
+        ("text TTFT p50", "text.ttft_ms.p50"),
+        ("E2E p50", "e2el_ms.p50"),
+        ("text E2E p50", "text.e2el_ms.p50"),
+        (f"tower ms/{short}", "tower_ms_per_image"),
+        ("tower busy", lambda r: None if is_stock(r["name"]) else r["tower_busy"]),
     ]
-    return "\n".join(lines)
-
-
-def text_section(data: dict[str, Any]) -> list[str]:
-    """The "true limit" table: each configuration against its text-equivalent (and stock)."""
-    runs = [r for r in data["runs"] if "text" in r]
-    if not runs:
-        return []
-    short, long = media_labels(data["settings"])
-    has_stock = any("ratio_to_stock" in r for r in runs)
-    header = [
-        "config",
-        "rate",
-        f"visual tok/{short}",
-        "prompt tok",
-        "text prompt tok",
-        "req/s",
-        "text-equiv. req/s",
-        "of text",
-        "x off",
-        *(["x stock"] if has_stock else []),
-        "TTFT p50",
-        "text TTFT p50",
-        "E2E p50",
-        "text E2E p50",
-        f"tower ms/{short}",
-        "tower busy",
-    ]
-    rows = [
-        [
-            r["name"],
-            r["request_rate"],
-            r["visual_tokens_mean"],
-            r["prompt_tokens"]["mean"],
-            r["text"]["prompt_tokens"]["mean"],
-            r["requests_per_s"],
-            r["text"]["requests_per_s"],
-            r["fraction_of_text"]["requests_per_s"],
-            r["ratio_to_baseline"]["requests_per_s"],
-            *([r.get("ratio_to_stock", {}).get("requests_per_s")] if has_stock else []),
-            r["ttft_ms"]["p50"],
-            r["text"]["ttft_ms"]["p50"],
-            r["e2el_ms"]["p50"],
-            r["text"]["e2el_ms"]["p50"],
-            r["tower_ms_per_image"],
-            r["tower_busy"] if not is_stock(r["name"]) else None,
-        ]
-        for r in runs
-    ]
-    return [
-        "## Against the true limit (text-equivalent requests)",
-        "",
+    text_intro = (
         f"`text@CONFIG`: each completed request's chat message without the {long}, padded "
         f"with a filler word to the prompt tokens the server reported for the {long} request "
         "(`text prompt tok` shows the match), same output length, same server, measured right "
@@ -875,14 +643,58 @@ def text_section(data: dict[str, Any]) -> list[str]:
         f"for the same {long}s. `tower ms/{short}` = the plugin's tower + reduction wall time "
         f"per {long} in the server during the batch (its `vllm_prumerge:reduction_seconds`), "
         "`tower busy` = that time summed over the batch / the batch's duration: near 1 per "
-        "API-server process, the front end was busy the whole time (the bottleneck).",
-        "",
-        markdown_table(header, rows),
+        "API-server process, the front end was busy the whole time (the bottleneck)."
+    )
+    peak_kv = "peak_kv_cache_usage_sampled"
+    columns = [
+        ("config", "name"),
+        ("rate", "request_rate"),
+        (f"visual tok/{short}", "visual_tokens_mean"),
+        ("prompt tok", "prompt_tokens.mean"),
+        ("req/s", "requests_per_s"),
+        ("x", "ratio_to_baseline.requests_per_s"),
+        ("prompt-ratio ideal x", "ideal_speedup"),
+        ("out tok/s", "output_tokens_per_s"),
+        ("TTFT p50", "ttft_ms.p50"),
+        ("TTFT p99", "ttft_ms.p99"),
+        ("TTFT x", "ratio_to_baseline.ttft_p50"),
+        ("TPOT p50", "tpot_ms.p50"),
+        ("TPOT p99", "tpot_ms.p99"),
+        ("ITL p50", "itl_ms.p50"),
+        ("E2E p50", "e2el_ms.p50"),
+        ("E2E p99", "e2el_ms.p99"),
+        ("E2E x", "ratio_to_baseline.e2el_p50"),
+        ("peak KV %", lambda r: None if r[peak_kv] is None else 100 * r[peak_kv]),
+        ("max running", "max_running_requests_sampled"),
+        ("failed", "failed"),
     ]
+    lines = [
+        f"# Serving: visual tokens per {long} vs latency and throughput (vllm serve)",
+        "",
+        *_report.video_note(settings, SERVER_VIDEO_NOTE),
+        f"Model: `{data['model']}`; server: {data['server']}; {settings['num_prompts']} "
+        f"requests per configuration and repeat ({settings['repeats']} repeats, pooled), "
+        f"{settings['output_len']} output tokens each, max concurrency "
+        f"{settings['max_concurrency'] or 'unlimited'}; {_report.device_line(env)}.",
+        "",
+        f"Latencies in ms (p50 / p99). {_report.BASELINE_RULE} Each at the same request rate; "
+        "`prompt-ratio ideal x` = prompt-token ratio (the speed-up if cost were "
+        "proportional to prompt tokens; no engine reaches it, decode steps do not shrink). "
+        "Visual tokens: the server's own histogram (`stock`: prompt tokens minus the requests' "
+        "text tokens); peak KV and running: sampled from /metrics.",
+        "",
+        *_report.text_section(data["runs"], text_intro, text_columns),
+        "## All figures",
+        "",
+        _report.table(data["runs"], columns),
+        "Method: " + data["method"],
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
-    plt = pyplot()
+    plt = _report.pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     rates = sorted({r["request_rate"] for r in data["runs"]})
@@ -899,7 +711,8 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
                 xs, [r[key]["p99"] for r in group], color=f"C{i}", marker="^", label=f"p99, {tag}"
             )
             ax.set_title(title)
-        axes[2].scatter(xs, [r["requests_per_s"] for r in group], color=f"C{i}", label=tag)
+        rps = [r["requests_per_s"] for r in group]
+        axes[2].scatter(xs, rps, color=f"C{i}", label=tag)
         texts = [r for r in group if "text" in r and not math.isnan(r["visual_tokens_mean"])]
         if texts:
             axes[2].scatter(
@@ -911,49 +724,34 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
                 label=f"text-equivalent, {tag}",
             )
         axes[2].set_title("requests / s")
-        for r in group:
-            axes[2].annotate(
-                r["name"],
-                (r["visual_tokens_mean"], r["requests_per_s"]),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=7,
-            )
+        _report.label_points(axes[2], group, xs, rps)
     largest = max(
         (r["visual_tokens_mean"] for r in data["runs"] if not math.isnan(r["visual_tokens_mean"])),
         default=576,
     )
-    ticks = token_ticks(largest)
     for ax in axes:
-        ax.set_xscale("log")
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.minorticks_off()
-        ax.set_xlabel(f"visual tokens per {media_labels(data['settings'])[1]} (mean, log scale)")
+        _report.token_axis(ax, largest, _report.media_labels(data["settings"])[1])
         ax.legend(fontsize=7)
-    env = data["environment"]
-    fig.suptitle(
+    title = (
         f"{data['model']}: {data['settings']['num_prompts']} requests, max concurrency "
-        f"{data['settings']['max_concurrency']}; {device_name(env)}",
-        fontsize=9,
+        f"{data['settings']['max_concurrency']}; {_report.device_name(data['environment'])}"
     )
-    return [save_figure(fig, out, "serving_latency.png")]
-
-
-# --------------------------------------------------------------------------------------------
+    return [_report.save_figure(fig, out, "serving_latency.png", title)]
 
 
 METHOD = (
-    "One server, one configuration after another (per-request mm_processor_kwargs through "
-    "extra_body); streamed chat completions with ignore_eos and a fixed max_completion_tokens; "
-    "TTFT = first streamed chunk with choices (vLLM sends the first one with the first token), "
-    "TPOT = (latency - TTFT) / (output tokens - 1), ITL = gaps between later chunks, as "
-    "`vllm bench serve` takes them. A first round of every configuration (2 requests each) "
-    "precedes all measurements, and each configuration is preceded by --warmup requests on "
-    "other images. Prompt tokens are the server's usage.prompt_tokens; visual tokens the "
-    "change of the server's vllm_prumerge:visual_tokens_per_image histogram (sum / count) over "
-    "the measured requests; peak KV-cache usage and running requests are the maxima of "
+    "One server, one configuration after another, each run by vLLM's load generator "
+    "(`vllm bench serve --backend openai-chat --dataset-name custom`, in this process) on the "
+    "same dataset of chat messages, the configuration in --extra-body's mm_processor_kwargs; "
+    "streamed chat completions with --ignore-eos, --temperature 0 and a fixed output length; "
+    "TTFT, ITL and latency per request as vllm bench serve takes them (--save-detailed), TPOT "
+    "= (latency - TTFT) / (output tokens - 1). A first round of every configuration (2 "
+    "requests each) precedes all measurements, and each configuration is preceded by --warmup "
+    "requests on other images. Prompt tokens are the server's usage.prompt_tokens; visual "
+    "tokens the change of the server's vllm_prumerge:visual_tokens_per_image histogram (sum / "
+    "count) over the measured run; peak KV-cache usage and running requests are the maxima of "
     "vllm:kv_cache_usage_perc and vllm:num_requests_running sampled from /metrics. "
-    "Text-equivalents (text@CONFIG) follow each measured batch: the same questions as text-only "
+    "Text-equivalents (text@CONFIG) follow each measured run: the same questions as text-only "
     "chat messages padded with a filler word to the image request's usage.prompt_tokens (the "
     "filler count found with the server's /tokenize), no mm_processor_kwargs. `stock` runs on "
     "a second server (stock vLLM: no --plugin) with the same settings, before the plugin's."
@@ -961,109 +759,94 @@ METHOD = (
 
 
 def start_and_measure(
-    args: argparse.Namespace,
-    model: str,
-    configs: list[BenchConfig],
-    *,
-    stock: bool,
-    out: Path,
-    dtype: str | None = None,
+    args: argparse.Namespace, model: str, configs: list[BenchConfig], *, stock: bool, out: Path
 ) -> tuple[dict[str, Any], str, float]:
     """Start `vllm serve` (stock vLLM, or with the plugin), measure `configs` on it, stop it;
     (benchmark data, the server command, start-up seconds)."""
-    import torch
-
     from vllm_prumerge.encoder import PruMergeEncoder
     from vllm_prumerge.testing.server import serve
 
-    server_env: dict[str, str] = {}
-    if not torch.cuda.is_available():
-        server_env["VLLM_TARGET_DEVICE"] = "cpu"
-        server_env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    dtype = (configs[0].name.partition(":")[2] or None) if stock else None
+    server_env: dict[str, str] = {}  # on top of this process's (use_cpu_if_no_gpu's settings)
     if args.tower_threads and not stock:
         server_env[PruMergeEncoder.THREADS_ENV] = str(args.tower_threads)
     cli = server_args(args, stock=stock, dtype=dtype)
+    log = out / f"{'server-' + configs[0].name.replace(':', '-') if stock else 'server'}.log"
     t0 = time.perf_counter()
-    log = out / ((f"server-stock-{dtype}" if dtype else "server-stock") if stock else "server")
-    log = log.with_suffix(".log")
     with serve(model, cli, env=server_env, timeout=args.server_timeout, log_path=log) as base:
         started = time.perf_counter() - t0
         data = asyncio.run(benchmark(base, args, configs))
     prefix = " ".join(f"{k}={v}" for k, v in server_env.items() if k.startswith("VLLM_PRUMERGE"))
-    command = f"`{prefix + ' ' if prefix else ''}vllm serve MODEL {' '.join(cli)}`"
+    command = f"`{prefix + ' ' if prefix else ''}vllm serve MODEL {shlex.join(cli)}`"
     return data, command, started
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.num_prompts < 1 or args.output_len < 1 or args.repeats < 1 or args.warmup < 0:
-        raise SystemExit("--num-prompts, --output-len and --repeats must be >= 1, --warmup >= 0")
+        parser.error("--num-prompts, --output-len and --repeats must be >= 1, --warmup >= 0")
     if args.api_server_count < 1 or (args.tower_threads is not None and args.tower_threads < 1):
-        raise SystemExit("--api-server-count and --tower-threads must be >= 1")
+        parser.error("--api-server-count and --tower-threads must be >= 1")
     if args.frames < 0:
-        raise SystemExit("--frames must be >= 0 (0: images)")
+        parser.error("--frames must be >= 0 (0: images)")
     args.configs = args.configs or default_configs(args.frames)
-    args.chat_content_format = "the server's" if args.base_url else "openai"
     names = [c.strip().lower() for c in args.configs.split(",") if c.strip()]
-    plugin_names = [n for n in names if not is_stock(n)]
-    configs = parse_configs(",".join(plugin_names)) if plugin_names else []
+    try:
+        plugin_names = [n for n in names if not is_stock(n)]
+        configs = parse_configs(",".join(plugin_names)) if plugin_names else []
+    except ValueError as exc:
+        parser.error(str(exc))
     stock_configs = [BenchConfig(n, "off") for n in names if is_stock(n)]
     if stock_configs and args.base_url:
-        raise SystemExit("the stock configuration needs a server started by this script")
-    import torch
-
-    has_gpu = torch.cuda.is_available()
-    if args.enforce_eager is None:
-        args.enforce_eager = not has_gpu
+        parser.error("the stock configuration needs a server started by this script")
+    gpu = use_cpu_if_no_gpu()
+    args.chat_content_format = "the server's" if args.base_url else "openai"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = environment({"device": "cuda" if has_gpu else "cpu"})
+    env = _report.environment({"device": "cuda" if gpu else "cpu"})
     print(env["cpu_line"], flush=True)
     wall = time.perf_counter()
     started: dict[str, float] = {}
     servers: dict[str, str] = {}
-    runs: list[dict[str, Any]] = []
-    served_model = None
     if args.base_url:
-        model = args.model or "(served model)"
-        base = args.base_url.rstrip("/")
+        base = args.base_url.rstrip("/").removesuffix("/v1")
         data = asyncio.run(benchmark(base, args, configs))
-        runs, served_model = data["runs"], data["served_model"]
+        runs, model = data["runs"], args.model or data["served_model"]
         servers["plugin"] = f"given ({base})"
     else:
         model = args.model or synthetic_checkpoint(args.synthetic, args.family, args.tower)[0]
         if args.frames:  # a template that drops video parts: vLLM's "string" content format
             args.chat_content_format = chat_prompt(model, args.frames).content_format
+        runs = []
         # One server per stock dtype (`stock:DTYPE`), then the plugin's.
-        groups = [(True, [c], c.name.partition(":")[2] or None) for c in stock_configs]
-        for stock, group, dtype in [*groups, (False, configs, None)]:
-            if not group:
-                continue
+        groups = [(True, [c]) for c in stock_configs] + [(False, configs)] * bool(configs)
+        for stock, group in groups:
             key = group[0].name if stock else "plugin"
             data, servers[key], started[key] = start_and_measure(
-                args, model, group, stock=stock, out=out, dtype=dtype
+                args, model, group, stock=stock, out=out
             )
             runs += data["runs"]
-            served_model = data["served_model"]
-    if args.base_url and not args.model:
-        model = served_model
     fill_stock_visual_tokens(runs)
     add_ratios(runs)
     result: dict[str, Any] = {
-        "benchmark": "serving (vllm serve, OpenAI chat API)",
+        "benchmark": "serving (vllm serve, OpenAI chat API, vllm bench serve)",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "model": model_label(args) if not args.base_url else model,
+        "model": model if args.base_url else _cli.model_label(args),
         "model_path": model,
-        "served_model": served_model,
+        "served_model": data["served_model"],
         "server": "; ".join(f"{k}: {v}" for k, v in servers.items()),
         "servers": servers,
         "server_startup_s": started,
+        "bench_serve_command": data["bench_serve_command"],
         "settings": dict(vars(args)),
         "method": METHOD,
         "environment": env,
         "runs": runs,
     }
-    return finish(out, "serving", result, wall, markdown_report, None if args.no_plots else plot)
+    return _report.finish(
+        out, "serving", result, wall, markdown_report, None if args.no_plots else plot
+    )
 
 
 if __name__ == "__main__":

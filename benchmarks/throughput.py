@@ -47,15 +47,18 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _cli import add_model_arguments, add_output_arguments, add_workload_arguments, model_label
+from _cli import (
+    add_model_arguments,
+    add_output_arguments,
+    add_workload_arguments,
+    model_label,
+    new_parser,
+)
 from _common import (
     BenchConfig,
     WorkItem,
@@ -71,47 +74,45 @@ from _common import (
     text_equivalent_ids,
 )
 from _report import (
+    BASELINE_RULE,
     device_line,
     environment,
     finish,
-    markdown_table,
+    label_points,
     media_labels,
+    pick_baseline,
     progress,
     pyplot,
+    ratio,
     save_figure,
-    token_ticks,
+    table,
+    text_section,
+    token_axis,
     video_note,
 )
 
 from vllm_prumerge.serving.stats import StepTracker, stat_logger_factory
-from vllm_prumerge.testing.engine_args import add_engine_arg_option, parse_engine_args
+from vllm_prumerge.testing.engine_args import (
+    add_engine_arguments,
+    engine_settings,
+    use_cpu_if_no_gpu,
+)
 
 STOCK = "stock"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0]
-        + " Runs every configuration in one run and writes JSON, Markdown and PNG plots.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = new_parser(
+        __doc__,
+        "Runs every configuration in one run and writes JSON, Markdown and PNG plots.",
     )
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        default=None,
-        help="LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA, LLaVA-OneVision or LLaVA-NeXT-Video "
+    add_model_arguments(
+        model,
+        "LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA, LLaVA-OneVision or LLaVA-NeXT-Video "
         "checkpoint (hub id such as "
         "llava-hf/llava-1.5-7b-hf, or a local folder). Default: a generated random-weight "
         "checkpoint (see --synthetic, --family, --tower).",
-    )
-    add_model_arguments(model)
-    model.add_argument(
-        "--dtype",
-        default="auto",
-        help="Model dtype passed to vLLM (also the front end's CLIP tower). auto = vLLM's "
-        "choice: bfloat16 on a CPU (even for the float32 generated checkpoint), float16 for "
-        "llava-1.5-7b-hf on a GPU; float32 for exact comparisons. The resolved dtype is in the "
-        "JSON.",
     )
     work = parser.add_argument_group("workload")
     add_workload_arguments(work, "Seed of images, questions and engine.")
@@ -129,8 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Comma-separated configurations: off (stock 576 tokens through the plugin's code "
         "path), prumerge, prumerge+, fixed:N (keep N patches + 1 extra token), fixed:Ns (with "
         "PruMerge+ spatial samples), fixed:RATIO (e.g. fixed:0.25), and stock (vLLM's own LLaVA "
-        "in a second engine; costs one more engine start). Ratios are taken to 'off' (or to the "
-        "configuration with the most visual tokens when 'off' is absent). Default: "
+        f"in a second engine; costs one more engine start). {BASELINE_RULE} Default: "
         f"{default_configs(0)}; with --frames: {default_configs(1)} (budgets per frame).",
     )
     work.add_argument(
@@ -147,45 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Measure every configuration this many times (order rotated each round); figures "
         "are the median over repeats, every repeat is kept in the JSON.",
     )
-    eng = parser.add_argument_group("engine (identical for every configuration)")
-    eng.add_argument(
-        "--kv-cache-tokens",
-        type=int,
-        default=8192,
-        help="KV-cache capacity in tokens (num_gpu_blocks_override = this / --block-size), the "
-        "same on every device so concurrency limits are visible and comparable. 0 = let vLLM "
-        "size the cache from memory (VLLM_CPU_KVCACHE_SPACE / --gpu-memory-utilization).",
+    add_engine_arguments(
+        parser,
+        kv_cache=True,
+        title="engine (identical for every configuration)",
+        target="vllm EngineArgs field",
     )
-    eng.add_argument(
-        "--block-size",
-        type=int,
-        default=32,
-        help="KV-cache block size in tokens; small blocks make KV use follow token counts "
-        "(vLLM's CPU default is 128, CUDA's 16; both accept 32).",
-    )
-    eng.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=64,
-        help="Most requests the scheduler runs at once (the KV cache may limit it further).",
-    )
-    eng.add_argument(
-        "--max-model-len", type=int, default=2048, help="Context length of the engine."
-    )
-    eng.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=None,
-        help="Token budget of one scheduler step (default: vLLM's for the platform).",
-    )
-    eng.add_argument(
-        "--enforce-eager",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Disable torch.compile / CUDA graphs (default: eager without a GPU, where "
-        "compilation would take minutes; compiled with one).",
-    )
-    add_engine_arg_option(eng, "vllm EngineArgs field")
     add_output_arguments(
         parser,
         "out/throughput",
@@ -199,29 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
 # Engine
 
 
-def engine_settings(args: argparse.Namespace, model: str, *, stock: bool) -> dict[str, Any]:
+def run_settings(args: argparse.Namespace, model: str, *, stock: bool) -> dict[str, Any]:
     """The EngineArgs fields of this run (identical for every configuration but `stock`'s
     architecture)."""
     from vllm_prumerge import engine_kwargs
 
-    settings: dict[str, Any] = dict(
-        model=model,
-        dtype=args.dtype,
-        seed=args.seed,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        block_size=args.block_size,
-        limit_mm_per_prompt={modality(args.frames): 1},
-        enable_prefix_caching=False,  # every request pays for its whole prompt
-        mm_processor_cache_gb=0,  # every request pays for its image (tower + reduction)
-        enforce_eager=args.enforce_eager,
-        disable_log_stats=False,  # the stat loggers feed StepTracker
-    )
-    if args.kv_cache_tokens:
-        settings["num_gpu_blocks_override"] = max(1, args.kv_cache_tokens // args.block_size)
-    if args.max_num_batched_tokens:
-        settings["max_num_batched_tokens"] = args.max_num_batched_tokens
-    settings.update(parse_engine_args(args.engine_arg))
+    settings: dict[str, Any] = {
+        "model": model,
+        "seed": args.seed,
+        "limit_mm_per_prompt": {modality(args.frames): 1},
+        "enable_prefix_caching": False,  # every request pays for its whole prompt
+        "mm_processor_cache_gb": 0,  # every request pays for its image (tower + reduction)
+        "disable_log_stats": False,  # the stat loggers feed StepTracker
+        **engine_settings(args),  # --engine-arg last: it overrides any of these
+    }
     if not stock:  # the plugin's architecture and options, applied after any user overrides
         user = settings.pop("hf_overrides", None) or {}
         settings.update(engine_kwargs("prumerge", hf_overrides=user))
@@ -476,19 +434,19 @@ def aggregate(config: BenchConfig, runs: list[dict[str, Any]]) -> dict[str, Any]
 
 
 def add_ratios(results: list[dict[str, Any]]) -> str:
-    """Ratios of every configuration to the baseline and the ideal ratios; returns its name.
+    """Ratios of every configuration to the baseline (`_report.pick_baseline`) and the ideal
+    ratios; returns the baseline's name.
 
     Ideal: cost per request proportional to its prompt tokens, so requests/s and output
     tokens/s scale by P_base / P (P = mean prompt tokens) and total tokens/s by
     P_base / P * (P + O) / (P_base + O) (O = mean output tokens).
     """
-    by_name = {r["name"]: r for r in results}
-    base = by_name.get("off") or max(results, key=lambda r: r["visual_tokens"]["mean"])
-    p_base = base["prompt_tokens"]["mean"]
-    o_base = base["output_tokens"]["mean"]
+    base = pick_baseline(results)
+    p_base, o_base = base["prompt_tokens"]["mean"], base["output_tokens"]["mean"]
+    keys = (*THROUGHPUT_KEYS, "peak_kv_cache_usage", "max_running_requests")
+    keys += ("max_generating_requests", "ttft_s_mean")
     for r in results:
-        p = r["prompt_tokens"]["mean"]
-        o = r["output_tokens"]["mean"]
+        p, o = r["prompt_tokens"]["mean"], r["output_tokens"]["mean"]
         speedup = p_base / p
         r["ideal_ratio_to_baseline"] = {
             "requests_per_s": speedup,
@@ -497,20 +455,13 @@ def add_ratios(results: list[dict[str, Any]]) -> str:
         }
         ratios: dict[str, Any] = {
             "prompt_tokens": p / p_base,
-            "visual_tokens": r["visual_tokens"]["mean"] / base["visual_tokens"]["mean"],
-            "frontend_ms_per_image": r["frontend_ms_per_image"] / base["frontend_ms_per_image"],
+            "visual_tokens": ratio(r["visual_tokens"]["mean"], base["visual_tokens"]["mean"]),
+            "frontend_ms_per_image": ratio(
+                r["frontend_ms_per_image"], base["frontend_ms_per_image"]
+            ),
         }
         for phase in PHASES:
-            ratios[phase] = {
-                key: r[phase][key] / base[phase][key] if base[phase][key] else float("nan")
-                for key in (
-                    *THROUGHPUT_KEYS,
-                    "peak_kv_cache_usage",
-                    "max_running_requests",
-                    "max_generating_requests",
-                    "ttft_s_mean",
-                )
-            }
+            ratios[phase] = {key: ratio(r[phase][key], base[phase][key]) for key in keys}
         r["ratio_to_baseline"] = ratios
         r["fraction_of_ideal"] = {
             phase: ratios[phase]["requests_per_s"] / speedup for phase in PHASES
@@ -523,11 +474,59 @@ def add_ratios(results: list[dict[str, Any]]) -> str:
 
 
 def markdown_report(data: dict[str, Any]) -> str:
-    base = data["baseline"]
-    results = data["results"]
-    env = data["environment"]
-    settings = data["settings"]
+    results, env, settings = data["results"], data["environment"], data["settings"]
     short, long = media_labels(settings)
+    x = "ratio_to_baseline."
+    tokens = [
+        ("config", "name"),
+        (f"visual tok/{short} mean", "visual_tokens.mean"),
+        *[(stat, f"visual_tokens.{stat}") for stat in ("p50", "p95", "min", "max")],
+        ("prompt tok mean", "prompt_tokens.mean"),
+        ("prompt x", x + "prompt_tokens"),
+    ]
+    throughput = [
+        ("config", "name"),
+        ("engine req/s", "engine.requests_per_s"),
+        ("x", x + "engine.requests_per_s"),
+        ("prompt-ratio ideal x", "ideal_ratio_to_baseline.requests_per_s"),
+        ("of ideal", "fraction_of_ideal.engine"),
+        ("out tok/s", "engine.output_tokens_per_s"),
+        ("x", x + "engine.output_tokens_per_s"),
+        ("total tok/s", "engine.total_tokens_per_s"),
+        ("x", x + "engine.total_tokens_per_s"),
+        ("prompt-ratio ideal x", "ideal_ratio_to_baseline.total_tokens_per_s"),
+        ("peak KV %", lambda r: 100 * r["engine"]["peak_kv_cache_usage"]),
+        ("max concurrent", "engine.max_generating_requests"),
+        ("x", x + "engine.max_generating_requests"),
+        ("preempt", "engine.preemptions"),
+        ("burst TTFT s", "engine.ttft_s_mean"),
+        ("x", x + "engine.ttft_s_mean"),
+        ("e2e req/s", "end_to_end.requests_per_s"),
+        ("x", x + "end_to_end.requests_per_s"),
+        (f"front-end ms/{short}", "frontend_ms_per_image"),
+    ]
+    text = [
+        ("config", "name"),
+        (f"visual tok/{short}", "visual_tokens.mean"),
+        ("prompt tok", "prompt_tokens.mean"),
+        ("engine req/s", "engine.requests_per_s"),
+        ("text-equiv. req/s", "text.engine.requests_per_s"),
+        ("of text", "fraction_of_text.engine"),
+        ("x off", x + "engine.requests_per_s"),
+        ("prompt-ratio ideal x", "ideal_ratio_to_baseline.requests_per_s"),
+        ("burst TTFT s", "engine.ttft_s_mean"),
+        ("text TTFT s", "text.engine.ttft_s_mean"),
+        ("e2e req/s", "end_to_end.requests_per_s"),
+        ("text e2e req/s", "text.end_to_end.requests_per_s"),
+        ("e2e of text", "fraction_of_text.end_to_end"),
+    ]
+    text_intro = (
+        "`text@CONFIG`: each request's own prompt with its visual tokens replaced by a text "
+        "token (same length and layout, same output length, same engine), measured right after "
+        "the image requests in every repeat. `of text` = image req/s / text req/s (median over "
+        "repeats of the same-repeat ratio): 1.0 = the images cost nothing beyond their tokens. "
+        "`x off` = ratio to the baseline's image req/s."
+    )
     lines = [
         f"# Throughput: visual tokens per {long} vs serving cost (vLLM offline)",
         "",
@@ -539,90 +538,20 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"{settings['max_num_seqs']}; {device_line(env)}; {settings['repeats']} repeat(s), "
         "medians.",
         "",
-        f"Ratios (x) are to `{base}`. Prompt-ratio ideal x = the ratio if cost were "
-        "proportional to prompt tokens (P_base / P); no engine reaches it, since decode steps "
-        "do not shrink with the prompt. `engine`: requests pre-processed first, then released "
-        "at once (LLM prefill + decode only, limited by the KV cache); `e2e`: pre-processing "
-        "(tokenizer, image processor, vision tower + reduction, in the front-end process) and "
-        "submission one by one while the engine runs, as `LLM.generate`.",
+        f"{BASELINE_RULE} Here: `{data['baseline']}`. Prompt-ratio ideal x = the ratio if cost "
+        "were proportional to prompt tokens (P_base / P); no engine reaches it, since decode "
+        "steps do not shrink with the prompt. `engine`: requests pre-processed first, then "
+        "released at once (LLM prefill + decode only, limited by the KV cache); `e2e`: "
+        "pre-processing (tokenizer, image processor, vision tower + reduction, in the front-end "
+        "process) and submission one by one while the engine runs, as `LLM.generate`.",
         "",
-        *text_section(data),
+        *text_section(results, text_intro, text),
         "## Tokens per request",
         "",
-        markdown_table(
-            [
-                "config",
-                f"visual tok/{short} mean",
-                "p50",
-                "p95",
-                "min",
-                "max",
-                "prompt tok mean",
-                "prompt x",
-            ],
-            [
-                [
-                    r["name"],
-                    r["visual_tokens"]["mean"],
-                    r["visual_tokens"]["p50"],
-                    r["visual_tokens"]["p95"],
-                    r["visual_tokens"]["min"],
-                    r["visual_tokens"]["max"],
-                    r["prompt_tokens"]["mean"],
-                    r["ratio_to_baseline"]["prompt_tokens"],
-                ]
-                for r in results
-            ],
-        ),
+        table(results, tokens),
         "## Throughput and concurrency",
         "",
-        markdown_table(
-            [
-                "config",
-                "engine req/s",
-                "x",
-                "prompt-ratio ideal x",
-                "of ideal",
-                "out tok/s",
-                "x",
-                "total tok/s",
-                "x",
-                "prompt-ratio ideal x",
-                "peak KV %",
-                "max concurrent",
-                "x",
-                "preempt",
-                "burst TTFT s",
-                "x",
-                "e2e req/s",
-                "x",
-                f"front-end ms/{short}",
-            ],
-            [
-                [
-                    r["name"],
-                    r["engine"]["requests_per_s"],
-                    r["ratio_to_baseline"]["engine"]["requests_per_s"],
-                    r["ideal_ratio_to_baseline"]["requests_per_s"],
-                    r["fraction_of_ideal"]["engine"],
-                    r["engine"]["output_tokens_per_s"],
-                    r["ratio_to_baseline"]["engine"]["output_tokens_per_s"],
-                    r["engine"]["total_tokens_per_s"],
-                    r["ratio_to_baseline"]["engine"]["total_tokens_per_s"],
-                    r["ideal_ratio_to_baseline"]["total_tokens_per_s"],
-                    100 * r["engine"]["peak_kv_cache_usage"],
-                    r["engine"]["max_generating_requests"],
-                    r["ratio_to_baseline"]["engine"]["max_generating_requests"],
-                    r["engine"]["preemptions"],
-                    r["engine"]["ttft_s_mean"],
-                    r["ratio_to_baseline"]["engine"]["ttft_s_mean"],
-                    r["end_to_end"]["requests_per_s"],
-                    r["ratio_to_baseline"]["end_to_end"]["requests_per_s"],
-                    r["frontend_ms_per_image"],
-                ]
-                for r in results
-            ],
-        ),
+        table(results, throughput),
         "`of ideal` = measured engine req/s ratio / prompt-ratio ideal. `peak KV %`, "
         "`max concurrent` (most requests that produced a token in one engine step) and "
         "`preempt` (preemptions) "
@@ -635,59 +564,6 @@ def markdown_report(data: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def text_section(data: dict[str, Any]) -> list[str]:
-    """The report's "true limit" table (empty without text-equivalents)."""
-    results = [r for r in data["results"] if "text" in r]
-    if not results:
-        return []
-    table = markdown_table(
-        [
-            "config",
-            f"visual tok/{media_labels(data['settings'])[0]}",
-            "prompt tok",
-            "engine req/s",
-            "text-equiv. req/s",
-            "of text",
-            "x off",
-            "prompt-ratio ideal x",
-            "burst TTFT s",
-            "text TTFT s",
-            "e2e req/s",
-            "text e2e req/s",
-            "e2e of text",
-        ],
-        [
-            [
-                r["name"],
-                r["visual_tokens"]["mean"],
-                r["prompt_tokens"]["mean"],
-                r["engine"]["requests_per_s"],
-                r["text"]["engine"]["requests_per_s"],
-                r["fraction_of_text"]["engine"],
-                r["ratio_to_baseline"]["engine"]["requests_per_s"],
-                r["ideal_ratio_to_baseline"]["requests_per_s"],
-                r["engine"]["ttft_s_mean"],
-                r["text"]["engine"]["ttft_s_mean"],
-                r["end_to_end"]["requests_per_s"],
-                r["text"]["end_to_end"]["requests_per_s"],
-                r["fraction_of_text"]["end_to_end"],
-            ]
-            for r in results
-        ],
-    )
-    return [
-        "## Against the true limit (text-equivalent prompts)",
-        "",
-        "`text@CONFIG`: each request's own prompt with its visual tokens replaced by a text "
-        "token (same length and layout, same output length, same engine), measured right after "
-        "the image requests in every repeat. `of text` = image req/s / text req/s (median over "
-        "repeats of the same-repeat ratio): 1.0 = the images cost nothing beyond their tokens. "
-        "`x off` = ratio to the baseline's image req/s.",
-        "",
-        table,
-    ]
 
 
 def plot_scaling(data: dict[str, Any], out: Path) -> str:
@@ -712,28 +588,16 @@ def plot_scaling(data: dict[str, Any], out: Path) -> str:
                 color="C2",
                 label="text-equivalent (same prompt length, text only)",
             )
-        for r in results:
-            ax.annotate(
-                r["name"],
-                (r["visual_tokens"]["mean"], r["engine"][key]),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize=7,
-            )
-        ticks = token_ticks(max(xs))
-        ax.set_xscale("log")
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.minorticks_off()
-        ax.set_xlabel(f"visual tokens per {media_labels(data['settings'])[1]} (mean, log scale)")
+        label_points(ax, results, xs, [r["engine"][key] for r in results])
+        token_axis(ax, max(xs), media_labels(data["settings"])[1])
         ax.set_title(title)
         ax.legend(fontsize=7)
-    fig.suptitle(
+    title = (
         f"{data['model']}: {data['settings']['num_prompts']} requests released at once, "
         f"{data['settings']['output_len']} output tokens; "
-        f"{data['environment'].get('gpu') or data['environment']['cpu']}",
-        fontsize=9,
+        f"{data['environment'].get('gpu') or data['environment']['cpu']}"
     )
-    return save_figure(fig, out, "scaling.png")
+    return save_figure(fig, out, "scaling.png", title)
 
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
@@ -768,25 +632,14 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
             zorder=3,
             label=f"measured {label}",
         )
-    for r in results:
-        ax.annotate(
-            r["name"],
-            (r["visual_tokens"]["mean"], r["engine"]["requests_per_s"]),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=8,
-        )
+    label_points(ax, results, xs, [r["engine"]["requests_per_s"] for r in results], 8)
     ax.set_ylabel("requests / s")
     ax.set_title("Throughput vs visual tokens")
     ax.legend(fontsize=7)
 
     ax = axes[1]
-    ax.scatter(
-        xs,
-        [r["engine"]["max_generating_requests"] for r in results],
-        color="C2",
-        label="most requests generating at once",
-    )
+    generating = [r["engine"]["max_generating_requests"] for r in results]
+    ax.scatter(xs, generating, color="C2", label="most requests generating at once")
     ax.scatter(
         xs,
         [100 * r["engine"]["peak_kv_cache_usage"] for r in results],
@@ -794,30 +647,18 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
         marker="x",
         label="peak KV-cache usage (%)",
     )
-    for r in results:
-        ax.annotate(
-            r["name"],
-            (r["visual_tokens"]["mean"], r["engine"]["max_generating_requests"]),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=8,
-        )
+    label_points(ax, results, xs, generating, 8)
     kv = data["settings"]["kv_cache_tokens"]
     ax.set_title(f"Concurrency in a {kv}-token KV cache" if kv else "Concurrency")
     ax.legend(fontsize=7)
-    ticks = token_ticks(top)
     for ax in axes:
-        ax.set_xscale("log")
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.minorticks_off()
-        ax.set_xlabel(f"visual tokens per {media_labels(data['settings'])[1]} (mean, log scale)")
-    fig.suptitle(
+        token_axis(ax, top, media_labels(data["settings"])[1])
+    title = (
         f"{data['model']}\n{data['settings']['num_prompts']} requests, "
         f"{data['settings']['output_len']} output tokens; "
-        f"{data['environment'].get('gpu') or data['environment']['cpu']}",
-        fontsize=9,
+        f"{data['environment'].get('gpu') or data['environment']['cpu']}"
     )
-    save_figure(fig, out, "throughput_vs_tokens.png")
+    save_figure(fig, out, "throughput_vs_tokens.png", title)
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     shown = [r for r in results if r["name"] in ("prumerge", "prumerge+")] or results
@@ -877,16 +718,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configs = parse_configs(",".join(plugin_names)) if plugin_names else []
     if STOCK in names:
         configs.append(BenchConfig(STOCK, "off"))
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if args.enforce_eager is None:
-        args.enforce_eager = not torch.cuda.is_available()
+    gpu = use_cpu_if_no_gpu()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = environment({"device": "cuda" if torch.cuda.is_available() else "cpu"})
+    env = environment({"device": "cuda" if gpu else "cpu"})
     print(env["cpu_line"], flush=True)
 
     wall_start = time.perf_counter()
@@ -942,7 +777,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if not group:
                 continue
             key = "stock" if stock else "plugin"
-            settings_used[key] = engine_settings(args, model, stock=stock)
+            settings_used[key] = run_settings(args, model, stock=stock)
             bar.set_description(f"starting {key} engine")
             t0 = time.perf_counter()
             engine = start_engine(settings_used[key], tracker)

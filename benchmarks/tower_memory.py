@@ -31,9 +31,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 DTYPES = ("float32", "bfloat16", "float16")
 MIB = 2**20
 # glibc malloc: serve every block of 64 KiB and more by mmap and give freed memory back at once,
@@ -60,28 +57,18 @@ def measure(dtype_name: str, batch_sizes: list[int], repeats: int) -> dict:
     import gc
 
     import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from vllm_prumerge.config import PruMergeConfig
     from vllm_prumerge.reduction import reduce_tokens
+    from vllm_prumerge.testing.towers import build_tower
     from vllm_prumerge.vision.clip import clip_prumerge_inputs
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
-    # openai/clip-vit-large-patch14-336, the tower of llava-hf/llava-1.5-7b-hf.
-    config = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    )
     gc.collect()
     rss_before = _status_kib("VmRSS")
-    tower = CLIPVisionModel._from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
+    # openai/clip-vit-large-patch14-336, the tower of llava-hf/llava-1.5-7b-hf.
+    tower = build_tower("clip-l-336", dtype)
     gc.collect()
     rss_tower = _status_kib("VmRSS")
     param_bytes = sum(p.numel() * p.element_size() for p in tower.parameters())
@@ -125,9 +112,7 @@ def slope(points: dict[int, int]) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--dtypes",

@@ -114,20 +114,11 @@ def read_manifest(path: Path) -> Iterator[Request]:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
-                yield Request(
-                    id=str(number),
-                    image="",
-                    question="",
-                    error=f"{path.name} line {number}: invalid JSON ({exc.msg})",
-                )
-                continue
+                item = f"invalid JSON ({exc.msg})"
             if not isinstance(item, dict):
-                yield Request(
-                    id=str(number),
-                    image="",
-                    question="",
-                    error=f"{path.name} line {number}: expected a JSON object",
-                )
+                problem = item if isinstance(item, str) else "expected a JSON object"
+                where = f"{path.name} line {number}"
+                yield Request(id=str(number), image="", question="", error=f"{where}: {problem}")
                 continue
             request = Request(
                 id=str(item.get("id", number)),

@@ -1,26 +1,23 @@
 """Helpers shared by the example scripts (not an example itself).
 
 Command-line pieces every example uses the same way: which checkpoint (`--model` or `--tiny`),
-which reduction (`--mode`, `--budget`, `--option KEY=VALUE`), vLLM engine settings, and finding
-and opening images (`vllm_prumerge.testing`'s, their one home). Nothing here imports vLLM, so
-`--help` and input errors are instant.
+which reduction (`--mode`, `--budget`, `--option KEY=VALUE`), vLLM engine settings (the
+benchmarks' group), and finding and opening images (`vllm_prumerge.testing`'s, their one home).
+Nothing here imports vLLM, so `--help` and input errors are instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
-from vllm_prumerge.testing.engine_args import (
-    add_engine_arg_option,
-    parse_engine_args,
-    resolve_model,
-)
+from vllm_prumerge.testing import engine_args
+from vllm_prumerge.testing.engine_args import resolve_model, use_cpu_if_no_gpu
 from vllm_prumerge.testing.images import IMAGE_SUFFIXES, find_images, open_image
 
-__all__ = ["IMAGE_SUFFIXES", "find_images", "open_image"]  # the examples' image helpers
+# The examples' image helpers and engine set-up, from their one home.
+__all__ = ["IMAGE_SUFFIXES", "find_images", "open_image", "use_cpu_if_no_gpu"]
 # LLaVA-1.5's conversation format (llava-hf/llava-1.5-*-hf): one image, one question.
 DEFAULT_PROMPT = "USER: <image>\n{question} ASSISTANT:"
 DEFAULT_QUESTION = "What is shown in this image?"
@@ -29,19 +26,6 @@ MODES = ("prumerge", "prumerge+", "fixed", "off")
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def use_cpu_if_no_gpu() -> None:
-    """On a machine without CUDA, run vLLM on its CPU platform with a 1 GiB KV cache.
-
-    vLLM cannot infer the device with PyPI's torch on a CPU-only machine; both variables can be
-    overridden from the environment.
-    """
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
 # --- which checkpoint -------------------------------------------------------------------------
@@ -147,40 +131,11 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("vLLM engine")
-    group.add_argument(
-        "--dtype",
-        default="auto",
-        help="Model dtype: auto (the checkpoint's; bfloat16 for float16 checkpoints on CPU), "
-        "float32, bfloat16 or float16. Default: auto.",
-    )
-    group.add_argument(
-        "--max-model-len", type=int, default=2048, help="Context length. Default: 2048."
-    )
-    group.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=8,
-        help="Sequences the engine runs at once. Default: 8.",
-    )
-    group.add_argument(
-        "--enforce-eager",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Skip torch.compile / CUDA graphs (fast start; --no-enforce-eager for long jobs on "
-        "a GPU). Default: on.",
-    )
-    add_engine_arg_option(group)
+    """The benchmarks' "vLLM engine" options (`vllm_prumerge.testing.engine_args`), with the
+    examples' one difference: --max-num-seqs 8 (a few prompts, a small batch)."""
+    engine_args.add_engine_arguments(parser, max_num_seqs=8)
 
 
 def engine_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM`, PruMerge's excluded (see `engine_kwargs`)."""
-    kwargs: dict[str, Any] = {
-        "dtype": args.dtype,
-        "max_model_len": args.max_model_len,
-        "max_num_seqs": args.max_num_seqs,
-        "enforce_eager": args.enforce_eager,
-        "limit_mm_per_prompt": {"image": 1},
-    }
-    kwargs.update(parse_engine_args(args.engine_arg))
-    return kwargs
+    return {"limit_mm_per_prompt": {"image": 1}, **engine_args.engine_settings(args)}

@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from vllm_prumerge.testing.engine_args import add_number_options
+
 MODES = ("prumerge", "prumerge+", "fixed", "off")
 STOCK_TOKENS = 576  # LLaVA-1.5: 24 x 24 CLIP patches per image
 TEXT_WIDTH = 48
@@ -43,14 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint), prumerge+ (~144), fixed (--budget tokens) or off (stock). Default: "
         "prumerge.",
     )
-    parser.add_argument(
-        "--budget", type=int, default=None, help="fixed mode: tokens kept per image."
-    )
-    parser.add_argument(
-        "--images", type=int, default=4, help="number of generated scene images. Default: 4."
-    )
-    parser.add_argument(
-        "--max-tokens", type=int, default=16, help="tokens generated per answer. Default: 16."
+    add_number_options(
+        parser,
+        ("--budget", int, None, "fixed mode: tokens kept per image."),
+        ("--images", int, 4, "number of generated scene images. Default: 4."),
+        ("--max-tokens", int, 16, "tokens generated per answer. Default: 16."),
     )
     parser.add_argument(
         "--dtype",

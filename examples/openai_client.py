@@ -26,6 +26,7 @@ from typing import Any
 
 import common
 
+from vllm_prumerge.testing.engine_args import add_number_options
 from vllm_prumerge.testing.media import image_data_url
 from vllm_prumerge.testing.prompts import chat_messages
 
@@ -67,14 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--question", default=common.DEFAULT_QUESTION, help="the question for every image."
     )
-    parser.add_argument(
-        "--max-tokens", type=int, default=64, help="tokens to generate per answer. Default: 64."
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature. Default: 0."
-    )
-    parser.add_argument(
-        "--concurrency", type=int, default=4, help="requests in flight at once. Default: 4."
+    add_number_options(
+        parser,
+        ("--max-tokens", int, 64, "tokens to generate per answer. Default: 64."),
+        ("--temperature", float, 0.0, "sampling temperature. Default: 0."),
+        ("--concurrency", int, 4, "requests in flight at once. Default: 4."),
     )
     parser.add_argument(
         "--image-token",

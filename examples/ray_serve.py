@@ -28,6 +28,8 @@ import time
 
 import common
 
+from vllm_prumerge.testing.engine_args import add_number_options
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -65,26 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve_group.add_argument(
         "--host", default="127.0.0.1", help="HTTP host of Ray Serve. Default: 127.0.0.1."
     )
-    serve_group.add_argument(
-        "--port", type=int, default=8000, help="HTTP port of Ray Serve. Default: 8000."
-    )
-    serve_group.add_argument(
-        "--min-replicas", type=int, default=1, help="fewest vLLM replicas. Default: 1."
-    )
-    serve_group.add_argument(
-        "--max-replicas",
-        type=int,
-        default=1,
-        help="most vLLM replicas; above --min-replicas Ray Serve autoscales. Default: 1.",
-    )
-    serve_group.add_argument(
-        "--cpus-per-replica", type=float, default=1.0, help="CPUs per replica. Default: 1."
-    )
-    serve_group.add_argument(
-        "--gpus-per-replica",
-        type=float,
-        default=0.0,
-        help="GPUs per replica (1 on a GPU cluster). Default: 0 (vLLM on CPU).",
+    add_number_options(
+        serve_group,
+        ("--port", int, 8000, "HTTP port of Ray Serve. Default: 8000."),
+        ("--min-replicas", int, 1, "fewest vLLM replicas. Default: 1."),
+        (
+            "--max-replicas",
+            int,
+            1,
+            "most vLLM replicas; above --min-replicas Ray Serve autoscales. Default: 1.",
+        ),
+        ("--cpus-per-replica", float, 1.0, "CPUs per replica. Default: 1."),
+        (
+            "--gpus-per-replica",
+            float,
+            0.0,
+            "GPUs per replica (1 on a GPU cluster). Default: 0 (vLLM on CPU).",
+        ),
     )
     serve_group.add_argument(
         "--ready-file",

@@ -380,7 +380,7 @@ def test_prefill_script_runs_at_a_tiny_shape_on_cpu_without_vllm(tmp_path):
     text_tokens = 16
     runner = (
         "import runpy, sys; sys.modules['vllm'] = None; "  # any `import vllm` now fails
-        "sys.argv = sys.argv[1:]; "
+        "sys.argv = sys.argv[1:]; sys.path.insert(0, str(sys.argv[0]).rpartition('/')[0]); "
         "runpy.run_path(sys.argv[0], run_name='__main__')"
     )
     run_script(

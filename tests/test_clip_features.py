@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from naive_reference import naive_class_attention, naive_prumerge
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from vllm_prumerge.config import PruMergeConfig
 from vllm_prumerge.reduction import reduce_tokens
+from vllm_prumerge.testing.naive_reference import naive_class_attention, naive_prumerge
 from vllm_prumerge.vision import PruMergeInputs, clip_prumerge_inputs
 
 NUM_LAYERS = 3

@@ -1,7 +1,9 @@
 """Shared plumbing of benchmarks, examples and tests: one home each, and what each home does.
 
 The homes: `vllm_prumerge.testing.media` (data URLs), `.prometheus` (/metrics), `.engine_args`
-(`--engine-arg`, model resolution), `.images` (finding and opening images), `.prompts` (chat
+(the engine options, `--engine-arg`, model resolution), `.towers` (production tower shapes),
+`.naive_reference` (the naive transcription of the reduction), `benchmarks/_report.py` (the
+baseline rule, the "true limit" section), `.images` (finding and opening images), `.prompts` (chat
 prompts; pinned against vLLM in test_chat_prompts.py), `vllm_prumerge.hub_layout` (the
 llava-hf key layout) and, for the tests alone, `tests/helpers.py`. The "one home" test reads
 the source of benchmarks, examples and tests and fails when one of them defines a helper of these
@@ -26,6 +28,17 @@ HOMES = {
     "metric_total": "vllm_prumerge/testing/prometheus.py",
     "metric_max": "vllm_prumerge/testing/prometheus.py",
     "parse_engine_arg": "vllm_prumerge/testing/engine_args.py",
+    "engine_settings": "vllm_prumerge/testing/engine_args.py",
+    "use_cpu_if_no_gpu": "vllm_prumerge/testing/engine_args.py",
+    "serve_flags": "vllm_prumerge/testing/engine_args.py",
+    "add_number_options": "vllm_prumerge/testing/engine_args.py",
+    "TOWER_SHAPES": "vllm_prumerge/testing/towers.py",
+    "spec_fields": "vllm_prumerge/testing/towers.py",
+    "REAL_TOWERS": None,  # production tower shapes: vllm_prumerge/testing/towers.py
+    "naive_prumerge": "vllm_prumerge/testing/naive_reference.py",
+    "BASELINE_RULE": "benchmarks/_report.py",
+    "pick_baseline": "benchmarks/_report.py",
+    "text_section": "benchmarks/_report.py",
     "resolve_model": "vllm_prumerge/testing/engine_args.py",
     "find_images": "vllm_prumerge/testing/images.py",
     "open_image": "vllm_prumerge/testing/images.py",

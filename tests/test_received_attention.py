@@ -11,17 +11,17 @@ import math
 
 import pytest
 import torch
-from naive_reference import (
+from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+from vllm_prumerge.config import PruMergeConfig
+from vllm_prumerge.reduction import received_attention, reduce_by_importance
+from vllm_prumerge.testing.naive_reference import (
     naive_class_attention,
     naive_descending,
     naive_merge,
     naive_outlier_ratio,
     naive_plus_samples,
 )
-from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
-
-from vllm_prumerge.config import PruMergeConfig
-from vllm_prumerge.reduction import received_attention, reduce_by_importance
 from vllm_prumerge.vision import tower_scores
 
 TOL = {"atol": 1e-6, "rtol": 1e-5}

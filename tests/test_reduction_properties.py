@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from naive_reference import INPUT_KINDS, synthetic_inputs
 
 from vllm_prumerge.config import PruMergeConfig
 from vllm_prumerge.reduction import ReducedTokens, reduce_tokens
+from vllm_prumerge.testing.naive_reference import INPUT_KINDS, synthetic_inputs
 
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 TOL = {"atol": 1e-5, "rtol": 1e-5}

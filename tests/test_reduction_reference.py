@@ -9,15 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from naive_reference import (
-    naive_class_attention,
-    naive_descending,
-    naive_merge,
-    naive_plus_samples,
-    naive_prumerge,
-    naive_upper_fence,
-    synthetic_inputs,
-)
 
 from vllm_prumerge.config import PruMergeConfig
 from vllm_prumerge.reduction import (
@@ -25,6 +16,15 @@ from vllm_prumerge.reduction import (
     reduce_tokens,
     reference_count,
     spatial_sample_mask,
+)
+from vllm_prumerge.testing.naive_reference import (
+    naive_class_attention,
+    naive_descending,
+    naive_merge,
+    naive_plus_samples,
+    naive_prumerge,
+    naive_upper_fence,
+    synthetic_inputs,
 )
 
 FP32_TOL = {"atol": 2e-5, "rtol": 1e-5}
