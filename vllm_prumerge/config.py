@@ -191,7 +191,12 @@ class PruMergeConfig:
     temporal_threshold: float = DEFAULT_TEMPORAL_THRESHOLD
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__  # the dataclass is frozen; normalise in place once, here
+        self._check_fields()
+        self._check_combinations()
+
+    def _check_fields(self) -> None:
+        """Each option on its own: validated, and normalised in place (once, here)."""
+        set_ = object.__setattr__  # the dataclass is frozen
         mode = self.mode
         if not isinstance(mode, str) or mode.strip().lower() not in _MODE_ALIASES:
             raise ValueError(
@@ -265,6 +270,8 @@ class PruMergeConfig:
             )
         set_(self, "temporal_threshold", float(threshold))
 
+    def _check_combinations(self) -> None:
+        """Options that depend on the mode or on each other."""
         if self.mode == "off":
             if self.temporal != "off":
                 raise ValueError(
