@@ -70,10 +70,12 @@ def quiet_down() -> None:
     """Hide all but errors of vLLM, torch and transformers, in this and the engine's processes.
 
     Set before vLLM is imported: vLLM reads VLLM_LOGGING_LEVEL when it configures logging, and
-    its engine processes inherit the environment. A value the user set is kept.
+    its engine processes inherit the environment. A value the user set is kept. torch reads
+    TORCH_LOGS once, at import: where torch is imported already, its loggers are set here.
     """
     import warnings
 
+    user_torch_logs = "TORCH_LOGS" in os.environ
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("TORCH_LOGS", "-all")  # torch's own loggers: errors only
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
@@ -81,6 +83,13 @@ def quiet_down() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     os.environ.setdefault("TQDM_DISABLE", "1")  # library bars (vLLM's weight loading: see LLM())
     warnings.simplefilter("ignore")
+    # vllm_prumerge imports torch, which read TORCH_LOGS at its import: set its loggers here
+    if "torch" in sys.modules and not user_torch_logs:
+        import logging
+
+        for name in ["torch", *logging.root.manager.loggerDict]:
+            if name == "torch" or name.startswith("torch."):
+                logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def step(text: str, end: str = "\n") -> None:
@@ -108,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--images and --max-tokens must be >= 1")
     options = {"budget": args.budget} if args.budget is not None else {}
     if not args.verbose:
-        quiet_down()  # before anything imports torch: it reads TORCH_LOGS once, at import
+        quiet_down()  # before vLLM is imported
     from vllm_prumerge import PruMergeConfig
 
     try:
