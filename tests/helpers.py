@@ -216,6 +216,32 @@ def run_python(args, *, env=None, timeout: float = 900, cwd=None, check: bool = 
     return done
 
 
+def run_example_main(script: str, *args, env: dict[str, str] | None = None):
+    """Run examples/SCRIPT's `main(argv)` in this process, under `env` (restored after), as a
+    completed process (exit code, stdout, stderr): no interpreter start and no torch, vLLM or
+    transformers import per run. For scripts whose work is the tower and the reduction (no
+    engine); each example also runs as a script in the engine tests."""
+    import io
+    import subprocess
+    import sys
+    from unittest import mock
+
+    out, err = io.StringIO(), io.StringIO()
+    examples = str(Path(__file__).resolve().parents[1] / "examples")
+    with (
+        mock.patch.dict(os.environ, env or {}),
+        mock.patch.object(sys, "path", [examples, *sys.path]),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        module = importlib.import_module(Path(script).stem)
+        try:
+            code = module.main([str(arg) for arg in args]) or 0
+        except SystemExit as done:
+            code = done.code
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
 def cpu_env(in_process: bool = False, **extra: str) -> dict[str, str]:
     """This environment for a vLLM subprocess on the CPU platform with a small KV cache;
     `in_process`: its engine inside the subprocess (see `in_process_engine`)."""

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_python
-
-pytestmark = pytest.mark.script
+from tests.helpers import run_example_main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -21,15 +19,30 @@ SCRIPTS = [
 ]
 
 
-def run_example(script: str, *args, timeout=120):
-    return run_python([EXAMPLES / script, *args], timeout=timeout, check=False)
-
-
 @pytest.fixture
 def examples(monkeypatch):
     """Import an example module by name (the examples folder on sys.path, as when run)."""
     monkeypatch.syspath_prepend(str(EXAMPLES))
     return importlib.import_module
+
+
+@pytest.fixture
+def run_main(examples, monkeypatch):
+    """Run an example's main(argv) in this process, where no engine, Ray or checkpoint may start:
+    its exit code (SystemExit's or main's return) and its stderr."""
+
+    def no_start(*_args, **_kwargs):
+        raise AssertionError("the example went on to start an engine or build a checkpoint")
+
+    monkeypatch.setattr(examples("common"), "use_cpu_if_no_gpu", no_start)
+    monkeypatch.setattr("vllm_prumerge.testing.cached_tiny_llava", no_start)
+    monkeypatch.setattr("vllm_prumerge.testing.checkpoint.cached_tiny_llava", no_start)
+
+    def run(name: str, *args) -> tuple[int, str]:
+        done = run_example_main(name, *args)
+        return done.returncode, done.stderr
+
+    return run
 
 
 def parsers(parser: argparse.ArgumentParser):
@@ -53,10 +66,12 @@ def test_every_option_of_every_example_has_help_text(examples, name):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_help_exits_zero_without_starting_anything(name):
-    done = run_example(f"{name}.py", "--help")
-    assert done.returncode == 0, done.stderr
-    assert "usage:" in done.stdout
+def test_help_exits_zero_without_starting_anything(examples, capsys, name):
+    # In this process (each script also runs as a script in the engine tests): no start-up each.
+    with pytest.raises(SystemExit) as done:
+        examples(name).main(["--help"])
+    assert done.value.code == 0
+    assert "usage:" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -69,27 +84,32 @@ def test_help_exits_zero_without_starting_anything(name):
         ["openai_client.py", "MISSING/a.png"],
     ],
 )
-def test_a_missing_input_is_a_usage_error_naming_the_path(args, tmp_path):
+def test_a_missing_input_is_a_usage_error_naming_the_path(run_main, args, tmp_path):
     args = [str(tmp_path / a) if a.startswith("MISSING") else a for a in args]
-    done = run_example(*args)
-    assert done.returncode == 2
-    assert "error:" in done.stderr and str(tmp_path / "MISSING") in done.stderr
+    code, stderr = run_main(args[0].removesuffix(".py"), *args[1:])
+    assert code == 2
+    assert "error:" in stderr and str(tmp_path / "MISSING") in stderr
 
 
-def test_model_or_tiny_is_required(tmp_path):
-    done = run_example("batch_offline.py", tmp_path)
-    assert done.returncode == 2 and "--model" in done.stderr and "--tiny" in done.stderr
+def test_model_or_tiny_is_required(run_main, tmp_path):
+    code, stderr = run_main("batch_offline", tmp_path)
+    assert code == 2 and "--model" in stderr and "--tiny" in stderr
 
 
-def test_an_invalid_reduction_option_is_rejected_before_any_engine_starts(tmp_path):
-    done = run_example("batch_offline.py", tmp_path, "--tiny", "--option", "k_neighbors=zero")
-    assert done.returncode == 2 and "k_neighbors" in done.stderr
-    done = run_example("ray_batch.py", tmp_path, "--tiny", "--mode", "fixed")
-    assert done.returncode == 2 and "budget" in done.stderr
-    done = run_example("ray_serve.py", "--tiny", "--option", "k_neighbors=0")
-    assert done.returncode == 2 and "k_neighbors" in done.stderr
-    done = run_example("demo.py", "--mode", "fixed")
-    assert done.returncode == 2 and "budget" in done.stderr
+@pytest.mark.parametrize(
+    "name, args, word",
+    [
+        ("batch_offline", ["{tmp}", "--tiny", "--option", "k_neighbors=zero"], "k_neighbors"),
+        ("ray_batch", ["{tmp}", "--tiny", "--mode", "fixed"], "budget"),
+        ("ray_serve", ["--tiny", "--option", "k_neighbors=0"], "k_neighbors"),
+        ("demo", ["--mode", "fixed", "--verbose"], "budget"),  # --verbose: no quieting here
+    ],
+)
+def test_an_invalid_reduction_option_is_rejected_before_any_engine_starts(
+    run_main, tmp_path, name, args, word
+):
+    code, stderr = run_main(name, *[arg.format(tmp=tmp_path) for arg in args])
+    assert code == 2 and word in stderr
 
 
 def test_ray_batch_concurrency_is_n_or_min_max(examples):
@@ -113,15 +133,15 @@ def test_reduction_options_keep_fixed_budgets_to_fixed_mode(examples):
         common.reduction_options(parser.parse_args(["--option", "oops"]), "prumerge")
 
 
-def test_client_reports_an_unreachable_server(tmp_path):
+def test_client_reports_an_unreachable_server(run_main, tmp_path):
     from PIL import Image
 
     from vllm_prumerge.testing.server import free_port
 
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     url = f"http://127.0.0.1:{free_port()}/v1"
-    done = run_example("openai_client.py", tmp_path / "a.png", "--base-url", url)
-    assert done.returncode == 1 and "cannot list models" in done.stderr
+    code, stderr = run_main("openai_client", tmp_path / "a.png", "--base-url", url)
+    assert code == 1 and "cannot list models" in stderr
 
 
 # --- batch_offline.py: where the questions come from ------------------------------------------

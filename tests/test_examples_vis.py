@@ -12,16 +12,11 @@ import torch
 from PIL import Image
 
 from tests.conftest import tiny_cache_env
-from tests.helpers import run_python
+from tests.helpers import run_example_main as run_example
 from vllm_prumerge import PruMergeConfig, vis
 from vllm_prumerge.reduction import reduce_by_importance, reduce_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_example(script: str, *args: str, env=None, cwd=None, timeout=600):
-    path = ROOT / "examples" / script
-    return run_python([path, *args], env=env, cwd=cwd, timeout=timeout, check=False)
 
 
 def synthetic_batch(batch: int = 3, n_patches: int = 576, width: int = 32, seed: int = 0):
