@@ -140,6 +140,15 @@ def add_workload_arguments(group: Any, seed_help: str) -> None:
         "frame + 1, NeXT-Video 144 per frame). Token counts are then per video. Long videos "
         "may need a larger --max-model-len.",
     )
+    group.add_argument(
+        "--video-kind",
+        choices=("panning", "static", "cut"),
+        default="panning",
+        help="With --frames (generated videos): panning = a camera panning across one scene "
+        "(every frame differs a little); static = one scene held for every frame; cut = one "
+        "scene for the first half, then a cut to another. What a temporal setting "
+        "(e.g. prumerge+/adaptive in --configs) can drop depends on it.",
+    )
 
 
 def add_output_arguments(parser: Any, default: str, folder_help: str, plots: str | None) -> Any:

@@ -153,15 +153,42 @@ class BenchConfig:
         return self.prumerge if isinstance(self.prumerge, str) else self.prumerge["mode"]
 
 
+def _with_temporal(config: BenchConfig, text: str) -> BenchConfig:
+    """`config` with the temporal stage of `text`: "evs" / "evs:RATE" / "adaptive" /
+    "adaptive:THRESHOLD" (defaults: PruMergeConfig's)."""
+    name, _, value = text.partition(":")
+    if name not in ("evs", "adaptive"):
+        raise ValueError(
+            f"unknown temporal setting {text!r}: use evs[:RATE] or adaptive[:THRESHOLD]"
+        )
+    spec = config.prumerge
+    options = dict({"mode": spec} if isinstance(spec, str) else spec)
+    options["temporal"] = name
+    if value:
+        key = "temporal_rate" if name == "evs" else "temporal_threshold"
+        try:
+            options[key] = float(value)
+        except ValueError:
+            raise ValueError(f"bad temporal value in {text!r}: a number in [0, 1)") from None
+    return BenchConfig(f"{config.name}/{text}", options)
+
+
 def parse_configs(text: str) -> list[BenchConfig]:
-    """`"off,prumerge,prumerge+,fixed:64,fixed:64s"` -> configurations (names unique).
+    """`"off,prumerge,prumerge+,fixed:64,fixed:64s,prumerge+/adaptive"` -> configurations
+    (names unique).
 
     `fixed:N` keeps N patches by class attention (+ the extra token); `fixed:Ns` adds
-    PruMerge+-style spatial samples; `fixed:0.25` keeps a fraction of the patches.
+    PruMerge+-style spatial samples; `fixed:0.25` keeps a fraction of the patches. A reducing
+    configuration followed by `/evs[:RATE]` or `/adaptive[:THRESHOLD]` reduces videos across
+    time first (PruMergeConfig.temporal).
     """
     configs: list[BenchConfig] = []
     for raw in text.split(","):
-        item = raw.strip()
+        item, _, temporal = raw.strip().partition("/")
+        if temporal:
+            base = parse_configs(item)[0]
+            configs.append(_with_temporal(base, temporal.strip().lower()))
+            continue
         if not item:
             continue
         lower = item.lower()
@@ -231,11 +258,13 @@ def load_videos(
     *,
     start: int = 0,
     size: tuple[int, int] = (336, 336),
+    kind: str = "panning",
 ) -> list[Any]:
     """`count` videos of `frames` frames each, uint8 `[T, H, W, 3]` numpy arrays of `size`
-    (width, height): generated, a camera panning right across one scene (`make_video`;
-    deterministic in `seed`, scenes numbered as in `load_images`); or `frames` consecutive
-    images of `images_dir` per video (name order, cycled), resized to `size`."""
+    (width, height): generated, of `kind` (`make_video`: a camera panning across one scene, one
+    scene held, or a scene cut half-way; deterministic in `seed`, scenes numbered as in
+    `load_images`); or `frames` consecutive images of `images_dir` per video (name order,
+    cycled), resized to `size`."""
     import numpy as np
 
     if images_dir:
@@ -246,7 +275,10 @@ def load_videos(
         ]
     from vllm_prumerge.testing import make_video
 
-    return [make_video(seed * 100_003 + i, frames, size=size) for i in range(start, start + count)]
+    return [
+        make_video(seed * 100_003 + i, frames, size=size, kind=kind)
+        for i in range(start, start + count)
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,9 +312,11 @@ def build_workload(
     size: tuple[int, int] = (336, 336),
     prompt: Any = None,
     frames: int = 0,
+    video_kind: str = "panning",
 ) -> list[WorkItem]:
     """`count` (image, question) pairs, deterministic in `seed`; generated images of `size`;
-    with `frames` > 0, (video of `frames` frames, question) pairs instead (`load_videos`); with
+    with `frames` > 0, (video of `frames` frames, question) pairs instead (`load_videos`, of
+    `video_kind`); with
     `prompt` (a `vllm_prumerge.testing.prompts.ChatPrompt`), each with its prompt ids.
 
     `start` continues the same image sequence: warm-up requests use images after the measured
@@ -290,7 +324,9 @@ def build_workload(
     """
     rng = random.Random(seed * 7919 + start)
     if frames > 0:
-        videos = load_videos(count, seed, frames, images_dir, start=start, size=size)
+        videos = load_videos(
+            count, seed, frames, images_dir, start=start, size=size, kind=video_kind
+        )
         questions = [rng.choice(QUESTIONS) for _ in videos]
         return [
             WorkItem(

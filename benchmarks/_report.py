@@ -66,7 +66,8 @@ def video_note(settings: dict[str, Any], detail: str = "") -> list[str]:
         return []
     content = settings.get("chat_content_format")
     return [
-        f"Each request sends one video of {settings['frames']} frames; visual tokens are per "
+        f"Each request sends one {settings.get('video_kind') or 'panning'} video of "
+        f"{settings['frames']} frames; visual tokens are per "
         "video: `off` = the family's stock count, reduced configurations = the sum over frames "
         f"of (kept + 1). {detail + ' ' if detail else ''}"
         + (f"Chat content format: {content}." if content else ""),

@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--configs",
         default=None,
         help="Comma-separated configurations, as in throughput.py: off, prumerge, prumerge+, "
-        "fixed:N, fixed:Ns, fixed:RATIO, and stock (stock vLLM, no plugin, in a second server "
+        "fixed:N, fixed:Ns, fixed:RATIO, CONFIG/evs[:RATE] and CONFIG/adaptive[:THRESHOLD] "
+        "(videos, across time first), and stock (stock vLLM, no plugin, in a second server "
         "started by this script; stock:DTYPE: one more stock server at that --dtype, e.g. "
         f"stock:float32). {_report.BASELINE_RULE} Default: {default_configs(0)}; with --frames: "
         f"{default_configs(1)} (budgets per frame).",
@@ -467,7 +468,10 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
     out = Path(args.out)
     rates = [float(r) for r in args.request_rate.split(",") if r.strip()]
     size = tuple(args.image_size)
-    items = build_workload(args.num_prompts, args.seed, args.images, size=size, frames=args.frames)
+    items = build_workload(
+        args.num_prompts, args.seed, args.images, size=size, frames=args.frames,
+        video_kind=args.video_kind,
+    )  # fmt: skip
     warm = build_workload(
         args.warmup * len(configs) * len(rates) * args.repeats + 2,
         args.seed,
@@ -475,6 +479,7 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
         start=args.num_prompts,
         size=size,
         frames=args.frames,
+        video_kind=args.video_kind,
     )
     dataset = write_dataset(out / "datasets" / "requests.jsonl", media_parts(items))
     http = httpx.AsyncClient(timeout=600.0)
@@ -508,7 +513,8 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
             for config in configs[shift:] + configs[:shift]:
                 if args.warmup:
                     await warm_up(config, args.warmup, rate)
-                key, tag = (rate, config.name), f"{config.name}-{rate:g}-{repeat}"
+                key = (rate, config.name)
+                tag = f"{config.name.replace('/', '_')}-{rate:g}-{repeat}"  # a file name
                 option = None if is_stock(config.name) else config.prumerge
                 result = out / "vllm-bench-serve" / f"{tag}.json"
                 argv = bench_argv(

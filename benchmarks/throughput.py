@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Comma-separated configurations: off (stock 576 tokens through the plugin's code "
         "path), prumerge, prumerge+, fixed:N (keep N patches + 1 extra token), fixed:Ns (with "
         "PruMerge+ spatial samples), fixed:RATIO (e.g. fixed:0.25), and stock (vLLM's own LLaVA "
-        f"in a second engine; costs one more engine start). {BASELINE_RULE} Default: "
+        "in a second engine; costs one more engine start); videos: a reducing one followed by "
+        "/evs[:RATE] or /adaptive[:THRESHOLD] (e.g. prumerge+/adaptive) reduces across time "
+        f"first. {BASELINE_RULE} Default: "
         f"{default_configs(0)}; with --frames: {default_configs(1)} (budgets per frame).",
     )
     work.add_argument(
@@ -735,8 +737,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     chat = chat_prompt(model, args.frames)
     args.chat_content_format = chat.content_format  # "string": the template drops video parts
     items = build_workload(
-        args.num_prompts, args.seed, args.images, size=size, prompt=chat, frames=args.frames
-    )
+        args.num_prompts, args.seed, args.images, size=size, prompt=chat, frames=args.frames,
+        video_kind=args.video_kind,
+    )  # fmt: skip
     warm_per_round = max(args.warmup, 1)
     warm = build_workload(
         warm_per_round * len(configs) * (args.repeats + 1),
@@ -746,6 +749,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         size=size,
         prompt=chat,
         frames=args.frames,
+        video_kind=args.video_kind,
     )
     warm_iter = iter(warm)
     from vllm import SamplingParams
@@ -835,6 +839,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "media": {
             "modality": modality(args.frames),
             "frames": args.frames,
+            "video_kind": args.video_kind if args.frames else None,
             "chat_content_format": chat.content_format,
         },
         "settings": dict(vars(args)),

@@ -75,6 +75,34 @@ def test_configuration_strings_parse_to_request_options():
     for bad in ("fixed:lots", "prune", "off,off", ""):
         with pytest.raises(ValueError):
             parse_configs(bad)
+    # Across time: a reducing configuration, then /evs[:RATE] or /adaptive[:THRESHOLD].
+    evs, adaptive = parse_configs("prumerge/evs:0.5, fixed:16s/adaptive")
+    assert (evs.name, adaptive.name) == ("prumerge/evs:0.5", "fixed-16+s/adaptive")
+    assert evs.prumerge == {"mode": "prumerge", "temporal": "evs", "temporal_rate": 0.5}
+    assert adaptive.prumerge == {
+        "mode": "fixed", "budget": 16, "spatial_samples": True, "temporal": "adaptive"
+    }  # fmt: skip
+    for bad in ("off/adaptive", "prumerge/sometimes", "prumerge/evs:most", "prumerge/evs:1.5"):
+        with pytest.raises(ValueError):
+            parse_configs(bad)
+
+
+def test_generated_video_kinds_hold_cut_and_pan_where_they_say():
+    import numpy as np
+
+    from vllm_prumerge.testing import make_scene, make_video
+
+    first, second = (np.asarray(make_scene(s, size=(64, 48))) for s in (7, 8))
+    static = make_video(7, 4, size=(64, 48), kind="static")
+    assert static.shape == (4, 48, 64, 3) and all((f == first).all() for f in static)
+    cut = make_video(7, 5, size=(64, 48), kind="cut")  # 3 frames before the cut, 2 after
+    assert [(f == first).all() for f in cut] == [True, True, True, False, False]
+    assert all((f == second).all() for f in cut[3:])
+    panning = make_video(7, 3, size=(64, 48), pan=5)
+    assert (panning[1][:, :-5] == panning[0][:, 5:]).all()  # the scene moved 5 px left
+    assert not (panning[1] == panning[0]).all()
+    with pytest.raises(ValueError, match="video kind"):
+        make_video(7, 2, kind="zoom")
 
 
 @pytest.mark.engine
@@ -169,7 +197,8 @@ def test_throughput_script_sends_videos_and_counts_every_frame(onevision, tmp_pa
             "--frames", frames,
             "--num-prompts", num_prompts,
             "--output-len", 2,
-            "--configs", "off,prumerge",
+            "--video-kind", "cut",
+            "--configs", "off,prumerge,prumerge/adaptive",
             "--warmup", 0,
             "--repeats", 1,
             "--max-model-len", 4096,
@@ -182,15 +211,20 @@ def test_throughput_script_sends_videos_and_counts_every_frame(onevision, tmp_pa
         in_process=True,
     )  # fmt: skip
     data = json.loads((out / "throughput.json").read_text())
-    off, prumerge = data["results"]
+    off, prumerge, adaptive = data["results"]
     # The generated template writes video parts: vLLM's default content format.
-    assert data["media"] == {"modality": "video", "frames": frames, "chat_content_format": "openai"}
+    assert data["media"] == {
+        "modality": "video", "frames": frames, "video_kind": "cut", "chat_content_format": "openai"
+    }  # fmt: skip
     from _common import build_workload
 
     from tests.hf_reference import HFPruMergeLlava
+    from vllm_prumerge.testing import make_video
 
-    items = build_workload(num_prompts, data["settings"]["seed"], frames=frames)
-    assert all(item.video.shape == (frames, 336, 336, 3) for item in items)
+    items = build_workload(num_prompts, data["settings"]["seed"], frames=frames, video_kind="cut")
+    seed = data["settings"]["seed"]
+    for i, item in enumerate(items):  # A, A, B; the workload's seeding: seed * 100_003 + i
+        assert (item.video == make_video(seed * 100_003 + i, frames, kind="cut")).all()
     # Stock: transformers' own processor (OneVision: 196 per frame + 1 newline per video).
     expected = [stock_video_tokens(checkpoint, item.video) for item in items]
     assert off["visual_tokens_per_request"] == expected == [frames * 196 + 1] * num_prompts
@@ -199,6 +233,12 @@ def test_throughput_script_sends_videos_and_counts_every_frame(onevision, tmp_pa
     per_frame = [per_frame_tokens(hf, item.video) for item in items]
     assert all(len(counts) == frames and min(counts) >= 2 for counts in per_frame)
     assert prumerge["visual_tokens_per_request"] == [sum(counts) for counts in per_frame]
+    # Across time: the transformers pipeline with the reference's own adaptive loop (float64).
+    from vllm_prumerge import PruMergeConfig
+
+    temporal = PruMergeConfig(temporal="adaptive")
+    expected = [len(hf.frame_features(hf.video_frames(item.video), temporal)) for item in items]
+    assert adaptive["visual_tokens_per_request"] == expected
     # Same questions: prompt tokens differ by the visual tokens only; text-equivalents match.
     text_tokens = off["prompt_tokens"]["mean"] - off["visual_tokens"]["mean"]
     assert prumerge["prompt_tokens"]["mean"] - prumerge["visual_tokens"]["mean"] == text_tokens
@@ -206,7 +246,7 @@ def test_throughput_script_sends_videos_and_counts_every_frame(onevision, tmp_pa
         assert r["text"]["prompt_tokens"] == r["prompt_tokens"]
         assert r["engine"]["requests_per_s"] > 0 and r["text"]["engine"]["requests_per_s"] > 0
     report = (out / "throughput.md").read_text()
-    assert f"one video of {frames} frames" in report and "| visual tok/video |" in report
+    assert f"one cut video of {frames} frames" in report and "| visual tok/video |" in report
 
 
 @pytest.mark.server

@@ -73,14 +73,36 @@ def make_scenes(count: int, seed: int = 0, size: tuple[int, int] = (336, 336)) -
     return [make_scene(seed * 100_003 + i, size=size) for i in range(count)]
 
 
+VIDEO_KINDS = ("panning", "static", "cut")
+
+
 def make_video(
-    seed: int, frames: int, size: tuple[int, int] = (336, 336), pan: int = 12
+    seed: int,
+    frames: int,
+    size: tuple[int, int] = (336, 336),
+    pan: int = 12,
+    kind: str = "panning",
 ) -> np.ndarray:
-    """A video of `frames` frames of `size` (width, height): a camera panning right by `pan`
-    pixels per frame across one scene (`make_scene(seed)`, drawn wide enough for the pan).
-    uint8 `[T, H, W, 3]`, the layout vLLM takes as `multi_modal_data={"video": frames}`."""
+    """A video of `frames` frames of `size` (width, height), uint8 `[T, H, W, 3]`, the layout
+    vLLM takes as `multi_modal_data={"video": frames}`. `kind`:
+
+    - "panning": a camera panning right by `pan` pixels per frame across one scene
+      (`make_scene(seed)`, drawn wide enough for the pan);
+    - "static": one scene (`make_scene(seed)`) held for every frame;
+    - "cut": one scene held for the first `ceil(frames / 2)` frames, then a scene cut to
+      another (`make_scene(seed + 1)`) held for the rest.
+    """
     if frames < 1:
         raise ValueError(f"a video needs at least one frame, got {frames}")
+    if kind not in VIDEO_KINDS:
+        raise ValueError(f"video kind must be one of {', '.join(VIDEO_KINDS)}, got {kind!r}")
     width, height = size
+    if kind != "panning":
+        first = np.asarray(make_scene(seed, size=size))
+        if kind == "static":
+            return np.stack([first] * frames)
+        second = np.asarray(make_scene(seed + 1, size=size))
+        before = (frames + 1) // 2
+        return np.stack([first] * before + [second] * (frames - before))
     wide = np.asarray(make_scene(seed, size=(width + pan * (frames - 1), height)))
     return np.stack([wide[:, pan * t : pan * t + width] for t in range(frames)])
