@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Each input is a video (a checkpoint that takes videos: LLaVA-OneVision, "
         "LLaVA-NeXT-Video): its frames go through the family's video processor and each frame "
-        "is reduced on its own, as the plugin serves videos (sum over frames of kept + 1).",
+        "is reduced on its own, as the plugin serves videos (sum over frames of kept + 1); with "
+        "--option temporal=evs|adaptive, after the temporal stage, the patches it dropped as "
+        "unchanged drawn orange.",
     )
     tokens.add_argument(
         "--frames",
@@ -214,10 +216,11 @@ class Tower:
 
         return resolve_importance(config.importance, self.encoder.has_cls)
 
-    def reduce(self, pixel_values, configs):
+    def reduce(self, pixel_values, configs, video: bool = False):
         """One tower forward per importance kind, then one reduction per config:
-        {mode: ReducedTokens}, one row per crop."""
-        from vllm_prumerge.reduction import reduce_by_importance
+        {mode: ReducedTokens}, one row per crop (or per frame of a `video`: after the temporal
+        stage of `config.temporal`, as the plugin's encoder reduces video frames)."""
+        from vllm_prumerge.reduction import reduce_by_importance, reduce_frames
         from vllm_prumerge.vision import tower_scores
 
         scores, reduced = {}, {}
@@ -227,7 +230,8 @@ class Tower:
                 scores[kind] = tower_scores(
                     self.encoder.tower, pixel_values, self.encoder.vision_feature_layer, kind
                 )
-            reduced[config.mode] = reduce_by_importance(*scores[kind], config)
+            reduce = reduce_frames if video else reduce_by_importance
+            reduced[config.mode] = reduce(*scores[kind], config)
         return reduced
 
     def video_crops(self, video) -> object:
@@ -327,14 +331,16 @@ def run_video_tokens(args, parser, tower, config, importance_name: str) -> int:
             common.warn(f"skipping: {exc}")
             continue
         pixel_values = tower.video_crops(video)
-        reduced = tower.reduce(pixel_values, [config])[config.mode]
+        reduced = tower.reduce(pixel_values, [config], video=True)[config.mode]
         tmaps = [
             vis.token_map(reduced, t, importance_name=importance_name)
             for t in range(len(pixel_values))
         ]
         frames = [vis.model_input_image(row, mean, std) for row in pixel_values]
         stock = tower.stock_video_tokens(video)
-        title = f"{path.name} [{config.mode}]"
+        title = f"{path.name} [{config.mode}" + (
+            f", temporal {config.temporal}]" if config.enabled and config.temporal != "off" else "]"
+        )
         figure = vis.draw_filmstrip(
             frames, tmaps, title=title, stock_tokens=stock, patch_size=tower.patch_size
         )
@@ -349,7 +355,7 @@ def run_video_tokens(args, parser, tower, config, importance_name: str) -> int:
         print(
             f"{path.name}: {counts['tokens']} tokens over {len(tmaps)} frames (stock {stock}; "
             f"{counts['outliers']} outliers + {counts['samples']} samples + {counts['extra']} "
-            f"extra) -> {png}"
+            f"extra; {counts['unchanged']} patches unchanged across time) -> {png}"
         )
         done += 1
     print(f"{done} filmstrip(s) in {out_dir}, {len(args.images) - done} video(s) skipped")
@@ -390,14 +396,18 @@ def run_tokens(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     for start in range(0, len(images), args.batch_size):
         chunk = images[start : start + args.batch_size]
         pixel_values, crops = tower.crops([image for _, image in chunk])
-        reduced = tower.reduce(pixel_values, [config])[config.mode]
+        reduced = tower.reduce(pixel_values, [config], video=True)[config.mode]
         row = 0
         for (path, image), count in zip(chunk, crops, strict=True):
             tmaps = [
                 vis.token_map(reduced, k, importance_name=importance_name)
                 for k in range(row, row + count)
             ]
-            title = f"{path.name} [{config.mode}]"
+            title = f"{path.name} [{config.mode}" + (
+                f", temporal {config.temporal}]"
+                if config.enabled and config.temporal != "off"
+                else "]"
+            )
             record = {"image": str(path), "mode": config.mode, "config": config.to_dict()}
             if tower.pinpoints is None:
                 seen = vis.model_input_image(pixel_values[row], mean, std)

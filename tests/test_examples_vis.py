@@ -438,7 +438,11 @@ def test_filmstrip_draws_each_frames_kept_patches_and_the_video_total(mode):
     if mode == "off":
         assert fig.get_suptitle() == "clip: mode off: 4 frames passed through = 576 tokens stock"
     else:
-        assert fig.get_suptitle().endswith(f"= {sum(reduced.host_lengths)} tokens (stock: 576)")
+        assert fig.get_suptitle() == (
+            f"clip: {frames} frames: {sum(int(n) for n in reduced.num_outliers)} outliers + "
+            f"{sum(reduced.host_num_kept) - sum(int(n) for n in reduced.num_outliers)} samples + "
+            f"{frames} extra = {sum(reduced.host_lengths)} tokens (stock: 576)"
+        )
     with pytest.raises(ValueError, match="one token map per frame"):
         vis.draw_filmstrip(pictures[:2], tmaps)
 
@@ -496,6 +500,27 @@ def test_visualize_tokens_draws_a_video_as_a_filmstrip(next_video_checkpoint, ti
         with Image.open(out / f"{name}.tokens.png") as png:
             assert png.format == "PNG" and png.size == (780, 640)
     assert "2 filmstrip(s)" in done.stdout
+    # Across time: frames A, A, B (a cut); the repeated frame's patches are drawn as unchanged,
+    # as many per frame as the reference's own adaptive loop drops.
+    from tests.hf_reference import reference_retention
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for t, frame in enumerate(make_video(0, 3, kind="cut")):
+        Image.fromarray(frame).save(cut / f"f{t}.png")
+    temporal = PruMergeConfig(mode="prumerge+", temporal="adaptive")
+    done = run_example(
+        "visualize.py", *args, "--mode", "prumerge+", "--option", "temporal=adaptive",
+        "--out-dir", out, cut, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "cut.tokens.json").read_text())
+    clip = make_video(0, 3, kind="cut")
+    retained = reference_retention(hf.video_patch_features(clip), temporal)
+    assert [m["unchanged"] for m in record["frame_maps"]] == (~retained).sum(1).tolist()
+    assert record["frame_maps"][1]["unchanged"] == 576  # the repeated frame: nothing new
+    assert record["frame_maps"][1]["tokens"] == 0
+    assert record["tokens"] == len(hf.frame_features(hf.video_frames(clip), temporal))
     env = tiny_cache_env(tiny_llava, tmp_path)  # LLaVA-1.5 takes no videos
     refused = run_example(
         "visualize.py", "tokens", "--tiny", "--video", "--out-dir", out, folder, env=env

@@ -58,6 +58,7 @@ __all__ = [
     "ROLE_PRUNED_TO_EXTRA",
     "ROLE_PRUNED_TO_KEPT",
     "ROLE_SAMPLE",
+    "ROLE_UNCHANGED",
     "CropPlacement",
     "TokenMap",
     "anyres_placements",
@@ -72,6 +73,7 @@ __all__ = [
 ]
 
 EXTRA = -1  # ``TokenMap.merged_into`` value of patches absorbed only by the extra token
+UNCHANGED = -2  # ``TokenMap.merged_into`` value of patches a video's temporal stage dropped
 
 # Patch roles of ``TokenMap.roles``.
 ROLE_PRUNED_TO_EXTRA = 0  # pruned; no kept token chose it, so only the extra token holds it
@@ -79,12 +81,14 @@ ROLE_PRUNED_TO_KEPT = 1  # pruned; merged into a kept token (see ``merged_into``
 ROLE_SAMPLE = 2  # kept as a PruMerge+ / fixed-mode spatial sample
 ROLE_OUTLIER = 3  # kept for its importance (IQR outlier, safeguard or fixed budget)
 ROLE_PASSTHROUGH = 4  # mode "off": every patch passes through unchanged
+ROLE_UNCHANGED = 5  # a video frame's patch dropped as unchanged across time (option temporal)
 ROLE_NAMES = {
     ROLE_PRUNED_TO_EXTRA: "pruned -> extra token",
     ROLE_PRUNED_TO_KEPT: "pruned -> kept token",
     ROLE_SAMPLE: "spatial sample",
     ROLE_OUTLIER: "attention outlier",
     ROLE_PASSTHROUGH: "passed through (mode off)",
+    ROLE_UNCHANGED: "dropped as unchanged (temporal)",
 }
 
 
@@ -105,9 +109,11 @@ class TokenMap:
         samples: ``[num_kept - num_outliers]`` int64 spatial samples, ascending.
         merged_into: ``[N]`` int64, per patch the patch index of the kept token that absorbed it
             most strongly: itself for a kept patch, :data:`EXTRA` (-1) for a pruned patch that no
-            kept token chose (it lives on only in the extra token).
+            kept token chose (it lives on only in the extra token), :data:`UNCHANGED` (-2) for a
+            patch the temporal stage dropped (its frame's reduction never saw it).
         roles: ``[N]`` int8, one of the ``ROLE_*`` codes per patch.
-        num_tokens: tokens the LLM receives for this image (kept + extra; ``N`` in mode off).
+        num_tokens: tokens the LLM receives for this image (kept + extra; ``N`` in mode off;
+            0 for a video frame whose every patch was dropped as unchanged).
         passthrough: True in mode ``"off"`` (nothing reduced, no extra token).
         importance_name: what ``attention`` holds, for titles: ``"class attention"`` (CLIP's
             CLS row, the reference) or ``"received attention"`` (CLS-free towers such as SigLIP).
@@ -132,8 +138,9 @@ class TokenMap:
 
     @property
     def has_extra_token(self) -> bool:
-        """Whether the LLM receives the extra token summarising the pruned patches."""
-        return not self.passthrough
+        """Whether the LLM receives the extra token summarising the pruned patches (none in
+        mode off, nor for a frame that kept no patch)."""
+        return not self.passthrough and self.num_tokens > 0
 
     def counts(self) -> dict[str, int]:
         """The token counts as a flat dict (JSON-ready)."""
@@ -146,6 +153,7 @@ class TokenMap:
             "patches": self.num_patches,
             "pruned_to_kept": int((self.roles == ROLE_PRUNED_TO_KEPT).sum()),
             "pruned_to_extra": int((self.roles == ROLE_PRUNED_TO_EXTRA).sum()),
+            "unchanged": int((self.roles == ROLE_UNCHANGED).sum()),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,7 +184,9 @@ def token_map(
     """The :class:`TokenMap` of image (or crop) ``index`` of a batch reduced by
     ``reduce_tokens`` / ``reduce_by_importance``.
 
-    Uses ``reduced.kept_indices``, ``num_outliers``, ``merge_target`` and ``importance``.
+    Uses ``reduced.kept_indices``, ``num_outliers``, ``merge_target`` and ``importance``; a
+    video frame reduced after the temporal stage (``reduce_frames``) has ``merge_target`` -1 at
+    the patches dropped as unchanged: role :data:`ROLE_UNCHANGED`.
     The attention outliers are the top ``num_outliers`` patches by importance (stable
     descending order, as the selection), so the split into outliers and samples is the same
     whichever ``order`` the tokens were emitted in.
@@ -209,8 +219,9 @@ def token_map(
 
     # merge_target holds output positions (0..num_kept, num_kept = the extra token).
     position = reduced.merge_target[index].detach().cpu().to(torch.int64)
+    unchanged = position < 0
     lookup = torch.cat([kept, torch.tensor([EXTRA], dtype=torch.int64)])
-    merged_into = lookup[position.clamp(max=num_kept)]
+    merged_into = torch.where(unchanged, UNCHANGED, lookup[position.clamp(0, num_kept)])
 
     roles = torch.where(merged_into == EXTRA, ROLE_PRUNED_TO_EXTRA, ROLE_PRUNED_TO_KEPT)
     if passthrough:
@@ -219,6 +230,7 @@ def token_map(
     else:
         roles = torch.where(is_kept, ROLE_SAMPLE, roles)
         roles = torch.where(is_outlier, ROLE_OUTLIER, roles)
+        roles = torch.where(unchanged, ROLE_UNCHANGED, roles)
     return TokenMap(
         grid=grid,
         attention=attention.numpy(),
@@ -391,6 +403,9 @@ def _kept_colours(tmap: TokenMap, offset: int = 0) -> dict[int, tuple[float, flo
 _Crop = tuple[CropPlacement, TokenMap]
 
 
+UNCHANGED_TINT = (1.0, 0.55, 0.0, 0.6)  # orange: dropped as unchanged across time
+
+
 def _squares(ax, place: CropPlacement, patches: np.ndarray, colour, width: float) -> None:
     """One open square per patch, inset from the patch's box."""
     from matplotlib.patches import Rectangle
@@ -453,7 +468,8 @@ def _kept_legend(counts: Sequence[tuple[str, str, int | None]]) -> list:
 def _draw_kept(
     ax, picture: np.ndarray, extent, crops: Sequence[_Crop], *, legend: bool = True
 ) -> None:
-    """Kept tokens: outliers (red squares), spatial samples (cyan squares), pruned dimmed."""
+    """Kept tokens: outliers (red squares), spatial samples (cyan squares), pruned dimmed,
+    patches dropped as unchanged across time tinted orange."""
     ax.imshow(picture, extent=extent, interpolation="bilinear")
     outliers = samples = 0
     for place, tmap in crops:
@@ -461,6 +477,8 @@ def _draw_kept(
         kept_mask = np.isin(np.arange(tmap.num_patches), tmap.kept).reshape(grid, grid)
         shade = np.zeros((grid, grid, 4), dtype=np.float32)
         shade[..., 3] = np.where(kept_mask, 0.0, 0.55)
+        unchanged = (tmap.roles == ROLE_UNCHANGED).reshape(grid, grid)
+        shade[unchanged] = UNCHANGED_TINT
         ax.imshow(shade, extent=place.extent, interpolation="nearest")
         _grid_lines(ax, place, "white", 0.2, 0.5)
         if not tmap.passthrough:
@@ -482,7 +500,8 @@ def _draw_kept(
 
 def _draw_merge(ax, picture: np.ndarray, extent, crops: Sequence[_Crop]) -> dict[str, int]:
     """Merge map: every patch tinted with the colour of the kept token that absorbed it most
-    strongly (a line to it); grey: only the extra token holds it. Returns the counts drawn."""
+    strongly (a line to it); grey: only the extra token holds it; orange: dropped as unchanged
+    across time. Returns the counts drawn."""
     from matplotlib.collections import LineCollection
 
     ax.imshow(picture * 0.35 + 0.65, extent=extent, interpolation="bilinear")
@@ -497,13 +516,15 @@ def _draw_merge(ax, picture: np.ndarray, extent, crops: Sequence[_Crop]) -> dict
             target = int(tmap.merged_into[p])
             if target == EXTRA:
                 tint[p] = (0.5, 0.5, 0.5, 0.35)
+            elif target == UNCHANGED:
+                tint[p] = UNCHANGED_TINT
             else:
                 tint[p] = (*colours[target], 0.9 if target == p else 0.55)
         ax.imshow(tint.reshape(grid, grid, 4), extent=place.extent, interpolation="nearest")
         if tmap.passthrough:
             continue
         pruned = np.flatnonzero(
-            (tmap.merged_into != EXTRA) & (tmap.merged_into != np.arange(n_patches))
+            (tmap.merged_into >= 0) & (tmap.merged_into != np.arange(n_patches))
         )
         if len(pruned):
             x0, y0 = place.patch_centre(pruned)
@@ -737,6 +758,8 @@ def _totals_title(
         )
         if stock_tokens is not None:
             summary += f" (stock: {stock_tokens})"
+        if totals.get("unchanged"):
+            summary += f"; {totals['unchanged']} patches dropped as unchanged"
     return f"{title}: {summary}" if title else summary
 
 
@@ -750,11 +773,12 @@ def draw_filmstrip(
     dpi: int = 100,
 ) -> Figure:
     """A video's frames as a filmstrip: one column per frame in time order, each frame reduced
-    on its own (kept + its extra token).
+    on its own (kept + its extra token), after the temporal stage where one ran.
 
     Row 1, kept patches (the first panel of :func:`draw_token_map`: attention outliers red,
-    spatial samples cyan, pruned patches dimmed); row 2, the merge map (each patch tinted with
-    the kept token of its frame that absorbed it most strongly, grey: extra token only). Each
+    spatial samples cyan, pruned patches dimmed, patches dropped as unchanged across time
+    orange); row 2, the merge map (each patch tinted with the kept token of its frame that
+    absorbed it most strongly, grey: extra token only, orange: unchanged). Each
     column's title gives that frame's counts; the figure's title the video's total.
 
     Args:
@@ -789,20 +813,24 @@ def draw_filmstrip(
         if tmap.passthrough:
             axes[0, t].set_title(f"frame {t}: {counts['patches']} patches (off)", fontsize=8)
         else:
-            axes[0, t].set_title(
-                f"frame {t}: {counts['outliers']} + {counts['samples']} + 1 = {counts['tokens']}",
-                fontsize=8,
+            label = (
+                f"frame {t}: {counts['outliers']} + {counts['samples']} + {counts['extra']} "
+                f"= {counts['tokens']}"
             )
+            if counts["unchanged"]:
+                label += f"\n{counts['unchanged']} unchanged"
+            axes[0, t].set_title(label, fontsize=8)
         drawn = _draw_merge(axes[1, t], picture, extent, crops)
         axes[1, t].set_title(
             f"{drawn['pruned_to_kept']} merged, {drawn['pruned_to_extra']} extra only", fontsize=8
         )
+    keys = [("red", "attention outlier", None), ("cyan", "spatial sample", None)]
+    if any(tmap.counts()["unchanged"] for tmap in tmaps):
+        keys.append(("darkorange", "unchanged across time (dropped)", None))
     fig.legend(
-        handles=_kept_legend(
-            [("red", "attention outlier", None), ("cyan", "spatial sample", None)]
-        ),
+        handles=_kept_legend(keys),
         loc="outside lower center",
-        ncol=2,
+        ncol=len(keys),
         fontsize=8,
         frameon=False,
     )
