@@ -338,9 +338,8 @@ def run_video_tokens(args, parser, tower, config, importance_name: str) -> int:
         ]
         frames = [vis.model_input_image(row, mean, std) for row in pixel_values]
         stock = tower.stock_video_tokens(video)
-        title = f"{path.name} [{config.mode}" + (
-            f", temporal {config.temporal}]" if config.enabled and config.temporal != "off" else "]"
-        )
+        across = config.enabled and config.temporal != "off"
+        title = f"{path.name} [{config.mode}{f', temporal {config.temporal}' if across else ''}]"
         figure = vis.draw_filmstrip(
             frames, tmaps, title=title, stock_tokens=stock, patch_size=tower.patch_size
         )
@@ -396,18 +395,14 @@ def run_tokens(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     for start in range(0, len(images), args.batch_size):
         chunk = images[start : start + args.batch_size]
         pixel_values, crops = tower.crops([image for _, image in chunk])
-        reduced = tower.reduce(pixel_values, [config], video=True)[config.mode]
+        reduced = tower.reduce(pixel_values, [config])[config.mode]
         row = 0
         for (path, image), count in zip(chunk, crops, strict=True):
             tmaps = [
                 vis.token_map(reduced, k, importance_name=importance_name)
                 for k in range(row, row + count)
             ]
-            title = f"{path.name} [{config.mode}" + (
-                f", temporal {config.temporal}]"
-                if config.enabled and config.temporal != "off"
-                else "]"
-            )
+            title = f"{path.name} [{config.mode}]"
             record = {"image": str(path), "mode": config.mode, "config": config.to_dict()}
             if tower.pinpoints is None:
                 seen = vis.model_input_image(pixel_values[row], mean, std)

@@ -221,8 +221,8 @@ def test_throughput_script_sends_videos_and_counts_every_frame(onevision, tmp_pa
     from tests.hf_reference import HFPruMergeLlava
     from vllm_prumerge.testing import make_video
 
-    items = build_workload(num_prompts, data["settings"]["seed"], frames=frames, video_kind="cut")
     seed = data["settings"]["seed"]
+    items = build_workload(num_prompts, seed, frames=frames, video_kind="cut")
     for i, item in enumerate(items):  # A, A, B; the workload's seeding: seed * 100_003 + i
         assert (item.video == make_video(seed * 100_003 + i, frames, kind="cut")).all()
     # Stock: transformers' own processor (OneVision: 196 per frame + 1 newline per video).

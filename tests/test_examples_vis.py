@@ -167,6 +167,16 @@ def test_visualize_tokens_writes_pngs_and_the_core_reductions_numbers(tiny_llava
         assert len(record["merged_into"]) == len(record["roles"]) == 576
         with Image.open(out / f"{path.stem}.tokens.png") as png:
             assert png.format == "PNG" and png.size == (1600, 580)
+    # Images are not a video's frames: `temporal` leaves them alone, even an image repeated in
+    # one batch (across time, its second copy would be dropped whole).
+    twin = tmp_path / "twin.png"
+    twin.write_bytes(images[0].read_bytes())
+    args += ["--option", "temporal=adaptive", "--out-dir", tmp_path / "temporal"]
+    done = run_example("visualize.py", *args, images[0], twin, env=env)
+    assert done.returncode == 0, done.stderr
+    for name in (images[0].stem, "twin"):
+        record = json.loads((tmp_path / "temporal" / f"{name}.tokens.json").read_text())
+        assert record["tokens"] == len(encoded.features[0]) and record["unchanged"] == 0
 
 
 @pytest.mark.script
@@ -438,9 +448,10 @@ def test_filmstrip_draws_each_frames_kept_patches_and_the_video_total(mode):
     if mode == "off":
         assert fig.get_suptitle() == "clip: mode off: 4 frames passed through = 576 tokens stock"
     else:
+        outliers = sum(int(n) for n in reduced.num_outliers)
         assert fig.get_suptitle() == (
-            f"clip: {frames} frames: {sum(int(n) for n in reduced.num_outliers)} outliers + "
-            f"{sum(reduced.host_num_kept) - sum(int(n) for n in reduced.num_outliers)} samples + "
+            f"clip: {frames} frames: {outliers} outliers + "
+            f"{sum(reduced.host_num_kept) - outliers} samples + "
             f"{frames} extra = {sum(reduced.host_lengths)} tokens (stock: 576)"
         )
     with pytest.raises(ValueError, match="one token map per frame"):
