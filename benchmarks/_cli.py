@@ -1,9 +1,7 @@
 """Command-line options shared by the benchmark scripts: the model (`--model` or a generated
-checkpoint), image sizes and the output folder (`--engine-arg`:
-`vllm_prumerge.testing.engine_args`).
-
-Every script builds its own parser from these pieces and its own options; nothing here imports
-vLLM, so `--help` and input errors stay instant.
+checkpoint), the workload, the compared configurations and the output folder (the engine's
+options: `vllm_prumerge.testing.engine_args`). Nothing here imports vLLM: `--help` and input
+errors stay instant.
 """
 
 from __future__ import annotations
@@ -11,17 +9,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from _common import FAMILIES, SYNTHETIC_SPECS, TOWERS
+from _common import default_configs, parse_configs
+from _report import BASELINE_RULE
 
-__all__ = [
-    "add_image_size_argument",
-    "add_model_arguments",
-    "add_output_arguments",
-    "add_workload_arguments",
-    "model_label",
-    "new_parser",
-    "parse_size",
-]
+from vllm_prumerge.testing.workload import FAMILIES, SYNTHETIC_SPECS, TOWERS
 
 
 def new_parser(doc: str, summary: str) -> argparse.ArgumentParser:
@@ -160,3 +151,54 @@ def add_output_arguments(parser: Any, default: str, folder_help: str, plots: str
         out.add_argument("--no-plots", action="store_true", help=f"Skip the {plots}.")
     out.add_argument("--no-progress", action="store_true", help="No progress bar.")
     return out
+
+
+def add_comparison_arguments(group: Any, *, stock: str, repeats: int, pooling: str) -> None:
+    """`--configs` (`stock`: what the stock configuration(s) are), `--text`, `--warmup` and
+    `--repeats` (default `repeats`; `pooling`: how repeats are combined) of the scripts that
+    compare configurations on one workload (throughput.py, serving.py)."""
+    group.add_argument(
+        "--configs",
+        default=None,
+        help="Comma-separated configurations: off (the stock visual-token count through the "
+        "plugin's code path), prumerge, prumerge+, fixed:N (N patches + 1 extra token), fixed:Ns "
+        "(with PruMerge+ spatial samples), fixed:RATIO (e.g. fixed:0.25); for videos a reducing "
+        "one followed by /evs[:RATE] or /adaptive[:THRESHOLD] (e.g. prumerge+/adaptive) reduces "
+        f"across time first; and {stock}. {BASELINE_RULE} Default: {default_configs(0)}; with "
+        f"--frames: {default_configs(1)} (budgets per frame).",
+    )
+    group.add_argument(
+        "--text",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Also measure every configuration's text-equivalent (text@CONFIG: the same requests "
+        "with the visual tokens replaced by text tokens, exactly the same prompt length and "
+        "output length), the limit a request with an image or video can reach.",
+    )
+    group.add_argument(
+        "--warmup",
+        type=int,
+        default=4,
+        help="Warm-up requests per configuration (on other images), run and discarded right "
+        "before its measured requests; a first round of every configuration precedes all.",
+    )
+    group.add_argument(
+        "--repeats",
+        type=int,
+        default=repeats,
+        help=f"Measure every configuration this many times (order rotated each round); {pooling}.",
+    )
+
+
+def check_comparison(parser: Any, args: Any, *, stock_dtypes: bool) -> list:
+    """The workload's and comparison's numbers checked (a parser error otherwise) and
+    `args.configs` (default: `default_configs`) parsed into `BenchConfig`s."""
+    if args.num_prompts < 1 or args.output_len < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error("--num-prompts, --output-len and --repeats must be >= 1, --warmup >= 0")
+    if args.frames < 0:
+        parser.error("--frames must be >= 0 (0: images)")
+    args.configs = args.configs or default_configs(args.frames)
+    try:
+        return parse_configs(args.configs, stock=True, stock_dtypes=stock_dtypes)
+    except ValueError as exc:
+        parser.error(str(exc))

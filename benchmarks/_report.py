@@ -1,8 +1,7 @@
 """Report writing shared by the benchmark scripts: the machine and versions of a run, the baseline
-of every ratio, JSON and Markdown outputs, tables, plots and progress bars.
-
-Imports neither vLLM nor matplotlib at module level: `prefill_transformers.py` runs where only
-torch and transformers are installed.
+of every ratio, JSON and Markdown outputs, tables, plots and progress bars. Imports neither vLLM
+nor matplotlib at module level (`prefill_transformers.py` runs where only torch and transformers
+are installed).
 """
 
 from __future__ import annotations
@@ -18,16 +17,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-TOKEN_TICKS = (1, 4, 16, 32, 64, 144, 288, 576)  # x ticks of the token-count plots
-
-
-def token_ticks(largest: float) -> list[int]:
-    """Log-axis ticks for visual-token counts up to `largest` (stock LLaVA-NeXT reaches 2928,
-    LLaVA-OneVision about 7,000)."""
-    ticks = [*TOKEN_TICKS, 729, 1176, 2928, 7371]
-    return sorted(t for t in set(ticks) if t <= max(largest, 576) * 1.05)
-
 
 # The one baseline rule of every ratio (`x`) in the reports.
 BASELINE_RULE = (
@@ -171,15 +160,11 @@ def finish(
     return data
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
 def write_outputs(out: Path, name: str, data: dict[str, Any], report: str) -> None:
     """Write `name`.json (every figure) and `name`.md (the report), print the report and a
     summary of what was written (with any plots listed in `data["plots"]`)."""
-    write_json(out / f"{name}.json", data)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (out / f"{name}.md").write_text(report)
     print(report)
     written = [f"{name}.json", f"{name}.md", *data.get("plots", [])]
@@ -188,18 +173,10 @@ def write_outputs(out: Path, name: str, data: dict[str, Any], report: str) -> No
 
 def fmt(value: Any, digits: int = 2) -> str:
     """Compact number formatting for Markdown tables ("-" for missing / NaN)."""
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
     if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        if abs(value) >= 100:
-            return f"{value:.0f}"
-        return f"{value:.{digits}f}"
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.{digits}f}"
     return str(value)
 
 
@@ -229,8 +206,10 @@ def text_section(rows: Sequence[dict[str, Any]], intro: str, columns: Sequence[t
 
 
 def token_axis(ax: Any, largest: float, long: str) -> None:
-    """A log x-axis of visual tokens per `long` ("image", "video"), ticked up to `largest`."""
-    ticks = token_ticks(largest)
+    """A log x-axis of visual tokens per `long` ("image", "video"), ticked up to `largest`
+    (stock LLaVA-NeXT reaches 2928, LLaVA-OneVision about 7,000)."""
+    ticks = (1, 4, 16, 32, 64, 144, 288, 576, 729, 1176, 2928, 7371)
+    ticks = [t for t in ticks if t <= max(largest, 576) * 1.05]
     ax.set_xscale("log")
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
@@ -250,32 +229,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def progress(total: int, desc: str, disable: bool = False):
-    """A tqdm progress bar (a no-op stand-in when tqdm is missing)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is None or disable:
-        return _NoProgress()
-    return tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True, file=sys.stderr)
+def progress(total: int, desc: str, disable: bool = False) -> Any:
+    """A tqdm progress bar on stderr (tqdm comes with transformers)."""
+    from tqdm import tqdm
 
-
-class _NoProgress:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_description(self, desc: str) -> None:
-        pass
-
-    def set_postfix_str(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> _NoProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
+    return tqdm(
+        total=total, desc=desc, unit="req", dynamic_ncols=True, file=sys.stderr, disable=disable
+    )

@@ -1,44 +1,25 @@
 """Online serving benchmark: `vllm serve --plugin prumerge` with stock token counts vs PruMerge,
 against stock vLLM and against text-only requests of the same length, driven by `vllm bench serve`.
 
-The load is vLLM's own load generator, `vllm bench serve --backend openai-chat`, on a custom
-dataset this script writes (the same workload as `throughput.py`: generated scenes or your
-images, questions of varied length; one chat message each, the image then the question) with a
-fixed output length; each configuration is the same dataset with its PruMerge mode in
-`--extra-body '{"mm_processor_kwargs": {"prumerge": ...}}'`. What is this script's own: the
-text-equivalent requests, the server's `/metrics` around each run (visual tokens per image from
-the `vllm_prumerge:visual_tokens_per_image` histogram, the tower's time, the peak KV-cache usage
-and running requests sampled meanwhile), repeats pooled, ratios, the report and the plot. TTFT,
-TPOT, ITL, end-to-end latency and prompt tokens (the server's `usage`) are `vllm bench serve`'s
-per-request figures (`--save-detailed`); its own result files are kept in OUT/vllm-bench-serve/.
-
-Videos (`--frames N`, on a checkpoint that takes videos): every request sends one N-frame video as
-an OpenAI `video_url` part (an MP4 data URL, decoded by the server's own video loader, all N
-frames: `--media-io-kwargs '{"video": {"num_frames": N}}'`) instead of the image; visual tokens
-are then per video (`vllm_prumerge:visual_tokens_per_video`). A checkpoint whose chat template
-drops video parts (the generated ones) is served with `--chat-template-content-format string`,
-which puts the `<video>` placeholder before the text.
-
-The configuration `stock` is stock vLLM (no plugin: the tower runs in the engine), served by a
-second server this script starts with the same settings, in the same run. Every configuration
-is also measured as text only ("text@CONFIG", on by default: each request's chat message without
-the image, padded with a filler word to exactly the image request's prompt tokens, checked with
-the server's /tokenize; same output length, same server), right after its image requests: `of
-text` = image throughput / text throughput, 1.0 = the images cost nothing beyond their tokens.
+The load is vLLM's own load generator (`vllm bench serve --backend openai-chat`, in this process)
+on a custom dataset this script writes (throughput.py's workload: one chat message per request,
+the image or, with --frames, an MP4 `video_url`, then the question), each configuration the same
+dataset with its mode in `--extra-body` (mm_processor_kwargs). This script's own part: the
+text-equivalent requests (text@CONFIG: the message without the image, padded to exactly its
+prompt tokens, checked with /tokenize), the server's `/metrics` around each run (visual tokens,
+tower time, peak KV usage and running requests), repeats pooled, ratios, report and plot.
+`stock` (`stock:DTYPE`) is stock vLLM on a second server started with the same settings. Method:
+docs/benchmarks.md.
 
     python benchmarks/serving.py --out out/serving                      # starts its own server
     python benchmarks/serving.py --tower real --configs stock,off,prumerge --out out/real
     python benchmarks/serving.py --family next_video --frames 8 --out out/serving-video
     python benchmarks/serving.py --base-url http://127.0.0.1:8000 --out out/serving
 
-The server this script starts uses the same engine settings as `throughput.py` (prefix caching
-and the processor cache off, fixed KV-cache size); a server given with `--base-url` is used as
-it is: start it with `--plugin prumerge --trust-request-mm-kwargs` (requests choose their
-configuration) and, for comparable figures, `--no-enable-prefix-caching --mm-processor-cache-gb 0`
-(`stock` needs a started server).
-
-Writes OUT/serving.json, OUT/serving.md, OUT/serving_latency.png, the datasets it sends
-(OUT/datasets/) and `vllm bench serve`'s result files (OUT/vllm-bench-serve/).
+A server given with --base-url is used as it is: start it with `--plugin prumerge
+--trust-request-mm-kwargs` and, for comparable figures, `--no-enable-prefix-caching
+--mm-processor-cache-gb 0`. Writes OUT/serving.json, OUT/serving.md, OUT/serving_latency.png,
+the datasets sent (OUT/datasets/) and `vllm bench serve`'s results (OUT/vllm-bench-serve/).
 """
 
 from __future__ import annotations
@@ -62,9 +43,7 @@ from _common import (
     bench_serve_argv,
     build_workload,
     chat_prompt,
-    default_configs,
     modality,
-    parse_configs,
     summary,
     synthetic_checkpoint,
     write_dataset,
@@ -72,6 +51,7 @@ from _common import (
 
 from vllm_prumerge.testing.engine_args import (
     add_engine_arguments,
+    add_number_options,
     engine_settings,
     serve_flags,
     use_cpu_if_no_gpu,
@@ -88,18 +68,12 @@ PEAK_METRICS = {  # sampled from /metrics during every run: the peaks are kept
     "max_running_requests": "vllm:num_requests_running",
     "max_waiting_requests": "vllm:num_requests_waiting",
 }
-STOCK = "stock"
 FILLER = " the"  # one text token per repetition in LLaVA's tokenizers; checked with /tokenize
 # The server's part of the report's line on video requests (`_report.video_note`).
 SERVER_VIDEO_NOTE = (
     "Sent as an MP4 `video_url`, counted by `vllm_prumerge:visual_tokens_per_video`; tower ms "
     "per video."
 )
-
-
-def is_stock(name: str) -> bool:
-    """`stock` (stock vLLM at --dtype) or `stock:DTYPE` (stock vLLM at that --dtype)."""
-    return name == STOCK or name.startswith(STOCK + ":")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,22 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: a generated random-weight checkpoint (see --synthetic, --family, --tower). "
         "With --base-url: the served model name (default: the server's first).",
     )
-    srv.add_argument(
-        "--tower-threads",
-        type=int,
-        default=None,
-        help="Torch threads of the plugin's vision tower in the started server (sets "
-        "VLLM_PRUMERGE_TOWER_THREADS, which overrides --prumerge-tower-threads). Default: the "
-        "server's own setting (--prumerge-tower-threads auto: the cores the server may run on "
-        "divided by --api-server-count).",
-    )
-    srv.add_argument(
-        "--api-server-count",
-        type=int,
-        default=1,
-        help="--api-server-count of the started servers: API-server processes, each with its "
-        "own pre-processor (and, with the plugin, its own tower).",
-    )
+    add_number_options(
+        srv,
+        ("--tower-threads", int, None, "Torch threads of the plugin's vision tower in the "
+         "started server (sets VLLM_PRUMERGE_TOWER_THREADS, which overrides "
+         "--prumerge-tower-threads). Default: the server's own setting (auto: the cores it may "
+         "run on divided by --api-server-count)."),
+        ("--api-server-count", int, 1, "--api-server-count of the started servers: API-server "
+         "processes, each with its own pre-processor (and, with the plugin, its own tower)."),
+        ("--server-timeout", float, 900, "Seconds to wait for a started server's /health."),
+    )  # fmt: skip
     srv.add_argument(
         "--server-arg",
         action="append",
@@ -147,36 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Extra argument for the started `vllm serve` (repeatable; use the = form for "
         "values, e.g. --server-arg=--gpu-memory-utilization=0.8).",
     )
-    srv.add_argument(
-        "--server-timeout",
-        type=float,
-        default=900,
-        help="Seconds to wait for the started server to answer /health.",
-    )
     add_engine_arguments(
         parser, kv_cache=True, title="engine of the started servers", target="vllm serve option"
     )
     work = parser.add_argument_group("workload")
-    work.add_argument(
-        "--configs",
-        default=None,
-        help="Comma-separated configurations, as in throughput.py: off, prumerge, prumerge+, "
-        "fixed:N, fixed:Ns, fixed:RATIO, CONFIG/evs[:RATE] and CONFIG/adaptive[:THRESHOLD] "
-        "(videos, across time first), and stock (stock vLLM, no plugin, in a second server "
-        "started by this script; stock:DTYPE: one more stock server at that --dtype, e.g. "
-        f"stock:float32). {_report.BASELINE_RULE} Default: {default_configs(0)}; with --frames: "
-        f"{default_configs(1)} (budgets per frame).",
-    )
-    work.add_argument(
-        "--text",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Also measure every configuration's text-equivalent (text@CONFIG: the same chat "
-        "messages without the image, padded to exactly the image request's prompt tokens), "
-        "the limit an image request can reach on this server.",
-    )
     _cli.add_workload_arguments(
         work, "Seed of images, questions and arrivals (vllm bench serve's)."
+    )
+    _cli.add_comparison_arguments(
+        work,
+        stock="stock (stock vLLM, no plugin, on a second server this script starts; stock:DTYPE: "
+        "one more stock server at that --dtype, e.g. stock:float32)",
+        repeats=2,
+        pooling="percentiles are over all repeats' requests, throughput over their total time",
     )
     work.add_argument(
         "--request-rate",
@@ -185,32 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         "arrivals, seeded); 'inf' sends all at once (then --max-concurrency alone limits). A "
         "comma-separated list runs a sweep: every configuration at every rate.",
     )
-    work.add_argument(
-        "--max-concurrency",
-        type=int,
-        default=8,
-        help="Most requests in flight from the client at once (0 = unlimited).",
-    )
-    work.add_argument(
-        "--warmup",
-        type=int,
-        default=4,
-        help="Warm-up requests per configuration (other images), run and discarded right before "
-        "its measured requests; a first round of 2 requests per configuration precedes all.",
-    )
-    work.add_argument(
-        "--repeats",
-        type=int,
-        default=2,
-        help="Measure every configuration this many times (order rotated each round); "
-        "percentiles are over all repeats' requests, throughput over their total time.",
-    )
-    work.add_argument(
-        "--metrics-interval",
-        type=float,
-        default=0.25,
-        help="Seconds between /metrics samples for peak KV-cache usage and running requests.",
-    )
+    add_number_options(
+        work,
+        ("--max-concurrency", int, 8, "Most requests in flight at once (0 = unlimited)."),
+        ("--metrics-interval", float, 0.25, "Seconds between /metrics samples (peak KV-cache "
+         "usage, running and waiting requests)."),
+    )  # fmt: skip
     work.add_argument(
         "--bench-arg",
         action="append",
@@ -494,7 +425,7 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
         chosen = warm[warm_index : warm_index + count]
         warm_index += count
         path = write_dataset(out / "datasets" / f"warm-{warm_index}.jsonl", media_parts(chosen))
-        option = None if is_stock(config.name) else config.prumerge
+        option = config.prumerge
         await bench_serve(bench_argv(args, base, model, path, count, rate, prumerge=option))
 
     # A first round of every configuration: loads the tower in the server's front end and
@@ -515,13 +446,13 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
                     await warm_up(config, args.warmup, rate)
                 key = (rate, config.name)
                 tag = f"{config.name.replace('/', '_')}-{rate:g}-{repeat}"  # a file name
-                option = None if is_stock(config.name) else config.prumerge
+                option = config.prumerge
                 result = out / "vllm-bench-serve" / f"{tag}.json"
                 argv = bench_argv(
                     args, base, model, dataset, len(items), rate, prumerge=option, result=result
                 )
                 command = command or "vllm bench serve " + shlex.join(argv)
-                mode = None if is_stock(config.name) else config.mode
+                mode = config.mode
                 measured = await measured_run(http, base, argv, mode, args)
                 pooled.setdefault(key, []).append(measured)
                 if not any(r["ok"] for r in measured["requests"]):
@@ -552,7 +483,7 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
         for config in configs:
             run = {
                 "name": config.name,
-                "prumerge": None if is_stock(config.name) else config.prumerge,
+                "prumerge": config.prumerge,
                 "request_rate": rate,
                 **figures(pooled[(rate, config.name)]),
             }
@@ -571,11 +502,11 @@ def fill_stock_visual_tokens(runs: list[dict[str, Any]]) -> None:
         known = [
             o
             for o in runs
-            if not is_stock(o["name"])
+            if o["prumerge"] is not None
             and o["request_rate"] == r["request_rate"]
             and not math.isnan(o["visual_tokens_mean"])
         ]
-        if is_stock(r["name"]) and known:
+        if r["prumerge"] is None and known:
             text = known[0]["prompt_tokens"]["mean"] - known[0]["visual_tokens_mean"]
             r["visual_tokens_mean"] = r["prompt_tokens"]["mean"] - text
             r["visual_tokens_source"] = f"prompt tokens - text tokens of {known[0]['name']}"
@@ -588,7 +519,7 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
     for rate in sorted({r["request_rate"] for r in runs}):
         group = [r for r in runs if r["request_rate"] == rate]
         base = _report.pick_baseline(group)
-        stock = next((o for o in group if o["name"] == STOCK), None)
+        stock = next((o for o in group if o["name"] == "stock"), None)
         for r in group:
             r["baseline"] = base["name"]
             r["ideal_speedup"] = base["prompt_tokens"]["mean"] / r["prompt_tokens"]["mean"]
@@ -638,7 +569,7 @@ def markdown_report(data: dict[str, Any]) -> str:
         ("E2E p50", "e2el_ms.p50"),
         ("text E2E p50", "text.e2el_ms.p50"),
         (f"tower ms/{short}", "tower_ms_per_image"),
-        ("tower busy", lambda r: None if is_stock(r["name"]) else r["tower_busy"]),
+        ("tower busy", lambda r: None if r["prumerge"] is None else r["tower_busy"]),
     ]
     text_intro = (
         f"`text@CONFIG`: each completed request's chat message without the {long}, padded "
@@ -790,20 +721,11 @@ def start_and_measure(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.num_prompts < 1 or args.output_len < 1 or args.repeats < 1 or args.warmup < 0:
-        parser.error("--num-prompts, --output-len and --repeats must be >= 1, --warmup >= 0")
+    everything = _cli.check_comparison(parser, args, stock_dtypes=True)
     if args.api_server_count < 1 or (args.tower_threads is not None and args.tower_threads < 1):
         parser.error("--api-server-count and --tower-threads must be >= 1")
-    if args.frames < 0:
-        parser.error("--frames must be >= 0 (0: images)")
-    args.configs = args.configs or default_configs(args.frames)
-    names = [c.strip().lower() for c in args.configs.split(",") if c.strip()]
-    try:
-        plugin_names = [n for n in names if not is_stock(n)]
-        configs = parse_configs(",".join(plugin_names)) if plugin_names else []
-    except ValueError as exc:
-        parser.error(str(exc))
-    stock_configs = [BenchConfig(n, "off") for n in names if is_stock(n)]
+    configs = [c for c in everything if not c.stock]
+    stock_configs = [c for c in everything if c.stock]
     if stock_configs and args.base_url:
         parser.error("the stock configuration needs a server started by this script")
     gpu = use_cpu_if_no_gpu()
