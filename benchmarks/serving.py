@@ -186,30 +186,22 @@ def server_args(args: argparse.Namespace, *, stock: bool, dtype: str | None = No
     return plugin + serve_flags(settings) + list(args.server_arg)
 
 
-def bench_argv(
-    args: argparse.Namespace, base: str, model: str, dataset: Path, count: int, rate: float, **kw
-) -> list[str]:
+def bench_argv(args, base: str, model: str, dataset: Path, count: int, rate: float, **kw) -> list:
     """`vllm bench serve` arguments (`_common.bench_serve_argv`) for the `count` requests of
-    `dataset` at `rate`, --ignore-eos; `prumerge` (keyword): the configuration sent in
-    --extra-body (None: no plugin kwargs); `result`: the path of its saved result."""
-    body = (
-        {} if kw.get("prumerge") is None else {"mm_processor_kwargs": {"prumerge": kw["prumerge"]}}
-    )
-    return bench_serve_argv(
-        base,
-        model,
-        dataset,
-        count,
-        args.output_len,
-        body=body,
-        ignore_eos=True,
-        rate=rate,
-        concurrency=args.max_concurrency,
-        seed=args.seed,
-        result=kw.get("result"),
-        quiet=args.no_progress,
-        extra=args.bench_arg,
-    )
+    `dataset` at `rate`, --ignore-eos; keywords: `prumerge`, the configuration sent in
+    --extra-body (None: no plugin kwargs), and `result`, the path of its saved result."""
+    prumerge = kw.get("prumerge")
+    options = {
+        "body": {} if prumerge is None else {"mm_processor_kwargs": {"prumerge": prumerge}},
+        "ignore_eos": True,
+        "rate": rate,
+        "concurrency": args.max_concurrency,
+        "seed": args.seed,
+        "result": kw.get("result"),
+        "quiet": args.no_progress,
+        "extra": args.bench_arg,
+    }
+    return bench_serve_argv(base, model, dataset, count, args.output_len, **options)
 
 
 def media_url(item: WorkItem) -> str:
@@ -220,9 +212,7 @@ def media_url(item: WorkItem) -> str:
 def media_parts(items: list[WorkItem]) -> list[list[dict[str, Any]]]:
     """Each item's chat message: an `image_url` or a `video_url` part, then the question."""
     return [
-        chat_messages(item.question, [media_url(item)])[0]["content"]
-        if item.video is None
-        else chat_messages(item.question, video_urls=[media_url(item)])[0]["content"]
+        chat_messages(item.question, **{f"{item.modality}_urls": [media_url(item)]})[0]["content"]
         for item in items
     ]
 
@@ -398,20 +388,11 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
 
     out = Path(args.out)
     rates = [float(r) for r in args.request_rate.split(",") if r.strip()]
-    size = tuple(args.image_size)
-    items = build_workload(
-        args.num_prompts, args.seed, args.images, size=size, frames=args.frames,
-        video_kind=args.video_kind,
-    )  # fmt: skip
-    warm = build_workload(
-        args.warmup * len(configs) * len(rates) * args.repeats + 2,
-        args.seed,
-        args.images,
-        start=args.num_prompts,
-        size=size,
-        frames=args.frames,
-        video_kind=args.video_kind,
-    )
+    workload = {"size": tuple(args.image_size), "frames": args.frames}
+    workload["video_kind"] = args.video_kind
+    items = build_workload(args.num_prompts, args.seed, args.images, **workload)
+    warm_count = args.warmup * len(configs) * len(rates) * args.repeats + 2
+    warm = build_workload(warm_count, args.seed, args.images, start=len(items), **workload)
     dataset = write_dataset(out / "datasets" / "requests.jsonl", media_parts(items))
     http = httpx.AsyncClient(timeout=600.0)
     model = args.model if args.base_url and args.model else None
@@ -425,8 +406,9 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
         chosen = warm[warm_index : warm_index + count]
         warm_index += count
         path = write_dataset(out / "datasets" / f"warm-{warm_index}.jsonl", media_parts(chosen))
-        option = config.prumerge
-        await bench_serve(bench_argv(args, base, model, path, count, rate, prumerge=option))
+        await bench_serve(
+            bench_argv(args, base, model, path, count, rate, prumerge=config.prumerge)
+        )
 
     # A first round of every configuration: loads the tower in the server's front end and
     # touches every code path before anything is measured.
@@ -446,14 +428,11 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
                     await warm_up(config, args.warmup, rate)
                 key = (rate, config.name)
                 tag = f"{config.name.replace('/', '_')}-{rate:g}-{repeat}"  # a file name
-                option = config.prumerge
                 result = out / "vllm-bench-serve" / f"{tag}.json"
-                argv = bench_argv(
-                    args, base, model, dataset, len(items), rate, prumerge=option, result=result
-                )
+                option = {"prumerge": config.prumerge, "result": result}
+                argv = bench_argv(args, base, model, dataset, len(items), rate, **option)
                 command = command or "vllm bench serve " + shlex.join(argv)
-                mode = config.mode
-                measured = await measured_run(http, base, argv, mode, args)
+                measured = await measured_run(http, base, argv, config.mode, args)
                 pooled.setdefault(key, []).append(measured)
                 if not any(r["ok"] for r in measured["requests"]):
                     errors = sorted({r.get("error", "") for r in measured["requests"]})[:3]
@@ -679,19 +658,14 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
 METHOD = (
     "One server, one configuration after another, each run by vLLM's load generator "
     "(`vllm bench serve --backend openai-chat --dataset-name custom`, in this process) on the "
-    "same dataset of chat messages, the configuration in --extra-body's mm_processor_kwargs; "
-    "streamed chat completions with --ignore-eos, --temperature 0 and a fixed output length; "
-    "TTFT, ITL and latency per request as vllm bench serve takes them (--save-detailed), TPOT "
-    "= (latency - TTFT) / (output tokens - 1). A first round of every configuration (2 "
-    "requests each) precedes all measurements, and each configuration is preceded by --warmup "
-    "requests on other images. Prompt tokens are the server's usage.prompt_tokens; visual "
-    "tokens the change of the server's vllm_prumerge:visual_tokens_per_image histogram (sum / "
-    "count) over the measured run; peak KV-cache usage and running requests are the maxima of "
-    "vllm:kv_cache_usage_perc and vllm:num_requests_running sampled from /metrics. "
-    "Text-equivalents (text@CONFIG) follow each measured run: the same questions as text-only "
-    "chat messages padded with a filler word to the image request's usage.prompt_tokens (the "
-    "filler count found with the server's /tokenize), no mm_processor_kwargs. `stock` runs on "
-    "a second server (stock vLLM: no --plugin) with the same settings, before the plugin's."
+    "same chat messages, the configuration in --extra-body's mm_processor_kwargs; streamed, "
+    "--ignore-eos, --temperature 0, fixed output length; TTFT, ITL and latency per request from "
+    "--save-detailed, TPOT = (latency - TTFT) / (output tokens - 1). A first round of every "
+    "configuration (2 requests) precedes all measurements, --warmup requests on other media each "
+    "one. Prompt tokens: the server's usage.prompt_tokens; visual tokens: the change of the "
+    "server's vllm_prumerge:visual_tokens_per_image (or _per_video) histogram over the run; "
+    "peaks: the maxima of vllm:kv_cache_usage_perc and vllm:num_requests_running sampled from "
+    "/metrics. `stock` runs on its own server (no --plugin, same settings), before the plugin's."
 )
 
 

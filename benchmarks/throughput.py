@@ -489,21 +489,14 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
 
 METHOD = (
     "One vLLM engine (identical settings) serves every plugin configuration through "
-    "per-request mm_processor_kwargs; prefix caching and the multimodal processor cache are "
-    "off, so every request pays for its image and its whole prompt; output length is fixed "
-    "(ignore_eos, greedy). Prompts: the checkpoint's own chat template applied to one user "
-    "message (the image, then the question), as token ids, the prompt vllm serve builds for "
-    "that message. Before the first measurement every configuration runs once on other "
-    "images (tower load, code paths), and each measurement is preceded by --warmup requests "
-    "of that configuration on other images. Each repeat of a configuration runs the same "
-    "requests twice: end to end (pre-process and submit one by one while the engine runs, "
-    "as LLM.generate) and engine only (pre-process all, then release all at once). Figures are "
-    "medians over repeats (configuration order rotated per repeat). Visual tokens per image "
-    "are counted in RequestOutput.prompt_token_ids (the image placeholder id); peak KV-cache "
-    "usage, most running requests and preemptions come from the scheduler's per-step stats "
-    "(a vLLM stat logger). Text-equivalents (text@CONFIG) run right after their "
-    "configuration in every repeat, on the same engine: the image requests' prompt token ids "
-    "with every image placeholder replaced by one ordinary text token."
+    "per-request mm_processor_kwargs; prefix caching and the multimodal processor cache are off "
+    "(every request pays for its media and whole prompt); fixed output length (ignore_eos, "
+    "greedy). Prompts: the token ids of the checkpoint's chat template applied to one user "
+    "message (media, then question), as vllm serve builds them. Every configuration runs once "
+    "on other media before any measurement, and --warmup requests before each; configuration "
+    "order rotates per repeat. Visual tokens are counted in RequestOutput.prompt_token_ids (the "
+    "placeholder id); KV usage, running requests and preemptions come from the scheduler's "
+    "per-step stats (a vLLM stat logger)."
 )
 
 

@@ -138,9 +138,8 @@ def test_throughput_script_reports_real_token_counts_and_consistent_ratios(tiny_
     assert all(2 <= n <= 577 for n in prumerge["visual_tokens_per_request"])
 
     # The counts are the core encoder's, on the same (regenerated) images.
-    from _common import build_workload
-
     from vllm_prumerge import PruMergeConfig
+    from vllm_prumerge.testing.workload import build_workload
 
     items = build_workload(num_prompts, data["settings"]["seed"])
     expected = encoder_counts(tiny_llava, [item.image for item in items], PruMergeConfig())
@@ -216,10 +215,9 @@ def test_throughput_script_sends_videos_and_counts_every_frame(onevision, tmp_pa
     assert data["media"] == {
         "modality": "video", "frames": frames, "video_kind": "cut", "chat_content_format": "openai"
     }  # fmt: skip
-    from _common import build_workload
-
     from tests.hf_reference import HFPruMergeLlava
     from vllm_prumerge.testing import make_video
+    from vllm_prumerge.testing.workload import build_workload
 
     seed = data["settings"]["seed"]
     items = build_workload(num_prompts, seed, frames=frames, video_kind="cut")
@@ -278,11 +276,11 @@ def test_serving_script_sends_videos_as_video_urls(video_server, video_llava_che
         assert r["text"]["prompt_tokens"] == r["prompt_tokens"]  # text-equivalents match
 
     # What the server decoded: the same MP4s through vLLM's own video loader (lossy codec).
-    from _common import build_workload
     from serving import media_url
     from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
 
     from tests.hf_reference import HFPruMergeVideoLlava
+    from vllm_prumerge.testing.workload import build_workload
 
     loader = VIDEO_LOADER_REGISTRY.load("opencv")
     items = build_workload(num_prompts, data["settings"]["seed"], size=(320, 240), frames=frames)
@@ -342,9 +340,8 @@ def test_serving_script_measures_latency_against_text(llava_server, tiny_llava, 
         )
         assert r["visual_images"] == num_prompts  # the server's histogram saw every image
     # `off` gives stock's 576 per image; PruMerge's counts are the core encoder's.
-    from _common import build_workload
-
     from vllm_prumerge import PruMergeConfig
+    from vllm_prumerge.testing.workload import build_workload
 
     items = build_workload(num_prompts, data["settings"]["seed"])
     counts = encoder_counts(tiny_llava, [item.image for item in items], PruMergeConfig())
@@ -392,9 +389,8 @@ def test_frontend_script_breaks_down_the_plugins_and_stock_front_end(tiny_llava,
     for threads in (1, 2):
         assert [i["visual_tokens"] for i in rows[("stock", threads)]["per_image"]] == [576] * 2
         assert [i["visual_tokens"] for i in rows[("off", threads)]["per_image"]] == [576] * 2
-    from _common import build_workload
-
     from vllm_prumerge import PruMergeConfig
+    from vllm_prumerge.testing.workload import build_workload
 
     items = build_workload(num_images, data["settings"]["seed"])
     expected = encoder_counts(tiny_llava, [item.image for item in items], PruMergeConfig())

@@ -88,10 +88,11 @@ def test_benchmark_prompts_equal_the_servers_prompt_for_the_same_chat_message(
 ):
     import quality
     import throughput
-    from _common import BenchConfig, build_workload
+    from _common import BenchConfig
 
     from vllm_prumerge.testing.media import image_data_url
     from vllm_prumerge.testing.prompts import ChatPrompt, chat_messages
+    from vllm_prumerge.testing.workload import build_workload
 
     checkpoint = family_checkpoints[family]
     chat = ChatPrompt(checkpoint)

@@ -36,6 +36,9 @@ HOMES = {
     "spec_fields": "vllm_prumerge/testing/towers.py",
     "REAL_TOWERS": None,  # production tower shapes: vllm_prumerge/testing/towers.py
     "naive_prumerge": "vllm_prumerge/testing/naive_reference.py",
+    "build_workload": "vllm_prumerge/testing/workload.py",
+    "synthetic_checkpoint": "vllm_prumerge/testing/workload.py",
+    "SYNTHETIC_SPECS": "vllm_prumerge/testing/workload.py",
     "BASELINE_RULE": "benchmarks/_report.py",
     "pick_baseline": "benchmarks/_report.py",
     "text_section": "benchmarks/_report.py",
