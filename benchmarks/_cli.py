@@ -12,7 +12,12 @@ from typing import Any
 from _common import default_configs, parse_configs
 from _report import BASELINE_RULE
 
-from vllm_prumerge.testing.workload import FAMILIES, SYNTHETIC_SPECS, TOWERS
+from vllm_prumerge.testing.workload import (
+    FAMILIES,
+    SYNTHETIC_SPECS,
+    TOWERS,
+    synthetic_checkpoint,
+)
 
 
 def new_parser(doc: str, summary: str) -> argparse.ArgumentParser:
@@ -41,14 +46,10 @@ def add_model_arguments(group: Any, model_help: str) -> None:
         "--family",
         choices=FAMILIES,
         default="llava",
-        help="Family of the generated checkpoint: llava (LLaVA-1.5: CLIP 336/14, 576 patches + "
-        "CLS), llava_next (LLaVA-NeXT anyres: base view + 2-4 tiles of 576 patches, grids "
-        "1x2, 2x1, 2x2), siglip (SigLIP-LLaVA like LLaVA-Interleave: 384/14, 729 patches, no "
-        "CLS), onevision (LLaVA-OneVision: that SigLIP tower per anyres_max_9 crop of 384 px, "
-        "grids 1x2, 2x1, 2x2; images and videos), next_video (LLaVA-NeXT-Video: CLIP 336/14 "
-        "per frame; videos only). Video families (--frames N) are those whose config has a "
-        "video_token_index: onevision, next_video. With --model the family is the "
-        "checkpoint's own.",
+        help="Family of the generated checkpoint: llava (LLaVA-1.5: CLIP 336/14), llava_next "
+        "(anyres tiles of 576 patches), siglip (SigLIP-LLaVA: 384/14, 729 patches, no CLS), "
+        "onevision (SigLIP per anyres crop; images and videos), next_video (LLaVA-NeXT-Video: "
+        "videos only), video_llava (images and videos). With --model: the checkpoint's own.",
     )
     group.add_argument(
         "--tower",
@@ -59,6 +60,14 @@ def add_model_arguments(group: Any, model_help: str) -> None:
         "(CLIP ViT-L/14-336: 24 layers, 1024 wide, 16 heads, MLP 4096; SigLIP-so400m: 26 "
         "layers, 1152 wide, MLP 4304), so the front end costs what it costs in production.",
     )
+
+
+def checkpoint(args: Any) -> tuple[str, dict[str, Any] | None]:
+    """(path, generated spec) of the run's model: --model as given (spec None), or the generated
+    checkpoint of --synthetic, --family and --tower."""
+    if getattr(args, "model", None):
+        return args.model, None
+    return synthetic_checkpoint(args.synthetic, args.family, args.tower)
 
 
 def model_label(args: Any) -> str:
@@ -121,24 +130,19 @@ def add_workload_arguments(group: Any, seed_help: str) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="0: every request sends one image. N > 0: every request sends one video of N "
-        "frames instead (offline: multi_modal_data={'video': frames}; server: an MP4 video_url "
-        "data URL): generated, a camera panning across a scene of --image-size, or N "
-        "consecutive images of --images per video. Needs a checkpoint that takes videos "
-        "(LLaVA-OneVision, LLaVA-NeXT-Video: --family onevision / next_video). Each frame is "
-        "reduced on its own (fixed:N budgets are per frame), so a video costs the sum over its "
-        "frames of (kept + 1) tokens; `off` is the family's stock count (OneVision 196 per "
-        "frame + 1, NeXT-Video 144 per frame). Token counts are then per video. Long videos "
-        "may need a larger --max-model-len.",
+        help="0: every request sends one image. N > 0: one video of N frames instead "
+        "(offline: multi_modal_data; server: an MP4 video_url): generated (--video-kind), or "
+        "N consecutive images of --images. Needs a checkpoint that takes videos. Counts are "
+        "then per video (each frame reduced on its own unless a temporal configuration says "
+        "otherwise); long videos may need a larger --max-model-len.",
     )
     group.add_argument(
         "--video-kind",
         choices=("panning", "static", "cut"),
         default="panning",
-        help="With --frames (generated videos): panning = a camera panning across one scene "
-        "(every frame differs a little); static = one scene held for every frame; cut = one "
-        "scene for the first half, then a cut to another. What a temporal setting "
-        "(e.g. prumerge+/adaptive in --configs) can drop depends on it.",
+        help="With --frames, the generated videos: a camera panning across one scene, one "
+        "scene held (static), or a cut half-way to another scene; what a temporal "
+        "configuration (e.g. prumerge+/adaptive) can drop depends on it.",
     )
 
 

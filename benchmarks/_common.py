@@ -39,6 +39,22 @@ def modality(frames: int) -> str:
     return "video" if frames > 0 else "image"
 
 
+def fair_settings(args: Any) -> dict[str, Any]:
+    """The engine settings of every compared configuration (throughput.py's engine, serving.py's
+    servers): prefix caching and the multimodal processor cache off, so every request pays for
+    its whole prompt and its media (tower + reduction), one item per prompt, then the engine
+    options (`engine_settings`; --engine-arg last, overriding any of these)."""
+    from vllm_prumerge.testing.engine_args import engine_settings
+
+    return {
+        "seed": args.seed,
+        "limit_mm_per_prompt": {modality(args.frames): 1},
+        "enable_prefix_caching": False,
+        "mm_processor_cache_gb": 0,
+        **engine_settings(args),
+    }
+
+
 def placeholder_token_id(model: str, frames: int = 0) -> int:
     """The token id the checkpoint's prompts carry once per visual token of the request's image
     (`image_token_index`) or video (`video_token_index`; `frames` > 0), from its config."""

@@ -142,18 +142,25 @@ def save_figure(fig: Any, out: Path, name: str, title: str | None = None) -> str
     return name
 
 
+def start_run() -> tuple[dict[str, Any], float]:
+    """The start of a run on vLLM: vLLM's CPU platform where there is no GPU
+    (`use_cpu_if_no_gpu`), the machine line printed; returns (`environment()`, the start time)."""
+    from vllm_prumerge.testing.engine_args import use_cpu_if_no_gpu
+
+    env = environment({"device": "cuda" if use_cpu_if_no_gpu() else "cpu"})
+    print(env["cpu_line"], flush=True)
+    return env, time.perf_counter()
+
+
 def finish(
-    out: Path,
-    name: str,
-    data: dict[str, Any],
-    started: float,
-    report: Any,
-    plot: Any = None,
+    out: Path, name: str, data: dict[str, Any], started: float, report: Any, plot: Any = None
 ) -> dict[str, Any]:
     """The end of every run: `data["total_seconds"]` since `started` (a `time.perf_counter()`),
-    the plots (`plot(data, out)` -> file names; None: no plots), then `name`.json and
-    `name`.md (`report(data)`) written and printed. Returns `data`."""
+    the command line, the plots (`plot(data, out)` -> file names; None: no plots), then
+    `name`.json and `name`.md (`report(data)`) written and printed. Returns `data`."""
     data["total_seconds"] = time.perf_counter() - started
+    data.setdefault("command", " ".join([Path(sys.executable).name, *sys.argv]))
+    out.mkdir(parents=True, exist_ok=True)
     if plot is not None:
         data["plots"] = plot(data, out)
     write_outputs(out, name, data, report(data))
@@ -163,7 +170,6 @@ def finish(
 def write_outputs(out: Path, name: str, data: dict[str, Any], report: str) -> None:
     """Write `name`.json (every figure) and `name`.md (the report), print the report and a
     summary of what was written (with any plots listed in `data["plots"]`)."""
-    out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (out / f"{name}.md").write_text(report)
     print(report)

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import _cli
 import torch
-from _common import build_workload, summary, synthetic_checkpoint
-from _report import device_line, environment, finish, progress, table
+from _common import build_workload, summary
+from _report import device_line, finish, progress, start_run, table
 
 from vllm_prumerge import PruMergeConfig, engine_kwargs
 from vllm_prumerge.reduction import reduce_by_importance
@@ -242,13 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.num_images < 1 or args.warmup < 0:
         raise SystemExit("--num-images must be >= 1 and --warmup >= 0")
     settings = settings_of(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    env = environment({"device": device})
-    print(env["cpu_line"], flush=True)
-    wall = time.perf_counter()
-    model = args.model or synthetic_checkpoint(args.synthetic, args.family, args.tower)[0]
+    env, wall = start_run()
+    model = _cli.checkpoint(args)[0]
     plugin = make_processor(model, args.dtype, args.tower_dtype)
     model_config = plugin.info.ctx.model_config
     stock, stock_tower = None, plugin.info.encoder.tower
@@ -273,7 +266,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     bar.update(1)
     data = {
         "benchmark": "front end per image",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "model": _cli.model_label(args),
         "model_path": model,
         "dtype": str(model_config.dtype).removeprefix("torch."),

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import math
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,18 +42,15 @@ from _common import (
     bench_serve_argv,
     build_workload,
     chat_prompt,
-    modality,
+    fair_settings,
     summary,
-    synthetic_checkpoint,
     write_dataset,
 )
 
 from vllm_prumerge.testing.engine_args import (
     add_engine_arguments,
     add_number_options,
-    engine_settings,
     serve_flags,
-    use_cpu_if_no_gpu,
 )
 from vllm_prumerge.testing.media import image_data_url, video_data_url
 from vllm_prumerge.testing.prometheus import metric_max, metric_total, parse_prometheus
@@ -167,14 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 def server_args(args: argparse.Namespace, *, stock: bool, dtype: str | None = None) -> list:
     """`vllm serve` arguments: the plugin (not for `stock`) and the engine settings of
     throughput.py, from the shared engine options."""
-    settings = {
-        "seed": args.seed,
-        "limit_mm_per_prompt": {modality(args.frames): 1},
-        "enable_prefix_caching": False,  # every request pays for its whole prompt
-        "mm_processor_cache_gb": 0,  # and for its image (tower + reduction)
-        "api_server_count": args.api_server_count,
-        **engine_settings(args),  # --engine-arg last: it overrides any of these
-    }
+    settings = {"api_server_count": args.api_server_count, **fair_settings(args)}
     if dtype:
         settings["dtype"] = dtype
     if args.frames:  # every frame of the clip, as sent (vLLM's loader samples 32 by default)
@@ -670,7 +659,7 @@ METHOD = (
 
 
 def start_and_measure(
-    args: argparse.Namespace, model: str, configs: list[BenchConfig], *, stock: bool, out: Path
+    args: argparse.Namespace, model: str, configs: list[BenchConfig], *, stock: bool
 ) -> tuple[dict[str, Any], str, float]:
     """Start `vllm serve` (stock vLLM, or with the plugin), measure `configs` on it, stop it;
     (benchmark data, the server command, start-up seconds)."""
@@ -682,7 +671,9 @@ def start_and_measure(
     if args.tower_threads and not stock:
         server_env[PruMergeEncoder.THREADS_ENV] = str(args.tower_threads)
     cli = server_args(args, stock=stock, dtype=dtype)
-    log = out / f"{'server-' + configs[0].name.replace(':', '-') if stock else 'server'}.log"
+    name = "server-" + configs[0].name.replace(":", "-") if stock else "server"
+    log = Path(args.out) / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with serve(model, cli, env=server_env, timeout=args.server_timeout, log_path=log) as base:
         started = time.perf_counter() - t0
@@ -702,13 +693,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stock_configs = [c for c in everything if c.stock]
     if stock_configs and args.base_url:
         parser.error("the stock configuration needs a server started by this script")
-    gpu = use_cpu_if_no_gpu()
     args.chat_content_format = "the server's" if args.base_url else "openai"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = _report.environment({"device": "cuda" if gpu else "cpu"})
-    print(env["cpu_line"], flush=True)
-    wall = time.perf_counter()
+    env, wall = _report.start_run()
     started: dict[str, float] = {}
     servers: dict[str, str] = {}
     if args.base_url:
@@ -717,7 +703,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs, model = data["runs"], args.model or data["served_model"]
         servers["plugin"] = f"given ({base})"
     else:
-        model = args.model or synthetic_checkpoint(args.synthetic, args.family, args.tower)[0]
+        model = _cli.checkpoint(args)[0]
         if args.frames:  # a template that drops video parts: vLLM's "string" content format
             args.chat_content_format = chat_prompt(model, args.frames).content_format
         runs = []
@@ -725,15 +711,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         groups = [(True, [c]) for c in stock_configs] + [(False, configs)] * bool(configs)
         for stock, group in groups:
             key = group[0].name if stock else "plugin"
-            data, servers[key], started[key] = start_and_measure(
-                args, model, group, stock=stock, out=out
-            )
+            data, servers[key], started[key] = start_and_measure(args, model, group, stock=stock)
             runs += data["runs"]
     fill_stock_visual_tokens(runs)
     add_ratios(runs)
     result: dict[str, Any] = {
         "benchmark": "serving (vllm serve, OpenAI chat API, vllm bench serve)",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "model": model if args.base_url else _cli.model_label(args),
         "model_path": model,
         "served_model": data["served_model"],
@@ -746,9 +729,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "environment": env,
         "runs": runs,
     }
-    return _report.finish(
-        out, "serving", result, wall, markdown_report, None if args.no_plots else plot
-    )
+    plots = None if args.no_plots else plot
+    return _report.finish(Path(args.out), "serving", result, wall, markdown_report, plots)
 
 
 if __name__ == "__main__":

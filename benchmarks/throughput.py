@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,19 +35,17 @@ from _common import (
     BenchConfig,
     build_workload,
     chat_prompt,
+    fair_settings,
     filler_token_id,
     modality,
     placeholder_token_id,
     summary,
-    synthetic_checkpoint,
     text_equivalent_ids,
 )
 
 from vllm_prumerge.serving.stats import StepTracker, stat_logger_factory
 from vllm_prumerge.testing.engine_args import (
     add_engine_arguments,
-    engine_settings,
-    use_cpu_if_no_gpu,
 )
 
 PHASES = ("engine", "end_to_end")
@@ -100,15 +97,8 @@ def run_settings(args: argparse.Namespace, model: str, *, stock: bool) -> dict[s
     """The EngineArgs of this run: identical for every configuration but `stock`'s model."""
     from vllm_prumerge import engine_kwargs
 
-    settings: dict[str, Any] = {
-        "model": model,
-        "seed": args.seed,
-        "limit_mm_per_prompt": {modality(args.frames): 1},
-        "enable_prefix_caching": False,  # every request pays for its whole prompt
-        "mm_processor_cache_gb": 0,  # and for its image (tower + reduction)
-        "disable_log_stats": False,  # the stat loggers feed StepTracker
-        **engine_settings(args),  # --engine-arg last: it overrides any of these
-    }
+    # The stat loggers feed StepTracker; the user's --engine-arg still wins.
+    settings = {"model": model, "disable_log_stats": False, **fair_settings(args)}
     if not stock:  # the plugin's architecture and options, applied after any user overrides
         user = settings.pop("hf_overrides", None) or {}
         settings.update(engine_kwargs("prumerge", hf_overrides=user))
@@ -504,16 +494,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     configs = _cli.check_comparison(parser, args, stock_dtypes=False)
-    gpu = use_cpu_if_no_gpu()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = _report.environment({"device": "cuda" if gpu else "cpu"})
-    print(env["cpu_line"], flush=True)
-
-    wall_start = time.perf_counter()
-    model, spec = args.model, None
-    if not model:
-        model, spec = synthetic_checkpoint(args.synthetic, args.family, args.tower)
+    env, wall_start = _report.start_run()
+    model, spec = _cli.checkpoint(args)
     image_token = placeholder_token_id(model, args.frames)
     chat = chat_prompt(model, args.frames)
     args.chat_content_format = chat.content_format  # "string": the template drops video parts
@@ -588,7 +570,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = [aggregate(c, runs[c.name]) for c in configs]
     data: dict[str, Any] = {
         "benchmark": "throughput (vLLM offline)",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "model": _cli.model_label(args),
         "model_path": model,
         "synthetic_spec": spec,
@@ -609,7 +590,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
     }
     plots = None if args.no_plots else plot
-    return _report.finish(out, "throughput", data, wall_start, markdown_report, plots)
+    return _report.finish(Path(args.out), "throughput", data, wall_start, markdown_report, plots)
 
 
 if __name__ == "__main__":
