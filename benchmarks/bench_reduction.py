@@ -240,11 +240,11 @@ OPTIONS = {
 }
 
 
-def build_parser(measurement: str) -> argparse.ArgumentParser:
+def measurement_parser(measurement: str, kind: type = argparse.ArgumentParser) -> Any:
     """The parser of `measurement` (a key of OPTIONS)."""
     description, *specs = OPTIONS[measurement]
     default = measurement == "reduction"
-    parser = argparse.ArgumentParser(
+    parser = kind(
         prog=None if default else f"bench_reduction.py {measurement}",
         description=description,
         epilog="`bench_reduction.py memory --help`, `... invariance --help`: their options."
@@ -371,7 +371,8 @@ def run_reduction(args: argparse.Namespace) -> int:
             inputs = synthetic_inputs(batch, n, args.width, "clip", seed=args.seed, dtype=dtype)
             inputs = tuple(t.to(device) for t in inputs)
             rows += [reduction_row(args, device, inputs, mode) for mode in args.modes]
-    results = {"environment": env, "reduction": rows, "tower": bench_tower(args, device)}
+    tower = bench_tower(args, device) if args.tower_batch_sizes else []
+    results = {"environment": env, "reduction": rows, "tower": tower}
     env["load_average_at_end"] = list(os.getloadavg())
     emit(results, reduction_table(results), args.out)
     return 0
@@ -431,9 +432,9 @@ def tower_memory(args: argparse.Namespace, dtype_name: str, batch_sizes: list[in
 def run_memory(args: argparse.Namespace) -> int:
     batch_sizes = sorted(set(args.batch_sizes))
     if not batch_sizes or batch_sizes[0] < 1 or args.repeats < 1 or args.threads < 1:
-        build_parser("memory").error("--batch-sizes, --repeats and --threads must be >= 1")
+        measurement_parser("memory").error("--batch-sizes, --repeats and --threads must be >= 1")
     if not Path("/proc/self/clear_refs").exists():
-        build_parser("memory").error("this measurement needs Linux's /proc/self/clear_refs")
+        measurement_parser("memory").error("this measurement needs Linux's /proc/self/clear_refs")
     # A fresh interpreter per dtype, started with the malloc settings and the thread count.
     os.environ.update(MALLOC_ENV, OMP_NUM_THREADS=str(args.threads))
     results = []
@@ -508,10 +509,26 @@ def run_invariance(args: argparse.Namespace) -> int:
 RUN = {"reduction": run_reduction, "memory": run_memory, "invariance": run_invariance}
 
 
+class Parser(argparse.ArgumentParser):
+    """The default measurement's parser; an argv that starts with `memory` or `invariance` is
+    parsed by that measurement's. `measurement` in the result names it."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        argv = sys.argv[1:] if args is None else [str(a) for a in args]
+        name = argv[0] if argv[:1] in (["memory"], ["invariance"]) else "reduction"
+        parser = self if name == "reduction" else measurement_parser(name)
+        parsed = argparse.ArgumentParser.parse_args(parser, argv[name != "reduction" :], namespace)
+        parsed.measurement = name
+        return parsed
+
+
+def build_parser() -> Parser:
+    return measurement_parser("reduction", Parser)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    measurement = argv.pop(0) if argv and argv[0] in ("memory", "invariance") else "reduction"
-    return RUN[measurement](build_parser(measurement).parse_args(argv))
+    args = build_parser().parse_args(argv)
+    return RUN[args.measurement](args)
 
 
 if __name__ == "__main__":
