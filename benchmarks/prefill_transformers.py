@@ -40,6 +40,8 @@ SHAPE_HELP = ["Llama decoder layers.", "Llama width.", "Llama MLP width."]
 SHAPE_HELP += ["Llama attention heads (= KV heads).", "Llama vocabulary."]
 SHAPE_HELP += ["CLIP layers (LLaVA's feature layer is the second to last).", "CLIP width."]
 SHAPE_HELP += ["CLIP MLP width.", "CLIP attention heads."]
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+MODES = ("off", "prumerge", "prumerge+")
 PAPER_NOTE = "Paper (LLaVA-1.5-7B, V100, roofline estimate, not measured here): prefill 88.6 ms "
 PAPER_NOTE += "(576 tokens) -> 15.3 ms (PruMerge)."
 PAPER = {"device": "V100 (roofline estimate)", "prefill_ms": {"576": 88.6, "prumerge": 15.3}}
@@ -53,60 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
     shape = parser.add_argument_group(
         "model shape (--shape sets all; a flag given explicitly overrides it)"
     )
-    shape.add_argument(
-        "--shape",
-        choices=sorted(SHAPES),
-        default="7b",
-        help="7b: LLaVA-1.5-7B (Vicuna-7B + CLIP-L/14-336); tiny: a few MB, for validating the "
-        "script on a CPU.",
-    )
+    shape_help = "7b: LLaVA-1.5-7B (Vicuna-7B + CLIP-L/14-336); tiny: a few MB, for a CPU."
+    add_options(shape, ("--shape", str, "7b", shape_help, sorted(SHAPES)))
     for key, text in zip(_LLAMA + _CLIP, SHAPE_HELP, strict=True):
         shape.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=text)
     run = parser.add_argument_group("measurement")
-    run.add_argument(
-        "--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)."
-    )
-    run.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float16", "bfloat16", "float32"),
-        help="Compute dtype (auto: float16 on CUDA, as the paper's FP16 figures; float32 on CPU).",
-    )
-    run.add_argument(
-        "--attn-implementation",
-        default="sdpa",
-        help="transformers attention implementation for both models (sdpa, eager, "
-        "flash_attention_2 if installed).",
-    )
+    v_help = "Visual token counts V of the prefill: 576 = stock LLaVA-1.5; N + 1 = N kept + "
+    v_help += "PruMerge's extra token (145 ~ PruMerge+, 33 ~ PruMerge per the paper)."
     add_options(
         run,
-        (
-            "--visual-tokens",
-            ints,
-            "576,577,289,145,65,33",
-            "Visual token counts V of the LLM prefill: 576 = stock LLaVA-1.5; N + 1 = N kept "
-            "tokens plus PruMerge's extra token (145 ~ PruMerge+, 33 ~ PruMerge on LLaVA-1.5-7B "
-            "per the paper; 577 = fixed budget 576).",
-        ),
+        ("--device", str, None, "cuda, cuda:1, cpu, ... (default: cuda when available)."),
+        ("--dtype", str, "auto", "auto: float16 on CUDA (the paper's), else float32.", DTYPES),
+        ("--attn-implementation", str, "sdpa", "transformers attention (sdpa, eager, ...)."),
+        ("--visual-tokens", ints, "576,577,289,145,65,33", v_help),
         ("--text-tokens", int, 64, "Text tokens T added to every prompt (system, user, question)."),
         ("--prefill-batch-sizes", ints, "1", "Batch sizes of the prefill (the paper's: 1)."),
         ("--frontend-batch-sizes", ints, "1,8", "Image batch sizes of tower + reduction."),
-        (
-            "--modes",
-            names("off", "prumerge", "prumerge+"),
-            "off,prumerge,prumerge+",
-            "Reduction modes timed in the front end (off = features only, the stock cost).",
-        ),
+        ("--modes", names(*MODES), "off,prumerge,prumerge+", "Front-end modes (off: stock)."),
         ("--warmup", int, 3, "Untimed runs before each measurement."),
         ("--iters", int, 10, "Timed runs per measurement."),
         ("--seed", int, 0, "Seed of weights, inputs and scenes."),
-        (
-            "--threads",
-            int,
-            0,
-            "torch CPU threads (0 = torch's default). On a shared CPU, 1 avoids OpenMP threads "
-            "waiting on each other (measured here: 2 threads were 16x slower than 1 under load).",
-        ),
+        ("--threads", int, 0, "torch CPU threads (0: torch's; on a shared CPU 1 is steadier)."),
     )
     run.add_argument("--skip-prefill", action="store_true", help="Only the front end.")
     run.add_argument("--skip-frontend", action="store_true", help="Only the LLM prefill.")
