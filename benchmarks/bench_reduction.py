@@ -1,24 +1,19 @@
-"""Benchmark the PruMerge / PruMerge+ reduction core (project issue 3).
+"""The reduction core and the vision tower on one device, with torch and transformers only.
 
-Measures, on one device:
-1. the batched reduction (``vllm_prumerge.reduction.reduce_tokens``) against the deliberately
-   naive per-token transcription of the reference (``vllm_prumerge.testing.naive_reference``:
-   one image at a time, a Python loop per kept token, NumPy quartiles), for several batch sizes
-   B and patch counts N, at width C;
-2. a CLIP ViT-L/14-336-shaped tower forward (random weights: 24 layers, width 1024, 16 heads,
-   MLP 4096, 336 px / patch 14 = 576 patches) at the same batch sizes, so the reduction's cost
-   can be stated as a percentage of the tower's forward (N = 576 only).
+Measurements (method and recorded figures: docs/benchmarks.md, benchmarks/RESULTS.md):
+  (default)   the batched reduction against the naive per-token transcription of the reference
+              at batch sizes B and patch counts N, and the CLIP ViT-L/14-336 tower to LLaVA's
+              feature layer at the same B: the reduction as a share of the tower (N = 576).
+  memory      weights and peak activation memory per image of one CLIP tower copy (CPU, Linux).
+  invariance  B images through tower and reduction one at a time (the encoder's path) against
+              one batched forward, and whether the per-image path is bit-identical.
+Real-shaped towers with random weights, generated inputs. Timings: wall clock (device-synced)
+and process CPU time after warm-up. Table to stdout, progress to stderr, JSON to --out.
 
-Inputs are synthetic (``synthetic_inputs(kind="clip")``: about 5% attention outliers, like
-CLIP-L/14-336 on natural images); nothing is downloaded. Every timing is wall clock,
-device-synchronised, after warm-up calls, and also as this process's CPU time (with
-``--threads 1``, unaffected by other tenants of a shared machine). Medians and minima are
-recorded; the table shows minima (the least disturbed by other load) and speed-ups compare
-them; "reduction / tower" divides the reduction's time by the tower forward's at the same B.
-Progress goes to stderr, a Markdown table to stdout, everything as JSON to ``--out``.
-
-Example (the run recorded in benchmarks/RESULTS.md):
     python benchmarks/bench_reduction.py --device cpu --threads 1 --out bench_reduction_cpu.json
+    python benchmarks/bench_reduction.py --device cuda --out bench_reduction_cuda.json
+    python benchmarks/bench_reduction.py memory --dtypes float16,bfloat16 --batch-sizes 1,2,4,8
+    python benchmarks/bench_reduction.py invariance --images 4 --dtype float32 --threads 1
 """
 
 from __future__ import annotations
@@ -26,320 +21,514 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import itertools
 import json
+import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import torch
-from _report import cpu_model
+import _report
 
-from vllm_prumerge.config import PruMergeConfig
-from vllm_prumerge.reduction import reduce_tokens
-from vllm_prumerge.testing.engine_args import add_number_options
-from vllm_prumerge.testing.naive_reference import naive_prumerge, synthetic_inputs
-from vllm_prumerge.testing.towers import build_tower
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
+DTYPES = ("float32", "bfloat16", "float16")
+TOWERS = ("clip-l-336", "siglip-so400m-384", "tiny")  # tiny: CLIP-L's geometry, 64 wide
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2)
+# `memory`: glibc serves blocks of 64 KiB and more by mmap and returns freed memory at once, so
+# the resident set follows the live tensors (by default it keeps freed blocks, hiding peaks).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def _modes(text: str) -> list[str]:
-    modes = [PruMergeConfig(mode=part.strip()).mode for part in text.split(",") if part.strip()]
-    if any(mode not in ("prumerge", "prumerge+") for mode in modes):
-        raise argparse.ArgumentTypeError("--modes takes prumerge and/or prumerge+")
-    return modes
+# Shared with prefill_transformers.py: option parsing, timing, the run's record, the front end.
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cpu", help="where everything runs"
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=list(DTYPES),
-        default="float32",
-        help="dtype of the features/q/k and of the tower (reduction statistics are float32)",
-    )
-    parser.add_argument(
-        "--batch-sizes", type=_ints, default="1,8,32", help="comma-separated batch sizes B"
-    )
-    parser.add_argument(
-        "--patches", type=_ints, default="576,2304", help="comma-separated patch counts N"
-    )
-    parser.add_argument("--width", type=int, default=1024, help="feature / key width C")
-    parser.add_argument(
-        "--modes", type=_modes, default="prumerge,prumerge+", help="reduction modes timed"
-    )
-    add_number_options(
-        parser,
-        ("--repeats", int, 9, "timed repeats of the batched reduction"),
-        ("--naive-repeats", int, 3, "timed repeats of the naive transcription"),
-        (
-            "--naive-max-patches",
-            int,
-            32 * 576,
-            "skip the naive path (reported as not measured) when B * N exceeds this; the "
-            "default times it everywhere at N = 576 and up to B = 8 at N = 2304",
-        ),
-    )
-    parser.add_argument(
-        "--tower-batch-sizes",
-        type=_ints,
-        default=None,
-        help="batch sizes of the tower forward (N = 576); unset: --batch-sizes; '' skips it",
-    )
-    add_number_options(
-        parser,
-        ("--tower-repeats", int, 1, "timed repeats of each tower forward"),
-        (
-            "--tower-warmup",
-            int,
-            1,
-            "untimed tower forwards at B = 1 before timing (larger B are not warmed up again)",
-        ),
-        ("--warmup", int, 1, "untimed calls before each timed measurement"),
-        ("--threads", int, None, "torch.set_num_threads; unset: torch's default"),
-        ("--seed", int, 0, "seed of the synthetic inputs"),
-    )
-    parser.add_argument(
-        "--no-malloc-tuning",
-        dest="malloc_tuning",
-        action="store_false",
-        help="keep glibc's default malloc thresholds; by default freed memory stays in the heap "
-        "(mallopt M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 256 MiB), so the naive loop's "
-        "megabyte-sized temporaries are not page-faulted afresh on every kept token",
-    )
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
-    if args.tower_batch_sizes is None:
-        args.tower_batch_sizes = list(args.batch_sizes)
-    return args
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's layout and shows every default."""
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def ints(text: str) -> list[int]:
+    """`"1,8,32"` -> [1, 8, 32] (an argparse type)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,8,32, got {text!r}") from None
 
 
-def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> dict:
-    """Seconds of ``fn``: wall clock (device-synchronised) and this process's CPU time.
+def names(*choices: str) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names, each one of `choices`."""
 
-    CPU time (all threads of the process) is what the call cost the host; with one thread it is
-    unaffected by other tenants of a shared machine, unlike wall time.
-    """
-    for _ in range(warmup):
-        fn()
-    wall, cpu = [], []
-    for _ in range(max(repeats, 1)):
-        _sync(device)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        _sync(device)
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return {
-        "median_s": statistics.median(wall),
-        "min_s": min(wall),
-        "samples_s": wall,
-        "cpu_median_s": statistics.median(cpu),
-        "cpu_min_s": min(cpu),
-        "cpu_samples_s": cpu,
-    }
+    def parse(text: str) -> list[str]:
+        items = [i.strip().lower().replace("_plus", "+") for i in text.split(",") if i.strip()]
+        if not items or not set(items) <= set(choices):
+            raise argparse.ArgumentTypeError(f"takes {', '.join(choices)}, got {text!r}")
+        return items
+
+    return parse
+
+
+def add_options(group: Any, *specs: tuple) -> None:
+    """Options declared as a table, one (flag, type, default, help[, choices]) each."""
+    for flag, kind, default, text, *choices in specs:
+        group.add_argument(
+            flag, type=kind, default=default, help=text, choices=(choices or [None])[0]
+        )
 
 
 def log(message: str) -> None:
-    stamp = datetime.datetime.now().strftime("%H:%M:%S")
-    print(f"[{stamp}] {message}", file=sys.stderr, flush=True)
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
-def bench_reduction(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    rows = []
-    dtype = DTYPES[args.dtype]
-    for n_patches in args.patches:
-        for batch in args.batch_sizes:
-            features, q_cls, keys = (
-                t.to(device)
-                for t in synthetic_inputs(
-                    batch, n_patches, args.width, "clip", seed=args.seed, dtype=dtype
-                )
-            )
-            for mode in args.modes:
-                config = PruMergeConfig(mode=mode)
-                out = reduce_tokens(features, q_cls, keys, config)
-                kept = out.num_kept.float()
-                fast = measure(
-                    lambda c=config, f=features, q=q_cls, k=keys: reduce_tokens(f, q, k, c),
-                    device,
-                    args.repeats,
-                    args.warmup,
-                )
-                row = {
-                    "mode": mode,
-                    "batch": batch,
-                    "patches": n_patches,
-                    "width": args.width,
-                    "mean_kept": float(kept.mean()),
-                    "min_kept": int(kept.min()),
-                    "max_kept": int(kept.max()),
-                    "fast": fast,
-                    "naive": None,
-                    "speedup": None,
-                    "speedup_cpu": None,
-                }
-                if batch * n_patches <= args.naive_max_patches:
-                    plus = mode == "prumerge+"
+def measure(fn: Callable[[], object], device: Any, repeats: int, warmup: int = 0) -> dict:
+    """Seconds of `fn()` after `warmup` untimed calls: wall clock (device-synchronised) and this
+    process's CPU time (all threads; with one thread, unaffected by other tenants of a shared
+    machine), medians, minima and samples; on CUDA also the timed calls' peak allocated bytes
+    above the start (`peak_bytes`, None elsewhere)."""
+    import torch
 
-                    def naive(f=features, q=q_cls, k=keys, plus=plus, b=batch):
-                        for i in range(b):
-                            naive_prumerge(f[i], q[i], k[i], plus=plus)
-
-                    row["naive"] = measure(naive, device, args.naive_repeats, args.warmup)
-                    # Minimum times: the least disturbed by other load on a shared machine.
-                    row["speedup"] = row["naive"]["min_s"] / fast["min_s"]
-                    row["speedup_cpu"] = row["naive"]["cpu_min_s"] / fast["cpu_min_s"]
-                naive_text = (
-                    f"naive {row['naive']['min_s'] * 1e3:9.1f} ms  x{row['speedup']:.1f}"
-                    if row["naive"]
-                    else "naive not measured"
-                )
-                log(
-                    f"reduction {mode:9s} B={batch:<3d} N={n_patches:<5d} "
-                    f"kept~{row['mean_kept']:.0f}  fast {fast['min_s'] * 1e3:8.2f} ms  "
-                    f"{naive_text}"
-                )
-                rows.append(row)
-    return rows
-
-
-def bench_tower(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    if not args.tower_batch_sizes:
-        return []
-    dtype = DTYPES[args.dtype]
-    log("building a random-weight CLIP ViT-L/14-336 tower")
-    tower = build_tower("clip-l-336", dtype, device)
-    warm = torch.randn(1, 3, 336, 336).to(device=device, dtype=dtype)
-    with torch.inference_mode():
-        for _ in range(args.tower_warmup):
-            tower(warm)
-    rows = []
-    for batch in args.tower_batch_sizes:
-        gen = torch.Generator().manual_seed(args.seed)
-        pixels = torch.randn(batch, 3, 336, 336, generator=gen).to(device=device, dtype=dtype)
-
-        def forward(p=pixels):
-            with torch.inference_mode():
-                tower(p)
-
-        log(f"tower forward B={batch} ({args.tower_repeats} timed)")
-        timing = measure(forward, device, args.tower_repeats, warmup=0)
-        log(f"tower forward B={batch:<3d} {timing['median_s'] * 1e3:10.1f} ms")
-        rows.append(
-            {
-                "batch": batch,
-                "attn_implementation": tower.config._attn_implementation,
-                "forward": timing,
-            }
-        )
-    return rows
-
-
-def environment(args: argparse.Namespace, device: torch.device) -> dict:
-    import numpy
-    import transformers
-
-    info = {
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": numpy.__version__,
-        "device": str(device),
-        "dtype": args.dtype,
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": list(os.getloadavg()),
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    base = torch.cuda.memory_allocated(device) if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    wall, cpu = [], []
+    for _ in range(max(repeats, 1)):
+        sync()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        sync()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
+    return {
+        **{"median_s": statistics.median(wall), "min_s": min(wall), "samples_s": wall},
+        **{"cpu_median_s": statistics.median(cpu), "cpu_min_s": min(cpu), "cpu_samples_s": cpu},
+        "peak_bytes": peak,
     }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
-def markdown(results: dict) -> str:
-    """The measured table (milliseconds, minima); cells that were not measured say so."""
-    towers = {row["batch"]: row["forward"] for row in results["tower"]}
-    lines = [
-        "| mode | B | N | kept (mean) | reduction wall / CPU | naive wall / CPU "
-        "| speed-up wall / CPU | tower fwd wall / CPU | reduction / tower wall / CPU |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in results["reduction"]:
-        fast = row["fast"]
-        naive, speedup, tower_text, share = "not measured", "-", "-", "-"
-        if row["naive"]:
-            naive = f"{row['naive']['min_s'] * 1e3:.1f} / {row['naive']['cpu_min_s'] * 1e3:.1f}"
-            speedup = f"{row['speedup']:.1f}x / {row['speedup_cpu']:.1f}x"
-        tower = towers.get(row["batch"]) if row["patches"] == 576 else None
-        if tower:
-            tower_text = f"{tower['min_s'] * 1e3:.0f} / {tower['cpu_min_s'] * 1e3:.0f}"
-            share = (
-                f"{100 * fast['min_s'] / tower['min_s']:.3f}% / "
-                f"{100 * fast['cpu_min_s'] / tower['cpu_min_s']:.3f}%"
-            )
-        lines.append(
-            f"| {row['mode']} | {row['batch']} | {row['patches']} | {row['mean_kept']:.1f} "
-            f"| {fast['min_s'] * 1e3:.2f} / {fast['cpu_min_s'] * 1e3:.2f} | {naive} | {speedup} "
-            f"| {tower_text} | {share} |"
+def environment(**extra: Any) -> dict:
+    """The machine and versions of this run (`_report.environment`: CPU line with its native
+    half-precision paths, GPU, threads, load), the command line, NumPy, and `extra`."""
+    import numpy
+
+    env = _report.environment({"command": " ".join([Path(sys.executable).name, *sys.argv])})
+    env["versions"]["numpy"] = numpy.__version__
+    return {**env, **extra}
+
+
+def emit(data: dict, table: str, out: Path | None) -> None:
+    """Print the Markdown `table`; write `data` and the table as JSON to `out` (if given)."""
+    print(table)
+    if out:
+        _report.write_json(out, {**data, "markdown": table})
+        log(f"wrote {out}")
+
+
+def load_tower(name: str, dtype: Any, device: Any = None) -> tuple[Any, int]:
+    """(tower `name` of TOWERS with random weights, LLaVA's feature layer for it)."""
+    from vllm_prumerge.testing.towers import FEATURE_LAYER, build_tower
+
+    real = "clip-l-336" if name == "tiny" else name
+    overrides = TINY if name == "tiny" else {}
+    return build_tower(real, dtype, device, **overrides), FEATURE_LAYER[real]
+
+
+def scene_pixels(count: int, seed: int) -> Any:
+    """`[count, 3, 336, 336]` CLIP-normalised pixels of generated scenes."""
+    import numpy as np
+    import torch
+
+    from vllm_prumerge.testing import make_scene
+
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    scenes = [np.asarray(make_scene(seed * 100_003 + i), np.float32) for i in range(count)]
+    return (torch.from_numpy(np.stack(scenes) / 255.0).permute(0, 3, 1, 2) - mean) / std
+
+
+def frontend(tower: Any, batch: int, mode: str, device: Any, repeats: int, warmup: int, seed=0):
+    """The plugin's front end on a CLIP `tower` for `batch` generated images: the tower to
+    LLaVA's feature layer (-2) plus the reduction in `mode` (`clip_prumerge_inputs` +
+    `reduce_tokens`), and the reduction alone (`measure` timings); visual tokens per image."""
+    import torch
+
+    from vllm_prumerge.config import PruMergeConfig
+    from vllm_prumerge.reduction import reduce_tokens
+    from vllm_prumerge.vision import clip_prumerge_inputs
+
+    config, last = PruMergeConfig(mode=mode), {}
+    pixels = scene_pixels(batch, seed).to(device, tower.dtype)
+
+    def full() -> Any:
+        last.clear()  # the previous run's inputs are no part of this run's memory
+        last["inputs"] = clip_prumerge_inputs(tower, pixels, -2)
+        return reduce_tokens(*last["inputs"], config)
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            full()
+        last.clear()
+        total = measure(full, device, repeats)
+        inputs = last["inputs"]
+        alone = measure(lambda: reduce_tokens(*inputs, config), device, repeats, warmup)
+        counts = list(reduce_tokens(*inputs, config).host_lengths)
+    return {
+        **{"batch_size": batch, "mode": mode, "tower_plus_reduction": total, "reduction": alone},
+        **{"peak_memory_bytes": total["peak_bytes"], "visual_tokens_per_image": counts},
+    }
+
+
+# The measurements: description and options of each, then how it runs.
+
+OPTIONS = {
+    "reduction": (
+        __doc__,
+        ("--device", str, "cpu", "where it runs", ("cpu", "cuda")),
+        ("--dtype", str, "float32", "of the inputs and the tower (statistics: float32)", DTYPES),
+        ("--batch-sizes", ints, "1,8,32", "comma-separated batch sizes B"),
+        ("--patches", ints, "576,2304", "comma-separated patch counts N"),
+        ("--width", int, 1024, "feature / key width C"),
+        ("--modes", names("prumerge", "prumerge+"), "prumerge,prumerge+", "modes timed"),
+        ("--repeats", int, 9, "timed repeats of the batched reduction"),
+        ("--naive-repeats", int, 3, "timed repeats of the naive transcription"),
+        ("--naive-max-patches", int, 32 * 576, "no naive path (not measured) when B * N exceeds"),
+        ("--tower-batch-sizes", ints, None, "tower B (N = 576); unset: --batch-sizes; '': none"),
+        ("--tower-repeats", int, 1, "timed repeats of each tower forward"),
+        ("--tower-warmup", int, 1, "untimed tower forwards at B = 1 (none at larger B)"),
+        ("--warmup", int, 1, "untimed calls before each timed reduction"),
+        ("--threads", int, None, "torch.set_num_threads; unset: torch's default"),
+        ("--seed", int, 0, "seed of the synthetic inputs"),
+        ("--out", Path, None, "write the results as JSON here"),
+    ),
+    "memory": (
+        "Memory of one CLIP tower copy on a CPU (Linux), each dtype in a fresh process: its\n"
+        "weights, and the peak resident-set growth of the plugin's forward (clip_prumerge_inputs\n"
+        "+ reduce_tokens, prumerge) at each batch size, whose slope is the activations per image.\n"
+        "Method: docs/benchmarks.md.",
+        (
+            "--tower",
+            str,
+            "clip-l-336",
+            "tower shape (tiny: CLIP-L's geometry, 64 wide)",
+            TOWERS[::2],
+        ),
+        ("--dtypes", names(*DTYPES), "float16,bfloat16", "comma-separated tower dtypes"),
+        ("--batch-sizes", ints, "1,2,4,8", "comma-separated batch sizes (images per forward)"),
+        ("--repeats", int, 2, "forwards per batch size; the smallest peak is kept"),
+        ("--threads", int, 1, "torch threads (vLLM's pre-processor: OMP_NUM_THREADS, default 1)"),
+        ("--out", Path, None, "also write the results as JSON here"),
+    ),
+    "invariance": (
+        "What batch invariance costs: every image through the tower and the reduction alone\n"
+        "(the encoder's path) against the old batched path (one forward of [B], one padded\n"
+        "reduction); checks that the per-image path is bit-identical alone and in the batch\n"
+        "(exit status 1 if not).",
+        ("--tower", str, "clip-l-336", "tower shape (tiny: CLIP-L's geometry, 64 wide)", TOWERS),
+        ("--images", int, 4, "images per batch"),
+        ("--repeats", int, 2, "timed repeats of each path, after one warm-up"),
+        ("--dtype", str, "float32", "tower dtype", DTYPES[:2]),
+        ("--threads", int, 1, "torch threads (1: vLLM's pre-processor default)"),
+        ("--mode", str, "prumerge", "reduction mode", ("prumerge", "prumerge+")),
+        ("--out", Path, None, "also write the results as JSON here"),
+    ),
+}
+
+
+def measurement_parser(measurement: str, kind: type = argparse.ArgumentParser) -> Any:
+    """The parser of `measurement` (a key of OPTIONS)."""
+    description, *specs = OPTIONS[measurement]
+    default = measurement == "reduction"
+    parser = kind(
+        prog=None if default else f"bench_reduction.py {measurement}",
+        description=description,
+        epilog="`bench_reduction.py memory --help`, `... invariance --help`: their options."
+        if default
+        else None,
+        formatter_class=HelpFormatter,
+    )
+    add_options(parser, *specs)
+    if default:
+        parser.add_argument(
+            "--no-malloc-tuning",
+            dest="malloc_tuning",
+            action="store_false",
+            help="keep glibc's malloc thresholds; by default freed memory stays in the heap "
+            "(mmap threshold 32 MiB, trim 256 MiB): the naive loop's megabyte temporaries are "
+            "not page-faulted afresh for every kept token",
         )
-    return "\n".join(lines)
+    return parser
 
 
 def tune_malloc() -> bool:
-    """Stop glibc returning freed megabyte blocks to the OS (see ``--no-malloc-tuning``)."""
+    """Stop glibc returning freed megabyte blocks to the OS (see `--no-malloc-tuning`)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(
-        libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 256 << 20)
-    )
+    mmap_ok = libc.mallopt(m_mmap_threshold, 32 << 20)
+    return bool(mmap_ok and libc.mallopt(m_trim_threshold, 256 << 20))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def reduction_row(args: argparse.Namespace, device: Any, inputs: tuple, mode: str) -> dict:
+    """One row of the reduction table: `reduce_tokens` and (unless B * N is too large) the naive
+    transcription on the same `inputs` (features, q_cls, keys), in `mode`."""
+    from vllm_prumerge.config import PruMergeConfig
+    from vllm_prumerge.reduction import reduce_tokens
+    from vllm_prumerge.testing.naive_reference import naive_prumerge
+
+    (batch, n, _), config = inputs[0].shape, PruMergeConfig(mode=mode)
+    kept = reduce_tokens(*inputs, config).num_kept.float()
+    fast = measure(lambda: reduce_tokens(*inputs, config), device, args.repeats, args.warmup)
+    row = {"mode": mode, "batch": batch, "patches": n, "width": args.width}
+    row.update(mean_kept=float(kept.mean()), min_kept=int(kept.min()), max_kept=int(kept.max()))
+    row.update(fast=fast, naive=None, speedup=None, speedup_cpu=None)
+    text = "naive not measured"
+    if batch * n <= args.naive_max_patches:
+
+        def naive() -> None:
+            for f, q, k in zip(*inputs, strict=True):
+                naive_prumerge(f, q, k, plus=mode == "prumerge+")
+
+        row["naive"] = slow = measure(naive, device, args.naive_repeats, args.warmup)
+        # Minimum times: the least disturbed by other load on a shared machine.
+        row["speedup"] = slow["min_s"] / fast["min_s"]
+        row["speedup_cpu"] = slow["cpu_min_s"] / fast["cpu_min_s"]
+        text = f"naive {slow['min_s'] * 1e3:9.1f} ms  x{row['speedup']:.1f}"
+    kept_text = f"kept~{row['mean_kept']:.0f}  fast {fast['min_s'] * 1e3:8.2f} ms"
+    log(f"reduction {mode:9s} B={batch:<3d} N={n:<5d} {kept_text}  {text}")
+    return row
+
+
+def bench_tower(args: argparse.Namespace, device: Any) -> list[dict]:
+    """The tower forward (to LLaVA's feature layer: `frontend` in mode off) at each B."""
+    import torch
+
+    log("building a random-weight CLIP ViT-L/14-336 tower")
+    tower, _ = load_tower("clip-l-336", getattr(torch, args.dtype), device)
+    if args.tower_warmup:
+        frontend(tower, 1, "off", device, args.tower_warmup, 0)
+    rows = []
+    for batch in args.tower_batch_sizes:
+        forward = frontend(tower, batch, "off", device, args.tower_repeats, 0, args.seed)
+        forward = forward["tower_plus_reduction"]
+        log(f"tower forward B={batch:<3d} {forward['median_s'] * 1e3:10.1f} ms")
+        attn = tower.config._attn_implementation
+        rows.append({"batch": batch, "attn_implementation": attn, "forward": forward})
+    return rows
+
+
+REDUCTION_HEADER = ["mode", "B", "N", "kept (mean)", "reduction wall / CPU", "naive wall / CPU"]
+REDUCTION_HEADER += ["speed-up wall / CPU", "tower fwd wall / CPU", "reduction / tower wall / CPU"]
+
+
+def reduction_table(results: dict) -> str:
+    """The measured table (milliseconds, minima); cells that were not measured say so."""
+    towers = {row["batch"]: row["forward"] for row in results["tower"]}
+
+    def ms(timing: dict, digits: int) -> str:
+        return " / ".join(f"{timing[key] * 1e3:.{digits}f}" for key in ("min_s", "cpu_min_s"))
+
+    rows = []
+    for row in results["reduction"]:
+        fast, naive = row["fast"], row["naive"]
+        tower = towers.get(row["batch"]) if row["patches"] == 576 else None
+        share = (
+            [f"{100 * fast[k] / tower[k]:.3f}%" for k in ("min_s", "cpu_min_s")] if tower else []
+        )
+        speedup = f"{row['speedup']:.1f}x / {row['speedup_cpu']:.1f}x" if naive else "-"
+        cells = [row["mode"], row["batch"], row["patches"], f"{row['mean_kept']:.1f}", ms(fast, 2)]
+        cells += [ms(naive, 1) if naive else "not measured", speedup]
+        rows.append([*cells, ms(tower, 0) if tower else "-", " / ".join(share) or "-"])
+    return _report.markdown_table(REDUCTION_HEADER, rows)
+
+
+def run_reduction(args: argparse.Namespace) -> int:
+    import torch
+
+    from vllm_prumerge.testing.naive_reference import synthetic_inputs
+
+    if args.tower_batch_sizes is None:
+        args.tower_batch_sizes = list(args.batch_sizes)
     malloc_tuned = tune_malloc() if args.malloc_tuning else False
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device available", file=sys.stderr)
         return 2
-    results = {"environment": {**environment(args, device), "malloc_tuned": malloc_tuned}}
-    log(f"environment: {json.dumps(results['environment'])}")
+    env = environment(device=str(device), dtype=args.dtype, malloc_tuned=malloc_tuned)
+    log(f"environment: {json.dumps(env)}")
+    rows = []
     with torch.inference_mode():
-        results["reduction"] = bench_reduction(args, device)
-    results["tower"] = bench_tower(args, device)
-    results["environment"]["load_average_at_end"] = list(os.getloadavg())
-    table = markdown(results)
-    print(table)
-    if args.out:
-        args.out.write_text(json.dumps({**results, "markdown": table}, indent=2) + "\n")
-        log(f"wrote {args.out}")
+        for n, batch in itertools.product(args.patches, args.batch_sizes):
+            inputs = synthetic_inputs(batch, n, args.width, "clip", seed=args.seed, dtype=dtype)
+            inputs = tuple(t.to(device) for t in inputs)
+            rows += [reduction_row(args, device, inputs, mode) for mode in args.modes]
+    tower = bench_tower(args, device) if args.tower_batch_sizes else []
+    results = {"environment": env, "reduction": rows, "tower": tower}
+    env["load_average_at_end"] = list(os.getloadavg())
+    emit(results, reduction_table(results), args.out)
     return 0
+
+
+def _status_kib(field: str) -> int:
+    """A `kB` field of /proc/self/status (VmRSS, VmHWM), in KiB."""
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in lines if line.startswith(field + ":"))
+
+
+def tower_memory(args: argparse.Namespace, dtype_name: str, batch_sizes: list[int]) -> dict:
+    """Weights and per-batch peak forward memory of one tower in `dtype_name` (this process)."""
+    import gc
+
+    import torch
+
+    from vllm_prumerge.config import PruMergeConfig
+    from vllm_prumerge.reduction import reduce_tokens
+    from vllm_prumerge.vision import clip_prumerge_inputs
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype_name)
+    gc.collect()
+    rss_before = _status_kib("VmRSS")
+    tower, _ = load_tower(args.tower, dtype)
+    gc.collect()
+    rss_tower = _status_kib("VmRSS")
+
+    def forward(batch: int) -> list:
+        pixels = torch.randn(batch, 3, 336, 336, dtype=dtype)
+        return reduce_tokens(*clip_prumerge_inputs(tower, pixels, -2), PruMergeConfig()).split()
+
+    peaks = {}
+    with torch.inference_mode():
+        forward(1)  # one-time set-up of kernels and thread pools, not counted
+        for batch in batch_sizes:
+            samples = []
+            for _ in range(args.repeats):
+                gc.collect()
+                before = _status_kib("VmRSS")
+                Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+                forward(batch)
+                samples.append(_status_kib("VmHWM") - before)
+            peaks[batch] = min(samples) * 1024
+    params = list(tower.parameters())
+    return {
+        **{"dtype": dtype_name, "threads": torch.get_num_threads()},
+        "param_count": sum(p.numel() for p in params),
+        "param_bytes": sum(p.numel() * p.element_size() for p in params),
+        "rss_growth_building_tower_bytes": (rss_tower - rss_before) * 1024,
+        "forward_peak_extra_bytes": peaks,
+    }
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    batch_sizes = sorted(set(args.batch_sizes))
+    if not batch_sizes or batch_sizes[0] < 1 or args.repeats < 1 or args.threads < 1:
+        measurement_parser("memory").error("--batch-sizes, --repeats and --threads must be >= 1")
+    if not Path("/proc/self/clear_refs").exists():
+        measurement_parser("memory").error("this measurement needs Linux's /proc/self/clear_refs")
+    # A fresh interpreter per dtype, started with the malloc settings and the thread count.
+    os.environ.update(MALLOC_ENV, OMP_NUM_THREADS=str(args.threads))
+    results = []
+    for dtype in args.dtypes:
+        log(f"memory {dtype} ...")
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            result = pool.apply(tower_memory, (args, dtype, batch_sizes))
+        xs, ys = zip(*result["forward_peak_extra_bytes"].items(), strict=True)
+        # Per image: the least-squares slope of the peak over the batch size.
+        per_image = statistics.linear_regression(xs, ys).slope if len(xs) > 1 else ys[0] / xs[0]
+        results.append({**result, "activation_bytes_per_image": per_image})
+    header = ["dtype", "parameters", "weights (exact)", "RSS growth, building"]
+    header += [f"forward peak, B={b}" for b in batch_sizes] + ["activations per image (slope)"]
+    rows = []
+    for r in results:
+        peaks = [r["forward_peak_extra_bytes"][b] for b in batch_sizes]
+        sizes = [r["param_bytes"], r["rss_growth_building_tower_bytes"], *peaks]
+        sizes.append(r["activation_bytes_per_image"])
+        rows.append(
+            [r["dtype"], f"{r['param_count'] / 1e6:.1f} M"]
+            + [f"{v / 2**20:.0f} MiB" for v in sizes]
+        )
+    env = environment(threads=args.threads)
+    emit({"environment": env, "results": results}, _report.markdown_table(header, rows), args.out)
+    return 0
+
+
+def run_invariance(args: argparse.Namespace) -> int:
+    import torch
+
+    from vllm_prumerge.config import PruMergeConfig
+    from vllm_prumerge.reduction import core
+    from vllm_prumerge.vision import tower_scores
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dtype, config = getattr(torch, args.dtype), PruMergeConfig(mode=args.mode)
+    tower, layer = load_tower(args.tower, dtype)
+    size = tower.config.image_size
+    pixels = torch.randn(args.images, 3, size, size, dtype=dtype)
+
+    def batched(images: Any) -> Any:  # the old path: one forward of the batch, one reduction
+        return core._reduce_one(*tower_scores(tower, images, layer), config)
+
+    def per_image(images: Any) -> Any:  # PruMergeEncoder.encode: each image alone
+        return core.ReducedTokens.concat([batched(row) for row in images.split(1)])
+
+    env = environment()
+    log(f"{env['cpu_line']} | load average at start {env['load_average_at_start'][0]:.2f}")
+    log(f"{args.tower}, {args.dtype}, {args.threads} thread(s), {args.images} images, {args.mode}")
+    results = {}
+    with torch.inference_mode():
+        for path, fn in (("batched", batched), ("per_image", per_image)):
+            timing = measure(lambda fn=fn: fn(pixels), torch.device("cpu"), args.repeats, 1)
+            results[path] = {"wall_s": timing["min_s"], "cpu_s": timing["cpu_min_s"]}
+        parts = per_image(pixels).split()
+        alone = [per_image(pixels[i : i + 1]).features for i in range(args.images)]
+    identical = all(torch.equal(a, b) for a, b in zip(alone, parts, strict=True))
+    ratio = results["per_image"]["cpu_s"] / results["batched"]["cpu_s"]
+    rows = [
+        [p] + [f"{r[k] / args.images:.3f}" for k in ("cpu_s", "wall_s")] for p, r in results.items()
+    ]
+    table = _report.markdown_table(["path", "CPU s / image", "wall s / image"], rows)
+    table += f"\nper-image / batched CPU time: {ratio:.3f}; per-image path bit-identical alone "
+    table += f"and in the batch: {identical}"
+    report = {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}}
+    report.update(results=results, per_image_over_batched_cpu=ratio, bit_identical=identical)
+    emit(report, table, args.out)
+    return 0 if identical else 1
+
+
+RUN = {"reduction": run_reduction, "memory": run_memory, "invariance": run_invariance}
+
+
+class Parser(argparse.ArgumentParser):
+    """The default measurement's parser; an argv that starts with `memory` or `invariance` is
+    parsed by that measurement's. `measurement` in the result names it."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        argv = sys.argv[1:] if args is None else [str(a) for a in args]
+        name = argv[0] if argv[:1] in (["memory"], ["invariance"]) else "reduction"
+        parser = self if name == "reduction" else measurement_parser(name)
+        parsed = argparse.ArgumentParser.parse_args(parser, argv[name != "reduction" :], namespace)
+        parsed.measurement = name
+        return parsed
+
+
+def build_parser() -> Parser:
+    return measurement_parser("reduction", Parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return RUN[args.measurement](args)
 
 
 if __name__ == "__main__":

@@ -147,17 +147,19 @@ def test_features_are_bit_identical_alone_after_other_images_and_from_the_cache(
 
 @pytest.mark.script
 def test_the_cost_benchmark_times_both_paths_and_names_the_machine(tmp_path):
-    """benchmarks/batch_invariance_cost.py on a tiny tower runs both paths and reports their
+    """`benchmarks/bench_reduction.py invariance` on a tiny tower runs both paths and reports their
     cost and the machine (bit identity itself is pinned by the tests above, not by the
     script's own verdict)."""
     import json
     from pathlib import Path
 
     out = tmp_path / "cost.json"
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "batch_invariance_cost.py"
-    run_python([script, "--tower", "tiny", "--images", "3", "--repeats", "1", "--out", out])
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_reduction.py"
+    run_python(
+        [script, "invariance", "--tower", "tiny", "--images", "3", "--repeats", "1", "--out", out]
+    )
     report = json.loads(out.read_text())
     assert isinstance(report["bit_identical"], bool)
-    assert report["machine"].startswith("CPU: ")
+    assert report["environment"]["cpu_line"].startswith("CPU: ")
     assert set(report["results"]) == {"batched", "per_image"}
     assert all(r["cpu_s"] > 0 for r in report["results"].values())

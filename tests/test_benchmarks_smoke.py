@@ -462,6 +462,47 @@ def test_prefill_script_runs_at_a_tiny_shape_on_cpu_without_vllm(tmp_path):
     assert_png(out / "prefill.png")
 
 
+@pytest.mark.script
+def test_reduction_benchmark_times_both_paths_and_its_speedups_follow_from_them(tmp_path):
+    """bench_reduction.py (default measurement, no tower) times the batched reduction and the
+    naive transcription; each speed-up is the ratio of their minima, skipped rows say so."""
+    out = tmp_path / "reduction.json"
+    run_script(
+        [
+            BENCH / "bench_reduction.py", "--batch-sizes", "1,2", "--patches", "576",
+            "--width", 64, "--repeats", 1, "--naive-repeats", 1, "--naive-max-patches", 576,
+            "--tower-batch-sizes", "", "--out", out,
+        ]
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    rows = {(r["mode"], r["batch"]): r for r in data["reduction"]}
+    assert set(rows) == {(m, b) for m in ("prumerge", "prumerge+") for b in (1, 2)}
+    for (_, batch), r in rows.items():
+        assert r["min_kept"] <= r["mean_kept"] <= r["max_kept"] <= 576
+        if batch == 1:
+            assert r["speedup"] == r["naive"]["min_s"] / r["fast"]["min_s"]
+        else:  # B * N above --naive-max-patches
+            assert r["naive"] is None and r["speedup"] is None
+    assert data["tower"] == [] and data["environment"]["dtype"] == "float32"
+    assert data["markdown"].count("not measured") == 2
+
+
+@pytest.mark.script
+def test_tower_memory_reports_weights_and_a_peak_per_batch_size(tmp_path):
+    """`bench_reduction.py memory` on a tiny tower: exact weight bytes, one peak per batch size
+    and the per-image slope through them."""
+    out = tmp_path / "memory.json"
+    run_script(
+        [BENCH / "bench_reduction.py", "memory", "--tower", "tiny", "--dtypes", "float32",
+         "--batch-sizes", "1,2", "--repeats", 1, "--out", out]
+    )  # fmt: skip
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["param_bytes"] == 4 * result["param_count"]
+    peaks = result["forward_peak_extra_bytes"]
+    assert set(peaks) == {"1", "2"}
+    assert result["activation_bytes_per_image"] == peaks["2"] - peaks["1"]
+
+
 def test_a_chat_template_that_drops_videos_falls_back_to_the_string_format(onevision, tmp_path):
     """Video requests on a checkpoint whose template writes no video part (an image-only
     template): vLLM's "string" content format, whose prompt still carries the `<video>`."""
