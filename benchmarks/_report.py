@@ -167,10 +167,15 @@ def finish(
     return data
 
 
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
 def write_outputs(out: Path, name: str, data: dict[str, Any], report: str) -> None:
     """Write `name`.json (every figure) and `name`.md (the report), print the report and a
     summary of what was written (with any plots listed in `data["plots"]`)."""
-    (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    write_json(out / f"{name}.json", data)
     (out / f"{name}.md").write_text(report)
     print(report)
     written = [f"{name}.json", f"{name}.md", *data.get("plots", [])]
