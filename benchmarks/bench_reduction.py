@@ -34,6 +34,8 @@ from typing import Any
 
 import _report
 
+from vllm_prumerge.testing.engine_args import add_number_options
+
 DTYPES = ("float32", "bfloat16", "float16")
 TOWERS = ("clip-l-336", "siglip-so400m-384", "tiny")  # tiny: CLIP-L's geometry, 64 wide
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2)
@@ -67,14 +69,6 @@ def names(*choices: str) -> Callable[[str], list[str]]:
         return items
 
     return parse
-
-
-def add_options(group: Any, *specs: tuple) -> None:
-    """Options declared as a table, one (flag, type, default, help[, choices]) each."""
-    for flag, kind, default, text, *choices in specs:
-        group.add_argument(
-            flag, type=kind, default=default, help=text, choices=(choices or [None])[0]
-        )
 
 
 def log(message: str) -> None:
@@ -252,7 +246,7 @@ def measurement_parser(measurement: str, kind: type = argparse.ArgumentParser) -
         else None,
         formatter_class=HelpFormatter,
     )
-    add_options(parser, *specs)
+    add_number_options(parser, *specs)
     if default:
         parser.add_argument(
             "--no-malloc-tuning",

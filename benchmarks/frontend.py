@@ -19,15 +19,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import _cli
-import torch
 from _common import build_workload, summary
 from _report import device_line, finish, progress, start_run, table
 
-from vllm_prumerge import PruMergeConfig, engine_kwargs
-from vllm_prumerge.reduction import reduce_by_importance
+from vllm_prumerge import PruMergeConfig
 from vllm_prumerge.testing.media import image_data_url
 from vllm_prumerge.testing.prompts import ChatPrompt
-from vllm_prumerge.vision import tower_scores
 
 STAGES = ("decode", "image_processor", "tower", "reduction", "handoff")  # "sum of stages"
 TIMED = (*STAGES, "vllm_processor")  # each: wall time (`ms`) and CPU time (`cpu_ms`)
@@ -113,6 +110,8 @@ def make_processor(model: str, dtype: str, tower_dtype: str | None = None) -> An
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.plugins import load_general_plugins
 
+    from vllm_prumerge import engine_kwargs
+
     load_general_plugins()
     extra = {} if tower_dtype is None else engine_kwargs("prumerge", tower_dtype=tower_dtype)
     return MULTIMODAL_REGISTRY.create_processor(ModelConfig(model=model, dtype=dtype, **extra))
@@ -138,11 +137,15 @@ class FrontEnd(NamedTuple):
     def time_image(self, item: Any, config: Any, threads: int) -> dict[str, Any]:
         """Every stage for one workload item (its image, and its chat prompt's ids with one image
         token, unexpanded) with `config` (None: stock vLLM) at `threads` torch threads."""
+        import torch
         from vllm.multimodal.processing.context import TimingContext
         from vllm.multimodal.processing.inputs import ProcessorInputs
         from vllm.multimodal.utils import fetch_image
         from vllm.utils.torch_utils import set_default_torch_num_threads
         from vllm.v1.serial_utils import MsgpackEncoder
+
+        from vllm_prumerge.reduction import reduce_by_importance
+        from vllm_prumerge.vision import tower_scores
 
         info = self.plugin.info
         hf_config = info.ctx.model_config.hf_config

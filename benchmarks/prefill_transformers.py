@@ -26,7 +26,9 @@ from typing import Any
 
 import _report
 from _cli import add_output_arguments, new_parser
-from bench_reduction import add_options, environment, frontend, ints, measure, names
+from bench_reduction import environment, frontend, ints, measure, names
+
+from vllm_prumerge.testing.engine_args import add_number_options
 
 # Model shapes: LLaVA-1.5-7B (Vicuna-7B + CLIP-L/14-336, whose shape `resolve_shape` takes from
 # vllm_prumerge.testing.towers) and a tiny one for CPU validation.
@@ -56,13 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         "model shape (--shape sets all; a flag given explicitly overrides it)"
     )
     shape_help = "7b: LLaVA-1.5-7B (Vicuna-7B + CLIP-L/14-336); tiny: a few MB, for a CPU."
-    add_options(shape, ("--shape", str, "7b", shape_help, sorted(SHAPES)))
+    add_number_options(shape, ("--shape", str, "7b", shape_help, sorted(SHAPES)))
     for key, text in zip(_LLAMA + _CLIP, SHAPE_HELP, strict=True):
         shape.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=text)
     run = parser.add_argument_group("measurement")
     v_help = "Visual token counts V of the prefill: 576 = stock LLaVA-1.5; N + 1 = N kept + "
     v_help += "PruMerge's extra token (145 ~ PruMerge+, 33 ~ PruMerge per the paper)."
-    add_options(
+    add_number_options(
         run,
         ("--device", str, None, "cuda, cuda:1, cpu, ... (default: cuda when available)."),
         ("--dtype", str, "auto", "auto: float16 on CUDA (the paper's), else float32.", DTYPES),

@@ -1,25 +1,16 @@
 """Online serving benchmark: `vllm serve --plugin prumerge` with stock token counts vs PruMerge,
 against stock vLLM and against text-only requests of the same length, driven by `vllm bench serve`.
 
-The load is vLLM's own load generator (`vllm bench serve --backend openai-chat`, in this process)
-on a custom dataset this script writes (throughput.py's workload: one chat message per request,
-the image or, with --frames, an MP4 `video_url`, then the question), each configuration the same
-dataset with its mode in `--extra-body` (mm_processor_kwargs). This script's own part: the
-text-equivalent requests (text@CONFIG: the message without the image, padded to exactly its
-prompt tokens, checked with /tokenize), the server's `/metrics` around each run (visual tokens,
-tower time, peak KV usage and running requests), repeats pooled, ratios, report and plot.
-`stock` (`stock:DTYPE`) is stock vLLM on a second server started with the same settings. Method:
-docs/benchmarks.md.
+vLLM's load generator runs a dataset this script writes (throughput.py's workload as chat
+messages), each configuration the same dataset with its mode in --extra-body; this script adds
+the text-equivalent requests, the server's /metrics around each run, pooled repeats, ratios, the
+report and the plot. `stock` (`stock:DTYPE`) runs on a second server. Method:
+docs/benchmarks.md. Writes OUT/serving.json, .md, .png, the datasets and vllm bench serve's results.
 
     python benchmarks/serving.py --out out/serving                      # starts its own server
     python benchmarks/serving.py --tower real --configs stock,off,prumerge --out out/real
     python benchmarks/serving.py --family next_video --frames 8 --out out/serving-video
     python benchmarks/serving.py --base-url http://127.0.0.1:8000 --out out/serving
-
-A server given with --base-url is used as it is: start it with `--plugin prumerge
---trust-request-mm-kwargs` and, for comparable figures, `--no-enable-prefix-caching
---mm-processor-cache-gb 0`. Writes OUT/serving.json, OUT/serving.md, OUT/serving_latency.png,
-the datasets sent (OUT/datasets/) and `vllm bench serve`'s results (OUT/vllm-bench-serve/).
 """
 
 from __future__ import annotations
@@ -83,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-url",
         default=None,
         help="Use this running server (e.g. http://127.0.0.1:8000, started with `vllm serve "
-        "MODEL --plugin prumerge --trust-request-mm-kwargs`) instead of starting one; the "
+        "MODEL --plugin prumerge --trust-request-mm-kwargs`, for comparable figures also "
+        "`--no-enable-prefix-caching --mm-processor-cache-gb 0`) instead of starting one; the "
         "engine options below then do not apply.",
     )
     _cli.add_model_arguments(
@@ -258,27 +250,17 @@ async def measured_run(
         return metric_total(after, name, mode=mode) - metric_total(before, name, mode=mode)
 
     metric = VIDEO_METRIC if args.frames else VISUAL_METRIC
-    visual = {"sum": delta(metric + "_sum"), "count": delta(metric + "_count")}
-    requests = [
-        {
-            "ok": not error and output_tokens > 0,
-            "prompt_tokens": prompt_tokens,
-            "output_tokens": output_tokens,
-            "ttft": ttft,
-            "itl": itl,
-            "latency": latency,
-            **({"error": error[-500:]} if error else {}),
-        }
-        for prompt_tokens, output_tokens, ttft, itl, latency, error in zip(
-            *(result[k] for k in ("input_lens", "output_lens", "ttfts", "itls", "latencies")),
-            result["errors"],
-            strict=True,
-        )
-    ]
+    keys = ("prompt_tokens", "output_tokens", "ttft", "itl", "latency", "error")
+    columns = ("input_lens", "output_lens", "ttfts", "itls", "latencies", "errors")
+    rows = zip(*(result[c] for c in columns), strict=True)
+    requests = [dict(zip(keys, values, strict=True)) for values in rows]
+    for r in requests:
+        r["ok"] = not r["error"] and r["output_tokens"] > 0
+        r["error"] = r["error"][-500:]
     return {
         "requests": requests,
         "seconds": result["duration"],
-        "visual": visual,
+        "visual": {"sum": delta(metric + "_sum"), "count": delta(metric + "_count")},
         "tower_seconds": delta(TOWER_METRIC),
         "peaks": peaks,
     }
@@ -288,13 +270,12 @@ def figures(batches: list[dict[str, Any]]) -> dict[str, Any]:
     """Figures of one configuration pooled over its repeats: percentiles over every request,
     throughput = completed requests / total measured seconds, peaks = max over repeats."""
     results = [r for batch in batches for r in batch["requests"]]
-    seconds = sum(batch["seconds"] for batch in batches)
     ok = [r for r in results if r["ok"]]
+    seconds = sum(batch["seconds"] for batch in batches)
+    prompt, output = [r["prompt_tokens"] for r in ok], [r["output_tokens"] for r in ok]
     tpot = [
         (r["latency"] - r["ttft"]) / (r["output_tokens"] - 1) for r in ok if r["output_tokens"] > 1
     ]
-    prompt = [r["prompt_tokens"] for r in ok]
-    output = [r["output_tokens"] for r in ok]
     visual_sum = sum(batch["visual"]["sum"] for batch in batches)
     visual_count = sum(batch["visual"]["count"] for batch in batches)
     tower_seconds = sum(batch["tower_seconds"] for batch in batches)
@@ -311,7 +292,7 @@ def figures(batches: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "completed": len(ok),
         "failed": len(results) - len(ok),
-        "errors": sorted({r["error"] for r in results if "error" in r})[:5],
+        "errors": sorted({r["error"] for r in results if r["error"]})[:5],
         "repeats": len(batches),
         "seconds": seconds,
         "requests_per_s": len(ok) / seconds,

@@ -1,23 +1,15 @@
 """Offline throughput of LLaVA-family models in vLLM: stock token counts vs PruMerge, PruMerge+,
 fixed budgets, each against its text-only equivalent.
 
-One workload (N image + question prompts, or N videos with --frames; fixed seed and output
-length) runs through one vLLM offline engine in every configuration (per-request
-`mm_processor_kwargs`), in one run: requests/s, tokens/s, visual and prompt tokens per request,
-peak KV-cache usage, concurrency, preemptions and time to first token, with ratios to `off` and
-the prompt-ratio ideal. Each configuration runs twice per repeat, "engine" (every request
-pre-processed first, then released at once) and "end to end" (pre-processing interleaved with
-submission, as `LLM.generate`), then the same again as text only (text@CONFIG: the visual tokens
-replaced by a text token). `stock` runs vLLM's own model in a second engine. Method and fairness
-rules: docs/benchmarks.md.
+One workload (images, or videos with --frames) through one offline engine in every configuration
+(per-request mm_processor_kwargs), twice per repeat: "engine" (pre-processed first, released at
+once) and "end to end" (as LLM.generate), then as text only (text@CONFIG); `stock` is vLLM's own
+model in a second engine. Method: docs/benchmarks.md. Writes OUT/throughput.json, .md and plots.
 
     python benchmarks/throughput.py --out out/throughput                   # generated checkpoint
     python benchmarks/throughput.py --family llava_next --image-size 672x672 --out out/next
     python benchmarks/throughput.py --family onevision --frames 8 --out out/video
     python benchmarks/throughput.py --model llava-hf/llava-1.5-7b-hf --out out/7b   # on a GPU
-
-Writes OUT/throughput.json (every figure, per-request counts, environment), OUT/throughput.md and
-the plots OUT/throughput_vs_tokens.png, OUT/scaling.png and OUT/visual_tokens_hist.png.
 """
 
 from __future__ import annotations
@@ -43,7 +35,6 @@ from _common import (
     text_equivalent_ids,
 )
 
-from vllm_prumerge.serving.stats import StepTracker, stat_logger_factory
 from vllm_prumerge.testing.engine_args import (
     add_engine_arguments,
 )
@@ -158,7 +149,7 @@ def run(engine: Any, prompts: list, sampling: Any, tag: str, bar: Any, burst: bo
     return [done[i] for i in ids], time.perf_counter() - start, rendered
 
 
-def phase_figures(outputs: list[Any], seconds: float, tracker: StepTracker) -> dict[str, Any]:
+def phase_figures(outputs: list[Any], seconds: float, tracker: Any) -> dict[str, Any]:
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {
@@ -508,6 +499,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
+
+    from vllm_prumerge.serving.stats import StepTracker, stat_logger_factory
 
     sampling = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0.0)
     tracker = StepTracker()

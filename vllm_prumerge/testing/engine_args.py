@@ -188,7 +188,8 @@ def serve_flags(settings: dict[str, Any]) -> list[str]:
     return flags
 
 
-def add_number_options(group: Any, *specs: tuple[str, type, Any, str]) -> None:
-    """Numeric options declared as a table, one (flag, type, default, help) each."""
-    for flag, kind, default, text in specs:
-        group.add_argument(flag, type=kind, default=default, help=text)
+def add_number_options(group: Any, *specs: tuple) -> None:
+    """Options declared as a table, one (flag, type, default, help[, choices]) each."""
+    for flag, kind, default, text, *choices in specs:
+        choices = choices[0] if choices else None
+        group.add_argument(flag, type=kind, default=default, help=text, choices=choices)
