@@ -12,6 +12,8 @@ from typing import Any
 from _common import default_configs, parse_configs
 from _report import BASELINE_RULE
 
+from vllm_prumerge.testing.engine_args import add_number_options
+from vllm_prumerge.testing.scenes import VIDEO_KINDS
 from vllm_prumerge.testing.workload import (
     FAMILIES,
     SYNTHETIC_SPECS,
@@ -103,20 +105,13 @@ def add_image_size_argument(group: Any, help: str | None = None) -> None:
 def add_workload_arguments(group: Any, seed_help: str) -> None:
     """The request workload of throughput.py and serving.py: `--num-prompts`, `--output-len`,
     `--seed` (`seed_help`: what it seeds), `--images DIR` and `--image-size WxH`."""
-    group.add_argument(
-        "--num-prompts",
-        type=int,
-        default=64,
-        help="Measured requests per configuration (each: one image, or one video with "
-        "--frames, + one question).",
-    )
-    group.add_argument(
-        "--output-len",
-        type=int,
-        default=32,
-        help="Generated tokens per request (fixed: EOS is ignored, greedy sampling).",
-    )
-    group.add_argument("--seed", type=int, default=0, help=seed_help)
+    add_number_options(
+        group,
+        ("--num-prompts", int, 64, "Measured requests per configuration (each: one image, or "
+         "one video with --frames, + one question)."),
+        ("--output-len", int, 32, "Generated tokens per request (fixed: EOS ignored, greedy)."),
+        ("--seed", int, 0, seed_help),
+    )  # fmt: skip
     group.add_argument(
         "--images",
         default=None,
@@ -138,7 +133,7 @@ def add_workload_arguments(group: Any, seed_help: str) -> None:
     )
     group.add_argument(
         "--video-kind",
-        choices=("panning", "static", "cut"),
+        choices=VIDEO_KINDS,
         default="panning",
         help="With --frames, the generated videos: a camera panning across one scene, one "
         "scene held (static), or a cut half-way to another scene; what a temporal "

@@ -119,79 +119,62 @@ class BenchConfig:
         return self.prumerge if not isinstance(self.prumerge, dict) else self.prumerge["mode"]
 
 
-def _with_temporal(config: BenchConfig, text: str) -> BenchConfig:
-    """`config` with the temporal stage of `text`: "evs" / "evs:RATE" / "adaptive" /
-    "adaptive:THRESHOLD" (defaults: PruMergeConfig's)."""
-    name, _, value = text.partition(":")
-    if name not in ("evs", "adaptive"):
-        raise ValueError(
-            f"unknown temporal setting {text!r}: use evs[:RATE] or adaptive[:THRESHOLD]"
-        )
-    spec = config.prumerge
-    options = dict({"mode": spec} if isinstance(spec, str) else spec)
-    options["temporal"] = name
-    if value:
-        key = "temporal_rate" if name == "evs" else "temporal_threshold"
-        try:
-            options[key] = float(value)
-        except ValueError:
-            raise ValueError(f"bad temporal value in {text!r}: a number in [0, 1)") from None
-    return BenchConfig(f"{config.name}/{text}", options)
+def parse_config(item: str, *, stock: bool = False, stock_dtypes: bool = False) -> BenchConfig:
+    """One configuration of `parse_configs`."""
+    lower = item.strip().lower()
+    base, _, temporal = lower.partition("/")
+    if temporal:  # across time first: evs[:RATE] or adaptive[:THRESHOLD]
+        config = parse_config(base)
+        name, _, value = temporal.partition(":")
+        if name not in ("evs", "adaptive"):
+            raise ValueError(f"unknown temporal setting {temporal!r}: use evs[:RATE] or adaptive")
+        spec = config.prumerge
+        options = {**({"mode": spec} if isinstance(spec, str) else spec), "temporal": name}
+        if value:
+            key = "temporal_rate" if name == "evs" else "temporal_threshold"
+            options[key] = _number(value, float, f"bad temporal value in {item!r}")
+        return BenchConfig(f"{config.name}/{temporal}", options)
+    if (stock and lower == "stock") or (stock_dtypes and lower.startswith("stock:")):
+        return BenchConfig(lower, None)
+    if lower in ("off", "prumerge", "prumerge+"):
+        return BenchConfig(lower, lower)
+    if lower.startswith("fixed:"):
+        value = lower.removeprefix("fixed:").removesuffix("s")
+        options = {"mode": "fixed"}
+        if "." in value:
+            options["budget_ratio"] = _number(value, float, f"bad fixed budget in {item!r}")
+        else:
+            options["budget"] = _number(value, int, f"bad fixed budget in {item!r}")
+        if lower.endswith("s"):
+            options["spatial_samples"] = True
+        return BenchConfig(f"fixed-{value}{'+s' if lower.endswith('s') else ''}", options)
+    known = "off, prumerge, prumerge+, fixed:N, fixed:Ns (spatial samples), fixed:RATIO"
+    known += ", stock" * stock + ", stock:DTYPE" * stock_dtypes
+    raise ValueError(f"unknown configuration {item.strip()!r}: use {known}")
+
+
+def _number(text: str, kind: type, message: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(message) from None
 
 
 def parse_configs(text: str, *, stock: bool = False, stock_dtypes: bool = False) -> list:
     """`"off,prumerge,prumerge+,fixed:64,fixed:64s,prumerge+/adaptive"` -> configurations
-    (names unique). `stock`: also `stock` (stock vLLM); `stock_dtypes`: also `stock:DTYPE`.
+    (names unique, each checked by PruMergeConfig). `stock`: also `stock` (stock vLLM);
+    `stock_dtypes`: also `stock:DTYPE`. `fixed:N` keeps N patches by importance (+ the extra
+    token), `fixed:Ns` adds PruMerge+'s spatial samples, `fixed:0.25` a fraction of the patches;
+    `CONFIG/evs[:RATE]` or `CONFIG/adaptive[:THRESHOLD]` reduces videos across time first."""
+    from vllm_prumerge.config import PruMergeConfig
 
-    `fixed:N` keeps N patches by class attention (+ the extra token); `fixed:Ns` adds
-    PruMerge+-style spatial samples; `fixed:0.25` keeps a fraction of the patches. A reducing
-    configuration followed by `/evs[:RATE]` or `/adaptive[:THRESHOLD]` reduces videos across
-    time first (PruMergeConfig.temporal).
-    """
-    configs: list[BenchConfig] = []
-    for raw in text.split(","):
-        item, _, temporal = raw.strip().partition("/")
-        if temporal:
-            base = parse_configs(item)[0]
-            configs.append(_with_temporal(base, temporal.strip().lower()))
-            continue
-        if not item:
-            continue
-        lower = item.lower()
-        if (stock and lower == "stock") or (stock_dtypes and lower.startswith("stock:")):
-            configs.append(BenchConfig(lower, None))
-        elif lower in ("off", "prumerge", "prumerge+"):
-            configs.append(BenchConfig(lower, lower))
-        elif lower.startswith("fixed:"):
-            value = lower.split(":", 1)[1]
-            spatial = value.endswith("s")
-            value = value.removesuffix("s")
-            options: dict[str, Any] = {"mode": "fixed"}
-            try:
-                if "." in value:
-                    options["budget_ratio"] = float(value)
-                else:
-                    options["budget"] = int(value)
-            except ValueError:
-                raise ValueError(
-                    f"bad fixed budget in {item!r}: use fixed:N or fixed:0.25"
-                ) from None
-            if spatial:
-                options["spatial_samples"] = True
-            configs.append(BenchConfig(f"fixed-{value}{'+s' if spatial else ''}", options))
-        else:
-            known = "off, prumerge, prumerge+, fixed:N, fixed:Ns (spatial samples), fixed:RATIO"
-            known += ", stock" * stock + ", stock:DTYPE" * stock_dtypes
-            raise ValueError(f"unknown configuration {item!r}: use {known}")
+    items = [item for item in text.split(",") if item.strip()]
+    configs = [parse_config(item, stock=stock, stock_dtypes=stock_dtypes) for item in items]
     names = [c.name for c in configs]
     if not configs or len(set(names)) != len(names):
         raise ValueError(f"configurations must be non-empty and unique, got {names}")
-    from vllm_prumerge.config import PruMergeConfig  # validate now, not after the engine starts
-
-    for config in configs:
-        spec = config.prumerge
-        if spec is not None:
-            PruMergeConfig.from_dict({"mode": spec} if isinstance(spec, str) else spec)
+    for spec in (c.prumerge for c in configs if not c.stock):  # now, not after the engine starts
+        PruMergeConfig.from_dict({"mode": spec} if isinstance(spec, str) else spec)
     return configs
 
 
