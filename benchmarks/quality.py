@@ -1,10 +1,8 @@
 """Answer quality vs visual tokens on your own images or videos: pick a PruMerge mode by measuring.
 
-One engine answers every question of your data once per configuration (`off`, the stock count,
-first), each request choosing its configuration with `mm_processor_kwargs={"prumerge": ...}`, its
-prompt rendered by the checkpoint's own chat template. Per configuration: VQA accuracy, exact
-match, agreement with `off`, visual tokens per image or video and requests/s. Input, method and
-reading the report: docs/choosing-a-mode.md and docs/benchmarks.md.
+One engine answers every question once per configuration (`off` first), each request choosing
+its configuration with `mm_processor_kwargs`: VQA accuracy, exact match, agreement with `off`,
+visual tokens per image or video, requests/s. See docs/choosing-a-mode.md, docs/benchmarks.md.
 
     python benchmarks/quality.py --data my.jsonl --model llava-hf/llava-1.5-7b-hf --out out/q
     python benchmarks/quality.py --images photos/ --questions questions.txt --model CKPT
@@ -13,8 +11,7 @@ reading the report: docs/choosing-a-mode.md and docs/benchmarks.md.
     python benchmarks/quality.py --data clips.jsonl --frames 8 --model CKPT \\
         --configs prumerge,prumerge+,prumerge+/adaptive,prumerge/evs:0.5   # videos
 
-Writes OUT/quality.json (every figure, settings, environment), OUT/quality.md (the table),
-OUT/quality_vs_tokens.png and OUT/quality_answers.jsonl (every answer of every configuration).
+Writes OUT/quality.json (every figure), quality.md, quality_vs_tokens.png, quality_answers.jsonl.
 """
 
 from __future__ import annotations
@@ -22,80 +19,68 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import dataclasses
 import json
 import math
 import mimetypes
 import os
+import statistics
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import _common
 import _report
 from _cli import add_output_arguments, new_parser
 from _common import BenchConfig
 
+from vllm_prumerge import PruMergeConfig, engine_kwargs
 from vllm_prumerge.evaluation import exact_match, normalize_answer, vqa_accuracy
-from vllm_prumerge.testing import engine_args
+from vllm_prumerge.testing import TinyLlavaSpec, engine_args, make_scene, make_video
 from vllm_prumerge.testing.images import IMAGE_SUFFIXES, find_images, is_url, open_image
 from vllm_prumerge.testing.media import image_data_url, video_data_url
 from vllm_prumerge.testing.prompts import chat_messages
 
-INSTRUCTION = "Answer the question using a single word or phrase."
-CHAT_TEMPLATE = "{question}\n" + INSTRUCTION
+CHAT_TEMPLATE = "{question}\nAnswer the question using a single word or phrase."
 BASELINE = "off"
 WARMUP_QUESTION = "What is shown in this image?"
 VIDEO_FAMILIES = "LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = new_parser(
-        __doc__,
-        "JSON, Markdown, PNG and per-answer JSONL output. Accuracy on the generated --tiny "
-        "checkpoint is meaningless (random weights).",
-    )
+    parser = new_parser(__doc__, "JSON, Markdown, PNG and per-answer JSONL output.")
     data = parser.add_argument_group("data (one of --data or --images)")
     data.add_argument(
         "--data",
         metavar="FILE.jsonl",
-        help="Labelled set: one JSON object per line, 'image' or 'video' (a path relative to "
-        "the file's folder, an absolute path or an http(s) URL; one modality per file), "
-        "'question', 'answers' (reference answers, usually 10; lines without count for "
-        "agreement only), optionally 'id'.",
+        help="Labelled set, one JSON object per line: 'image' or 'video' (a path relative to the "
+        "file's folder, an absolute path or an http(s) URL; one modality per file), 'question', "
+        "'answers' (references, usually 10; lines without count for agreement only), 'id'.",
     )
     data.add_argument(
         "--images",
         metavar="DIR",
-        help=f"Unlabelled set: the images in DIR ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}, "
-        "name order), each asked every question of --questions. Agreement with 'off' only.",
+        help=f"Unlabelled set: the images in DIR ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}), "
+        "each asked every question of --questions. Agreement with 'off' only.",
     )
-    data.add_argument(
-        "--questions", metavar="FILE", help="With --images: one question per line (# comments)."
-    )
+    data.add_argument("--questions", metavar="FILE", help="One question a line (# skipped).")
     data.add_argument("--limit", type=int, help="Use only the first N items of the data.")
     data.add_argument(
         "--frames",
         type=int,
         default=8,
-        metavar="N",
         help="Videos: frames per video, sampled uniformly over the clip (first and last "
         "included; all of a shorter clip) by vLLM's own video loader, offline and on a server.",
     )
     data.add_argument(
-        "--normalize-references",
-        action="store_true",
-        help="Normalise the references fully (number words, articles, contractions; the "
-        "official rules only strip punctuation): for hand-written labels like 'Two'.",
+        "--normalize-references", action="store_true", help="Normalise the references fully too."
     )
     model = parser.add_argument_group("model / server (one of --model, --tiny, --server)")
     model.add_argument(
         "--model",
-        help="Offline: a checkpoint (hub id or folder) of LLaVA-1.5, LLaVA-NeXT, "
-        f"LLaVA-Interleave, LLaVA-OneVision (videos: {VIDEO_FAMILIES}). With --server: the "
-        "served model (default: the server's first).",
+        help="Offline: a checkpoint of LLaVA-1.5, LLaVA-NeXT, LLaVA-Interleave, LLaVA-OneVision "
+        f"(videos: {VIDEO_FAMILIES}). With --server: the served model (default: its first).",
     )
     model.add_argument(
         "--tiny",
@@ -110,23 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-enable-prefix-caching --mm-processor-cache-gb 0 for comparable requests/s).",
     )
     model.add_argument("--api-key", help="With --server: its key (default: $OPENAI_API_KEY).")
+    model.add_argument("--concurrency", type=int, default=8, help="With --server: most in flight.")
     configs = parser.add_argument_group("configurations ('off' always runs first: the baseline)")
     configs.add_argument(
         "--configs",
         default="off,prumerge,prumerge+",
-        help="Comma-separated: off, prumerge, prumerge+, fixed:N (N patches + 1), fixed:Ns "
-        "(spatial samples), fixed:RATIO; videos also CONFIG/evs[:RATE], CONFIG/adaptive[:T] "
-        "(across time first). '' for none besides off.",
+        help="Comma-separated: off, prumerge, prumerge+, fixed:N|Ns|RATIO (+ spatial samples: s); "
+        "videos also CONFIG/evs[:RATE], CONFIG/adaptive[:THRESHOLD]. '' for none besides off.",
     )
-    configs.add_argument(
-        "--budgets", default="144,64,32", help="Fixed budgets, each run as fixed:N. '' for none."
-    )
+    configs.add_argument("--budgets", default="144,64,32", help="Each run as fixed:N ('': none).")
     configs.add_argument(
         "--config",
         action="append",
-        default=[],
         metavar="NAME=JSON",
-        help="Any option set (repeatable), a name and PruMergeConfig fields: "
+        help="Any option set (repeatable): a name and PruMergeConfig fields, e.g. "
         'k8=\'{"mode": "prumerge+", "k_neighbors": 8}\'.',
     )
     gen = parser.add_argument_group("generation")
@@ -146,27 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-tokens", int, 16, "Most tokens generated per answer (greedy)."),
         ("--batch-size", int, 64, "Items per batch; each batch runs every configuration."),
         ("--warmup", int, 2, "Unmeasured warm-up requests (generated media) per configuration."),
-        ("--concurrency", int, 8, "With --server: most requests in flight at once."),
     )
     eng = engine_args.add_engine_arguments(parser, max_num_seqs=None, title="offline engine")
     eng.add_argument(
-        "--keep-caches",
-        action="store_true",
-        help="Keep vLLM's prefix and multimodal processor caches on (off: every request pays "
-        "for its media and prompt, so requests/s compare fairly).",
+        "--keep-caches", action="store_true", help="Keep vLLM's prefix and processor caches on."
     )
     eng.add_argument("--seed", type=int, default=0, help="Engine seed (and warm-up media).")
-    add_output_arguments(
-        parser,
-        "out/quality",
-        "Folder for quality.json, quality.md, quality_vs_tokens.png and quality_answers.jsonl.",
-        plots="PNG plot",
-    )
+    add_output_arguments(parser, "out/quality", "Folder for every output.", plots="PNG plot")
     return parser
-
-
-# --------------------------------------------------------------------------------------------
-# Data and configurations
 
 
 def require(ok: Any, message: str) -> None:
@@ -175,11 +144,16 @@ def require(ok: Any, message: str) -> None:
         raise ValueError(message)
 
 
-@dataclasses.dataclass(frozen=True)
-class Item:
+def parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not JSON ({exc})") from None
+
+
+class Item(NamedTuple):
     """One question about one image or video; `answers` is None for unlabelled items."""
 
-    index: int
     source: str  # path or http(s) URL
     question: str
     answers: tuple[str, ...] | None
@@ -193,13 +167,10 @@ def load_jsonl(path: str) -> list[Item]:
     require(file.is_file(), f"--data: no such file: {file}")
     items: list[Item] = []
     for number, line in enumerate(file.read_text().splitlines(), start=1):
-        where = f"{file}:{number}"
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}: not JSON ({exc})") from None
-        if record is None:
+        if not line.strip():
             continue
+        where = f"{file}:{number}"
+        record = parse_json(line, where)
         require(isinstance(record, dict), f"{where}: expected a JSON object")
         modality = "video" if "video" in record else "image"
         source, question, answers = (record.get(k) for k in (modality, "question", "answers"))
@@ -211,13 +182,12 @@ def load_jsonl(path: str) -> list[Item]:
             source = str(file.parent / Path(source).expanduser())  # an absolute path stays
             require(Path(source).is_file(), f"{where}: {modality} not found: {source}")
         if answers is not None:
-            ok = isinstance(answers, list) and answers
-            require(ok, f"{where}: 'answers' must be a non-empty list")
-            answers = tuple(a.get("answer") if isinstance(a, dict) else a for a in answers)
-            ok = all(isinstance(a, str) for a in answers)
-            require(ok, f"{where}: each answer must be a string or {{'answer': str}}")
+            listed = answers if isinstance(answers, list) else []
+            answers = tuple(a.get("answer") if isinstance(a, dict) else a for a in listed)
+            ok = answers and all(isinstance(a, str) for a in answers)
+            require(ok, f"{where}: 'answers' must be a non-empty list of str or {{'answer': str}}")
         ident = record.get("id", record.get("question_id"))
-        items.append(Item(len(items), source, question, answers, ident, modality))
+        items.append(Item(source, question, answers, ident, modality))
     require(items, f"--data: {file} has no items")
     mixed = len({item.modality for item in items}) > 1
     require(not mixed, f"--data: {file} mixes images and videos: give them as two data sets")
@@ -227,15 +197,13 @@ def load_jsonl(path: str) -> list[Item]:
 def load_folder(images_dir: str, questions_file: str) -> list[Item]:
     """Every question of `questions_file` about every image of `images_dir` (unlabelled)."""
     folder, qfile = Path(images_dir).expanduser(), Path(questions_file).expanduser()
-    require(folder.is_dir(), f"--images: not a folder: {folder}")
-    files = find_images(folder)
+    files = find_images(folder)  # FileNotFoundError or NotADirectoryError naming it
     require(files, f"--images: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     require(qfile.is_file(), f"--questions: no such file: {qfile}")
     questions = [q.strip() for q in qfile.read_text().splitlines()]
     questions = [q for q in questions if q and not q.startswith("#")]
     require(questions, f"--questions: {qfile} has no questions")
-    pairs = [(f, n, q) for f in files for n, q in enumerate(questions)]
-    return [Item(i, str(f), q, None, f"{f.name}#{n}") for i, (f, n, q) in enumerate(pairs)]
+    return [Item(str(f), q, None, f"{f.name}#{n}") for f in files for n, q in enumerate(questions)]
 
 
 def load_items(args: argparse.Namespace) -> list[Item]:
@@ -263,21 +231,15 @@ def load_items(args: argparse.Namespace) -> list[Item]:
 
 def build_configs(args: argparse.Namespace) -> list[BenchConfig]:
     """`off` first, then --configs, the --budgets sweep and every --config; names unique."""
-    from vllm_prumerge.config import PruMergeConfig
-
     named = [c.strip() for c in args.configs.split(",") if c.strip()]
     named += [f"fixed:{b.strip()}" for b in args.budgets.split(",") if b.strip()]
     named = [n for n in named if n.lower() != BASELINE]
     configs = _common.parse_configs(",".join([BASELINE, *named]))
-    for item in args.config:
+    for item in args.config or []:
         name, sep, text = (part.strip() for part in item.partition("="))
         require(sep and name, f"--config expects NAME=JSON, got {item!r}")
-        try:
-            options = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--config {name}: not JSON ({exc})") from None
-        ok = isinstance(options, dict | str)
-        require(ok, f"--config {name}: expected a JSON object of PruMergeConfig fields")
+        options = parse_json(text, f"--config {name}")
+        require(isinstance(options, dict | str), f"--config {name}: expected a JSON object")
         PruMergeConfig.from_dict({"mode": options} if isinstance(options, str) else options)
         configs.append(BenchConfig(name, options))
     names = [c.name for c in configs]
@@ -286,12 +248,7 @@ def build_configs(args: argparse.Namespace) -> list[BenchConfig]:
     return configs
 
 
-# --------------------------------------------------------------------------------------------
-# Engines: `media` loads what a request sends, `run` answers a batch in one configuration
-
-
-@dataclasses.dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
     """One generated answer and its token counts."""
 
     text: str
@@ -306,10 +263,8 @@ def user_text(question: str, args: argparse.Namespace) -> str:
 
 
 def offline_prompt(question: str, args: argparse.Namespace, chat: Any, video: bool = False):
-    """The offline prompt about `question` (media and options added by the caller): the token
-    ids of the chat message (the image or video, then `user_text`) as the checkpoint's template
-    renders it (`chat`, a ChatPrompt), what `vllm serve` builds for the messages `--server`
-    sends; or, with --prompt-template, that raw text."""
+    """The prompt `vllm serve` builds for the chat message (the media, then `user_text`) with the
+    checkpoint's template (`chat`, a ChatPrompt); or --prompt-template's raw text."""
     if args.prompt_template:
         return {"prompt": args.prompt_template.format(question=question)}
     text = user_text(question, args)
@@ -324,53 +279,37 @@ def file_url(source: str) -> str:
     return f"data:{kind};base64," + base64.b64encode(Path(source).read_bytes()).decode()
 
 
-def generated(video: bool, frames: int, seed: int) -> Any:
-    """A generated scene, or a panning video of `frames` frames (warm-up media)."""
-    from vllm_prumerge.testing import make_scene, make_video
-
-    return make_video(seed, frames) if video else make_scene(seed)
-
-
 class OfflineEngine:
-    """An in-process `vllm.LLM` with the plugin's architecture in "off" mode (every request
-    picks its configuration), on --model or the generated checkpoint (--tiny)."""
+    """An in-process `vllm.LLM`: the plugin's architecture, "off" unless a request says."""
 
     def __init__(self, args: argparse.Namespace, video: bool) -> None:
         from vllm import LLM, SamplingParams
         from vllm.multimodal.media.connector import MediaConnector
 
-        from vllm_prumerge import engine_kwargs
-        from vllm_prumerge.testing import TinyLlavaSpec
-
         self.args, self.video, self.modality = args, video, "video" if video else "image"
         self.device = "cuda" if engine_args.use_cpu_if_no_gpu() else "cpu"
         spec = TinyLlavaSpec(family="video_llava") if video and args.tiny else None
         self.model = engine_args.resolve_model(None if args.tiny else args.model, spec)
-        self.backend = "offline vllm.LLM"
-        try:  # before the engine starts: a clear error for a checkpoint without videos
+        try:  # a clear error before the engine starts
             self.placeholder = _common.placeholder_token_id(self.model, int(video))
         except ValueError:
-            hint = f": use one of {VIDEO_FAMILIES}" if video else ""
-            raise ValueError(
-                f"the data holds {self.modality}s, but {self.model} takes none (no "
-                f"{self.modality}_token_index in its config){hint}"
-            ) from None
+            missing = f"{self.model} takes no {self.modality}s"
+            raise ValueError(f"{missing}: {VIDEO_FAMILIES} do") from None
         self.chat = None if args.prompt_template else _common.chat_prompt(self.model, int(video))
         self.loader = MediaConnector({"video": {"num_frames": args.frames}})
-        settings = {"model": self.model, "seed": args.seed}
-        settings["limit_mm_per_prompt"] = {self.modality: 1}
+        limit = {self.modality: 1}
+        settings = {"model": self.model, "seed": args.seed, "limit_mm_per_prompt": limit}
         if not args.keep_caches:
             settings.update(enable_prefix_caching=False, mm_processor_cache_gb=0)
         settings.update(engine_args.engine_settings(args))  # --engine-arg last
         overrides = settings.pop("hf_overrides", None)
         settings.update(engine_kwargs("off", **({"hf_overrides": overrides} if overrides else {})))
-        self.settings, self.llm = settings, LLM(**settings)
+        self.settings, self.llm, self.backend = settings, LLM(**settings), "offline vllm.LLM"
         self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
         self.sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
 
     def media(self, source: Any) -> Any:
-        """A PIL image, or the frames `[T, H, W, 3]` of vLLM's video loader on the file's bytes
-        (as a server decodes them); generated media as they are."""
+        """An image (PIL), or the frames `[T, H, W, 3]` vLLM's video loader decodes from a file."""
         if not isinstance(source, str):
             return source
         if not self.video:
@@ -382,14 +321,10 @@ class OfflineEngine:
 
     def run(self, questions: Sequence[str], media: Sequence[Any], config: BenchConfig, bar: Any):
         """Answer every (question, media) pair in `config`; (answers, seconds)."""
-        prompts = [
-            {
-                **offline_prompt(question, self.args, self.chat, self.video),
-                "multi_modal_data": {self.modality: item},
-                "mm_processor_kwargs": {"prumerge": config.prumerge},
-            }
-            for question, item in zip(questions, media, strict=True)
-        ]
+        options = {"mm_processor_kwargs": {"prumerge": config.prumerge}}
+        prompts = [offline_prompt(q, self.args, self.chat, self.video) for q in questions]
+        for prompt, item in zip(prompts, media, strict=True):
+            prompt.update(options, multi_modal_data={self.modality: item})
         start = time.perf_counter()
         outputs = self.llm.generate(prompts, self.sampling, use_tqdm=False)
         seconds = time.perf_counter() - start
@@ -402,14 +337,11 @@ class OfflineEngine:
 
 
 class ServerClient:
-    """A running `vllm serve --plugin prumerge --trust-request-mm-kwargs`, through the OpenAI
-    chat API, loaded by vLLM's own `vllm bench serve` (a `custom` dataset of the batch's chat
-    messages, written to OUT/datasets/; the configuration in --extra-body)."""
+    """A running `vllm serve --plugin prumerge --trust-request-mm-kwargs` (OpenAI chat API),
+    loaded by vLLM's own `vllm bench serve` (each batch a dataset in OUT/datasets/)."""
 
     def __init__(self, args: argparse.Namespace, video: bool) -> None:
         import httpx
-        import numpy as np
-        from PIL import Image
 
         self.base = args.server.rstrip("/").removesuffix("/v1")
         self.device, self.backend = "client of " + self.base, f"server {self.base}"
@@ -427,9 +359,9 @@ class ServerClient:
         hint = f"; serve one of {VIDEO_FAMILIES}" if video else ""
         require(len(tokens) == 1, f"{self.model} takes no {self.modality}s (no token{hint})")
         self.placeholder, self.text_tokens = tokens[0], {}  # chat text -> non-visual tokens
-        self.dtype, self.batches, self.loop = None, 0, asyncio.new_event_loop()
-        gray = np.full((2, 336, 336, 3), 128, np.uint8)  # two gray frames, or the first alone
-        self.blank = self.media(gray if video else Image.fromarray(gray[0]))
+        self.dtype, self.batches = None, 0
+        self.blank = self.media(make_video(0, 2) if video else make_scene(0))  # any media
+        self.io = {"media_io_kwargs": {"video": {"num_frames": args.frames}}} if video else {}
 
     def _tokenize(self, **body: Any) -> list[int]:
         """The server's own /tokenize (a prompt, or chat messages with their media)."""
@@ -440,8 +372,7 @@ class ServerClient:
         return response.json()["tokens"]
 
     def media(self, source: Any) -> str:
-        """What a request sends: a PNG data URL of the image; a video file's own bytes (or its
-        http(s) URL) for the server's video loader; generated media encoded."""
+        """The URL a request sends: an image as PNG; a video file's own bytes (or http(s) URL)."""
         if self.video:
             return file_url(source) if isinstance(source, str) else video_data_url(source)
         return image_data_url(open_image(source) if isinstance(source, str) else source)
@@ -450,32 +381,23 @@ class ServerClient:
         urls = {"video_urls" if self.video else "image_urls": [url]}
         return chat_messages(user_text(question, self.args), **urls)
 
-    def _body(self, prumerge: Any) -> dict[str, Any]:
-        """The request's options: the configuration, and the video loader's frame count."""
-        frames = {"video": {"num_frames": self.args.frames}} if self.video else None
-        return {"mm_processor_kwargs": {"prumerge": prumerge}, "media_io_kwargs": frames}
-
     def run(self, questions: Sequence[str], media: Sequence[str], config: BenchConfig, bar: Any):
         """Answer every (question, media URL) pair in `config`; (answers, seconds)."""
         texts = [user_text(q, self.args) for q in questions]
         for text, question in zip(texts, questions, strict=True):
-            if text not in self.text_tokens:  # the same chat prompt with blank media
+            if text not in self.text_tokens:  # the same chat prompt with other media
                 messages = self._messages(question, self.blank)
-                body = {"messages": messages, "add_generation_prompt": True, **self._body("off")}
-                tokens = self._tokenize(**body)
+                tokens = self._tokenize(messages=messages, add_generation_prompt=True)
                 self.text_tokens[text] = len(tokens) - tokens.count(self.placeholder)
         self.batches += 1
-        dataset = _common.write_dataset(
-            Path(self.args.out) / "datasets" / f"batch-{self.batches}.jsonl",
-            [self._messages(q, u)[0]["content"] for q, u in zip(questions, media, strict=True)],
-        )
-        argv = _common.bench_serve_argv(
-            *(self.base, self.model, dataset, len(media), self.args.max_tokens),
-            body=self._body(config.prumerge),
-            concurrency=self.args.concurrency,
-            quiet=True,
-        )
-        result = self.loop.run_until_complete(_common.bench_serve(argv))
+        path = Path(self.args.out) / "datasets" / f"batch-{self.batches}.jsonl"
+        parts = [self._messages(q, u)[0]["content"] for q, u in zip(questions, media, strict=True)]
+        dataset = _common.write_dataset(path, parts)
+        body = {"mm_processor_kwargs": {"prumerge": config.prumerge}, **self.io}
+        options = {"body": body, "concurrency": self.args.concurrency, "quiet": True}
+        argv = [self.base, self.model, dataset, len(media), self.args.max_tokens]
+        argv = _common.bench_serve_argv(*argv, **options)
+        result = asyncio.run(_common.bench_serve(argv))
         if errors := [e for e in result["errors"] if e]:
             trust = "trust-request-mm-kwargs" in str(errors)
             hint = " (start the server with --trust-request-mm-kwargs)" if trust else ""
@@ -490,11 +412,6 @@ class ServerClient:
 
     def close(self) -> None:
         self.http.close()
-        self.loop.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Figures
 
 
 def mean(values: Sequence[float]) -> float | None:
@@ -502,13 +419,11 @@ def mean(values: Sequence[float]) -> float | None:
 
 
 def paired_delta(values: Sequence[float], baseline: Sequence[float]) -> dict[str, Any] | None:
-    """Mean of the per-item differences to the baseline, with a 95% normal-approximation
-    confidence interval (None when fewer than two items)."""
+    """Mean per-item difference to `baseline`, 95% normal-approximation interval (2+ items)."""
     diffs = [a - b for a, b in zip(values, baseline, strict=True)]
     if len(diffs) < 2:
         return None
-    centre = sum(diffs) / len(diffs)
-    half = 1.96 * math.sqrt(sum((d - centre) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    centre, half = statistics.fmean(diffs), 1.96 * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return {"mean": centre, "ci95_low": centre - half, "ci95_high": centre + half}
 
 
@@ -529,26 +444,23 @@ def score(
     seconds: dict[str, float],
     normalize_references: bool,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(per-configuration results, per-item records) from the answers of every configuration:
-    `answers[name][i]` answers `items[i]`; `seconds[name]` is the time spent generating them."""
+    """(results per configuration, records per item): `answers[name][i]` answers `items[i]`."""
+    refs = [it.answers for it in items]
+    labelled = [i for i, r in enumerate(refs) if r is not None]
     records = [
-        {"index": it.index, "id": it.id, it.modality: it.source, "question": it.question}
+        {"index": i, "id": it.id, it.modality: it.source, "question": it.question}
         | {"answers": None if it.answers is None else list(it.answers), "predictions": {}}
-        for it in items
+        for i, it in enumerate(items)
     ]
-    labelled = [i for i, it in enumerate(items) if it.answers is not None]
     base_norm = [normalize_answer(a.text) for a in answers[BASELINE]]
     accuracy, results = {}, []
     for config in configs:
         got, name = answers[config.name], config.name
         agree = [normalize_answer(a.text) == b for a, b in zip(got, base_norm, strict=True)]
-        refs = [it.answers for it in items]
         accuracy[name] = [
-            None
-            if r is None
-            else vqa_accuracy(a.text, r, normalize_references=normalize_references)
+            r and vqa_accuracy(a.text, r, normalize_references=normalize_references)
             for a, r in zip(got, refs, strict=True)
-        ]
+        ]  # None for unlabelled items
         for record, a, ok, acc in zip(records, got, agree, accuracy[name], strict=True):
             record["predictions"][name] = {"answer": a.text, "visual_tokens": a.visual_tokens}
             record["predictions"][name] |= {"agrees_with_off": ok, "vqa_accuracy": acc}
@@ -571,20 +483,18 @@ def score(
         )
     base = results[[c.name for c in configs].index(BASELINE)]
     for r in results:
-        pairs = [(accuracy[r["name"]][i], accuracy[BASELINE][i]) for i in labelled]
-        r["vqa_accuracy_delta_vs_off"] = paired_delta(*zip(*pairs, strict=True)) if pairs else None
+        mine, off = ([accuracy[n][i] for i in labelled] for n in (r["name"], BASELINE))
+        r["vqa_accuracy_delta_vs_off"] = paired_delta(mine, off)
         r["visual_tokens_ratio_to_off"] = r["visual_tokens"]["mean"] / base["visual_tokens"]["mean"]
         r["requests_per_s_ratio_to_off"] = r["requests_per_s"] / base["requests_per_s"]
     return results, records
 
 
 def percent(key: str) -> Any:
-    """A table cell: the row's `key` in percent."""
     return lambda r: None if r[key] is None else 100 * r[key]
 
 
 def delta_cell(r: dict[str, Any]) -> str:
-    """A table cell: `Δ vs off` in points with its 95% interval."""
     delta = r["vqa_accuracy_delta_vs_off"]
     if delta is None or r["name"] == BASELINE:
         return "-"
@@ -593,45 +503,35 @@ def delta_cell(r: dict[str, Any]) -> str:
 
 
 def markdown_report(data: dict[str, Any]) -> str:
-    source, video, settings = data["data"], data["modality"] == "video", data["settings"]
+    source, settings, media = data["data"], data["settings"], data["modality"]
+    video = media == "video"
     short = "video" if video else "img"
     columns = [("config", "name"), (f"visual tok/{short} mean", "visual_tokens.mean")]
-    columns += [(p, f"visual_tokens.{p}") for p in ("p50", "p95")]
+    columns += [("p50", "visual_tokens.p50"), ("p95", "visual_tokens.p95")]
     columns += [("x off", "visual_tokens_ratio_to_off")]
     if source["labelled"]:
-        columns += [
-            ("VQA acc %", percent("vqa_accuracy")),
-            ("Δ vs off (95% CI), points", delta_cell),
-        ]
+        columns += [("VQA acc %", percent("vqa_accuracy"))]
+        columns += [("Δ vs off (95% CI), points", delta_cell)]
         columns += [("exact match %", percent("exact_match"))]
     columns += [("agree with off %", percent("agreement_with_off")), ("req/s", "requests_per_s")]
     columns += [("x off", "requests_per_s_ratio_to_off")]
     frames = f", {settings['frames']} frames per video" if video else ""
-    lines = [
-        f"# Answer quality vs visual tokens per {data['modality']}",
-        "",
-        f"Model: `{data['model']}` ({data['backend']}); data: `{source['source']}`, "
-        f"{source['items']} items ({source['labelled']} labelled){frames}, max "
-        f"{settings['max_tokens']} tokens per answer, greedy; "
-        f"{_report.device_line(data['environment'])}.",
-        "",
-        _report.table(data["results"], columns),
-        "`VQA acc`: the official VQA evaluation (answer normalisation; min(#matching "
-        "annotators / 3, 1) averaged over the leave-one-annotator-out subsets)"
-        + (", references fully normalised" if settings["normalize_references"] else "")
-        + ". `exact match`: the normalised answer equals a normalised reference. `agree with "
-        "off`: the normalised answer equals `off`'s (the stock token count) for the same item. "
-        "`Δ vs off`: mean per-item accuracy difference with a 95% normal-approximation "
-        f"interval. Visual tokens per {data['modality']} include the extra token"
-        + (" of every frame" if video else "")
-        + "; `x off` = ratio to `off`.",
-        "",
-        *[f"Note: {note}" for note in data["notes"]],
-        "",
-        "Method: " + data["method"],
-        "",
-    ]
-    return "\n".join(lines)
+    fully = ", references fully normalised" if settings["normalize_references"] else ""
+    notes = "".join(f"Note: {note}\n" for note in data["notes"])
+    return (
+        f"# Answer quality vs visual tokens per {media}\n\nModel: `{data['model']}` "
+        f"({data['backend']}); data: `{source['source']}`, {source['items']} items "
+        f"({source['labelled']} labelled){frames}, max {settings['max_tokens']} tokens per "
+        f"answer, greedy; {_report.device_line(data['environment'])}.\n\n"
+        f"{_report.table(data['results'], columns)}\n"
+        "`VQA acc`: the official VQA evaluation (answer normalisation; min(#matching annotators "
+        f"/ 3, 1) averaged over the leave-one-annotator-out subsets){fully}. `exact match`: the "
+        "normalised answer equals a normalised reference. `agree with off`: the normalised "
+        "answer equals `off`'s (the stock token count) for the same item. `Δ vs off`: mean "
+        "per-item accuracy difference with a 95% normal-approximation interval. Visual tokens "
+        f"per {media} include the extra token{' of every frame' if video else ''}; `x off` = "
+        f"ratio to `off`.\n\n{notes}\nMethod: {data['method']}\n"
+    )
 
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
@@ -642,25 +542,18 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
     xs = [r["visual_tokens"]["mean"] for r in results]
     for ax, (key, title) in zip(axes[0], panels, strict=True):
-        ys = [100 * r[key] for r in results]
-        for r, x, y in zip(results, xs, ys, strict=True):
-            if r["name"] == BASELINE:  # a red star and a dashed line, its label apart
-                ax.scatter(
-                    [x],
-                    [y],
-                    marker="*",
-                    s=220,
-                    color="C3",
-                    zorder=4,
-                    label=f"off (stock, {x:.0f} tokens)",
-                )
+        for r, x in zip(results, xs, strict=True):
+            y, off = 100 * r[key], r["name"] == BASELINE
+            if off:  # a red star on a dashed line, its name below (apart from a point on it)
                 ax.axhline(y, color="C3", linestyle="--", alpha=0.5)
+                label = f"off (stock, {x:.0f} tokens)"
+                ax.scatter([x], [y], s=220, marker="*", color="C3", zorder=4, label=label)
             else:
                 ax.scatter([x], [y], s=40, color="C0", zorder=3)
-            offset = (5, -12) if r["name"] == BASELINE else (5, 5)
+            offset = (5, -12) if off else (5, 5)
             ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=offset, fontsize=8)
         _report.token_axis(ax, max(xs), data["modality"])
-        ax.set(ylim=(-3, 103), xlim=(0.8, max(1000, 1.3 * max(xs))), ylabel=title)
+        ax.set(ylim=(-3, 103), xlim=(0.8, max(1000, 1.3 * max(xs))), ylabel=title)  # stock: ~7k
         ax.set_title(title.split(" (")[0] + " vs visual tokens")
         ax.legend(fontsize=8, loc="best")
     name = Path(str(data["data"]["source"])).name
@@ -670,20 +563,13 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
 
 METHOD = (
     "One engine serves every configuration through per-request mm_processor_kwargs; each batch "
-    "runs in every configuration (order rotated per batch), greedy. Both paths send the same "
-    "chat message (the image or video, then --chat-template's text) through the checkpoint's "
-    "own chat template. Videos: --frames frames sampled uniformly by vLLM's video loader "
-    "(offline on the file's bytes; the server with media_io_kwargs num_frames). Offline: "
-    "vllm.LLM with the plugin's architecture, prefix and processor caches off unless "
-    "--keep-caches; visual tokens = the image (video) token's count in prompt_token_ids. "
-    "Server: vLLM's own load generator (vllm bench serve); visual tokens = usage.prompt_tokens "
-    "minus the non-visual tokens of the same chat prompt (the server's /tokenize, blank media). "
-    "requests/s = items / time generating them (client-side decoding excluded; pre-processing, "
-    "tower, reduction, prefill and decode included). Warm-up requests on generated media first."
+    "runs in every configuration (order rotated per batch), greedy, after warm-up requests. "
+    "Both paths send one chat message (the media, then --chat-template's text) through the "
+    "checkpoint's chat template; videos are --frames frames sampled by vLLM's video loader. "
+    "Offline (vllm.LLM, caches off unless --keep-caches): visual tokens = the placeholder's "
+    "count in prompt_token_ids. Server (vllm bench serve): usage.prompt_tokens minus the "
+    "prompt's other tokens (/tokenize). requests/s = items / time generating them."
 )
-
-
-# --------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -694,9 +580,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         items = load_items(args)
         if few := sum(1 for it in items if it.answers is not None and len(it.answers) < 4):
             notes.append(
-                f"{few} labelled items have fewer than 4 reference answers: by the official "
-                "rule their VQA accuracy can never reach 100% (a single answer always scores "
-                "0); read `exact match` for single-answer labels."
+                f"{few} labelled items have fewer than 4 references: they never reach 100% VQA "
+                "accuracy (one reference always scores 0); read `exact match` for them."
             )
             print(f"note: {notes[-1]}", file=sys.stderr)
         configs, video = build_configs(args), items[0].modality == "video"
@@ -705,8 +590,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         env["device"] = engine.device
         answers: dict[str, list[Answer]] = {c.name: [] for c in configs}
         seconds = dict.fromkeys(answers, 0.0)
-        seeds = [args.seed * 7_919 + i for i in range(args.warmup)]
-        warm = [engine.media(generated(video, args.frames, seed)) for seed in seeds]
+        seeds = [args.seed * 7_919 + i for i in range(args.warmup)]  # generated warm-up media
+        warm = [engine.media(make_video(s, args.frames) if video else make_scene(s)) for s in seeds]
         for config in configs if warm else []:
             engine.run([WARMUP_QUESTION] * len(warm), warm, config, _report.progress(0, "", True))
         with _report.progress(len(items) * len(configs), "quality", args.no_progress) as bar:
@@ -724,11 +609,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         if engine is not None:
             engine.close()
-
     if args.tiny:
-        notes.append(
-            "generated checkpoint, random weights: accuracy and agreement are meaningless."
-        )
+        notes.append("generated random-weight checkpoint: accuracy and agreement are meaningless.")
     results, records = score(items, configs, answers, seconds, args.normalize_references)
     labelled = sum(it.answers is not None for it in items)
     data: dict[str, Any] = {

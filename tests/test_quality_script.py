@@ -46,9 +46,9 @@ def test_scores_follow_the_vqa_rules_and_compare_each_item_with_off():
     from _common import BenchConfig
 
     items = [
-        q.Item(0, "a.png", "How many?", ("2",) * 4 + ("3",) * 6),
-        q.Item(1, "b.png", "Is it?", ("yes",) * 10),
-        q.Item(2, "c.png", "Colour?", None),  # agreement only
+        q.Item("a.png", "How many?", ("2",) * 4 + ("3",) * 6),
+        q.Item("b.png", "Is it?", ("yes",) * 10),
+        q.Item("c.png", "Colour?", None),  # agreement only
     ]
     configs = [BenchConfig("off", "off"), BenchConfig("x", {"mode": "fixed", "budget": 9})]
     answers = {
@@ -97,7 +97,7 @@ def test_reference_normalisation_is_an_option():
     q = quality()
     from _common import BenchConfig
 
-    items = [q.Item(0, "a.png", "How many?", ("Two",) * 4)]
+    items = [q.Item("a.png", "How many?", ("Two",) * 4)]
     answers = {"off": [q.Answer("two", 576, 600, 1)]}
     for normalize, expected in ((False, 0.0), (True, 1.0)):
         (result,), _ = q.score(items, [BenchConfig("off", "off")], answers, {"off": 1.0}, normalize)
@@ -301,7 +301,8 @@ def test_a_video_on_a_checkpoint_without_video_is_refused_before_any_engine(
     with pytest.raises(SystemExit) as exc:
         q.main(["--model", tiny_llava, "--data", str(tmp_path / "set.jsonl")])
     assert exc.value.code == 2
-    assert "takes none (no video_token_index in its config): use one of" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tiny_llava} takes no videos: LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA do" in err
 
 
 # --- videos, end to end -------------------------------------------------------------------------
@@ -383,8 +384,8 @@ def test_offline_video_run_counts_every_video_exactly_per_frame_and_across_time(
 ):
     jsonl, _ = video_set
     out = tmp_path / "out"
-    argv = ["--tiny", "--data", jsonl, *VIDEO_ARGS, "--dtype", "float32", "--max-tokens", 2]
-    argv += ["--warmup", 1, "--no-progress", "--out", out]
+    argv = ["--tiny", "--data", jsonl, *VIDEO_ARGS, "--dtype", "float32", "--max-tokens", 1]
+    argv += ["--warmup", 0, "--no-progress", "--out", out]  # the server run warms up
     run_quality(argv, env=tiny_cache_env(video_llava_checkpoint, tmp_path, in_process=True))
     data = check_video_run(out, jsonl, video_counts)
     assert data["backend"] == "offline vllm.LLM"
