@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     configs.add_argument(
         "--config",
         action="append",
+        default=[],
         metavar="NAME=JSON",
         help="Any option set (repeatable): a name and PruMergeConfig fields, e.g. "
         'k8=\'{"mode": "prumerge+", "k_neighbors": 8}\'.',
@@ -235,7 +236,7 @@ def build_configs(args: argparse.Namespace) -> list[BenchConfig]:
     named += [f"fixed:{b.strip()}" for b in args.budgets.split(",") if b.strip()]
     named = [n for n in named if n.lower() != BASELINE]
     configs = _common.parse_configs(",".join([BASELINE, *named]))
-    for item in args.config or []:
+    for item in args.config:
         name, sep, text = (part.strip() for part in item.partition("="))
         require(sep and name, f"--config expects NAME=JSON, got {item!r}")
         options = parse_json(text, f"--config {name}")
@@ -354,8 +355,7 @@ class ServerClient:
             self.model = args.model or self.http.get("/v1/models").json()["data"][0]["id"]
         except Exception as exc:
             raise ConnectionError(f"--server {self.base}: cannot list models: {exc}") from None
-        # The placeholder string LLaVA's chat templates render for an image or a video.
-        tokens = self._tokenize(prompt=f"<{self.modality}>")
+        tokens = self._tokenize(prompt=f"<{self.modality}>")  # the templates' placeholder
         hint = f"; serve one of {VIDEO_FAMILIES}" if video else ""
         require(len(tokens) == 1, f"{self.model} takes no {self.modality}s (no token{hint})")
         self.placeholder, self.text_tokens = tokens[0], {}  # chat text -> non-visual tokens
