@@ -5,7 +5,11 @@ meaningless, so the tests pin the report's structure, that `off` agrees with its
 second, separately run `off` configuration, and that the visual-token counts equal the core
 encoder's counts on the same images, computed independently of vLLM). The server test runs the
 same set through a real `vllm serve --plugin prumerge` and checks the server's counts
-(usage.prompt_tokens minus the prompt's text tokens) against the same independent counts.
+(usage.prompt_tokens minus the prompt's text tokens) against the same independent counts. The
+video runs (real MP4 files, generated Video-LLaVA, per frame and across time) check every
+video's count against transformers' video tower and the reduction core (tests/hf_reference.py)
+on the frames sampled independently of vLLM (`read_video`), offline and on the session's video
+server.
 """
 
 from __future__ import annotations
@@ -42,9 +46,9 @@ def test_scores_follow_the_vqa_rules_and_compare_each_item_with_off():
     from _common import BenchConfig
 
     items = [
-        q.Item(0, "a.png", "How many?", ("2",) * 4 + ("3",) * 6),
-        q.Item(1, "b.png", "Is it?", ("yes",) * 10),
-        q.Item(2, "c.png", "Colour?", None),  # agreement only
+        q.Item("a.png", "How many?", ("2",) * 4 + ("3",) * 6),
+        q.Item("b.png", "Is it?", ("yes",) * 10),
+        q.Item("c.png", "Colour?", None),  # agreement only
     ]
     configs = [BenchConfig("off", "off"), BenchConfig("x", {"mode": "fixed", "budget": 9})]
     answers = {
@@ -93,7 +97,7 @@ def test_reference_normalisation_is_an_option():
     q = quality()
     from _common import BenchConfig
 
-    items = [q.Item(0, "a.png", "How many?", ("Two",) * 4)]
+    items = [q.Item("a.png", "How many?", ("Two",) * 4)]
     answers = {"off": [q.Answer("two", 576, 600, 1)]}
     for normalize, expected in ((False, 0.0), (True, 1.0)):
         (result,), _ = q.score(items, [BenchConfig("off", "off")], answers, {"off": 1.0}, normalize)
@@ -123,7 +127,7 @@ def test_a_folder_and_a_question_file_ask_every_question_of_every_image(tmp_path
     questions = tmp_path / "q.txt"
     questions.write_text("What is it?\n\n# a comment\nWhere is it?\n")
     items = q.load_folder(str(tmp_path), str(questions))
-    assert [(Path(i.image).name, i.question) for i in items] == [
+    assert [(Path(i.source).name, i.question) for i in items] == [
         ("a.jpg", "What is it?"),
         ("a.jpg", "Where is it?"),
         ("b.png", "What is it?"),
@@ -151,6 +155,13 @@ def test_a_folder_and_a_question_file_ask_every_question_of_every_image(tmp_path
         ),
         ([{"image": "a.png", "question": "q?"}], ["--tiny", "--budgets", "lots"], "bad fixed"),
         ([{"image": "a.png", "question": "q?"}], ["--tiny", "--max-tokens", "0"], ">= 1"),
+        ([{"video": "gone.mp4", "question": "q?"}], ["--tiny"], "video not found"),
+        (
+            [{"image": "a.png", "question": "q?"}, {"video": "a.png", "question": "q?"}],
+            ["--tiny"],
+            "mixes images and videos",
+        ),
+        ([{"video": "a.png", "question": "q?"}], ["--tiny", "--frames", "0"], "--frames must"),
     ],
 )
 def test_bad_input_is_refused_with_a_message(tmp_path, capsys, lines, args, message):
@@ -279,3 +290,114 @@ def test_server_run_counts_visual_tokens_exactly_from_usage(
     run_quality(argv)
     data = check_run(out, tiny_llava, jsonl, 5)
     assert data["backend"] == f"server {url}"
+
+
+def test_a_video_on_a_checkpoint_without_video_is_refused_before_any_engine(
+    tiny_llava, tmp_path, capsys
+):
+    q = quality()
+    (tmp_path / "clip.mp4").write_bytes(b"never read: refused first")
+    (tmp_path / "set.jsonl").write_text(json.dumps({"video": "clip.mp4", "question": "q?"}))
+    with pytest.raises(SystemExit) as exc:
+        q.main(["--model", tiny_llava, "--data", str(tmp_path / "set.jsonl")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{tiny_llava} takes no videos: LLaVA-OneVision, LLaVA-NeXT-Video, Video-LLaVA do" in err
+
+
+# --- videos, end to end -------------------------------------------------------------------------
+
+VIDEO_CONFIGS = ["off", "prumerge", "prumerge+/adaptive", "prumerge/evs:0.5"]
+VIDEO_ARGS = ["--configs", ",".join(VIDEO_CONFIGS[1:]), "--budgets", "", "--frames", 4]
+
+
+@pytest.fixture(scope="module")
+def video_set(tmp_path_factory):
+    """Two real MP4 files and a JSONL set about them: a six-frame scene cut (--frames 4 samples
+    frames 0, 1, 3, 5) and a three-frame one (all taken); returns (jsonl, the frames
+    sampled as vLLM's loader samples them, decoded by OpenCV here)."""
+    from vllm_prumerge.testing import make_video
+    from vllm_prumerge.testing.media import encode_mp4, read_video
+
+    root = tmp_path_factory.mktemp("videos")
+    clips = {"cut.mp4": make_video(4, 6, kind="cut"), "short.mp4": make_video(9, 3, kind="cut")}
+    lines = []
+    for i, (name, frames) in enumerate(clips.items()):
+        (root / name).write_bytes(encode_mp4(frames))
+        lines.append({"video": name, "question": "What happens?", "answers": ["a"] * 10, "id": i})
+    jsonl = root / "clips.jsonl"
+    jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return jsonl, [read_video(root / name, 4) for name in clips]
+
+
+@pytest.fixture(scope="module")
+def video_counts(video_llava_checkpoint, video_set):
+    """Visual tokens per video and configuration by transformers' Video-LLaVA video tower and
+    the reduction core (no vLLM), on the independently sampled frames."""
+    from _common import parse_configs
+
+    from tests.hf_reference import HFPruMergeVideoLlava, retention_margin
+    from vllm_prumerge import PruMergeConfig
+
+    hf = HFPruMergeVideoLlava(video_llava_checkpoint)
+    counts = {}
+    for config in parse_configs(",".join(VIDEO_CONFIGS)):
+        options = config.prumerge
+        options = PruMergeConfig.from_dict(
+            {"mode": options} if isinstance(options, str) else options
+        )
+        for frames in video_set[1]:  # no decision within float rounding of its boundary
+            if options.temporal != "off":
+                assert retention_margin(hf.video_patch_features(frames), options) > 1e-4
+        counts[config.name] = [len(hf.video_embeds(frames, options)) for frames in video_set[1]]
+    assert counts["off"] == [4 * 257, 3 * 257]  # transformers' own: 257 per frame, CLS kept
+    # Across time the cut clip costs less than frame by frame.
+    assert counts["prumerge/evs:0.5"][0] < counts["prumerge"][0]
+    return counts
+
+
+def check_video_run(out: Path, source: Path, counts: dict) -> dict:
+    data = json.loads((out / "quality.json").read_text())
+    assert data["modality"] == "video" and data["data"] == {
+        "source": str(source),
+        "items": 2,
+        "labelled": 2,
+    }
+    assert [r["name"] for r in data["results"]] == VIDEO_CONFIGS
+    records = [
+        json.loads(line) for line in (out / "quality_answers.jsonl").read_text().splitlines()
+    ]
+    assert [Path(r["video"]).name for r in records] == ["cut.mp4", "short.mp4"]
+    for name in VIDEO_CONFIGS:
+        assert [r["predictions"][name]["visual_tokens"] for r in records] == counts[name], name
+    report = (out / "quality.md").read_text()
+    assert "# Answer quality vs visual tokens per video" in report
+    assert "| config | visual tok/video mean | p50 | p95 |" in report
+    assert "| prumerge+/adaptive |" in report
+    assert (out / "quality_vs_tokens.png").read_bytes()[:8] == PNG_MAGIC
+    return data
+
+
+@pytest.mark.engine
+def test_offline_video_run_counts_every_video_exactly_per_frame_and_across_time(
+    video_llava_checkpoint, video_set, video_counts, tmp_path
+):
+    jsonl, _ = video_set
+    out = tmp_path / "out"
+    argv = ["--tiny", "--data", jsonl, *VIDEO_ARGS, "--dtype", "float32", "--max-tokens", 1]
+    argv += ["--warmup", 0, "--no-progress", "--out", out]  # the server run warms up
+    run_quality(argv, env=tiny_cache_env(video_llava_checkpoint, tmp_path, in_process=True))
+    data = check_video_run(out, jsonl, video_counts)
+    assert data["backend"] == "offline vllm.LLM"
+
+
+@pytest.mark.server
+def test_server_video_run_counts_every_video_exactly_from_usage(
+    video_server, video_set, video_counts, tmp_path
+):
+    jsonl, _ = video_set
+    out = tmp_path / "out"
+    argv = ["--server", video_server[0], "--data", jsonl, *VIDEO_ARGS, "--max-tokens", 2]
+    argv += ["--warmup", 1, "--no-progress", "--out", out]
+    run_quality(argv)
+    check_video_run(out, jsonl, video_counts)
