@@ -7,8 +7,8 @@ Measurements (method and recorded figures: docs/benchmarks.md, benchmarks/RESULT
   memory      weights and peak activation memory per image of one CLIP tower copy (CPU, Linux).
   invariance  B images through tower and reduction one at a time (the encoder's path) against
               one batched forward, and whether the per-image path is bit-identical.
-Real-shaped towers with random weights, generated inputs. Timings: wall clock (device-synced)
-and process CPU time after warm-up. Table to stdout, progress to stderr, JSON to --out.
+Real-shaped towers, random weights, generated inputs; wall-clock and CPU time after warm-up.
+Table to stdout, progress to stderr, JSON to --out.
 
     python benchmarks/bench_reduction.py --device cpu --threads 1 --out bench_reduction_cpu.json
     python benchmarks/bench_reduction.py --device cuda --out bench_reduction_cuda.json
@@ -87,8 +87,8 @@ def measure(fn: Callable[[], object], device: Any, repeats: int, warmup: int = 0
     for _ in range(warmup):
         fn()
     sync()
-    base = torch.cuda.memory_allocated(device) if cuda else 0
     if cuda:
+        base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     wall, cpu = [], []
     for _ in range(max(repeats, 1)):

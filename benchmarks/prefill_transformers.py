@@ -1,12 +1,9 @@
 """Prefill latency and memory of a LLaVA-1.5-7B-shaped model at 576 vs reduced visual tokens.
 
 For GPU machines without vLLM (torch + transformers only; never imports vLLM), random weights of
-the real shapes: (1) the LLM prefill of V visual + T text tokens (a Vicuna-7B-shaped Llama, KV
-cache on, last position's logits only, as a server's prefill): latency and peak memory above the
-weights, V = 576 (stock LLaVA-1.5) and reduced counts; (2) the front end per image: the
-CLIP-L/14-336 tower to LLaVA's feature layer plus the reduction, and the reduction alone
-(`bench_reduction.frontend`). The paper (V100, a roofline estimate): prefill 88.6 -> 15.3 ms with
-PruMerge. Method and recorded figures: docs/benchmarks.md, benchmarks/RESULTS.md.
+the real shapes: the LLM prefill of V visual + T text tokens, and the front end per image (the
+CLIP-L/14-336 tower to LLaVA's feature layer plus the reduction: `bench_reduction.frontend`).
+Method, the paper's figure and recorded figures: docs/benchmarks.md, benchmarks/RESULTS.md.
 
     python benchmarks/prefill_transformers.py --out out/prefill                 # GPU, 7B shape
     python benchmarks/prefill_transformers.py --shape tiny --device cpu --out out/prefill-cpu
@@ -197,9 +194,8 @@ def markdown_report(data: dict[str, Any]) -> str:
         base = {r["batch_size"]: r for r in data["prefill"] if r["visual_tokens"] == 576}
 
         def vs_576(key: str) -> Any:  # the batch's 576 row over this row
-            return lambda r: _report.ratio(
-                _report.cell(base.get(r["batch_size"], {}), key), _report.cell(r, key)
-            )
+            cell = _report.cell
+            return lambda r: _report.ratio(cell(base.get(r["batch_size"], {}), key), cell(r, key))
 
         columns = [
             ("batch", "batch_size"),
