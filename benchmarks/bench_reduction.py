@@ -240,14 +240,14 @@ def build_parser(measurement: str = "reduction") -> argparse.ArgumentParser:
     parser = (Parser if default else argparse.ArgumentParser)(
         prog=None if default else f"bench_reduction.py {measurement}",
         description=description,
-        epilog="`bench_reduction.py memory --help`, `... invariance --help`: their options."
-        if default
-        else None,
         formatter_class=HelpFormatter,
     )
     add_number_options(parser, *specs, ("--out", Path, None, "also write the results as JSON here"))
     parser.set_defaults(measurement=measurement)
     if default:
+        parser.epilog = (
+            "`bench_reduction.py memory --help`, `... invariance --help`: their options."
+        )
         parser.add_argument(
             "--no-malloc-tuning", dest="malloc_tuning", action="store_false", help=MALLOC_HELP
         )
