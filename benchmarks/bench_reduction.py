@@ -7,8 +7,8 @@ Measurements (method and recorded figures: docs/benchmarks.md, benchmarks/RESULT
   memory      weights and peak activation memory per image of one CLIP tower copy (CPU, Linux).
   invariance  B images through tower and reduction one at a time (the encoder's path) against
               one batched forward, and whether the per-image path is bit-identical.
-Real-shaped towers with random weights, generated inputs. Timings: wall clock (device-synced)
-and process CPU time after warm-up. Table to stdout, progress to stderr, JSON to --out.
+Real-shaped towers, random weights, generated inputs; wall-clock and CPU time after warm-up.
+Table to stdout, progress to stderr, JSON to --out.
 
     python benchmarks/bench_reduction.py --device cpu --threads 1 --out bench_reduction_cpu.json
     python benchmarks/bench_reduction.py --device cuda --out bench_reduction_cuda.json
@@ -42,9 +42,13 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_atte
 # `memory`: glibc serves blocks of 64 KiB and more by mmap and returns freed memory at once, so
 # the resident set follows the live tensors (by default it keeps freed blocks, hiding peaks).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+# The default measurement: glibc keeps freed megabyte blocks (`tune_malloc`) unless told not to.
+MALLOC_HELP = "keep glibc's malloc thresholds; by default freed memory stays in the heap (mmap "
+MALLOC_HELP += "threshold 32 MiB, trim 256 MiB): the naive loop's megabyte temporaries are not "
+MALLOC_HELP += "page-faulted afresh for every kept token"
 
 
-# Shared with prefill_transformers.py: option parsing, timing, the run's record, the front end.
+# Shared with prefill_transformers.py: option types, timing, the run's record, the front end.
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -53,10 +57,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def ints(text: str) -> list[int]:
     """`"1,8,32"` -> [1, 8, 32] (an argparse type)."""
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,8,32, got {text!r}") from None
+    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def names(*choices: str) -> Callable[[str], list[str]]:
@@ -76,10 +77,9 @@ def log(message: str) -> None:
 
 
 def measure(fn: Callable[[], object], device: Any, repeats: int, warmup: int = 0) -> dict:
-    """Seconds of `fn()` after `warmup` untimed calls: wall clock (device-synchronised) and this
-    process's CPU time (all threads; with one thread, unaffected by other tenants of a shared
-    machine), medians, minima and samples; on CUDA also the timed calls' peak allocated bytes
-    above the start (`peak_bytes`, None elsewhere)."""
+    """Seconds of `fn()` after `warmup` untimed calls, wall clock (device-synchronised) and this
+    process's CPU time: medians, minima and samples; on CUDA also the timed calls' peak
+    allocated bytes above the start (`peak_bytes`, None elsewhere)."""
     import torch
 
     cuda = device.type == "cuda"
@@ -87,37 +87,38 @@ def measure(fn: Callable[[], object], device: Any, repeats: int, warmup: int = 0
     for _ in range(warmup):
         fn()
     sync()
-    base = torch.cuda.memory_allocated(device) if cuda else 0
     if cuda:
+        base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     wall, cpu = [], []
     for _ in range(max(repeats, 1)):
-        sync()
         start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         sync()
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
     return {
         **{"median_s": statistics.median(wall), "min_s": min(wall), "samples_s": wall},
         **{"cpu_median_s": statistics.median(cpu), "cpu_min_s": min(cpu), "cpu_samples_s": cpu},
-        "peak_bytes": peak,
+        "peak_bytes": torch.cuda.max_memory_allocated(device) - base if cuda else None,
     }
 
 
 def environment(**extra: Any) -> dict:
     """The machine and versions of this run (`_report.environment`: CPU line with its native
-    half-precision paths, GPU, threads, load), the command line, NumPy, and `extra`."""
+    half-precision paths, GPU, threads, load), the command line, NumPy and `extra`; logged."""
     import numpy
 
     env = _report.environment({"command": " ".join([Path(sys.executable).name, *sys.argv])})
     env["versions"]["numpy"] = numpy.__version__
-    return {**env, **extra}
+    env.update(extra)
+    log(f"environment: {json.dumps(env)}")
+    return env
 
 
 def emit(data: dict, table: str, out: Path | None) -> None:
     """Print the Markdown `table`; write `data` and the table as JSON to `out` (if given)."""
+    data["environment"]["load_average_at_end"] = list(os.getloadavg())
     print(table)
     if out:
         _report.write_json(out, {**data, "markdown": table})
@@ -129,21 +130,20 @@ def load_tower(name: str, dtype: Any, device: Any = None) -> tuple[Any, int]:
     from vllm_prumerge.testing.towers import FEATURE_LAYER, build_tower
 
     real = "clip-l-336" if name == "tiny" else name
-    overrides = TINY if name == "tiny" else {}
-    return build_tower(real, dtype, device, **overrides), FEATURE_LAYER[real]
+    return build_tower(real, dtype, device, **(TINY if name == "tiny" else {})), FEATURE_LAYER[real]
 
 
 def scene_pixels(count: int, seed: int) -> Any:
-    """`[count, 3, 336, 336]` CLIP-normalised pixels of generated scenes."""
+    """`[count, 3, 336, 336]` CLIP-normalised pixels of generated scenes (`make_scenes`)."""
     import numpy as np
     import torch
 
-    from vllm_prumerge.testing import make_scene
+    from vllm_prumerge.testing import make_scenes
+    from vllm_prumerge.testing.original_format import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-    scenes = [np.asarray(make_scene(seed * 100_003 + i), np.float32) for i in range(count)]
-    return (torch.from_numpy(np.stack(scenes) / 255.0).permute(0, 3, 1, 2) - mean) / std
+    scenes = np.stack(make_scenes(count, seed)).astype(np.float32) / 255.0
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+    return (torch.from_numpy(scenes).permute(0, 3, 1, 2) - mean) / std
 
 
 def frontend(tower: Any, batch: int, mode: str, device: Any, repeats: int, warmup: int, seed=0):
@@ -180,6 +180,7 @@ def frontend(tower: Any, batch: int, mode: str, device: Any, repeats: int, warmu
 
 # The measurements: description and options of each, then how it runs.
 
+TOWER_HELP = "tower shape (tiny: CLIP-L's geometry, 64 wide)"
 OPTIONS = {
     "reduction": (
         __doc__,
@@ -198,63 +199,57 @@ OPTIONS = {
         ("--warmup", int, 1, "untimed calls before each timed reduction"),
         ("--threads", int, None, "torch.set_num_threads; unset: torch's default"),
         ("--seed", int, 0, "seed of the synthetic inputs"),
-        ("--out", Path, None, "write the results as JSON here"),
     ),
     "memory": (
-        "Memory of one CLIP tower copy on a CPU (Linux), each dtype in a fresh process: its\n"
-        "weights, and the peak resident-set growth of the plugin's forward (clip_prumerge_inputs\n"
-        "+ reduce_tokens, prumerge) at each batch size, whose slope is the activations per image.\n"
-        "Method: docs/benchmarks.md.",
-        (
-            "--tower",
-            str,
-            "clip-l-336",
-            "tower shape (tiny: CLIP-L's geometry, 64 wide)",
-            TOWERS[::2],
-        ),
+        "Memory of one CLIP tower copy on a CPU (Linux), each dtype in a fresh process: weights\n"
+        "and activations per image (peak growth of the forward; docs/benchmarks.md).",
+        ("--tower", str, "clip-l-336", TOWER_HELP, TOWERS[::2]),
         ("--dtypes", names(*DTYPES), "float16,bfloat16", "comma-separated tower dtypes"),
         ("--batch-sizes", ints, "1,2,4,8", "comma-separated batch sizes (images per forward)"),
         ("--repeats", int, 2, "forwards per batch size; the smallest peak is kept"),
         ("--threads", int, 1, "torch threads (vLLM's pre-processor: OMP_NUM_THREADS, default 1)"),
-        ("--out", Path, None, "also write the results as JSON here"),
     ),
     "invariance": (
-        "What batch invariance costs: every image through the tower and the reduction alone\n"
-        "(the encoder's path) against the old batched path (one forward of [B], one padded\n"
-        "reduction); checks that the per-image path is bit-identical alone and in the batch\n"
-        "(exit status 1 if not).",
-        ("--tower", str, "clip-l-336", "tower shape (tiny: CLIP-L's geometry, 64 wide)", TOWERS),
+        "What batch invariance costs: each image through tower and reduction alone against one\n"
+        "batched forward; whether that is bit-identical alone and in a batch (exit 1 if not).",
+        ("--tower", str, "clip-l-336", TOWER_HELP, TOWERS),
         ("--images", int, 4, "images per batch"),
         ("--repeats", int, 2, "timed repeats of each path, after one warm-up"),
         ("--dtype", str, "float32", "tower dtype", DTYPES[:2]),
         ("--threads", int, 1, "torch threads (1: vLLM's pre-processor default)"),
         ("--mode", str, "prumerge", "reduction mode", ("prumerge", "prumerge+")),
-        ("--out", Path, None, "also write the results as JSON here"),
     ),
 }
 
 
-def measurement_parser(measurement: str, kind: type = argparse.ArgumentParser) -> Any:
-    """The parser of `measurement` (a key of OPTIONS)."""
+class Parser(argparse.ArgumentParser):
+    """The default measurement's parser: an argv that starts with `memory` or `invariance` goes
+    to that measurement's parser."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        argv = sys.argv[1:] if args is None else [str(a) for a in args]
+        if argv[:1] in (["memory"], ["invariance"]):
+            return build_parser(argv[0]).parse_args(argv[1:], namespace)
+        return super().parse_args(argv, namespace)
+
+
+def build_parser(measurement: str = "reduction") -> argparse.ArgumentParser:
+    """The parser of `measurement` (a key of OPTIONS); `measurement` in its result names it."""
     description, *specs = OPTIONS[measurement]
     default = measurement == "reduction"
-    parser = kind(
+    parser = (Parser if default else argparse.ArgumentParser)(
         prog=None if default else f"bench_reduction.py {measurement}",
         description=description,
-        epilog="`bench_reduction.py memory --help`, `... invariance --help`: their options."
-        if default
-        else None,
         formatter_class=HelpFormatter,
     )
-    add_number_options(parser, *specs)
+    add_number_options(parser, *specs, ("--out", Path, None, "also write the results as JSON here"))
+    parser.set_defaults(measurement=measurement)
     if default:
+        parser.epilog = (
+            "`bench_reduction.py memory --help`, `... invariance --help`: their options."
+        )
         parser.add_argument(
-            "--no-malloc-tuning",
-            dest="malloc_tuning",
-            action="store_false",
-            help="keep glibc's malloc thresholds; by default freed memory stays in the heap "
-            "(mmap threshold 32 MiB, trim 256 MiB): the naive loop's megabyte temporaries are "
-            "not page-faulted afresh for every kept token",
+            "--no-malloc-tuning", dest="malloc_tuning", action="store_false", help=MALLOC_HELP
         )
     return parser
 
@@ -262,12 +257,11 @@ def measurement_parser(measurement: str, kind: type = argparse.ArgumentParser) -
 def tune_malloc() -> bool:
     """Stop glibc returning freed megabyte blocks to the OS (see `--no-malloc-tuning`)."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except OSError:
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mmap_ok = libc.mallopt(m_mmap_threshold, 32 << 20)
-    return bool(mmap_ok and libc.mallopt(m_trim_threshold, 256 << 20))
+    # M_MMAP_THRESHOLD (-3) 32 MiB, M_TRIM_THRESHOLD (-1) 256 MiB
+    return bool(mallopt(-3, 32 << 20) and mallopt(-1, 256 << 20))
 
 
 def reduction_row(args: argparse.Namespace, device: Any, inputs: tuple, mode: str) -> dict:
@@ -292,11 +286,10 @@ def reduction_row(args: argparse.Namespace, device: Any, inputs: tuple, mode: st
 
         row["naive"] = slow = measure(naive, device, args.naive_repeats, args.warmup)
         # Minimum times: the least disturbed by other load on a shared machine.
-        row["speedup"] = slow["min_s"] / fast["min_s"]
-        row["speedup_cpu"] = slow["cpu_min_s"] / fast["cpu_min_s"]
+        row["speedup"], row["speedup_cpu"] = (slow[k] / fast[k] for k in ("min_s", "cpu_min_s"))
         text = f"naive {slow['min_s'] * 1e3:9.1f} ms  x{row['speedup']:.1f}"
-    kept_text = f"kept~{row['mean_kept']:.0f}  fast {fast['min_s'] * 1e3:8.2f} ms"
-    log(f"reduction {mode:9s} B={batch:<3d} N={n:<5d} {kept_text}  {text}")
+    text = f"kept~{row['mean_kept']:.0f}  fast {fast['min_s'] * 1e3:8.2f} ms  {text}"
+    log(f"reduction {mode:9s} B={batch:<3d} N={n:<5d} {text}")
     return row
 
 
@@ -355,10 +348,8 @@ def run_reduction(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device available", file=sys.stderr)
-        return 2
+        build_parser().error("--device cuda: no CUDA device available")
     env = environment(device=str(device), dtype=args.dtype, malloc_tuned=malloc_tuned)
-    log(f"environment: {json.dumps(env)}")
     rows = []
     with torch.inference_mode():
         for n, batch in itertools.product(args.patches, args.batch_sizes):
@@ -367,7 +358,6 @@ def run_reduction(args: argparse.Namespace) -> int:
             rows += [reduction_row(args, device, inputs, mode) for mode in args.modes]
     tower = bench_tower(args, device) if args.tower_batch_sizes else []
     results = {"environment": env, "reduction": rows, "tower": tower}
-    env["load_average_at_end"] = list(os.getloadavg())
     emit(results, reduction_table(results), args.out)
     return 0
 
@@ -379,7 +369,8 @@ def _status_kib(field: str) -> int:
 
 
 def tower_memory(args: argparse.Namespace, dtype_name: str, batch_sizes: list[int]) -> dict:
-    """Weights and per-batch peak forward memory of one tower in `dtype_name` (this process)."""
+    """Weights and per-batch peak forward memory of one tower in `dtype_name` (this process),
+    and the activations per image: the least-squares slope of the peak over the batch size."""
     import gc
 
     import torch
@@ -413,44 +404,39 @@ def tower_memory(args: argparse.Namespace, dtype_name: str, batch_sizes: list[in
                 forward(batch)
                 samples.append(_status_kib("VmHWM") - before)
             peaks[batch] = min(samples) * 1024
-    params = list(tower.parameters())
+    params, (xs, ys) = list(tower.parameters()), zip(*peaks.items(), strict=True)
+    per_image = statistics.linear_regression(xs, ys).slope if len(xs) > 1 else ys[0] / xs[0]
     return {
         **{"dtype": dtype_name, "threads": torch.get_num_threads()},
         "param_count": sum(p.numel() for p in params),
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
         "rss_growth_building_tower_bytes": (rss_tower - rss_before) * 1024,
         "forward_peak_extra_bytes": peaks,
+        "activation_bytes_per_image": per_image,
     }
 
 
 def run_memory(args: argparse.Namespace) -> int:
     batch_sizes = sorted(set(args.batch_sizes))
     if not batch_sizes or batch_sizes[0] < 1 or args.repeats < 1 or args.threads < 1:
-        measurement_parser("memory").error("--batch-sizes, --repeats and --threads must be >= 1")
+        build_parser("memory").error("--batch-sizes, --repeats and --threads must be >= 1")
     if not Path("/proc/self/clear_refs").exists():
-        measurement_parser("memory").error("this measurement needs Linux's /proc/self/clear_refs")
+        build_parser("memory").error("this measurement needs Linux's /proc/self/clear_refs")
     # A fresh interpreter per dtype, started with the malloc settings and the thread count.
     os.environ.update(MALLOC_ENV, OMP_NUM_THREADS=str(args.threads))
     results = []
     for dtype in args.dtypes:
         log(f"memory {dtype} ...")
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            result = pool.apply(tower_memory, (args, dtype, batch_sizes))
-        xs, ys = zip(*result["forward_peak_extra_bytes"].items(), strict=True)
-        # Per image: the least-squares slope of the peak over the batch size.
-        per_image = statistics.linear_regression(xs, ys).slope if len(xs) > 1 else ys[0] / xs[0]
-        results.append({**result, "activation_bytes_per_image": per_image})
+            results.append(pool.apply(tower_memory, (args, dtype, batch_sizes)))
     header = ["dtype", "parameters", "weights (exact)", "RSS growth, building"]
     header += [f"forward peak, B={b}" for b in batch_sizes] + ["activations per image (slope)"]
     rows = []
     for r in results:
-        peaks = [r["forward_peak_extra_bytes"][b] for b in batch_sizes]
-        sizes = [r["param_bytes"], r["rss_growth_building_tower_bytes"], *peaks]
-        sizes.append(r["activation_bytes_per_image"])
-        rows.append(
-            [r["dtype"], f"{r['param_count'] / 1e6:.1f} M"]
-            + [f"{v / 2**20:.0f} MiB" for v in sizes]
-        )
+        sizes = [r["param_bytes"], r["rss_growth_building_tower_bytes"]]
+        sizes += [*r["forward_peak_extra_bytes"].values(), r["activation_bytes_per_image"]]
+        rows.append([r["dtype"], f"{r['param_count'] / 1e6:.1f} M"])
+        rows[-1] += [f"{v / 2**20:.0f} MiB" for v in sizes]
     env = environment(threads=args.threads)
     emit({"environment": env, "results": results}, _report.markdown_table(header, rows), args.out)
     return 0
@@ -477,7 +463,6 @@ def run_invariance(args: argparse.Namespace) -> int:
         return core.ReducedTokens.concat([batched(row) for row in images.split(1)])
 
     env = environment()
-    log(f"{env['cpu_line']} | load average at start {env['load_average_at_start'][0]:.2f}")
     log(f"{args.tower}, {args.dtype}, {args.threads} thread(s), {args.images} images, {args.mode}")
     results = {}
     with torch.inference_mode():
@@ -500,29 +485,9 @@ def run_invariance(args: argparse.Namespace) -> int:
     return 0 if identical else 1
 
 
-RUN = {"reduction": run_reduction, "memory": run_memory, "invariance": run_invariance}
-
-
-class Parser(argparse.ArgumentParser):
-    """The default measurement's parser; an argv that starts with `memory` or `invariance` is
-    parsed by that measurement's. `measurement` in the result names it."""
-
-    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
-        argv = sys.argv[1:] if args is None else [str(a) for a in args]
-        name = argv[0] if argv[:1] in (["memory"], ["invariance"]) else "reduction"
-        parser = self if name == "reduction" else measurement_parser(name)
-        parsed = argparse.ArgumentParser.parse_args(parser, argv[name != "reduction" :], namespace)
-        parsed.measurement = name
-        return parsed
-
-
-def build_parser() -> Parser:
-    return measurement_parser("reduction", Parser)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return RUN[args.measurement](args)
+    return globals()[f"run_{args.measurement}"](args)
 
 
 if __name__ == "__main__":

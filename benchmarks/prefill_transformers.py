@@ -1,13 +1,9 @@
 """Prefill latency and memory of a LLaVA-1.5-7B-shaped model at 576 vs reduced visual tokens.
 
-For machines with a GPU but without vLLM (torch + transformers only; this script never imports
-vLLM), on random weights of the real shapes: (1) the LLM prefill of V visual + T text tokens
-(a Vicuna-7B-shaped Llama, KV cache on, last position's logits only, as a server's prefill):
-latency and peak memory above the weights, for V = 576 (stock LLaVA-1.5) and the reduced
-counts; (2) the front end per image: the CLIP-L/14-336 tower to LLaVA's feature layer plus the
-reduction, and the reduction alone (`bench_reduction.frontend`). The paper's efficiency table
-(V100, a roofline estimate) gives prefill 88.6 -> 15.3 ms with PruMerge. Method and recorded
-figures: docs/benchmarks.md, benchmarks/RESULTS.md.
+For GPU machines without vLLM (torch + transformers only; never imports vLLM), random weights of
+the real shapes: the LLM prefill of V visual + T text tokens, and the front end per image (the
+CLIP-L/14-336 tower to LLaVA's feature layer plus the reduction: `bench_reduction.frontend`).
+Method, the paper's figure and recorded figures: docs/benchmarks.md, benchmarks/RESULTS.md.
 
     python benchmarks/prefill_transformers.py --out out/prefill                 # GPU, 7B shape
     python benchmarks/prefill_transformers.py --shape tiny --device cpu --out out/prefill-cpu
@@ -30,40 +26,40 @@ from bench_reduction import environment, frontend, ints, measure, names
 
 from vllm_prumerge.testing.engine_args import add_number_options
 
-# Model shapes: LLaVA-1.5-7B (Vicuna-7B + CLIP-L/14-336, whose shape `resolve_shape` takes from
-# vllm_prumerge.testing.towers) and a tiny one for CPU validation.
-_LLAMA = ("layers", "hidden_size", "intermediate_size", "heads", "vocab_size")
-_CLIP = ("vision_layers", "vision_hidden_size", "vision_intermediate_size", "vision_heads")
-SHAPES: dict[str, dict[str, int]] = {
-    "7b": dict(zip(_LLAMA, (32, 4096, 11008, 32, 32064), strict=True)),
-    "tiny": dict(zip(_LLAMA + _CLIP, (2, 256, 688, 8, 32064, 2, 64, 128, 4), strict=True)),
-}
-SHAPE_HELP = ["Llama decoder layers.", "Llama width.", "Llama MLP width."]
-SHAPE_HELP += ["Llama attention heads (= KV heads).", "Llama vocabulary."]
-SHAPE_HELP += ["CLIP layers (LLaVA's feature layer is the second to last).", "CLIP width."]
-SHAPE_HELP += ["CLIP MLP width.", "CLIP attention heads."]
+# The shape flags: (flag, transformers config field, 7b, tiny, help). 7b: LLaVA-1.5-7B = Vicuna-7B
+# + CLIP-L/14-336 (None: the tower's own shape, vllm_prumerge.testing.towers); tiny: for a CPU.
+SHAPE_FLAGS = (
+    ("layers", "num_hidden_layers", 32, 2, "Llama decoder layers."),
+    ("hidden_size", "hidden_size", 4096, 256, "Llama width."),
+    ("intermediate_size", "intermediate_size", 11008, 688, "Llama MLP width."),
+    ("heads", "num_attention_heads", 32, 8, "Llama attention heads (= KV heads)."),
+    ("vocab_size", "vocab_size", 32064, 32064, "Llama vocabulary."),
+    ("vision_layers", "num_hidden_layers", None, 2, "CLIP layers (LLaVA reads the 2nd to last)."),
+    ("vision_hidden_size", "hidden_size", None, 64, "CLIP width."),
+    ("vision_intermediate_size", "intermediate_size", None, 128, "CLIP MLP width."),
+    ("vision_heads", "num_attention_heads", None, 4, "CLIP attention heads."),
+)
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 MODES = ("off", "prumerge", "prumerge+")
+PAPER = {"device": "V100 (roofline estimate)", "prefill_ms": {"576": 88.6, "prumerge": 15.3}}
 PAPER_NOTE = "Paper (LLaVA-1.5-7B, V100, roofline estimate, not measured here): prefill 88.6 ms "
 PAPER_NOTE += "(576 tokens) -> 15.3 ms (PruMerge)."
-PAPER = {"device": "V100 (roofline estimate)", "prefill_ms": {"576": 88.6, "prumerge": 15.3}}
+# Per-image statistics of the front end's timings (`measure_frontend`).
+PER_IMAGE = {"tower_plus_reduction": "per_image_ms", "reduction": "reduction_per_image_ms"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = new_parser(
-        __doc__,
-        "Random weights, torch + transformers only (no vLLM); JSON, Markdown and PNG output.",
-    )
-    shape = parser.add_argument_group(
-        "model shape (--shape sets all; a flag given explicitly overrides it)"
-    )
+    parser = new_parser(__doc__, "Random weights, no vLLM; JSON, Markdown and PNG output.")
+    shape = parser.add_argument_group("model shape (--shape presets all; flags given override)")
     shape_help = "7b: LLaVA-1.5-7B (Vicuna-7B + CLIP-L/14-336); tiny: a few MB, for a CPU."
-    add_number_options(shape, ("--shape", str, "7b", shape_help, sorted(SHAPES)))
-    for key, text in zip(_LLAMA + _CLIP, SHAPE_HELP, strict=True):
-        shape.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=text)
-    run = parser.add_argument_group("measurement")
+    add_number_options(
+        shape,
+        ("--shape", str, "7b", shape_help, ("7b", "tiny")),
+        *((f"--{key.replace('_', '-')}", int, None, text) for key, *_, text in SHAPE_FLAGS),
+    )
     v_help = "Visual token counts V of the prefill: 576 = stock LLaVA-1.5; N + 1 = N kept + "
     v_help += "PruMerge's extra token (145 ~ PruMerge+, 33 ~ PruMerge per the paper)."
+    run = parser.add_argument_group("measurement")
     add_number_options(
         run,
         ("--device", str, None, "cuda, cuda:1, cpu, ... (default: cuda when available)."),
@@ -87,13 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_shape(args: argparse.Namespace) -> dict[str, int]:
-    """The --shape preset (CLIP-L/14-336's own shape unless the preset sets the CLIP fields),
-    with the shape flags given explicitly."""
-    from vllm_prumerge.testing.towers import spec_fields
+    """The shape flags given explicitly, else the --shape preset's values."""
+    from vllm_prumerge.testing.towers import TOWER_SHAPES
 
-    shape = {**spec_fields("clip-l-336"), **SHAPES[args.shape]}
-    given = {key: getattr(args, key) for key in shape if getattr(args, key) is not None}
-    return {**shape, **given}
+    shape = {}
+    for key, field, big, tiny, _ in SHAPE_FLAGS:
+        preset = (big if args.shape == "7b" else tiny) or TOWER_SHAPES["clip-l-336"][field]
+        shape[key] = preset if getattr(args, key) is None else getattr(args, key)
+    return shape
+
+
+def config_fields(shape: dict[str, int], vision: bool) -> dict[str, int]:
+    """transformers' config fields of `shape`'s Llama, or (`vision`) of its CLIP tower."""
+    return {f: shape[key] for key, f, *_ in SHAPE_FLAGS if key.startswith("vision_") == vision}
 
 
 def stats_ms(seconds: list[float]) -> dict[str, float]:
@@ -109,18 +111,12 @@ def mib(value: int | None) -> float | None:
 
 
 def build_llm(shape: dict[str, int], dtype: Any, device: Any, attn: str) -> Any:
+    """The Llama of `shape` (as Vicuna-7B: KV heads = heads, untied head), random weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        **{"vocab_size": shape["vocab_size"], "hidden_size": shape["hidden_size"]},
-        intermediate_size=shape["intermediate_size"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["heads"],
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
+    fields = {**config_fields(shape, vision=False), "num_key_value_heads": shape["heads"]}
+    config = LlamaConfig(**fields, max_position_embeddings=4096, tie_word_embeddings=False)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, attn_implementation=attn, dtype=dtype)
     return model.eval()
@@ -146,13 +142,25 @@ def measure_prefill(model: Any, args: argparse.Namespace, device: Any, bar: Any)
         layers = getattr(forward().past_key_values, "layers", [])
         tensors = [getattr(layer, name, None) for layer in layers for name in ("keys", "values")]
         kv_bytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        rows.append(
-            {
-                **{"batch_size": batch, "visual_tokens": visual, "text_tokens": args.text_tokens},
-                **{"prompt_tokens": length, "latency_ms": stats_ms(timing["samples_s"])},
-                **{"peak_memory_bytes": timing["peak_bytes"], "kv_cache_bytes": kv_bytes or None},
-            }
-        )
+        row = {"batch_size": batch, "visual_tokens": visual, "text_tokens": args.text_tokens}
+        row.update(prompt_tokens=length, latency_ms=stats_ms(timing["samples_s"]))
+        row.update(peak_memory_bytes=timing["peak_bytes"], kv_cache_bytes=kv_bytes or None)
+        rows.append(row)
+        bar.update(1)
+    return rows
+
+
+def measure_frontend(tower: Any, args: argparse.Namespace, device: Any, bar: Any) -> list[dict]:
+    """`frontend` per batch size and mode, its timings as `stats_ms` of the batch (`*_ms`) and
+    per image (`per_image_ms`, `reduction_per_image_ms`)."""
+    rows = []
+    for batch, mode in itertools.product(args.frontend_batch_sizes, args.modes):
+        row = frontend(tower, batch, mode, device, args.iters, args.warmup, args.seed)
+        for key, per_image in PER_IMAGE.items():
+            seconds = row.pop(key)["samples_s"]
+            row[f"{key}_ms"] = stats_ms(seconds)
+            row[per_image] = stats_ms([t / batch for t in seconds])
+        rows.append(row)
         bar.update(1)
     return rows
 
@@ -186,9 +194,8 @@ def markdown_report(data: dict[str, Any]) -> str:
         base = {r["batch_size"]: r for r in data["prefill"] if r["visual_tokens"] == 576}
 
         def vs_576(key: str) -> Any:  # the batch's 576 row over this row
-            return lambda r: _report.ratio(
-                _report.cell(base.get(r["batch_size"], {}), key), _report.cell(r, key)
-            )
+            cell = _report.cell
+            return lambda r: _report.ratio(cell(base.get(r["batch_size"], {}), key), cell(r, key))
 
         columns = [
             ("batch", "batch_size"),
@@ -219,10 +226,8 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     """prefill.png: latency (measured, and proportional to the prompt) and memory against V."""
     fig, (left, right) = _report.pyplot().subplots(1, 2, figsize=(11, 4.3))
     for i, batch in enumerate(sorted({r["batch_size"] for r in data["prefill"]})):
-        rows = sorted(
-            (r for r in data["prefill"] if r["batch_size"] == batch),
-            key=lambda r: r["visual_tokens"],
-        )
+        rows = [r for r in data["prefill"] if r["batch_size"] == batch]
+        rows.sort(key=lambda r: r["visual_tokens"])
         xs, style = [r["visual_tokens"] for r in rows], {"color": f"C{i}"}
         top = next((r for r in rows if r["visual_tokens"] == 576), rows[-1])
         scale = top["latency_ms"]["median"] / top["prompt_tokens"]
@@ -256,64 +261,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_name = args.dtype
+    cuda, dtype_name = device.type == "cuda", args.dtype
     if dtype_name == "auto":
-        dtype_name = "float16" if device.type == "cuda" else "float32"
+        dtype_name = "float16" if cuda else "float32"
     dtype, shape = getattr(torch, dtype_name), resolve_shape(args)
     torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {
         "benchmark": "prefill + front end (transformers, random weights, no vLLM)",
         **{"settings": dict(vars(args)), "shape": shape, "dtype": dtype_name},
         **{"device": str(device), "environment": environment(device=str(device))},
         **{"paper": PAPER, "prefill": [], "frontend": []},
     }
-    prefill = [] if args.skip_prefill else [args.prefill_batch_sizes, args.visual_tokens]
-    front = [] if args.skip_frontend else [args.frontend_batch_sizes, args.modes]
-    steps = sum(len(a) * len(b) for a, b in (prefill, front) if a)  # type: ignore[has-type]
-    wall = time.perf_counter()
-    with _report.progress(steps, "prefill", disable=args.no_progress) as bar:
+    prefill = 0 if args.skip_prefill else len(args.prefill_batch_sizes) * len(args.visual_tokens)
+    front = 0 if args.skip_frontend else len(args.frontend_batch_sizes) * len(args.modes)
+    wall, attn = time.perf_counter(), args.attn_implementation
+    with _report.progress(prefill + front, "prefill", disable=args.no_progress) as bar:
         if prefill:
             bar.set_description("building LLM")
-            model = build_llm(shape, dtype, device, args.attn_implementation)
+            model = build_llm(shape, dtype, device, attn)
             data["llm_parameters"] = sum(p.numel() for p in model.parameters())
-            if device.type == "cuda":
+            if cuda:
                 data["llm_weights_bytes"] = torch.cuda.memory_allocated(device)
             bar.set_description("LLM prefill")
             data["prefill"] = measure_prefill(model, args, device, bar)
             del model
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.empty_cache()
         if front:
             bar.set_description("building CLIP tower")
-            size = shape["vision_hidden_size"]
-            tower = build_tower(
-                "clip-l-336",
-                dtype,
-                device,
-                args.attn_implementation,
-                **{"hidden_size": size, "projection_dim": size},
-                intermediate_size=shape["vision_intermediate_size"],
-                num_hidden_layers=shape["vision_layers"],
-                num_attention_heads=shape["vision_heads"],
-            )
+            clip = config_fields(shape, vision=True)
+            clip["projection_dim"] = clip["hidden_size"]
+            tower = build_tower("clip-l-336", dtype, device, attn, **clip)
             data["tower_parameters"] = sum(p.numel() for p in tower.parameters())
             bar.set_description("front end")
-            for batch, mode in itertools.product(*front):
-                row = frontend(tower, batch, mode, device, args.iters, args.warmup, args.seed)
-                pairs = (
-                    ("tower_plus_reduction", "per_image_ms"),
-                    ("reduction", "reduction_per_image_ms"),
-                )
-                for key, per_image in pairs:
-                    seconds = row.pop(key)["samples_s"]
-                    row[f"{key}_ms"] = stats_ms(seconds)
-                    row[per_image] = stats_ms([t / batch for t in seconds])
-                data["frontend"].append(row)
-                bar.update(1)
+            data["frontend"] = measure_frontend(tower, args, device, bar)
     plots = None if args.no_plots or not data["prefill"] else plot
-    return _report.finish(out, "prefill", data, wall, markdown_report, plots)
+    return _report.finish(Path(args.out), "prefill", data, wall, markdown_report, plots)
 
 
 if __name__ == "__main__":
