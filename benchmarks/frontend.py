@@ -6,8 +6,7 @@ per torch thread count, one image at a time as the OpenAI server pre-processes r
     python benchmarks/frontend.py --tower real --tower-dtype bfloat16 --out out/frontend-bf16
     python benchmarks/frontend.py --model llava-hf/llava-1.5-7b-hf --out out/frontend-7b
 
-Writes OUT/frontend.json (every timing, environment) and OUT/frontend.md (medians per stage); how
-each stage is timed: METHOD below and docs/benchmarks.md.
+Writes OUT/frontend.json (every timing) and OUT/frontend.md (medians); method: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -23,21 +22,22 @@ from _common import build_workload, summary
 from _report import device_line, finish, progress, start_run, table
 
 from vllm_prumerge import PruMergeConfig
+from vllm_prumerge.testing.engine_args import add_number_options
 from vllm_prumerge.testing.media import image_data_url
 from vllm_prumerge.testing.prompts import ChatPrompt
 
 STAGES = ("decode", "image_processor", "tower", "reduction", "handoff")  # "sum of stages"
 TIMED = (*STAGES, "vllm_processor")  # each: wall time (`ms`) and CPU time (`cpu_ms`)
+COUNTED = ("visual_tokens", "crops", "handoff_bytes")  # per image, summarised as they are
 METHOD = (
-    "Each image is a generated scene (or a file of --images) encoded as a PNG data URL, as a "
-    "client sends it. Stages are timed with time.perf_counter around vLLM's fetch_image, the "
-    "checkpoint's image processor, the vision tower (plugin: vllm_prumerge.vision.tower_scores; "
-    "stock: the same tower module's forward), vllm_prumerge.reduction.reduce_by_importance and "
-    "vLLM's MsgpackEncoder on the processor's mm_kwargs; the tower and reduction run with "
-    "torch.set_num_threads(threads), vLLM's processor under set_default_torch_num_threads("
-    "threads) with the plugin's tower at the same count. Settings are interleaved image by "
-    "image (every setting times image 1, then image 2, ...), so a change of machine load "
-    "affects them alike. Medians over the timed images, after --warmup untimed images."
+    "Each image (a generated scene or a file of --images) goes as a PNG data URL, as a client "
+    "sends it. time.perf_counter around vLLM's fetch_image, the image processor, the tower "
+    "(plugin: vllm_prumerge.vision.tower_scores; stock: the same module's forward), "
+    "vllm_prumerge.reduction.reduce_by_importance and vLLM's MsgpackEncoder on mm_kwargs (the "
+    "tower and reduction under torch.set_num_threads(threads)), and vLLM's processor under "
+    "set_default_torch_num_threads(threads), the plugin's tower at the same count. Settings are "
+    "interleaved image by image, so a change of machine load affects them alike. Medians over "
+    "the timed images, after --warmup untimed images."
 )
 # The report's columns: (header, dotted path into a result, see _report.cell).
 HEADERS = {"image_processor": "image processor", "handoff": "hand-off"}
@@ -62,42 +62,34 @@ def build_parser() -> argparse.ArgumentParser:
         "LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA or LLaVA-OneVision checkpoint (hub id or folder). "
         "Default: a generated random-weight checkpoint (see --synthetic, --family, --tower).",
     )
-    model.add_argument(
-        "--dtype",
-        default="auto",
-        help="Model dtype as vLLM resolves it (auto: bfloat16 on a CPU, the checkpoint's on a "
-        "GPU); stock vLLM's tower runs in it.",
-    )
-    model.add_argument(
-        "--tower-dtype",
-        default="auto",
-        help="The plugin's tower dtype (--prumerge-tower-dtype: auto, float32, bfloat16, "
-        "float16; auto = the model dtype unless this CPU lacks native arithmetic for it).",
-    )
+    add_number_options(
+        model,
+        ("--dtype", str, "auto", "Model dtype as vLLM resolves it (auto: bfloat16 on a CPU, the "
+         "checkpoint's on a GPU); stock vLLM's tower runs in it."),
+        ("--tower-dtype", str, "auto", "The plugin's tower dtype (--prumerge-tower-dtype: auto, "
+         "float32, bfloat16, float16; auto = the model dtype unless this CPU lacks native "
+         "arithmetic for it)."),
+    )  # fmt: skip
     work = parser.add_argument_group("workload")
-    work.add_argument("--num-images", type=int, default=8, help="Images timed per setting.")
-    work.add_argument("--warmup", type=int, default=1, help="Untimed images per setting first.")
-    work.add_argument("--seed", type=int, default=0, help="Seed of the generated scenes.")
+    add_number_options(
+        work,
+        ("--num-images", int, 8, "Images timed per setting."),
+        ("--warmup", int, 1, "Untimed images per setting first."),
+        ("--seed", int, 0, "Seed of the generated scenes."),
+        ("--modes", str, "off,prumerge", "Comma-separated plugin modes to time: off, prumerge, "
+         "prumerge+ (fixed:N is not offered: it costs what prumerge costs)."),
+        ("--threads", str, "1,2", "Comma-separated torch thread counts of the tower and "
+         "reduction (the plugin's VLLM_PRUMERGE_TOWER_THREADS; stock vLLM's tower gets the "
+         "engine worker's threads)."),
+    )  # fmt: skip
     work.add_argument("--images", metavar="DIR", help="Use the images in DIR instead of scenes.")
     _cli.add_image_size_argument(work)
-    work.add_argument(
-        "--modes",
-        default="off,prumerge",
-        help="Comma-separated plugin modes to time: off, prumerge, prumerge+ (fixed:N is not "
-        "offered: it costs what prumerge costs).",
-    )
     work.add_argument(
         "--stock",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="Also time stock vLLM's front end (its processor; its tower, which runs in the "
         "engine).",
-    )
-    work.add_argument(
-        "--threads",
-        default="1,2",
-        help="Comma-separated torch thread counts of the tower and reduction (the plugin's "
-        "VLLM_PRUMERGE_TOWER_THREADS; stock vLLM's tower gets the engine worker's threads).",
     )
     _cli.add_output_arguments(parser, "out/frontend", "Output folder.", plots=None)
     return parser
@@ -199,7 +191,7 @@ def settings_of(args: argparse.Namespace) -> list[tuple[str, Any, int]]:
 def summarise(name: str, threads: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One setting's result: summaries of its per-image `rows` (times in ms), and the rows."""
     ms = {key: summary([1e3 * r[key] for r in rows]) for key in TIMED}
-    of = {key: summary([r[key] for r in rows]) for key in ("visual_tokens", "crops")}
+    of = {key: summary([r[key] for r in rows]) for key in COUNTED}
     return {
         "name": name,
         "threads": threads,
@@ -207,34 +199,24 @@ def summarise(name: str, threads: int, rows: list[dict[str, Any]]) -> dict[str, 
         "ms": ms,
         "cpu_ms": {key: summary([1e3 * r[key + "_cpu"] for r in rows]) for key in TIMED},
         "sum_of_stages_ms_p50": sum(ms[stage]["p50"] for stage in STAGES),
-        "handoff_bytes": summary([r["handoff_bytes"] for r in rows]),
         "per_image": rows,
     }
 
 
 def markdown_report(data: dict[str, Any]) -> str:
     width, height = data["settings"]["image_size"]
-    return "\n".join(
-        [
-            "# Front end per image: decode, image processor, tower, reduction, hand-off",
-            "",
-            f"Model: `{data['model']}`, model dtype {data['dtype']} (stock's tower), plugin's "
-            f"tower {data['tower_dtype']}; {data['num_images']} images of {width}x{height} per "
-            f"setting, one at a time; {device_line(data['environment'])}.",
-            "",
-            "Milliseconds per image (medians; wall time, and the process's CPU time over all "
-            "its threads for the tower and vLLM's processor: on a shared machine, CPU time is "
-            "the less disturbed figure). `stock`: stock vLLM's front end is decode, image "
-            "processor and hand-off (of pixel values); its `tower` runs in the engine's worker "
-            "(timed here with the same weights and threads for comparison). Plugin rows: every "
-            "stage runs in the API server's pre-processing thread. `vLLM processor` = vLLM's own "
-            "processor `apply` on prompt + image (for the plugin it includes image processor, "
-            "tower and reduction; not decode or hand-off).",
-            "",
-            table(data["results"], COLUMNS),
-            "Method: " + data["method"],
-            "",
-        ]
+    return (
+        "# Front end per image: decode, image processor, tower, reduction, hand-off\n\n"
+        f"Model: `{data['model']}`, model dtype {data['dtype']} (stock's tower), plugin's tower "
+        f"{data['tower_dtype']}; {data['num_images']} images of {width}x{height} per setting, one "
+        f"at a time; {device_line(data['environment'])}.\n\n"
+        "Milliseconds per image, medians: wall time, and (`CPU`) the process's CPU time over all "
+        "its threads, the less disturbed figure on a shared machine. `stock`'s front end is "
+        "decode, image processor and hand-off (pixel values); its `tower` runs in the engine's "
+        "worker (timed here, same weights and threads). The plugin runs every stage in the API "
+        "server. `vLLM processor`: vLLM's own `apply` on prompt + image (plugin: image processor, "
+        "tower and reduction included). Stages: docs/benchmarks.md.\n\n"
+        f"{table(data['results'], COLUMNS)}\nMethod: {data['method']}\n"
     )
 
 

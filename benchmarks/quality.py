@@ -36,7 +36,7 @@ from _cli import add_output_arguments, new_parser
 from _common import BenchConfig
 
 from vllm_prumerge import PruMergeConfig, engine_kwargs
-from vllm_prumerge.evaluation import exact_match, normalize_answer, vqa_accuracy
+from vllm_prumerge.evaluation import answers_agree, exact_match, vqa_accuracy
 from vllm_prumerge.testing import TinyLlavaSpec, engine_args, make_scene, make_video
 from vllm_prumerge.testing.images import IMAGE_SUFFIXES, find_images, is_url, open_image
 from vllm_prumerge.testing.media import image_data_url, video_data_url
@@ -65,23 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
         "each asked every question of --questions. Agreement with 'off' only.",
     )
     data.add_argument("--questions", metavar="FILE", help="One question a line (# skipped).")
-    data.add_argument("--limit", type=int, help="Use only the first N items of the data.")
-    data.add_argument(
-        "--frames",
-        type=int,
-        default=8,
-        help="Videos: frames per video, sampled uniformly over the clip (first and last "
-        "included; all of a shorter clip) by vLLM's own video loader, offline and on a server.",
-    )
+    engine_args.add_number_options(
+        data,
+        ("--limit", int, None, "Use only the first N items of the data."),
+        ("--frames", int, 8, "Videos: frames per video, sampled uniformly over the clip (first "
+         "and last included; all of a shorter clip) by vLLM's own video loader, offline and on a "
+         "server."),
+    )  # fmt: skip
     data.add_argument(
         "--normalize-references", action="store_true", help="Normalise the references fully too."
     )
     model = parser.add_argument_group("model / server (one of --model, --tiny, --server)")
-    model.add_argument(
-        "--model",
-        help="Offline: a checkpoint of LLaVA-1.5, LLaVA-NeXT, LLaVA-Interleave, LLaVA-OneVision "
-        f"(videos: {VIDEO_FAMILIES}). With --server: the served model (default: its first).",
-    )
     model.add_argument(
         "--tiny",
         action="store_true",
@@ -94,16 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="A running `vllm serve CKPT --plugin prumerge --trust-request-mm-kwargs` (add "
         "--no-enable-prefix-caching --mm-processor-cache-gb 0 for comparable requests/s).",
     )
-    model.add_argument("--api-key", help="With --server: its key (default: $OPENAI_API_KEY).")
-    model.add_argument("--concurrency", type=int, default=8, help="With --server: most in flight.")
+    engine_args.add_number_options(
+        model,
+        ("--model", str, None, "Offline: a checkpoint of LLaVA-1.5, LLaVA-NeXT, LLaVA-Interleave, "
+         f"LLaVA-OneVision (videos: {VIDEO_FAMILIES}). With --server: the served model (default: "
+         "its first)."),
+        ("--api-key", str, None, "With --server: its key (default: $OPENAI_API_KEY)."),
+        ("--concurrency", int, 8, "With --server: most in flight."),
+    )  # fmt: skip
     configs = parser.add_argument_group("configurations ('off' always runs first: the baseline)")
-    configs.add_argument(
-        "--configs",
-        default="off,prumerge,prumerge+",
-        help="Comma-separated: off, prumerge, prumerge+, fixed:N|Ns|RATIO (+ spatial samples: s); "
-        "videos also CONFIG/evs[:RATE], CONFIG/adaptive[:THRESHOLD]. '' for none besides off.",
-    )
-    configs.add_argument("--budgets", default="144,64,32", help="Each run as fixed:N ('': none).")
+    engine_args.add_number_options(
+        configs,
+        ("--configs", str, "off,prumerge,prumerge+", "Comma-separated: off, prumerge, prumerge+, "
+         "fixed:N|Ns|RATIO (+ spatial samples: s); videos also CONFIG/evs[:RATE], "
+         "CONFIG/adaptive[:THRESHOLD]. '' for none besides off."),
+        ("--budgets", str, "144,64,32", "Each run as fixed:N ('': none)."),
+    )  # fmt: skip
     configs.add_argument(
         "--config",
         action="append",
@@ -113,23 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
         'k8=\'{"mode": "prumerge+", "k_neighbors": 8}\'.',
     )
     gen = parser.add_argument_group("generation")
-    gen.add_argument(
-        "--prompt-template",
-        help="Offline only: a raw prompt with one <image> (videos: <video>) and a {question} "
-        "field, sent instead of the chat prompt `vllm serve` would build.",
-    )
-    gen.add_argument(
-        "--chat-template",
-        default=CHAT_TEMPLATE,
-        help="The user message's text after the image or video, with a {question} field; the "
-        "checkpoint's chat template renders the message (offline as `vllm serve` does).",
-    )
     engine_args.add_number_options(
         gen,
+        ("--prompt-template", str, None, "Offline only: a raw prompt with one <image> (videos: "
+         "<video>) and a {question} field, sent instead of the chat prompt `vllm serve` builds."),
+        ("--chat-template", str, CHAT_TEMPLATE, "The user message's text after the image or "
+         "video, with a {question} field; the checkpoint's chat template renders the message "
+         "(offline as `vllm serve` does)."),
         ("--max-tokens", int, 16, "Most tokens generated per answer (greedy)."),
         ("--batch-size", int, 64, "Items per batch; each batch runs every configuration."),
         ("--warmup", int, 2, "Unmeasured warm-up requests (generated media) per configuration."),
-    )
+    )  # fmt: skip
     eng = engine_args.add_engine_arguments(parser, max_num_seqs=None, title="offline engine")
     eng.add_argument(
         "--keep-caches", action="store_true", help="Keep vLLM's prefix and processor caches on."
@@ -250,12 +244,15 @@ def build_configs(args: argparse.Namespace) -> list[BenchConfig]:
 
 
 class Answer(NamedTuple):
-    """One generated answer and its token counts."""
+    """One generated answer and its token counts (`TOKEN_COUNTS`)."""
 
     text: str
     visual_tokens: int
     prompt_tokens: int
     output_tokens: int
+
+
+TOKEN_COUNTS = Answer._fields[1:]  # each summarised per configuration
 
 
 def user_text(question: str, args: argparse.Namespace) -> str:
@@ -303,8 +300,7 @@ class OfflineEngine:
         if not args.keep_caches:
             settings.update(enable_prefix_caching=False, mm_processor_cache_gb=0)
         settings.update(engine_args.engine_settings(args))  # --engine-arg last
-        overrides = settings.pop("hf_overrides", None)
-        settings.update(engine_kwargs("off", **({"hf_overrides": overrides} if overrides else {})))
+        settings.update(engine_kwargs("off", hf_overrides=settings.pop("hf_overrides", None)))
         self.settings, self.llm, self.backend = settings, LLM(**settings), "offline vllm.LLM"
         self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
         self.sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
@@ -452,11 +448,10 @@ def score(
         | {"answers": None if it.answers is None else list(it.answers), "predictions": {}}
         for i, it in enumerate(items)
     ]
-    base_norm = [normalize_answer(a.text) for a in answers[BASELINE]]
     accuracy, results = {}, []
     for config in configs:
         got, name = answers[config.name], config.name
-        agree = [normalize_answer(a.text) == b for a, b in zip(got, base_norm, strict=True)]
+        agree = [answers_agree(a.text, b.text) for a, b in zip(got, answers[BASELINE], strict=True)]
         accuracy[name] = [
             r and vqa_accuracy(a.text, r, normalize_references=normalize_references)
             for a, r in zip(got, refs, strict=True)
@@ -474,9 +469,7 @@ def score(
                 "exact_match": mean([exact_match(got[i].text, refs[i]) for i in labelled]),
                 "agreement_with_off": mean(agree),
                 "agreement_ci95": wilson(sum(agree), len(agree)),
-                "visual_tokens": _common.summary([a.visual_tokens for a in got]),
-                "prompt_tokens": _common.summary([a.prompt_tokens for a in got]),
-                "output_tokens": _common.summary([a.output_tokens for a in got]),
+                **{key: _common.summary([getattr(a, key) for a in got]) for key in TOKEN_COUNTS},
                 "seconds": seconds[name],
                 "requests_per_s": len(got) / seconds[name],
             }
@@ -524,13 +517,11 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"({source['labelled']} labelled){frames}, max {settings['max_tokens']} tokens per "
         f"answer, greedy; {_report.device_line(data['environment'])}.\n\n"
         f"{_report.table(data['results'], columns)}\n"
-        "`VQA acc`: the official VQA evaluation (answer normalisation; min(#matching annotators "
-        f"/ 3, 1) averaged over the leave-one-annotator-out subsets){fully}. `exact match`: the "
-        "normalised answer equals a normalised reference. `agree with off`: the normalised "
-        "answer equals `off`'s (the stock token count) for the same item. `Δ vs off`: mean "
-        "per-item accuracy difference with a 95% normal-approximation interval. Visual tokens "
-        f"per {media} include the extra token{' of every frame' if video else ''}; `x off` = "
-        f"ratio to `off`.\n\n{notes}\nMethod: {data['method']}\n"
+        f"`VQA acc`: the official VQA evaluation{fully}; `exact match`: equals a reference; "
+        "`agree with off`: equals `off`'s answer (normalised answers); `Δ vs off`: mean per-item "
+        f"accuracy difference, 95% interval; visual tokens include the extra token"
+        f"{' of every frame' if video else ''}; `x off`: ratio to `off`. See "
+        f"docs/choosing-a-mode.md.\n\n{notes}\nMethod: {data['method']}\n"
     )
 
 
@@ -615,7 +606,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     labelled = sum(it.answers is not None for it in items)
     data: dict[str, Any] = {
         "benchmark": "quality (answer accuracy / agreement vs visual tokens)",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "model": f"generated:tiny ({engine.model})" if args.tiny else engine.model,
         "backend": engine.backend,
         "dtype": engine.dtype,
