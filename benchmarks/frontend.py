@@ -30,22 +30,19 @@ STAGES = ("decode", "image_processor", "tower", "reduction", "handoff")  # "sum 
 TIMED = (*STAGES, "vllm_processor")  # each: wall time (`ms`) and CPU time (`cpu_ms`)
 COUNTED = ("visual_tokens", "crops", "handoff_bytes")  # per image, summarised as they are
 METHOD = (
-    "Each image (a generated scene or a file of --images) goes as a PNG data URL, as a client "
-    "sends it. time.perf_counter around vLLM's fetch_image, the image processor, the tower "
-    "(plugin: vllm_prumerge.vision.tower_scores; stock: the same module's forward), "
-    "vllm_prumerge.reduction.reduce_by_importance and vLLM's MsgpackEncoder on mm_kwargs (the "
-    "tower and reduction under torch.set_num_threads(threads)), and vLLM's processor under "
-    "set_default_torch_num_threads(threads), the plugin's tower at the same count. Settings are "
-    "interleaved image by image, so a change of machine load affects them alike. Medians over "
-    "the timed images, after --warmup untimed images."
+    "Each image (a scene or a file of --images) sent as a PNG data URL. time.perf_counter around "
+    "vLLM's fetch_image, the image processor, the tower (plugin: vision.tower_scores; stock: "
+    "its forward), reduction.reduce_by_importance, vLLM's MsgpackEncoder on mm_kwargs and "
+    "vLLM's processor, all at `threads` torch threads (the plugin's tower in vLLM's processor "
+    "too). Settings interleaved image by image, so a change of machine load affects them "
+    "alike. Medians over the timed images, after --warmup untimed images."
 )
 # The report's columns: (header, dotted path into a result, see _report.cell).
-HEADERS = {"image_processor": "image processor", "handoff": "hand-off"}
 COLUMNS = (
     ("config", "name"),
     ("threads", "threads"),
     ("visual tok/img", "visual_tokens.mean"),
-    *((HEADERS.get(key, key), f"ms.{key}.p50") for key in STAGES),
+    *((key.replace("_", " ").replace("handoff", "hand-off"), f"ms.{key}.p50") for key in STAGES),
     ("sum of stages", "sum_of_stages_ms_p50"),
     ("vLLM processor", "ms.vllm_processor.p50"),
     ("tower CPU", "cpu_ms.tower.p50"),
@@ -88,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stock",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Also time stock vLLM's front end (its processor; its tower, which runs in the "
-        "engine).",
+        help="Also time stock vLLM's front end (its processor; its tower, run in the engine).",
     )
     _cli.add_output_arguments(parser, "out/frontend", "Output folder.", plots=None)
     return parser
@@ -110,8 +106,7 @@ def make_processor(model: str, dtype: str, tower_dtype: str | None = None) -> An
 
 
 def timed(row: dict[str, Any], key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """`fn(*args, **kwargs)`, its wall seconds recorded as row[key] and the process's CPU
-    seconds (every thread) as row[key + "_cpu"]."""
+    """`fn(*args, **kwargs)`, its wall seconds put in row[key], CPU seconds in row[key + "_cpu"]."""
     cpu, start = time.process_time(), time.perf_counter()
     result = fn(*args, **kwargs)
     row[key], row[key + "_cpu"] = time.perf_counter() - start, time.process_time() - cpu
@@ -188,8 +183,9 @@ def settings_of(args: argparse.Namespace) -> list[tuple[str, Any, int]]:
     return [(name, config, t) for t in threads for name, config in configs]
 
 
-def summarise(name: str, threads: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One setting's result: summaries of its per-image `rows` (times in ms), and the rows."""
+def summarise(setting: tuple[str, Any, int], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A setting's result (`settings_of`): summaries of its `rows` (times in ms), and the rows."""
+    name, _, threads = setting
     ms = {key: summary([1e3 * r[key] for r in rows]) for key in TIMED}
     of = {key: summary([r[key] for r in rows]) for key in COUNTED}
     return {
@@ -210,12 +206,10 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"Model: `{data['model']}`, model dtype {data['dtype']} (stock's tower), plugin's tower "
         f"{data['tower_dtype']}; {data['num_images']} images of {width}x{height} per setting, one "
         f"at a time; {device_line(data['environment'])}.\n\n"
-        "Milliseconds per image, medians: wall time, and (`CPU`) the process's CPU time over all "
-        "its threads, the less disturbed figure on a shared machine. `stock`'s front end is "
-        "decode, image processor and hand-off (pixel values); its `tower` runs in the engine's "
-        "worker (timed here, same weights and threads). The plugin runs every stage in the API "
-        "server. `vLLM processor`: vLLM's own `apply` on prompt + image (plugin: image processor, "
-        "tower and reduction included). Stages: docs/benchmarks.md.\n\n"
+        "Milliseconds per image, medians: wall time; `CPU`: the process's CPU time (all threads), "
+        "less disturbed on a shared machine. Stock vLLM runs its `tower` in the engine's worker "
+        "(timed here alike; its hand-off: pixel values), the plugin every stage in the API server. "
+        "`vLLM processor`: vLLM's `apply` on prompt + image. Stages: docs/benchmarks.md.\n\n"
         f"{table(data['results'], COLUMNS)}\nMethod: {data['method']}\n"
     )
 
@@ -228,13 +222,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env, wall = start_run()
     model = _cli.checkpoint(args)[0]
     plugin = make_processor(model, args.dtype, args.tower_dtype)
-    model_config = plugin.info.ctx.model_config
-    stock, stock_tower = None, plugin.info.encoder.tower
-    if args.stock:  # stock vLLM's tower: the same weights in the model dtype
-        stock = make_processor(model, args.dtype)
-        if stock_tower.dtype != model_config.dtype:
-            stock_tower = copy.deepcopy(stock_tower).to(model_config.dtype)
-    front_end = FrontEnd(plugin, stock, stock_tower)
+    dtype, tower = plugin.info.ctx.model_config.dtype, plugin.info.encoder.tower
+    stock = make_processor(model, args.dtype) if args.stock else None
+    if stock is not None and tower.dtype != dtype:  # stock's tower: same weights, model dtype
+        tower = copy.deepcopy(tower).to(dtype)
+    front_end = FrontEnd(plugin, stock, tower)
     n, chat = args.num_images, ChatPrompt(model)
     work = build_workload(
         n + args.warmup, args.seed, args.images, size=args.image_size, prompt=chat
@@ -253,16 +245,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "front end per image",
         "model": _cli.model_label(args),
         "model_path": model,
-        "dtype": str(model_config.dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
         "tower_dtype": plugin.info.tower_precision.describe(),
         "num_images": n,
         "settings": dict(vars(args)),
         "method": METHOD,
         "environment": env,
-        "results": [
-            summarise(name, threads, rows)
-            for rows, (name, _, threads) in zip(per_setting, settings, strict=True)
-        ],
+        "results": [summarise(s, rows) for s, rows in zip(settings, per_setting, strict=True)],
     }
     return finish(Path(args.out), "frontend", data, wall, markdown_report)
 
