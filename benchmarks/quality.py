@@ -35,7 +35,7 @@ import _report
 from _cli import add_output_arguments, new_parser
 from _common import BenchConfig
 
-from vllm_prumerge import PruMergeConfig, engine_kwargs
+from vllm_prumerge import PruMergeConfig
 from vllm_prumerge.evaluation import answers_agree, exact_match, vqa_accuracy
 from vllm_prumerge.testing import TinyLlavaSpec, engine_args, make_scene, make_video
 from vllm_prumerge.testing.images import IMAGE_SUFFIXES, find_images, is_url, open_image
@@ -244,7 +244,7 @@ def build_configs(args: argparse.Namespace) -> list[BenchConfig]:
 
 
 class Answer(NamedTuple):
-    """One generated answer and its token counts (`TOKEN_COUNTS`)."""
+    """One generated answer and its token counts."""
 
     text: str
     visual_tokens: int
@@ -252,20 +252,12 @@ class Answer(NamedTuple):
     output_tokens: int
 
 
-TOKEN_COUNTS = Answer._fields[1:]  # each summarised per configuration
-
-
-def user_text(question: str, args: argparse.Namespace) -> str:
-    """The text of the user message about `question` (--chat-template)."""
-    return args.chat_template.format(question=question)
-
-
 def offline_prompt(question: str, args: argparse.Namespace, chat: Any, video: bool = False):
-    """The prompt `vllm serve` builds for the chat message (the media, then `user_text`) with the
-    checkpoint's template (`chat`, a ChatPrompt); or --prompt-template's raw text."""
+    """The prompt `vllm serve` builds for the chat message (the media, then --chat-template's
+    text) with the checkpoint's template (`chat`, a ChatPrompt); or --prompt-template's raw text."""
     if args.prompt_template:
         return {"prompt": args.prompt_template.format(question=question)}
-    text = user_text(question, args)
+    text = args.chat_template.format(question=question)
     return {"prompt_token_ids": chat.token_ids(text, images=int(not video), videos=int(video))}
 
 
@@ -283,6 +275,8 @@ class OfflineEngine:
     def __init__(self, args: argparse.Namespace, video: bool) -> None:
         from vllm import LLM, SamplingParams
         from vllm.multimodal.media.connector import MediaConnector
+
+        from vllm_prumerge import engine_kwargs  # torch and transformers: not for --help
 
         self.args, self.video, self.modality = args, video, "video" if video else "image"
         self.device = "cuda" if engine_args.use_cpu_if_no_gpu() else "cpu"
@@ -354,7 +348,7 @@ class ServerClient:
         tokens = self._tokenize(prompt=f"<{self.modality}>")  # the templates' placeholder
         hint = f"; serve one of {VIDEO_FAMILIES}" if video else ""
         require(len(tokens) == 1, f"{self.model} takes no {self.modality}s (no token{hint})")
-        self.placeholder, self.text_tokens = tokens[0], {}  # chat text -> non-visual tokens
+        self.placeholder, self.text_tokens = tokens[0], {}  # question -> non-visual tokens
         self.dtype, self.batches = None, 0
         self.blank = self.media(make_video(0, 2) if video else make_scene(0))  # any media
         self.io = {"media_io_kwargs": {"video": {"num_frames": args.frames}}} if video else {}
@@ -375,16 +369,14 @@ class ServerClient:
 
     def _messages(self, question: str, url: str) -> list[dict[str, Any]]:
         urls = {"video_urls" if self.video else "image_urls": [url]}
-        return chat_messages(user_text(question, self.args), **urls)
+        return chat_messages(self.args.chat_template.format(question=question), **urls)
 
     def run(self, questions: Sequence[str], media: Sequence[str], config: BenchConfig, bar: Any):
         """Answer every (question, media URL) pair in `config`; (answers, seconds)."""
-        texts = [user_text(q, self.args) for q in questions]
-        for text, question in zip(texts, questions, strict=True):
-            if text not in self.text_tokens:  # the same chat prompt with other media
-                messages = self._messages(question, self.blank)
-                tokens = self._tokenize(messages=messages, add_generation_prompt=True)
-                self.text_tokens[text] = len(tokens) - tokens.count(self.placeholder)
+        for q in set(questions) - self.text_tokens.keys():  # the same chat prompt, other media
+            messages = self._messages(q, self.blank)
+            tokens = self._tokenize(messages=messages, add_generation_prompt=True)
+            self.text_tokens[q] = len(tokens) - tokens.count(self.placeholder)
         self.batches += 1
         path = Path(self.args.out) / "datasets" / f"batch-{self.batches}.jsonl"
         parts = [self._messages(q, u)[0]["content"] for q, u in zip(questions, media, strict=True)]
@@ -399,10 +391,10 @@ class ServerClient:
             hint = " (start the server with --trust-request-mm-kwargs)" if trust else ""
             raise RuntimeError(f"request failed in {config.name}{hint}: {errors[0][-500:]}")
         bar.update(len(media))
-        lens = zip(texts, result["input_lens"], result["output_lens"], strict=True)
+        lens = zip(questions, result["input_lens"], result["output_lens"], strict=True)
         answers = [
-            Answer(answer, prompt - self.text_tokens[text], prompt, output)
-            for answer, (text, prompt, output) in zip(result["generated_texts"], lens, strict=True)
+            Answer(answer, prompt - self.text_tokens[q], prompt, output)
+            for answer, (q, prompt, output) in zip(result["generated_texts"], lens, strict=True)
         ]
         return answers, result["duration"]
 
@@ -469,7 +461,10 @@ def score(
                 "exact_match": mean([exact_match(got[i].text, refs[i]) for i in labelled]),
                 "agreement_with_off": mean(agree),
                 "agreement_ci95": wilson(sum(agree), len(agree)),
-                **{key: _common.summary([getattr(a, key) for a in got]) for key in TOKEN_COUNTS},
+                **{
+                    key: _common.summary([getattr(a, key) for a in got])
+                    for key in Answer._fields[1:]
+                },
                 "seconds": seconds[name],
                 "requests_per_s": len(got) / seconds[name],
             }
@@ -553,13 +548,12 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
 
 
 METHOD = (
-    "One engine serves every configuration through per-request mm_processor_kwargs; each batch "
-    "runs in every configuration (order rotated per batch), greedy, after warm-up requests. "
-    "Both paths send one chat message (the media, then --chat-template's text) through the "
-    "checkpoint's chat template; videos are --frames frames sampled by vLLM's video loader. "
-    "Offline (vllm.LLM, caches off unless --keep-caches): visual tokens = the placeholder's "
-    "count in prompt_token_ids. Server (vllm bench serve): usage.prompt_tokens minus the "
-    "prompt's other tokens (/tokenize). requests/s = items / time generating them."
+    "One engine, per-request mm_processor_kwargs; each batch runs in every configuration (order "
+    "rotated per batch), greedy, after warm-up requests; one chat message (the media, then "
+    "--chat-template's text) in the checkpoint's chat template. Visual tokens: offline "
+    "(vllm.LLM, caches off unless --keep-caches) the placeholder's count in prompt_token_ids; "
+    "server (vllm bench serve) usage.prompt_tokens minus the prompt's other tokens (/tokenize). "
+    "requests/s = items / time generating them."
 )
 
 
@@ -576,7 +570,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             print(f"note: {notes[-1]}", file=sys.stderr)
         configs, video = build_configs(args), items[0].modality == "video"
-        env = _report.environment()
+        env = _report.environment()  # before the engine loads the machine
         engine = ServerClient(args, video) if args.server else OfflineEngine(args, video)
         env["device"] = engine.device
         answers: dict[str, list[Answer]] = {c.name: [] for c in configs}

@@ -102,7 +102,7 @@ def test_benchmark_prompts_equal_the_servers_prompt_for_the_same_chat_message(
 
     # quality.py: offline it sends offline_prompt; with --server, these messages.
     args = quality.build_parser().parse_args(["--tiny", "--data", "unused.jsonl"])
-    text = quality.user_text(QUESTION, args)
+    text = args.chat_template.format(question=QUESTION)
     expected = server_prompt_ids(checkpoint, chat_messages(text, [url]))
     assert quality.offline_prompt(QUESTION, args, chat) == {"prompt_token_ids": expected}
 
