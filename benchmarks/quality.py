@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
-import math
-import mimetypes
 import os
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -36,10 +32,10 @@ from _cli import add_output_arguments, new_parser
 from _common import BenchConfig
 
 from vllm_prumerge import PruMergeConfig
-from vllm_prumerge.evaluation import answers_agree, exact_match, vqa_accuracy
+from vllm_prumerge.evaluation import answers_agree, exact_match, paired_delta, vqa_accuracy, wilson
 from vllm_prumerge.testing import TinyLlavaSpec, engine_args, make_scene, make_video
 from vllm_prumerge.testing.images import IMAGE_SUFFIXES, find_images, is_url, open_image
-from vllm_prumerge.testing.media import image_data_url, video_data_url
+from vllm_prumerge.testing.media import file_url, image_data_url, video_data_url
 from vllm_prumerge.testing.prompts import chat_messages
 
 CHAT_TEMPLATE = "{question}\nAnswer the question using a single word or phrase."
@@ -261,14 +257,6 @@ def offline_prompt(question: str, args: argparse.Namespace, chat: Any, video: bo
     return {"prompt_token_ids": chat.token_ids(text, images=int(not video), videos=int(video))}
 
 
-def file_url(source: str) -> str:
-    """An http(s) URL as it is, else a data URL of the file's bytes (for vLLM's video loader)."""
-    if is_url(source):
-        return source
-    kind = mimetypes.guess_type(source)[0] or "video/mp4"
-    return f"data:{kind};base64," + base64.b64encode(Path(source).read_bytes()).decode()
-
-
 class OfflineEngine:
     """An in-process `vllm.LLM`: the plugin's architecture, "off" unless a request says."""
 
@@ -404,25 +392,6 @@ class ServerClient:
 
 def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def paired_delta(values: Sequence[float], baseline: Sequence[float]) -> dict[str, Any] | None:
-    """Mean per-item difference to `baseline`, 95% normal-approximation interval (2+ items)."""
-    diffs = [a - b for a, b in zip(values, baseline, strict=True)]
-    if len(diffs) < 2:
-        return None
-    centre, half = statistics.fmean(diffs), 1.96 * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return {"mean": centre, "ci95_low": centre - half, "ci95_high": centre + half}
-
-
-def wilson(successes: int, total: int) -> tuple[float, float] | None:
-    """95% Wilson score interval of a proportion."""
-    if total == 0:
-        return None
-    z, p = 1.96, successes / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def score(

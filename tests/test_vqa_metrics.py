@@ -169,3 +169,28 @@ def test_bad_references_are_refused(bad):
 def test_a_non_string_prediction_is_refused():
     with pytest.raises(TypeError):
         normalize_answer(None)
+
+
+@pytest.mark.parametrize(("successes", "total"), [(3, 10), (0, 7), (81, 263), (5, 5)])
+def test_wilson_interval_ends_are_the_roots_of_its_defining_equation(successes, total):
+    """Wilson's interval: the p with (p_hat - p)^2 = z^2 p (1 - p) / n, solved here as a
+    quadratic by numpy (the module uses the closed form)."""
+    import numpy as np
+
+    from vllm_prumerge.evaluation import wilson
+
+    z, p_hat, n = 1.96, successes / total, total
+    # (1 + z^2/n) p^2 - (2 p_hat + z^2/n) p + p_hat^2 = 0
+    roots = sorted(np.roots([1 + z * z / n, -(2 * p_hat + z * z / n), p_hat * p_hat]).real)
+    assert wilson(successes, total) == pytest.approx((max(0, roots[0]), min(1, roots[1])))
+    assert wilson(0, 0) is None
+
+
+def test_paired_delta_is_the_mean_difference_with_a_normal_interval():
+    from vllm_prumerge.evaluation import paired_delta
+
+    # Differences 1, 0, 2: mean 1, sample sd 1, half-width 1.96 / sqrt(3).
+    delta = paired_delta([3, 1, 4], [2, 1, 2])
+    half = 1.96 / 3**0.5
+    assert delta == pytest.approx({"mean": 1, "ci95_low": 1 - half, "ci95_high": 1 + half})
+    assert paired_delta([1], [0]) is None

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import base64
 import io
+import mimetypes
 import os
 import tempfile
 
 import numpy as np
 from PIL import Image
+
+from vllm_prumerge.testing.images import is_url
 
 
 def image_data_url(image: Image.Image, format: str = "PNG") -> str:
@@ -19,6 +22,16 @@ def image_data_url(image: Image.Image, format: str = "PNG") -> str:
     buffer = io.BytesIO()
     image.save(buffer, format=format)
     return f"data:image/{format.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def file_url(source: str) -> str:
+    """An http(s) URL as it is, else a `data:` URL of the file's bytes for a `video_url` part
+    (type from the file's name; video/mp4 when it says nothing)."""
+    if is_url(source):
+        return source
+    kind = mimetypes.guess_type(source)[0] or "video/mp4"
+    with open(source, "rb") as file:
+        return f"data:{kind};base64," + base64.b64encode(file.read()).decode()
 
 
 def encode_mp4(frames: np.ndarray, fps: float = 2.0) -> bytes:
