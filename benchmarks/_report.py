@@ -42,6 +42,17 @@ def ratio(value: float | None, base: float | None) -> float:
     return value / base if value is not None and base else float("nan")
 
 
+def ratios(row: dict[str, Any], base: dict[str, Any], keys: dict[str, str]) -> dict[str, float]:
+    """`{name: ratio(row's value, base's value)}` for every (name, dotted path) of `keys`."""
+    return {name: ratio(cell(row, path), cell(base, path)) for name, path in keys.items()}
+
+
+def plot_title(data: dict[str, Any], detail: str) -> str:
+    """A plot's title: the run's model, its number of requests, `detail` and its device."""
+    settings, device = data["settings"], device_name(data["environment"])
+    return f"{data['model']}: {settings['num_prompts']} requests, {detail}; {device}"
+
+
 def media_labels(settings: dict[str, Any]) -> tuple[str, str]:
     """(short, long) name of what one request sends, for table headers and axis labels:
     ("img", "image"), or ("video", "video") when the run's settings have `frames` > 0."""
