@@ -519,7 +519,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         runs[config.name].append(result)
                         visual = sum(result["visual_tokens"]) / len(items)
                         rate = result["engine"]["requests_per_s"]
-                        bar.set_postfix_str(f"{config.name}: {rate:.2f} req/s, {visual:.1f} visual tok")
+                        bar.set_postfix_str(
+                            f"{config.name}: {rate:.2f} req/s, {visual:.1f} visual tok"
+                        )
             finally:
                 engine.engine_core.shutdown()
                 del engine
