@@ -227,15 +227,18 @@ def text_section(rows: Sequence[dict[str, Any]], intro: str, columns: Sequence[t
     return [heading, "", intro, "", table(rows, columns)]
 
 
-def token_axis(ax: Any, largest: float, long: str) -> None:
+def token_axis(ax: Any, largest: float, long: str, legend: int | None = None) -> None:
     """A log x-axis of visual tokens per `long` ("image", "video"), ticked up to `largest`
-    (stock LLaVA-NeXT reaches 2928, LLaVA-OneVision about 7,000)."""
+    (stock LLaVA-NeXT reaches 2928, LLaVA-OneVision about 7,000); `legend`: a legend of that
+    font size."""
     ticks = (1, 4, 16, 32, 64, 144, 288, 576, 729, 1176, 2928, 7371)
     ticks = [t for t in ticks if t <= max(largest, 576) * 1.05]
     ax.set_xscale("log")
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel(f"visual tokens per {long} (mean, log scale)")
+    if legend:
+        ax.legend(fontsize=legend)
 
 
 def label_points(ax: Any, rows: Sequence[dict], xs: Sequence, ys: Sequence, size: int = 7):

@@ -154,7 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --------------------------------------------------------------------------------------------
 # The server and the load generator
 
 
@@ -178,17 +177,12 @@ def bench_argv(args, base: str, model: str, dataset: Path, count: int, rate: flo
     `dataset` at `rate`, --ignore-eos; keywords: `prumerge`, the configuration sent in
     --extra-body (None: no plugin kwargs), and `result`, the path of its saved result."""
     prumerge = kw.get("prumerge")
-    options = {
-        "body": {} if prumerge is None else {"mm_processor_kwargs": {"prumerge": prumerge}},
-        "ignore_eos": True,
-        "rate": rate,
-        "concurrency": args.max_concurrency,
-        "seed": args.seed,
-        "result": kw.get("result"),
-        "quiet": args.no_progress,
-        "extra": args.bench_arg,
-    }
-    return bench_serve_argv(base, model, dataset, count, args.output_len, **options)
+    body = {} if prumerge is None else {"mm_processor_kwargs": {"prumerge": prumerge}}
+    options = {"body": body, "ignore_eos": True, "rate": rate, "concurrency": args.max_concurrency}
+    options |= {"seed": args.seed, "result": kw.get("result"), "quiet": args.no_progress}
+    return bench_serve_argv(
+        base, model, dataset, count, args.output_len, **options, extra=args.bench_arg
+    )
 
 
 def media_url(item: WorkItem) -> str:
@@ -205,12 +199,10 @@ def media_parts(items: list[WorkItem]) -> list[list[dict[str, Any]]]:
 
 
 def text_parts(question: str, fillers: int) -> list[dict[str, Any]]:
-    """The text-only chat message: `fillers` filler words in place of the image, then the
-    question."""
+    """The text-only chat message: `fillers` filler words (for the media), then the question."""
     return [{"type": "text", "text": FILLER * fillers + question}]
 
 
-# --------------------------------------------------------------------------------------------
 # One run and its /metrics
 
 
@@ -345,7 +337,6 @@ class TextPadder:
         return self.found[(question, target)]
 
 
-# --------------------------------------------------------------------------------------------
 # Every configuration against one server
 
 
@@ -461,7 +452,6 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
                 r["fraction_of_text"] = _report.ratios(r, r["text"], OTHER_RATIOS)
 
 
-# --------------------------------------------------------------------------------------------
 # Reports
 
 
@@ -530,8 +520,7 @@ def markdown_report(data: dict[str, Any]) -> str:
         "",
         f"Latencies in ms. {_report.BASELINE_RULE} Each at the same request rate; "
         "`prompt-ratio ideal x` = prompt-token ratio (cost proportional to prompt tokens; no "
-        "engine reaches it). Visual tokens: the server's histogram (`stock`: prompt tokens "
-        "minus the text tokens); peak KV and running: sampled from /metrics.",
+        "engine reaches it). `stock`'s visual tokens: its prompt tokens minus the text tokens.",
         "",
         *_report.text_section(data["runs"], text_intro, text_columns),
         "## All figures",
@@ -565,24 +554,21 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     largest = max((v for v in known if not math.isnan(v)), default=576)
     titles = ("TTFT (ms)", "end-to-end latency (ms)", "requests / s")
     for ax, name in zip(axes, titles, strict=True):
-        _report.token_axis(ax, largest, _report.media_labels(data["settings"])[1])
+        _report.token_axis(ax, largest, _report.media_labels(data["settings"])[1], legend=7)
         ax.set_title(name)
-        ax.legend(fontsize=7)
     title = _report.plot_title(data, f"max concurrency {data['settings']['max_concurrency']}")
     return [_report.save_figure(fig, out, "serving_latency.png", title)]
 
 
 METHOD = (
-    "One server, one configuration after another, each run by vLLM's load generator "
-    "(`vllm bench serve --backend openai-chat --dataset-name custom`, in this process) on the "
-    "same chat messages, the configuration in --extra-body's mm_processor_kwargs; streamed, "
-    "--ignore-eos, --temperature 0, fixed output length; TTFT, ITL and latency per request from "
-    "--save-detailed, TPOT = (latency - TTFT) / (output tokens - 1). A first round of every "
-    "configuration (2 requests) precedes all measurements, --warmup requests on other media each "
-    "one. Prompt tokens: the server's usage.prompt_tokens; visual tokens: the change of the "
-    "server's vllm_prumerge:visual_tokens_per_image (or _per_video) histogram over the run; "
-    "peaks: the maxima of vllm:kv_cache_usage_perc and vllm:num_requests_running sampled from "
-    "/metrics. `stock` runs on its own server (no --plugin, same settings), before the plugin's."
+    "One server, one configuration after another, each run by `vllm bench serve` (openai-chat, "
+    "custom dataset, in this process) on the same chat messages, the configuration in "
+    "--extra-body; streamed, --ignore-eos, greedy; TTFT, ITL and latency per request "
+    "(--save-detailed), TPOT = (latency - TTFT) / (output tokens - 1). A first round of every "
+    "configuration (2 requests), then --warmup requests on other media before each. Prompt "
+    "tokens: usage.prompt_tokens; visual tokens: the change of the server's "
+    "vllm_prumerge:visual_tokens_per_image (or _per_video) histogram over the run; peaks: "
+    "sampled from /metrics. `stock`: its own server (no --plugin, same settings), first."
 )
 
 

@@ -41,6 +41,10 @@ PHASE_KEYS = (*THROUGHPUT_KEYS, "seconds", "peak_kv_cache_usage", "max_running_r
 PHASE_KEYS += ("max_waiting_requests", "max_generating_requests", "preemptions")
 RATIO_KEYS = (*THROUGHPUT_KEYS, "peak_kv_cache_usage", "max_running_requests")
 RATIO_KEYS += ("max_generating_requests", "ttft_s_mean")
+# The figures of a phase from the scheduler's per-step stats: JSON key -> StepTracker attribute.
+TRACKED = {"peak_kv_cache_usage": "peak_kv_cache_usage", "max_running_requests": "max_running"}
+TRACKED |= {"max_waiting_requests": "max_waiting", "max_generating_requests": "max_generating"}
+TRACKED |= {"preemptions": "preemptions", "scheduler_steps": "steps"}
 RATIOS = {"visual_tokens": "visual_tokens.mean", "frontend_ms_per_image": "frontend_ms_per_image"}
 
 
@@ -77,7 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --------------------------------------------------------------------------------------------
 # Engine and runs
 
 
@@ -121,8 +124,7 @@ def run(engine: Any, prompts: list, sampling: Any, tag: str, bar: Any, burst: bo
     End to end (default): pre-process and submit one by one while the engine (another process)
     already runs the first ones, as `LLM.generate`. `burst`: pre-process all first, then release
     them at once: the LLM's prefill + decode alone, limited by the KV cache and max_num_seqs.
-    Returns (outputs in order, seconds measured (burst: from the release), pre-processing
-    seconds)."""
+    Returns (outputs in order, seconds measured (burst: from the release), pre-processing s)."""
     ids = [f"{tag}-{i}" for i in range(len(prompts))]
     start = time.perf_counter()
     if burst:
@@ -154,12 +156,7 @@ def phase_figures(outputs: list[Any], seconds: float, tracker: Any) -> dict[str,
         "requests_per_s": len(outputs) / seconds,
         "output_tokens_per_s": generated / seconds,
         "total_tokens_per_s": (prompt + generated) / seconds,
-        "peak_kv_cache_usage": tracker.peak_kv_cache_usage,
-        "max_running_requests": tracker.max_running,
-        "max_waiting_requests": tracker.max_waiting,
-        "max_generating_requests": tracker.max_generating,
-        "preemptions": tracker.preemptions,
-        "scheduler_steps": tracker.steps,
+        **{key: getattr(tracker, attribute) for key, attribute in TRACKED.items()},
         "ttft_s": summary([o.metrics.first_token_latency for o in outputs if o.metrics]),
     }
 
@@ -204,7 +201,6 @@ def measure(engine, tracker, items, config, sampling, image_token, filler, tag, 
     return result
 
 
-# --------------------------------------------------------------------------------------------
 # Figures over repeats
 
 
@@ -286,7 +282,6 @@ def add_ratios(results: list[dict[str, Any]]) -> str:
     return base["name"]
 
 
-# --------------------------------------------------------------------------------------------
 # Reports
 
 
@@ -404,8 +399,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     cache = settings["kv_cache_tokens"]
     ax2.set_title(f"Concurrency in a {cache}-token KV cache" if cache else "Concurrency")
     for axis in (ax, ax2):
-        _report.token_axis(axis, top, long)
-        axis.legend(fontsize=7)
+        _report.token_axis(axis, top, long, legend=7)
     names = [_report.save_figure(fig, out, "throughput_vs_tokens.png", title)]
 
     ordered = sorted(results, key=lambda r: r["visual_tokens"]["mean"])
@@ -423,9 +417,8 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
             label = "text-equivalent (same prompt length, text only)"
             axis.plot(text_xs, text_ys, "s--", color="C2", label=label)
         _report.label_points(axis, ordered, xs, ys)
-        _report.token_axis(axis, max(xs), long)
+        _report.token_axis(axis, max(xs), long, legend=7)
         axis.set_title(name)
-        axis.legend(fontsize=7)
     names.append(_report.save_figure(fig, out, "scaling.png", title + ", released at once"))
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -445,14 +438,12 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
 
 METHOD = (
     "One vLLM engine (identical settings) serves every plugin configuration through "
-    "per-request mm_processor_kwargs; prefix caching and the multimodal processor cache are off "
-    "(every request pays for its media and whole prompt); fixed output length (ignore_eos, "
-    "greedy). Prompts: the token ids of the checkpoint's chat template applied to one user "
-    "message (media, then question), as vllm serve builds them. Every configuration runs once "
-    "on other media before any measurement, and --warmup requests before each; configuration "
-    "order rotates per repeat. Visual tokens are counted in RequestOutput.prompt_token_ids (the "
-    "placeholder id); KV usage, running requests and preemptions come from the scheduler's "
-    "per-step stats (a vLLM stat logger)."
+    "per-request mm_processor_kwargs; no prefix or multimodal processor cache; fixed output "
+    "length (ignore_eos, greedy). Prompts: the checkpoint's chat template applied to one user "
+    "message (media, then question), as vllm serve builds them. A first round of every "
+    "configuration, then --warmup requests on other media before each; order rotated per "
+    "repeat. Visual tokens: the placeholder id counted in RequestOutput.prompt_token_ids; KV "
+    "usage, running requests and preemptions: the scheduler's per-step stats."
 )
 
 
