@@ -154,9 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The server and the load generator
-
-
 def server_args(args: argparse.Namespace, *, stock: bool, dtype: str | None = None) -> list:
     """`vllm serve` arguments: the plugin (not for `stock`) and the engine settings of
     throughput.py, from the shared engine options."""
@@ -203,17 +200,13 @@ def text_parts(question: str, fillers: int) -> list[dict[str, Any]]:
     return [{"type": "text", "text": FILLER * fillers + question}]
 
 
-# One run and its /metrics
-
-
 async def sample_metrics(http: Any, base_url: str, interval: float, peaks: dict) -> None:
     """Poll /metrics until cancelled; keep the peaks of KV usage, running and waiting."""
     while True:
         with contextlib.suppress(Exception):
             samples = parse_prometheus((await http.get(base_url + "/metrics")).text)
             for key, name in PEAK_METRICS.items():
-                value = metric_max(samples, name)
-                if value is not None:
+                if (value := metric_max(samples, name)) is not None:
                     peaks[key] = max(peaks.get(key, 0.0), value)
             peaks["samples"] = peaks.get("samples", 0) + 1
         await asyncio.sleep(interval)
@@ -270,12 +263,10 @@ def figures(batches: list[dict[str, Any]]) -> dict[str, Any]:
     ]
     visual_sum, visual_count = (sum(b["visual"][k] for b in batches) for k in ("sum", "count"))
     tower_seconds = sum(batch["tower_seconds"] for batch in batches)
-    peaks: dict[str, float] = {}
-    for batch in batches:
-        for key, value in batch["peaks"].items():
-            peaks[key] = (sum if key == "samples" else max)((value, peaks.get(key, 0)))
+    samples = sum(batch["peaks"].get("samples", 0) for batch in batches)
+    peaks = {k: [b["peaks"][k] for b in batches if k in b["peaks"]] for k in PEAK_METRICS}
     # Too few samples (batches shorter than a few intervals) would read as zero: omitted.
-    sampled = peaks.get("samples", 0) >= 3 * len(batches)
+    sampled = samples >= 3 * len(batches)
 
     def ms(values: list[float]) -> dict[str, float]:
         return {k: 1e3 * v for k, v in summary(values).items()}
@@ -304,8 +295,8 @@ def figures(batches: list[dict[str, Any]]) -> dict[str, Any]:
         "tpot_ms": ms(tpot),
         "itl_ms": ms([x for r in ok for x in r["itl"]]),
         "e2el_ms": ms([r["latency"] for r in ok]),
-        **{f"{k}_sampled": peaks.get(k) if sampled else None for k in PEAK_METRICS},
-        "metrics_samples": peaks.get("samples", 0),
+        **{f"{k}_sampled": max(v) if sampled and v else None for k, v in peaks.items()},
+        "metrics_samples": samples,
     }
 
 
@@ -337,9 +328,6 @@ class TextPadder:
         return self.found[(question, target)]
 
 
-# Every configuration against one server
-
-
 async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConfig]) -> dict:
     """Every configuration of `configs` (all served by the server at `base`), with its
     text-equivalent when --text; returns the served model name, one run per (rate, config) and
@@ -359,18 +347,16 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
     async def warm_up(config: BenchConfig, start: int, count: int, rate: float) -> None:
         chosen = media_parts(warm[start : start + count])
         path = write_dataset(out / "datasets" / f"warm-{start + count}.jsonl", chosen)
-        await bench_serve(
-            bench_argv(args, base, model, path, count, rate, prumerge=config.prumerge)
-        )
+        argv = bench_argv(args, base, model, path, count, rate, prumerge=config.prumerge)
+        await bench_serve(argv)
 
     # A first round of every configuration, on the same two images: loads the tower in the
     # server's front end and touches every code path before anything is measured.
     for config in configs:
         await warm_up(config, 0, 2, math.inf)
     used = 2  # warm-up items used so far
-    pooled: dict[tuple[float, str], list[dict[str, Any]]] = {}
-    pooled_text: dict[tuple[float, str], list[dict[str, Any]]] = {}
-    targets: dict[tuple[float, str], list[int]] = {}
+    # Per (rate, configuration): its measured runs, its text-equivalents' and their targets.
+    pooled = {(rate, c.name): ([], [], []) for rate in rates for c in configs}
     command = ""
     for repeat in range(args.repeats):
         for rate in rates:
@@ -378,14 +364,14 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
                 if args.warmup:
                     await warm_up(config, used, args.warmup, rate)
                     used += args.warmup
-                key = (rate, config.name)
+                images, texts, targets = pooled[(rate, config.name)]
                 tag = f"{config.name.replace('/', '_')}-{rate:g}-{repeat}"  # a file name
                 result = out / "vllm-bench-serve" / f"{tag}.json"
                 option = {"prumerge": config.prumerge, "result": result}
                 argv = bench_argv(args, base, model, dataset, len(items), rate, **option)
                 command = command or "vllm bench serve " + shlex.join(argv)
                 measured = await measured_run(http, base, argv, config.mode, args)
-                pooled.setdefault(key, []).append(measured)
+                images.append(measured)
                 if not any(r["ok"] for r in measured["requests"]):
                     errors = sorted({r.get("error", "") for r in measured["requests"]})[:3]
                     hint = " (start the server with --trust-request-mm-kwargs)"
@@ -401,24 +387,17 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
                     path = write_dataset(out / "datasets" / f"text-{tag}.jsonl", parts)
                     result = out / "vllm-bench-serve" / f"text-{tag}.json"
                     argv = bench_argv(args, base, model, path, len(parts), rate, result=result)
-                    pooled_text.setdefault(key, []).append(
-                        await measured_run(http, base, argv, None, args)
-                    )
-                    targets.setdefault(key, []).extend(n for _, n in done)
+                    texts.append(await measured_run(http, base, argv, None, args))
+                    targets.extend(n for _, n in done)
     await http.aclose()
     runs = []
     for rate in rates:
         for config in configs:
-            run = {
-                "name": config.name,
-                "prumerge": config.prumerge,
-                "request_rate": rate,
-                **figures(pooled[(rate, config.name)]),
-            }
+            images, texts, targets = pooled[(rate, config.name)]
+            run = {"name": config.name, "prumerge": config.prumerge, "request_rate": rate}
+            run |= figures(images)
             if args.text:
-                text = figures(pooled_text[(rate, config.name)])
-                text["target_prompt_tokens"] = summary(targets[(rate, config.name)])
-                run["text"] = text
+                run["text"] = {**figures(texts), "target_prompt_tokens": summary(targets)}
             runs.append(run)
     return {"served_model": model, "runs": runs, "bench_serve_command": command}
 
@@ -452,18 +431,14 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
                 r["fraction_of_text"] = _report.ratios(r, r["text"], OTHER_RATIOS)
 
 
-# Reports
-
-
 def markdown_report(data: dict[str, Any]) -> str:
     env, settings = data["environment"], data["settings"]
     short, long = _report.media_labels(settings)
     has_stock = any("ratio_to_stock" in r for r in data["runs"])
+    head = [("config", "name"), ("rate", "request_rate")]
+    head += [(f"visual tok/{short}", "visual_tokens_mean"), ("prompt tok", "prompt_tokens.mean")]
     text_columns = [
-        ("config", "name"),
-        ("rate", "request_rate"),
-        (f"visual tok/{short}", "visual_tokens_mean"),
-        ("prompt tok", "prompt_tokens.mean"),
+        *head,
         ("text prompt tok", "text.prompt_tokens.mean"),
         ("req/s", "requests_per_s"),
         ("text-equiv. req/s", "text.requests_per_s"),
@@ -488,10 +463,7 @@ def markdown_report(data: dict[str, Any]) -> str:
     )
     peak_kv = "peak_kv_cache_usage_sampled"
     columns = [
-        ("config", "name"),
-        ("rate", "request_rate"),
-        (f"visual tok/{short}", "visual_tokens_mean"),
-        ("prompt tok", "prompt_tokens.mean"),
+        *head,
         ("req/s", "requests_per_s"),
         ("x", "ratio_to_baseline.requests_per_s"),
         ("prompt-ratio ideal x", "ideal_speedup"),
@@ -581,9 +553,9 @@ def start_and_measure(
     from vllm_prumerge.testing.server import serve
 
     dtype = (configs[0].name.partition(":")[2] or None) if stock else None
-    server_env: dict[str, str] = {}  # on top of this process's (use_cpu_if_no_gpu's settings)
-    if args.tower_threads and not stock:
-        server_env[PruMergeEncoder.THREADS_ENV] = str(args.tower_threads)
+    # On top of this process's environment (use_cpu_if_no_gpu's settings).
+    threads = {PruMergeEncoder.THREADS_ENV: str(args.tower_threads)}
+    server_env = threads if args.tower_threads and not stock else {}
     cli = server_args(args, stock=stock, dtype=dtype)
     name = "server-" + configs[0].name.replace(":", "-") if stock else "server"
     log = Path(args.out) / f"{name}.log"
@@ -592,9 +564,8 @@ def start_and_measure(
     with serve(model, cli, env=server_env, timeout=args.server_timeout, log_path=log) as base:
         started = time.perf_counter() - t0
         data = asyncio.run(benchmark(base, args, configs))
-    prefix = " ".join(f"{k}={v}" for k, v in server_env.items() if k.startswith("VLLM_PRUMERGE"))
-    command = f"`{prefix + ' ' if prefix else ''}vllm serve MODEL {shlex.join(cli)}`"
-    return data, command, started
+    prefix = "".join(f"{k}={v} " for k, v in server_env.items())
+    return data, f"`{prefix}vllm serve MODEL {shlex.join(cli)}`", started
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

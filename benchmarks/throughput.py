@@ -81,9 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Engine and runs
-
-
 def run_settings(args: argparse.Namespace, model: str, *, stock: bool) -> dict[str, Any]:
     """The EngineArgs of this run: identical for every configuration but `stock`'s model."""
     from vllm_prumerge import engine_kwargs
@@ -201,9 +198,6 @@ def measure(engine, tracker, items, config, sampling, image_token, filler, tag, 
     return result
 
 
-# Figures over repeats
-
-
 def phase_medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per phase: the median over repeats of every figure."""
     result: dict[str, Any] = {}
@@ -217,11 +211,8 @@ def phase_medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def without_token_lists(run: dict[str, Any]) -> dict[str, Any]:
     """A repeat's figures without its per-request token lists (kept once per configuration)."""
-    return {
-        k: without_token_lists(v) if k == "text" else v
-        for k, v in run.items()
-        if not k.endswith("_tokens")
-    }
+    kept = {k: v for k, v in run.items() if not k.endswith("_tokens")}
+    return kept | ({"text": without_token_lists(run["text"])} if "text" in run else {})
 
 
 def aggregate(config: BenchConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -280,9 +271,6 @@ def add_ratios(results: list[dict[str, Any]]) -> str:
         r["ratio_to_baseline"] = ratios
         r["fraction_of_ideal"] = {p: ratios[p]["requests_per_s"] / speedup for p in PHASES}
     return base["name"]
-
-
-# Reports
 
 
 def markdown_report(data: dict[str, Any]) -> str:
@@ -473,12 +461,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings_used: dict[str, Any] = {}
     startup: dict[str, float] = {}
     resolved_dtype: dict[str, str] = {}
-    silent = _report.progress(0, "", disable=True)
     filler = filler_token_id(AutoTokenizer.from_pretrained(model)) if args.text else None
 
     def warm_up(engine: Any, config: BenchConfig, count: int, tag: str) -> None:
         prompts = [make_prompt(next(warm), config) for _ in range(count)]
-        run(engine, prompts, sampling, f"warm-{config.name}-{tag}", silent)
+        run(engine, prompts, sampling, f"warm-{config.name}-{tag}", _report.progress(0, "", True))
 
     total = (4 if args.text else 2) * len(configs) * args.repeats * args.num_prompts
     with _report.progress(total, "throughput", disable=args.no_progress) as bar:
