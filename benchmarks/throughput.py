@@ -49,14 +49,11 @@ RATIOS = {"visual_tokens": "visual_tokens.mean", "frontend_ms_per_image": "front
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _cli.new_parser(
-        __doc__, "Runs every configuration in one run and writes JSON, Markdown and PNG plots."
-    )
+    parser = _cli.new_parser(__doc__, "Every configuration in one run; JSON, Markdown, PNG plots.")
     _cli.add_model_arguments(
         parser.add_argument_group("model"),
-        "LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA, LLaVA-OneVision, LLaVA-NeXT-Video or Video-LLaVA "
-        "checkpoint (hub id such as llava-hf/llava-1.5-7b-hf, or a local folder). Default: a "
-        "generated random-weight checkpoint (see --synthetic, --family, --tower).",
+        "LLaVA-family checkpoint (hub id such as llava-hf/llava-1.5-7b-hf, or a local folder). "
+        "Default: a generated random-weight checkpoint (see --synthetic, --family, --tower).",
     )
     work = parser.add_argument_group("workload")
     _cli.add_workload_arguments(work, "Seed of images, questions and engine.")
@@ -187,10 +184,8 @@ def measure(engine, tracker, items, config, sampling, image_token, filler, tag, 
         raise RuntimeError(f"{config.name}: visual token counts differ between the two phases")
     result["visual_tokens"] = visual
     if filler is not None:
-        text_prompts = [
-            {"prompt_token_ids": text_equivalent_ids(o.prompt_token_ids, image_token, filler)}
-            for o in outputs
-        ]
+        ids = [text_equivalent_ids(o.prompt_token_ids, image_token, filler) for o in outputs]
+        text_prompts = [{"prompt_token_ids": prompt_ids} for prompt_ids in ids]
         text, _, _ = measure_phases(engine, tracker, text_prompts, sampling, f"{tag}-text", bar)
         if text["prompt_tokens"] != result["prompt_tokens"]:
             raise RuntimeError(f"text@{config.name}: prompt lengths differ from the image prompts")
