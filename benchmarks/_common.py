@@ -39,6 +39,16 @@ def modality(frames: int) -> str:
     return "video" if frames > 0 else "image"
 
 
+def workloads(args: Any, warm_count: int, **options: Any) -> tuple[list, list]:
+    """(the measured requests, `warm_count` others for warm-ups) of the workload options
+    (--num-prompts, --seed, --images, --image-size, --frames, --video-kind); `options`: more
+    of `build_workload`'s (e.g. `prompt`)."""
+    workload = {"size": tuple(args.image_size), "frames": args.frames, **options}
+    workload["video_kind"] = args.video_kind
+    items = build_workload(args.num_prompts, args.seed, args.images, **workload)
+    return items, build_workload(warm_count, args.seed, args.images, start=len(items), **workload)
+
+
 def fair_settings(args: Any) -> dict[str, Any]:
     """The engine settings of every compared configuration (throughput.py's engine, serving.py's
     servers): prefix caching and the multimodal processor cache off, so every request pays for
@@ -176,6 +186,12 @@ def parse_configs(text: str, *, stock: bool = False, stock_dtypes: bool = False)
     for spec in (c.prumerge for c in configs if not c.stock):  # now, not after the engine starts
         PruMergeConfig.from_dict({"mode": spec} if isinstance(spec, str) else spec)
     return configs
+
+
+def rotated(items: Sequence[Any], repeat: int) -> list[Any]:
+    """`items` in the order of round `repeat` of a comparison: shifted by one every round."""
+    shift = repeat % len(items)
+    return [*items[shift:], *items[:shift]]
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:

@@ -42,6 +42,17 @@ def ratio(value: float | None, base: float | None) -> float:
     return value / base if value is not None and base else float("nan")
 
 
+def ratios(row: dict[str, Any], base: dict[str, Any], keys: dict[str, str]) -> dict[str, float]:
+    """`{name: ratio(row's value, base's value)}` for every (name, dotted path) of `keys`."""
+    return {name: ratio(cell(row, path), cell(base, path)) for name, path in keys.items()}
+
+
+def plot_title(data: dict[str, Any], detail: str) -> str:
+    """A plot's title: the run's model, its number of requests, `detail` and its device."""
+    settings, device = data["settings"], device_name(data["environment"])
+    return f"{data['model']}: {settings['num_prompts']} requests, {detail}; {device}"
+
+
 def media_labels(settings: dict[str, Any]) -> tuple[str, str]:
     """(short, long) name of what one request sends, for table headers and axis labels:
     ("img", "image"), or ("video", "video") when the run's settings have `frames` > 0."""
@@ -216,15 +227,18 @@ def text_section(rows: Sequence[dict[str, Any]], intro: str, columns: Sequence[t
     return [heading, "", intro, "", table(rows, columns)]
 
 
-def token_axis(ax: Any, largest: float, long: str) -> None:
+def token_axis(ax: Any, largest: float, long: str, legend: int | None = None) -> None:
     """A log x-axis of visual tokens per `long` ("image", "video"), ticked up to `largest`
-    (stock LLaVA-NeXT reaches 2928, LLaVA-OneVision about 7,000)."""
+    (stock LLaVA-NeXT reaches 2928, LLaVA-OneVision about 7,000); `legend`: a legend of that
+    font size."""
     ticks = (1, 4, 16, 32, 64, 144, 288, 576, 729, 1176, 2928, 7371)
     ticks = [t for t in ticks if t <= max(largest, 576) * 1.05]
     ax.set_xscale("log")
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel(f"visual tokens per {long} (mean, log scale)")
+    if legend:
+        ax.legend(fontsize=legend)
 
 
 def label_points(ax: Any, rows: Sequence[dict], xs: Sequence, ys: Sequence, size: int = 7):

@@ -1,11 +1,7 @@
 """Online serving benchmark: `vllm serve --plugin prumerge` with stock token counts vs PruMerge,
-against stock vLLM and against text-only requests of the same length, driven by `vllm bench serve`.
-
-vLLM's load generator runs a dataset this script writes (throughput.py's workload as chat
-messages), each configuration the same dataset with its mode in --extra-body; this script adds
-the text-equivalent requests, the server's /metrics around each run, pooled repeats, ratios, the
-report and the plot. `stock` (`stock:DTYPE`) runs on a second server. Method:
-docs/benchmarks.md. Writes OUT/serving.json, .md, .png, the datasets and vllm bench serve's results.
+against stock vLLM and against text-only requests of the same length, driven by `vllm bench serve`
+on a dataset this script writes; `stock` (`stock:DTYPE`) runs on a second server. Method:
+docs/benchmarks.md.
 
     python benchmarks/serving.py --out out/serving                      # starts its own server
     python benchmarks/serving.py --tower real --configs stock,off,prumerge --out out/real
@@ -31,10 +27,11 @@ from _common import (
     WorkItem,
     bench_serve,
     bench_serve_argv,
-    build_workload,
     chat_prompt,
     fair_settings,
+    rotated,
     summary,
+    workloads,
     write_dataset,
 )
 
@@ -44,7 +41,12 @@ from vllm_prumerge.testing.engine_args import (
     serve_flags,
 )
 from vllm_prumerge.testing.media import image_data_url, video_data_url
-from vllm_prumerge.testing.prometheus import metric_max, metric_total, parse_prometheus
+from vllm_prumerge.testing.prometheus import (
+    fetch_metrics,
+    metric_max,
+    metric_total,
+    parse_prometheus,
+)
 from vllm_prumerge.testing.prompts import chat_messages
 
 VISUAL_METRIC = "vllm_prumerge:visual_tokens_per_image"
@@ -55,6 +57,17 @@ PEAK_METRICS = {  # sampled from /metrics during every run: the peaks are kept
     "max_running_requests": "vllm:num_requests_running",
     "max_waiting_requests": "vllm:num_requests_waiting",
 }
+# The ratios of a run (name: dotted path of the figure): to the baseline; to stock and text.
+BASELINE_RATIOS = {
+    "requests_per_s": "requests_per_s",
+    "output_tokens_per_s": "output_tokens_per_s",
+    "prompt_tokens": "prompt_tokens.mean",
+    "ttft_p50": "ttft_ms.p50",
+    "ttft_mean": "ttft_ms.mean",
+    "tpot_p50": "tpot_ms.p50",
+    "e2el_p50": "e2el_ms.p50",
+}
+OTHER_RATIOS = {"requests_per_s": "requests_per_s", "ttft_p50": "ttft_ms.p50"}
 FILLER = " the"  # one text token per repetition in LLaVA's tokenizers; checked with /tokenize
 # The server's part of the report's line on video requests (`_report.video_note`).
 SERVER_VIDEO_NOTE = (
@@ -73,36 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--base-url",
         default=None,
-        help="Use this running server (e.g. http://127.0.0.1:8000, started with `vllm serve "
-        "MODEL --plugin prumerge --trust-request-mm-kwargs`, for comparable figures also "
-        "`--no-enable-prefix-caching --mm-processor-cache-gb 0`) instead of starting one; the "
-        "engine options below then do not apply.",
+        help="Use this running server (e.g. http://127.0.0.1:8000, started with `vllm serve MODEL "
+        "--plugin prumerge --trust-request-mm-kwargs`, for comparable figures also "
+        "`--no-enable-prefix-caching --mm-processor-cache-gb 0`) instead of starting one.",
     )
     _cli.add_model_arguments(
         srv,
-        "Checkpoint the started server serves (hub id such as llava-hf/llava-1.5-7b-hf or "
-        "a folder; LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA, LLaVA-OneVision or LLaVA-NeXT-Video). "
-        "Default: a generated random-weight checkpoint (see --synthetic, --family, --tower). "
-        "With --base-url: the served model name (default: the server's first).",
+        "Checkpoint the started server serves (hub id such as llava-hf/llava-1.5-7b-hf, or a "
+        "folder). Default: a generated random-weight checkpoint (--synthetic, --family, "
+        "--tower). With --base-url: the served model name (default: the server's first).",
     )
     add_number_options(
         srv,
         ("--tower-threads", int, None, "Torch threads of the plugin's vision tower in the "
-         "started server (sets VLLM_PRUMERGE_TOWER_THREADS, which overrides "
-         "--prumerge-tower-threads). Default: the server's own setting (auto: the cores it may "
-         "run on divided by --api-server-count)."),
+         "started server (sets VLLM_PRUMERGE_TOWER_THREADS). Default: the server's own (the "
+         "cores it may run on / --api-server-count)."),
         ("--api-server-count", int, 1, "--api-server-count of the started servers: API-server "
          "processes, each with its own pre-processor (and, with the plugin, its own tower)."),
         ("--server-timeout", float, 900, "Seconds to wait for a started server's /health."),
     )  # fmt: skip
-    srv.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="Extra argument for the started `vllm serve` (repeatable; use the = form for "
-        "values, e.g. --server-arg=--gpu-memory-utilization=0.8).",
-    )
     add_engine_arguments(
         parser, kv_cache=True, title="engine of the started servers", target="vllm serve option"
     )
@@ -130,14 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
         ("--metrics-interval", float, 0.25, "Seconds between /metrics samples (peak KV-cache "
          "usage, running and waiting requests)."),
     )  # fmt: skip
-    work.add_argument(
-        "--bench-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="Extra argument for every `vllm bench serve` run (repeatable; the = form for "
-        "values, e.g. --bench-arg=--burstiness=0.5 or --bench-arg=--goodput=ttft:500).",
-    )
+    for group, flag, target, example in (
+        (srv, "--server-arg", "the started `vllm serve`", "=--gpu-memory-utilization=0.8"),
+        (work, "--bench-arg", "every `vllm bench serve` run", "=--burstiness=0.5"),
+    ):
+        group.add_argument(
+            flag,
+            action="append",
+            default=[],
+            metavar="ARG",
+            help=f"Extra argument for {target} (repeatable; the = form for values, e.g. "
+            f"{flag}{example}).",
+        )
     _cli.add_output_arguments(
         parser,
         "out/serving",
@@ -146,10 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
         plots="PNG plot",
     )
     return parser
-
-
-# --------------------------------------------------------------------------------------------
-# The server and the load generator
 
 
 def server_args(args: argparse.Namespace, *, stock: bool, dtype: str | None = None) -> list:
@@ -172,17 +174,12 @@ def bench_argv(args, base: str, model: str, dataset: Path, count: int, rate: flo
     `dataset` at `rate`, --ignore-eos; keywords: `prumerge`, the configuration sent in
     --extra-body (None: no plugin kwargs), and `result`, the path of its saved result."""
     prumerge = kw.get("prumerge")
-    options = {
-        "body": {} if prumerge is None else {"mm_processor_kwargs": {"prumerge": prumerge}},
-        "ignore_eos": True,
-        "rate": rate,
-        "concurrency": args.max_concurrency,
-        "seed": args.seed,
-        "result": kw.get("result"),
-        "quiet": args.no_progress,
-        "extra": args.bench_arg,
-    }
-    return bench_serve_argv(base, model, dataset, count, args.output_len, **options)
+    body = {} if prumerge is None else {"mm_processor_kwargs": {"prumerge": prumerge}}
+    options = {"body": body, "ignore_eos": True, "rate": rate, "concurrency": args.max_concurrency}
+    options |= {"seed": args.seed, "result": kw.get("result"), "quiet": args.no_progress}
+    return bench_serve_argv(
+        base, model, dataset, count, args.output_len, **options, extra=args.bench_arg
+    )
 
 
 def media_url(item: WorkItem) -> str:
@@ -199,13 +196,8 @@ def media_parts(items: list[WorkItem]) -> list[list[dict[str, Any]]]:
 
 
 def text_parts(question: str, fillers: int) -> list[dict[str, Any]]:
-    """The text-only chat message: `fillers` filler words in place of the image, then the
-    question."""
+    """The text-only chat message: `fillers` filler words (for the media), then the question."""
     return [{"type": "text", "text": FILLER * fillers + question}]
-
-
-# --------------------------------------------------------------------------------------------
-# One run and its /metrics
 
 
 async def sample_metrics(http: Any, base_url: str, interval: float, peaks: dict) -> None:
@@ -214,17 +206,10 @@ async def sample_metrics(http: Any, base_url: str, interval: float, peaks: dict)
         with contextlib.suppress(Exception):
             samples = parse_prometheus((await http.get(base_url + "/metrics")).text)
             for key, name in PEAK_METRICS.items():
-                value = metric_max(samples, name)
-                if value is not None:
+                if (value := metric_max(samples, name)) is not None:
                     peaks[key] = max(peaks.get(key, 0.0), value)
             peaks["samples"] = peaks.get("samples", 0) + 1
         await asyncio.sleep(interval)
-
-
-async def read_metrics(http: Any, base_url: str) -> dict[str, Any]:
-    response = await http.get(base_url + "/metrics")
-    response.raise_for_status()
-    return parse_prometheus(response.text)
 
 
 async def measured_run(
@@ -233,7 +218,7 @@ async def measured_run(
     """One measured `vllm bench serve` run: its requests, its duration, the change of the
     server's visual-token histogram and tower time for `mode` (None: not read) and the /metrics
     peaks sampled meanwhile."""
-    before = await read_metrics(http, base)
+    before = fetch_metrics(base)
     peaks: dict[str, Any] = {}
     sampler = asyncio.create_task(sample_metrics(http, base, args.metrics_interval, peaks))
     try:
@@ -242,7 +227,7 @@ async def measured_run(
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
-    after = await read_metrics(http, base)
+    after = fetch_metrics(base)
 
     def delta(name: str) -> float:
         if mode is None:
@@ -276,15 +261,12 @@ def figures(batches: list[dict[str, Any]]) -> dict[str, Any]:
     tpot = [
         (r["latency"] - r["ttft"]) / (r["output_tokens"] - 1) for r in ok if r["output_tokens"] > 1
     ]
-    visual_sum = sum(batch["visual"]["sum"] for batch in batches)
-    visual_count = sum(batch["visual"]["count"] for batch in batches)
+    visual_sum, visual_count = (sum(b["visual"][k] for b in batches) for k in ("sum", "count"))
     tower_seconds = sum(batch["tower_seconds"] for batch in batches)
-    peaks: dict[str, float] = {}
-    for batch in batches:
-        for key, value in batch["peaks"].items():
-            peaks[key] = (sum if key == "samples" else max)((value, peaks.get(key, 0)))
+    samples = sum(batch["peaks"].get("samples", 0) for batch in batches)
+    peaks = {k: [b["peaks"][k] for b in batches if k in b["peaks"]] for k in PEAK_METRICS}
     # Too few samples (batches shorter than a few intervals) would read as zero: omitted.
-    sampled = peaks.get("samples", 0) >= 3 * len(batches)
+    sampled = samples >= 3 * len(batches)
 
     def ms(values: list[float]) -> dict[str, float]:
         return {k: 1e3 * v for k, v in summary(values).items()}
@@ -313,8 +295,8 @@ def figures(batches: list[dict[str, Any]]) -> dict[str, Any]:
         "tpot_ms": ms(tpot),
         "itl_ms": ms([x for r in ok for x in r["itl"]]),
         "e2el_ms": ms([r["latency"] for r in ok]),
-        **{f"{k}_sampled": peaks.get(k) if sampled else None for k in PEAK_METRICS},
-        "metrics_samples": peaks.get("samples", 0),
+        **{f"{k}_sampled": max(v) if sampled and v else None for k, v in peaks.items()},
+        "metrics_samples": samples,
     }
 
 
@@ -346,10 +328,6 @@ class TextPadder:
         return self.found[(question, target)]
 
 
-# --------------------------------------------------------------------------------------------
-# Every configuration against one server
-
-
 async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConfig]) -> dict:
     """Every configuration of `configs` (all served by the server at `base`), with its
     text-equivalent when --text; returns the served model name, one run per (rate, config) and
@@ -358,59 +336,46 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
 
     out = Path(args.out)
     rates = [float(r) for r in args.request_rate.split(",") if r.strip()]
-    workload = {"size": tuple(args.image_size), "frames": args.frames}
-    workload["video_kind"] = args.video_kind
-    items = build_workload(args.num_prompts, args.seed, args.images, **workload)
-    warm_count = args.warmup * len(configs) * len(rates) * args.repeats + 2
-    warm = build_workload(warm_count, args.seed, args.images, start=len(items), **workload)
+    items, warm = workloads(args, args.warmup * len(configs) * len(rates) * args.repeats + 2)
     dataset = write_dataset(out / "datasets" / "requests.jsonl", media_parts(items))
     http = httpx.AsyncClient(timeout=600.0)
     model = args.model if args.base_url and args.model else None
     if model is None:
         model = (await http.get(base + "/v1/models")).json()["data"][0]["id"]
     padder = TextPadder(http, base, model)
-    warm_index = 0
 
-    async def warm_up(config: BenchConfig, count: int, rate: float) -> None:
-        nonlocal warm_index
-        chosen = warm[warm_index : warm_index + count]
-        warm_index += count
-        path = write_dataset(out / "datasets" / f"warm-{warm_index}.jsonl", media_parts(chosen))
-        await bench_serve(
-            bench_argv(args, base, model, path, count, rate, prumerge=config.prumerge)
-        )
+    async def warm_up(config: BenchConfig, start: int, count: int, rate: float) -> None:
+        chosen = media_parts(warm[start : start + count])
+        path = write_dataset(out / "datasets" / f"warm-{start + count}.jsonl", chosen)
+        argv = bench_argv(args, base, model, path, count, rate, prumerge=config.prumerge)
+        await bench_serve(argv)
 
-    # A first round of every configuration: loads the tower in the server's front end and
-    # touches every code path before anything is measured.
+    # A first round of every configuration, on the same two images: loads the tower in the
+    # server's front end and touches every code path before anything is measured.
     for config in configs:
-        await warm_up(config, 2, math.inf)
-        warm_index -= 2  # every configuration's first round on the same two images
-    warm_index = 2
-    pooled: dict[tuple[float, str], list[dict[str, Any]]] = {}
-    pooled_text: dict[tuple[float, str], list[dict[str, Any]]] = {}
-    targets: dict[tuple[float, str], list[int]] = {}
+        await warm_up(config, 0, 2, math.inf)
+    used = 2  # warm-up items used so far
+    # Per (rate, configuration): its measured runs, its text-equivalents' and their targets.
+    pooled = {(rate, c.name): ([], [], []) for rate in rates for c in configs}
     command = ""
     for repeat in range(args.repeats):
-        shift = repeat % len(configs)
         for rate in rates:
-            for config in configs[shift:] + configs[:shift]:
+            for config in rotated(configs, repeat):
                 if args.warmup:
-                    await warm_up(config, args.warmup, rate)
-                key = (rate, config.name)
+                    await warm_up(config, used, args.warmup, rate)
+                    used += args.warmup
+                images, texts, targets = pooled[(rate, config.name)]
                 tag = f"{config.name.replace('/', '_')}-{rate:g}-{repeat}"  # a file name
                 result = out / "vllm-bench-serve" / f"{tag}.json"
                 option = {"prumerge": config.prumerge, "result": result}
                 argv = bench_argv(args, base, model, dataset, len(items), rate, **option)
                 command = command or "vllm bench serve " + shlex.join(argv)
                 measured = await measured_run(http, base, argv, config.mode, args)
-                pooled.setdefault(key, []).append(measured)
+                images.append(measured)
                 if not any(r["ok"] for r in measured["requests"]):
                     errors = sorted({r.get("error", "") for r in measured["requests"]})[:3]
-                    hint = (
-                        " (start the server with --trust-request-mm-kwargs)"
-                        if "trust-request-mm-kwargs" in str(errors)
-                        else ""
-                    )
+                    hint = " (start the server with --trust-request-mm-kwargs)"
+                    hint *= "trust-request-mm-kwargs" in str(errors)
                     raise RuntimeError(f"every request of {config.name} failed{hint}: {errors}")
                 if args.text:  # per completed request: its question padded to its prompt tokens
                     done = [
@@ -422,24 +387,17 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
                     path = write_dataset(out / "datasets" / f"text-{tag}.jsonl", parts)
                     result = out / "vllm-bench-serve" / f"text-{tag}.json"
                     argv = bench_argv(args, base, model, path, len(parts), rate, result=result)
-                    pooled_text.setdefault(key, []).append(
-                        await measured_run(http, base, argv, None, args)
-                    )
-                    targets.setdefault(key, []).extend(n for _, n in done)
+                    texts.append(await measured_run(http, base, argv, None, args))
+                    targets.extend(n for _, n in done)
     await http.aclose()
     runs = []
     for rate in rates:
         for config in configs:
-            run = {
-                "name": config.name,
-                "prumerge": config.prumerge,
-                "request_rate": rate,
-                **figures(pooled[(rate, config.name)]),
-            }
+            images, texts, targets = pooled[(rate, config.name)]
+            run = {"name": config.name, "prumerge": config.prumerge, "request_rate": rate}
+            run |= figures(images)
             if args.text:
-                text = figures(pooled_text[(rate, config.name)])
-                text["target_prompt_tokens"] = summary(targets[(rate, config.name)])
-                run["text"] = text
+                run["text"] = {**figures(texts), "target_prompt_tokens": summary(targets)}
             runs.append(run)
     return {"served_model": model, "runs": runs, "bench_serve_command": command}
 
@@ -447,24 +405,18 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
 def fill_stock_visual_tokens(runs: list[dict[str, Any]]) -> None:
     """Visual tokens of `stock` runs (no plugin histogram): its prompt tokens minus the text
     tokens of the same requests, known from a plugin run at the same rate (prompt - visual)."""
-    for r in runs:
-        known = [
-            o
-            for o in runs
-            if o["prumerge"] is not None
-            and o["request_rate"] == r["request_rate"]
-            and not math.isnan(o["visual_tokens_mean"])
-        ]
-        if r["prumerge"] is None and known:
-            text = known[0]["prompt_tokens"]["mean"] - known[0]["visual_tokens_mean"]
+    for r in (r for r in runs if r["prumerge"] is None):
+        rate = r["request_rate"]
+        plugin = [o for o in runs if o["prumerge"] is not None and o["request_rate"] == rate]
+        if known := next((o for o in plugin if not math.isnan(o["visual_tokens_mean"])), None):
+            text = known["prompt_tokens"]["mean"] - known["visual_tokens_mean"]
             r["visual_tokens_mean"] = r["prompt_tokens"]["mean"] - text
-            r["visual_tokens_source"] = f"prompt tokens - text tokens of {known[0]['name']}"
+            r["visual_tokens_source"] = f"prompt tokens - text tokens of {known['name']}"
 
 
 def add_ratios(runs: list[dict[str, Any]]) -> None:
     """Per request rate: ratios to the baseline (`_report.pick_baseline`), to `stock`, and to
     each run's own text-equivalent."""
-    ratio = _report.ratio
     for rate in sorted({r["request_rate"] for r in runs}):
         group = [r for r in runs if r["request_rate"] == rate]
         base = _report.pick_baseline(group)
@@ -472,41 +424,21 @@ def add_ratios(runs: list[dict[str, Any]]) -> None:
         for r in group:
             r["baseline"] = base["name"]
             r["ideal_speedup"] = base["prompt_tokens"]["mean"] / r["prompt_tokens"]["mean"]
-            r["ratio_to_baseline"] = {
-                "requests_per_s": ratio(r["requests_per_s"], base["requests_per_s"]),
-                "output_tokens_per_s": ratio(r["output_tokens_per_s"], base["output_tokens_per_s"]),
-                "prompt_tokens": ratio(r["prompt_tokens"]["mean"], base["prompt_tokens"]["mean"]),
-                **{
-                    f"{key}_{stat}": ratio(r[f"{key}_ms"][stat], base[f"{key}_ms"][stat])
-                    for key, stat in (("ttft", "p50"), ("ttft", "mean"), ("tpot", "p50"))
-                },
-                "e2el_p50": ratio(r["e2el_ms"]["p50"], base["e2el_ms"]["p50"]),
-            }
+            r["ratio_to_baseline"] = _report.ratios(r, base, BASELINE_RATIOS)
             if stock is not None:
-                r["ratio_to_stock"] = {
-                    "requests_per_s": ratio(r["requests_per_s"], stock["requests_per_s"]),
-                    "ttft_p50": ratio(r["ttft_ms"]["p50"], stock["ttft_ms"]["p50"]),
-                }
+                r["ratio_to_stock"] = _report.ratios(r, stock, OTHER_RATIOS)
             if "text" in r:
-                r["fraction_of_text"] = {
-                    "requests_per_s": ratio(r["requests_per_s"], r["text"]["requests_per_s"]),
-                    "ttft_p50": ratio(r["ttft_ms"]["p50"], r["text"]["ttft_ms"]["p50"]),
-                }
-
-
-# --------------------------------------------------------------------------------------------
-# Reports
+                r["fraction_of_text"] = _report.ratios(r, r["text"], OTHER_RATIOS)
 
 
 def markdown_report(data: dict[str, Any]) -> str:
     env, settings = data["environment"], data["settings"]
     short, long = _report.media_labels(settings)
     has_stock = any("ratio_to_stock" in r for r in data["runs"])
+    head = [("config", "name"), ("rate", "request_rate")]
+    head += [(f"visual tok/{short}", "visual_tokens_mean"), ("prompt tok", "prompt_tokens.mean")]
     text_columns = [
-        ("config", "name"),
-        ("rate", "request_rate"),
-        (f"visual tok/{short}", "visual_tokens_mean"),
-        ("prompt tok", "prompt_tokens.mean"),
+        *head,
         ("text prompt tok", "text.prompt_tokens.mean"),
         ("req/s", "requests_per_s"),
         ("text-equiv. req/s", "text.requests_per_s"),
@@ -521,22 +453,17 @@ def markdown_report(data: dict[str, Any]) -> str:
         ("tower busy", lambda r: None if r["prumerge"] is None else r["tower_busy"]),
     ]
     text_intro = (
-        f"`text@CONFIG`: each completed request's chat message without the {long}, padded "
-        f"with a filler word to the prompt tokens the server reported for the {long} request "
-        "(`text prompt tok` shows the match), same output length, same server, measured right "
-        f"after the {long} requests. `of text` = {long} req/s / text req/s: 1.0 = the "
-        f"{long}s cost nothing beyond their tokens. `x stock` = ratio to stock vLLM's req/s "
-        f"for the same {long}s. `tower ms/{short}` = the plugin's tower + reduction wall time "
-        f"per {long} in the server during the batch (its `vllm_prumerge:reduction_seconds`), "
-        "`tower busy` = that time summed over the batch / the batch's duration: near 1 per "
-        "API-server process, the front end was busy the whole time (the bottleneck)."
+        f"`text@CONFIG`: each completed request's message without the {long}, padded with a "
+        "filler word to its prompt tokens (`text prompt tok` shows the match), measured right "
+        f"after the {long} requests. `of text` = {long} req/s / text req/s: 1.0 = the {long}s "
+        f"cost nothing beyond their tokens. `x stock` = ratio to stock vLLM's req/s. `tower "
+        f"ms/{short}` = the plugin's tower + reduction time per {long} in the server; `tower "
+        "busy` = its sum / the batch's duration (near 1 per API server: the front end is the "
+        "bottleneck)."
     )
     peak_kv = "peak_kv_cache_usage_sampled"
     columns = [
-        ("config", "name"),
-        ("rate", "request_rate"),
-        (f"visual tok/{short}", "visual_tokens_mean"),
-        ("prompt tok", "prompt_tokens.mean"),
+        *head,
         ("req/s", "requests_per_s"),
         ("x", "ratio_to_baseline.requests_per_s"),
         ("prompt-ratio ideal x", "ideal_speedup"),
@@ -563,11 +490,9 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"{settings['output_len']} output tokens each, max concurrency "
         f"{settings['max_concurrency'] or 'unlimited'}; {_report.device_line(env)}.",
         "",
-        f"Latencies in ms (p50 / p99). {_report.BASELINE_RULE} Each at the same request rate; "
-        "`prompt-ratio ideal x` = prompt-token ratio (the speed-up if cost were "
-        "proportional to prompt tokens; no engine reaches it, decode steps do not shrink). "
-        "Visual tokens: the server's own histogram (`stock`: prompt tokens minus the requests' "
-        "text tokens); peak KV and running: sampled from /metrics.",
+        f"Latencies in ms. {_report.BASELINE_RULE} Each at the same request rate; "
+        "`prompt-ratio ideal x` = prompt-token ratio (cost proportional to prompt tokens; no "
+        "engine reaches it). `stock`'s visual tokens: its prompt tokens minus the text tokens.",
         "",
         *_report.text_section(data["runs"], text_intro, text_columns),
         "## All figures",
@@ -580,62 +505,42 @@ def markdown_report(data: dict[str, Any]) -> str:
 
 
 def plot(data: dict[str, Any], out: Path) -> list[str]:
-    plt = _report.pyplot()
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    rates = sorted({r["request_rate"] for r in data["runs"]})
-    for i, rate in enumerate(rates):
+    """serving_latency.png: TTFT, end-to-end latency and requests/s against visual tokens."""
+    fig, axes = _report.pyplot().subplots(1, 3, figsize=(15, 4.6))
+    for i, rate in enumerate(sorted({r["request_rate"] for r in data["runs"]})):
         group = [r for r in data["runs"] if r["request_rate"] == rate]
-        xs = [r["visual_tokens_mean"] for r in group]
-        tag = f"rate {rate:g}"
-        for ax, key, title in (
-            (axes[0], "ttft_ms", "TTFT (ms)"),
-            (axes[1], "e2el_ms", "end-to-end latency (ms)"),
-        ):
-            ax.scatter(xs, [r[key]["p50"] for r in group], color=f"C{i}", label=f"p50, {tag}")
-            ax.scatter(
-                xs, [r[key]["p99"] for r in group], color=f"C{i}", marker="^", label=f"p99, {tag}"
-            )
-            ax.set_title(title)
+        xs, colour, tag = [r["visual_tokens_mean"] for r in group], f"C{i}", f"rate {rate:g}"
+        for ax, key in zip(axes[:2], ("ttft_ms", "e2el_ms"), strict=True):
+            ax.scatter(xs, [r[key]["p50"] for r in group], color=colour, label=f"p50, {tag}")
+            ys = [r[key]["p99"] for r in group]
+            ax.scatter(xs, ys, color=colour, marker="^", label=f"p99, {tag}")
         rps = [r["requests_per_s"] for r in group]
-        axes[2].scatter(xs, rps, color=f"C{i}", label=tag)
-        texts = [r for r in group if "text" in r and not math.isnan(r["visual_tokens_mean"])]
-        if texts:
-            axes[2].scatter(
-                [r["visual_tokens_mean"] for r in texts],
-                [r["text"]["requests_per_s"] for r in texts],
-                facecolors="none",
-                edgecolors=f"C{i}",
-                marker="s",
-                label=f"text-equivalent, {tag}",
-            )
-        axes[2].set_title("requests / s")
+        axes[2].scatter(xs, rps, color=colour, label=tag)
+        if texts := [r for r in group if "text" in r and not math.isnan(r["visual_tokens_mean"])]:
+            text_xs = [r["visual_tokens_mean"] for r in texts]
+            text_ys = [r["text"]["requests_per_s"] for r in texts]
+            style = {"facecolors": "none", "edgecolors": colour, "marker": "s"}
+            axes[2].scatter(text_xs, text_ys, **style, label=f"text-equivalent, {tag}")
         _report.label_points(axes[2], group, xs, rps)
-    largest = max(
-        (r["visual_tokens_mean"] for r in data["runs"] if not math.isnan(r["visual_tokens_mean"])),
-        default=576,
-    )
-    for ax in axes:
-        _report.token_axis(ax, largest, _report.media_labels(data["settings"])[1])
-        ax.legend(fontsize=7)
-    title = (
-        f"{data['model']}: {data['settings']['num_prompts']} requests, max concurrency "
-        f"{data['settings']['max_concurrency']}; {_report.device_name(data['environment'])}"
-    )
+    known = [r["visual_tokens_mean"] for r in data["runs"]]
+    largest = max((v for v in known if not math.isnan(v)), default=576)
+    titles = ("TTFT (ms)", "end-to-end latency (ms)", "requests / s")
+    for ax, name in zip(axes, titles, strict=True):
+        _report.token_axis(ax, largest, _report.media_labels(data["settings"])[1], legend=7)
+        ax.set_title(name)
+    title = _report.plot_title(data, f"max concurrency {data['settings']['max_concurrency']}")
     return [_report.save_figure(fig, out, "serving_latency.png", title)]
 
 
 METHOD = (
-    "One server, one configuration after another, each run by vLLM's load generator "
-    "(`vllm bench serve --backend openai-chat --dataset-name custom`, in this process) on the "
-    "same chat messages, the configuration in --extra-body's mm_processor_kwargs; streamed, "
-    "--ignore-eos, --temperature 0, fixed output length; TTFT, ITL and latency per request from "
-    "--save-detailed, TPOT = (latency - TTFT) / (output tokens - 1). A first round of every "
-    "configuration (2 requests) precedes all measurements, --warmup requests on other media each "
-    "one. Prompt tokens: the server's usage.prompt_tokens; visual tokens: the change of the "
-    "server's vllm_prumerge:visual_tokens_per_image (or _per_video) histogram over the run; "
-    "peaks: the maxima of vllm:kv_cache_usage_perc and vllm:num_requests_running sampled from "
-    "/metrics. `stock` runs on its own server (no --plugin, same settings), before the plugin's."
+    "One server, one configuration after another, each run by `vllm bench serve` (openai-chat, "
+    "custom dataset, in this process) on the same chat messages, the configuration in "
+    "--extra-body; streamed, --ignore-eos, greedy; TTFT, ITL and latency per request "
+    "(--save-detailed), TPOT = (latency - TTFT) / (output tokens - 1). A first round of every "
+    "configuration (2 requests), then --warmup requests on other media before each. Prompt "
+    "tokens: usage.prompt_tokens; visual tokens: the change of the server's "
+    "vllm_prumerge:visual_tokens_per_image (or _per_video) histogram over the run; peaks: "
+    "sampled from /metrics. `stock`: its own server (no --plugin, same settings), first."
 )
 
 
@@ -648,9 +553,9 @@ def start_and_measure(
     from vllm_prumerge.testing.server import serve
 
     dtype = (configs[0].name.partition(":")[2] or None) if stock else None
-    server_env: dict[str, str] = {}  # on top of this process's (use_cpu_if_no_gpu's settings)
-    if args.tower_threads and not stock:
-        server_env[PruMergeEncoder.THREADS_ENV] = str(args.tower_threads)
+    # On top of this process's environment (use_cpu_if_no_gpu's settings).
+    threads = {PruMergeEncoder.THREADS_ENV: str(args.tower_threads)}
+    server_env = threads if args.tower_threads and not stock else {}
     cli = server_args(args, stock=stock, dtype=dtype)
     name = "server-" + configs[0].name.replace(":", "-") if stock else "server"
     log = Path(args.out) / f"{name}.log"
@@ -659,9 +564,8 @@ def start_and_measure(
     with serve(model, cli, env=server_env, timeout=args.server_timeout, log_path=log) as base:
         started = time.perf_counter() - t0
         data = asyncio.run(benchmark(base, args, configs))
-    prefix = " ".join(f"{k}={v}" for k, v in server_env.items() if k.startswith("VLLM_PRUMERGE"))
-    command = f"`{prefix + ' ' if prefix else ''}vllm serve MODEL {shlex.join(cli)}`"
-    return data, command, started
+    prefix = "".join(f"{k}={v} " for k, v in server_env.items())
+    return data, f"`{prefix}vllm serve MODEL {shlex.join(cli)}`", started
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -1,10 +1,7 @@
-"""Offline throughput of LLaVA-family models in vLLM: stock token counts vs PruMerge, PruMerge+,
-fixed budgets, each against its text-only equivalent.
-
-One workload (images, or videos with --frames) through one offline engine in every configuration
-(per-request mm_processor_kwargs), twice per repeat: "engine" (pre-processed first, released at
-once) and "end to end" (as LLM.generate), then as text only (text@CONFIG); `stock` is vLLM's own
-model in a second engine. Method: docs/benchmarks.md. Writes OUT/throughput.json, .md and plots.
+"""Offline throughput of LLaVA-family models in vLLM: stock token counts vs PruMerge, PruMerge+ and
+fixed budgets, each against its text-only equivalent (text@CONFIG), in one offline engine
+(`stock`: vLLM's own model, in a second one); each measured "engine" (pre-processed first, then
+released at once) and "end to end" (as LLM.generate). Method: docs/benchmarks.md.
 
     python benchmarks/throughput.py --out out/throughput                   # generated checkpoint
     python benchmarks/throughput.py --family llava_next --image-size 672x672 --out out/next
@@ -25,19 +22,18 @@ import _cli
 import _report
 from _common import (
     BenchConfig,
-    build_workload,
     chat_prompt,
     fair_settings,
     filler_token_id,
     modality,
     placeholder_token_id,
+    rotated,
     summary,
     text_equivalent_ids,
+    workloads,
 )
 
-from vllm_prumerge.testing.engine_args import (
-    add_engine_arguments,
-)
+from vllm_prumerge.testing.engine_args import add_engine_arguments
 
 PHASES = ("engine", "end_to_end")
 THROUGHPUT_KEYS = ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s")
@@ -45,17 +41,19 @@ PHASE_KEYS = (*THROUGHPUT_KEYS, "seconds", "peak_kv_cache_usage", "max_running_r
 PHASE_KEYS += ("max_waiting_requests", "max_generating_requests", "preemptions")
 RATIO_KEYS = (*THROUGHPUT_KEYS, "peak_kv_cache_usage", "max_running_requests")
 RATIO_KEYS += ("max_generating_requests", "ttft_s_mean")
+# The figures of a phase from the scheduler's per-step stats: JSON key -> StepTracker attribute.
+TRACKED = {"peak_kv_cache_usage": "peak_kv_cache_usage", "max_running_requests": "max_running"}
+TRACKED |= {"max_waiting_requests": "max_waiting", "max_generating_requests": "max_generating"}
+TRACKED |= {"preemptions": "preemptions", "scheduler_steps": "steps"}
+RATIOS = {"visual_tokens": "visual_tokens.mean", "frontend_ms_per_image": "frontend_ms_per_image"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _cli.new_parser(
-        __doc__, "Runs every configuration in one run and writes JSON, Markdown and PNG plots."
-    )
+    parser = _cli.new_parser(__doc__, "Every configuration in one run; JSON, Markdown, PNG plots.")
     _cli.add_model_arguments(
         parser.add_argument_group("model"),
-        "LLaVA-1.5, LLaVA-NeXT, SigLIP-LLaVA, LLaVA-OneVision, LLaVA-NeXT-Video or Video-LLaVA "
-        "checkpoint (hub id such as llava-hf/llava-1.5-7b-hf, or a local folder). Default: a "
-        "generated random-weight checkpoint (see --synthetic, --family, --tower).",
+        "LLaVA-family checkpoint (hub id such as llava-hf/llava-1.5-7b-hf, or a local folder). "
+        "Default: a generated random-weight checkpoint (see --synthetic, --family, --tower).",
     )
     work = parser.add_argument_group("workload")
     _cli.add_workload_arguments(work, "Seed of images, questions and engine.")
@@ -78,10 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
         plots="PNG plots",
     )
     return parser
-
-
-# --------------------------------------------------------------------------------------------
-# Engine and runs
 
 
 def run_settings(args: argparse.Namespace, model: str, *, stock: bool) -> dict[str, Any]:
@@ -124,8 +118,7 @@ def run(engine: Any, prompts: list, sampling: Any, tag: str, bar: Any, burst: bo
     End to end (default): pre-process and submit one by one while the engine (another process)
     already runs the first ones, as `LLM.generate`. `burst`: pre-process all first, then release
     them at once: the LLM's prefill + decode alone, limited by the KV cache and max_num_seqs.
-    Returns (outputs in order, seconds measured (burst: from the release), pre-processing
-    seconds)."""
+    Returns (outputs in order, seconds measured (burst: from the release), pre-processing s)."""
     ids = [f"{tag}-{i}" for i in range(len(prompts))]
     start = time.perf_counter()
     if burst:
@@ -157,12 +150,7 @@ def phase_figures(outputs: list[Any], seconds: float, tracker: Any) -> dict[str,
         "requests_per_s": len(outputs) / seconds,
         "output_tokens_per_s": generated / seconds,
         "total_tokens_per_s": (prompt + generated) / seconds,
-        "peak_kv_cache_usage": tracker.peak_kv_cache_usage,
-        "max_running_requests": tracker.max_running,
-        "max_waiting_requests": tracker.max_waiting,
-        "max_generating_requests": tracker.max_generating,
-        "preemptions": tracker.preemptions,
-        "scheduler_steps": tracker.steps,
+        **{key: getattr(tracker, attribute) for key, attribute in TRACKED.items()},
         "ttft_s": summary([o.metrics.first_token_latency for o in outputs if o.metrics]),
     }
 
@@ -196,19 +184,13 @@ def measure(engine, tracker, items, config, sampling, image_token, filler, tag, 
         raise RuntimeError(f"{config.name}: visual token counts differ between the two phases")
     result["visual_tokens"] = visual
     if filler is not None:
-        text_prompts = [
-            {"prompt_token_ids": text_equivalent_ids(o.prompt_token_ids, image_token, filler)}
-            for o in outputs
-        ]
+        ids = [text_equivalent_ids(o.prompt_token_ids, image_token, filler) for o in outputs]
+        text_prompts = [{"prompt_token_ids": prompt_ids} for prompt_ids in ids]
         text, _, _ = measure_phases(engine, tracker, text_prompts, sampling, f"{tag}-text", bar)
         if text["prompt_tokens"] != result["prompt_tokens"]:
             raise RuntimeError(f"text@{config.name}: prompt lengths differ from the image prompts")
         result["text"] = text
     return result
-
-
-# --------------------------------------------------------------------------------------------
-# Figures over repeats
 
 
 def phase_medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -224,11 +206,8 @@ def phase_medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def without_token_lists(run: dict[str, Any]) -> dict[str, Any]:
     """A repeat's figures without its per-request token lists (kept once per configuration)."""
-    return {
-        k: without_token_lists(v) if k == "text" else v
-        for k, v in run.items()
-        if not k.endswith("_tokens")
-    }
+    kept = {k: v for k, v in run.items() if not k.endswith("_tokens")}
+    return kept | ({"text": without_token_lists(run["text"])} if "text" in run else {})
 
 
 def aggregate(config: BenchConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -281,15 +260,7 @@ def add_ratios(results: list[dict[str, Any]]) -> str:
             "output_tokens_per_s": speedup,
             "total_tokens_per_s": speedup * (p + o) / (p_base + o_base),
         }
-        ratios: dict[str, Any] = {
-            "prompt_tokens": p / p_base,
-            "visual_tokens": _report.ratio(
-                r["visual_tokens"]["mean"], base["visual_tokens"]["mean"]
-            ),
-            "frontend_ms_per_image": _report.ratio(
-                r["frontend_ms_per_image"], base["frontend_ms_per_image"]
-            ),
-        }
+        ratios: dict[str, Any] = {"prompt_tokens": p / p_base, **_report.ratios(r, base, RATIOS)}
         for phase in PHASES:
             ratios[phase] = {k: _report.ratio(r[phase][k], base[phase][k]) for k in RATIO_KEYS}
         r["ratio_to_baseline"] = ratios
@@ -297,33 +268,26 @@ def add_ratios(results: list[dict[str, Any]]) -> str:
     return base["name"]
 
 
-# --------------------------------------------------------------------------------------------
-# Reports
-
-
 def markdown_report(data: dict[str, Any]) -> str:
-    results, env, settings = data["results"], data["environment"], data["settings"]
+    results, settings = data["results"], data["settings"]
     short, long = _report.media_labels(settings)
     x = "ratio_to_baseline."
-    tokens = [
+    visual = [(f"visual tok/{short} mean", "visual_tokens.mean")]
+    visual += [(stat, f"visual_tokens.{stat}") for stat in ("p50", "p95", "min", "max")]
+    tokens = [("config", "name"), *visual, ("prompt tok mean", "prompt_tokens.mean")]
+    tokens.append(("prompt x", x + "prompt_tokens"))
+    ideal = ("prompt-ratio ideal x", "ideal_ratio_to_baseline.requests_per_s")
+    throughput = [
         ("config", "name"),
-        (f"visual tok/{short} mean", "visual_tokens.mean"),
-        *[(stat, f"visual_tokens.{stat}") for stat in ("p50", "p95", "min", "max")],
-        ("prompt tok mean", "prompt_tokens.mean"),
-        ("prompt x", x + "prompt_tokens"),
-    ]
-    throughput = [("config", "name")]
-    for header, key, ideal in (
-        ("engine req/s", "requests_per_s", True),
-        ("out tok/s", "output_tokens_per_s", False),
-        ("total tok/s", "total_tokens_per_s", True),
-    ):
-        throughput += [(header, f"engine.{key}"), ("x", f"{x}engine.{key}")]
-        if ideal:
-            throughput.append(("prompt-ratio ideal x", f"ideal_ratio_to_baseline.{key}"))
-        if key == "requests_per_s":
-            throughput.append(("of ideal", "fraction_of_ideal.engine"))
-    throughput += [
+        ("engine req/s", "engine.requests_per_s"),
+        ("x", x + "engine.requests_per_s"),
+        ideal,
+        ("of ideal", "fraction_of_ideal.engine"),
+        ("out tok/s", "engine.output_tokens_per_s"),
+        ("x", x + "engine.output_tokens_per_s"),
+        ("total tok/s", "engine.total_tokens_per_s"),
+        ("x", x + "engine.total_tokens_per_s"),
+        ("prompt-ratio ideal x", "ideal_ratio_to_baseline.total_tokens_per_s"),
         ("peak KV %", lambda r: 100 * r["engine"]["peak_kv_cache_usage"]),
         ("max concurrent", "engine.max_generating_requests"),
         ("x", x + "engine.max_generating_requests"),
@@ -342,7 +306,7 @@ def markdown_report(data: dict[str, Any]) -> str:
         ("text-equiv. req/s", "text.engine.requests_per_s"),
         ("of text", "fraction_of_text.engine"),
         ("x off", x + "engine.requests_per_s"),
-        ("prompt-ratio ideal x", "ideal_ratio_to_baseline.requests_per_s"),
+        ideal,
         ("burst TTFT s", "engine.ttft_s_mean"),
         ("text TTFT s", "text.engine.ttft_s_mean"),
         ("e2e req/s", "end_to_end.requests_per_s"),
@@ -351,10 +315,9 @@ def markdown_report(data: dict[str, Any]) -> str:
     ]
     text_intro = (
         "`text@CONFIG`: each request's own prompt with its visual tokens replaced by a text "
-        "token (same length and layout, same output length, same engine), measured right after "
-        "the image requests in every repeat. `of text` = image req/s / text req/s (median over "
-        "repeats of the same-repeat ratio): 1.0 = the images cost nothing beyond their tokens. "
-        "`x off` = ratio to the baseline's image req/s."
+        "token, measured right after the image requests in every repeat. `of text` = image "
+        "req/s / text req/s (median of the same-repeat ratios): 1.0 = the images cost nothing "
+        "beyond their tokens. `x off` = ratio to the baseline's image req/s."
     )
     lines = [
         f"# Throughput: visual tokens per {long} vs serving cost (vLLM offline)",
@@ -363,15 +326,14 @@ def markdown_report(data: dict[str, Any]) -> str:
         f"Model: `{data['model']}`, dtype {'/'.join(sorted(set(data['dtype'].values())))}; "
         f"{settings['num_prompts']} requests per configuration, {settings['output_len']} output "
         f"tokens each; KV cache {settings['kv_cache_tokens'] or 'sized by vLLM'} tokens, "
-        f"max_num_seqs {settings['max_num_seqs']}; {_report.device_line(env)}; "
+        f"max_num_seqs {settings['max_num_seqs']}; {_report.device_line(data['environment'])}; "
         f"{settings['repeats']} repeat(s), medians.",
         "",
-        f"{_report.BASELINE_RULE} Here: `{data['baseline']}`. Prompt-ratio ideal x = the ratio "
-        "if cost were proportional to prompt tokens (P_base / P); no engine reaches it, since "
-        "decode steps do not shrink with the prompt. `engine`: requests pre-processed first, "
-        "then released at once (LLM prefill + decode only, limited by the KV cache); `e2e`: "
-        "pre-processing (tokenizer, image processor, vision tower + reduction, in the front-end "
-        "process) and submission one by one while the engine runs, as `LLM.generate`.",
+        f"{_report.BASELINE_RULE} Here: `{data['baseline']}`. Prompt-ratio ideal x = P_base / P, "
+        "the ratio if cost were proportional to prompt tokens (decode steps do not shrink with "
+        "the prompt: no engine reaches it). `engine`: requests pre-processed first, then "
+        "released at once (LLM prefill + decode only); `e2e`: pre-processing (tokenizer, image "
+        "processor, tower + reduction) and submission one by one while the engine runs.",
         "",
         *_report.text_section(results, text_intro, text),
         "## Tokens per request",
@@ -380,13 +342,10 @@ def markdown_report(data: dict[str, Any]) -> str:
         "## Throughput and concurrency",
         "",
         _report.table(results, throughput),
-        "`of ideal` = measured engine req/s ratio / prompt-ratio ideal. `peak KV %`, `max "
-        "concurrent` (most requests that produced a token in one engine step) and `preempt` "
-        "(preemptions) are from the engine phase; the JSON also has the scheduler's running "
-        "count, which includes partially prefilled requests. `burst TTFT` = mean time to first "
-        "token when all requests arrive at once (engine phase). `front-end ms/"
-        f"{short}` = pre-processing time per request at batch 1 (tokenizer, image processor, "
-        "vision tower and reduction).",
+        "`of ideal` = engine req/s ratio / prompt-ratio ideal. Engine phase: `peak KV %`, `max "
+        "concurrent` (most requests that produced a token in one step; the JSON also has the "
+        "scheduler's running count), `preempt` (preemptions), `burst TTFT` (mean time to first "
+        f"token). `front-end ms/{short}` = pre-processing time per request at batch 1.",
         "",
         "Method: " + data["method"],
         "",
@@ -399,10 +358,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     plt = _report.pyplot()
     results, settings = data["results"], data["settings"]
     long = _report.media_labels(settings)[1]
-    title = (
-        f"{data['model']}: {settings['num_prompts']} requests, {settings['output_len']} output "
-        f"tokens; {_report.device_name(data['environment'])}"
-    )
+    title = _report.plot_title(data, f"{settings['output_len']} output tokens")
     base = next(r for r in results if r["name"] == data["baseline"])
     text_tokens = base["prompt_tokens"]["mean"] - base["visual_tokens"]["mean"]
     xs = [r["visual_tokens"]["mean"] for r in results]
@@ -426,8 +382,7 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
     cache = settings["kv_cache_tokens"]
     ax2.set_title(f"Concurrency in a {cache}-token KV cache" if cache else "Concurrency")
     for axis in (ax, ax2):
-        _report.token_axis(axis, top, long)
-        axis.legend(fontsize=7)
+        _report.token_axis(axis, top, long, legend=7)
     names = [_report.save_figure(fig, out, "throughput_vs_tokens.png", title)]
 
     ordered = sorted(results, key=lambda r: r["visual_tokens"]["mean"])
@@ -440,17 +395,13 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
         ys = [r["engine"][key] for r in ordered]
         axis.plot(xs, ys, "o-", color="C0", label="image requests")
         if texts := [r for r in ordered if "text" in r]:
-            axis.plot(
-                [r["visual_tokens"]["mean"] for r in texts],
-                [r["text"]["engine"][key] for r in texts],
-                "s--",
-                color="C2",
-                label="text-equivalent (same prompt length, text only)",
-            )
+            text_xs = [r["visual_tokens"]["mean"] for r in texts]
+            text_ys = [r["text"]["engine"][key] for r in texts]
+            label = "text-equivalent (same prompt length, text only)"
+            axis.plot(text_xs, text_ys, "s--", color="C2", label=label)
         _report.label_points(axis, ordered, xs, ys)
-        _report.token_axis(axis, max(xs), long)
+        _report.token_axis(axis, max(xs), long, legend=7)
         axis.set_title(name)
-        axis.legend(fontsize=7)
     names.append(_report.save_figure(fig, out, "scaling.png", title + ", released at once"))
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -470,14 +421,12 @@ def plot(data: dict[str, Any], out: Path) -> list[str]:
 
 METHOD = (
     "One vLLM engine (identical settings) serves every plugin configuration through "
-    "per-request mm_processor_kwargs; prefix caching and the multimodal processor cache are off "
-    "(every request pays for its media and whole prompt); fixed output length (ignore_eos, "
-    "greedy). Prompts: the token ids of the checkpoint's chat template applied to one user "
-    "message (media, then question), as vllm serve builds them. Every configuration runs once "
-    "on other media before any measurement, and --warmup requests before each; configuration "
-    "order rotates per repeat. Visual tokens are counted in RequestOutput.prompt_token_ids (the "
-    "placeholder id); KV usage, running requests and preemptions come from the scheduler's "
-    "per-step stats (a vLLM stat logger)."
+    "per-request mm_processor_kwargs; no prefix or multimodal processor cache; fixed output "
+    "length (ignore_eos, greedy). Prompts: the checkpoint's chat template applied to one user "
+    "message (media, then question), as vllm serve builds them. A first round of every "
+    "configuration, then --warmup requests on other media before each; order rotated per "
+    "repeat. Visual tokens: the placeholder id counted in RequestOutput.prompt_token_ids; KV "
+    "usage, running requests and preemptions: the scheduler's per-step stats."
 )
 
 
@@ -490,12 +439,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     image_token = placeholder_token_id(model, args.frames)
     chat = chat_prompt(model, args.frames)
     args.chat_content_format = chat.content_format  # "string": the template drops video parts
-    workload = {"size": tuple(args.image_size), "prompt": chat, "frames": args.frames}
-    workload["video_kind"] = args.video_kind
-    items = build_workload(args.num_prompts, args.seed, args.images, **workload)
     warm_per_round = max(args.warmup, 1)
     warm_count = warm_per_round * len(configs) * (args.repeats + 1)
-    warm = iter(build_workload(warm_count, args.seed, args.images, start=len(items), **workload))
+    items, warm_items = workloads(args, warm_count, prompt=chat)
+    warm = iter(warm_items)
+    from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
@@ -508,25 +456,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings_used: dict[str, Any] = {}
     startup: dict[str, float] = {}
     resolved_dtype: dict[str, str] = {}
-    silent = _report.progress(0, "", disable=True)
-    filler = None
-    if args.text:
-        from transformers import AutoTokenizer
-
-        filler = filler_token_id(AutoTokenizer.from_pretrained(model))
+    filler = filler_token_id(AutoTokenizer.from_pretrained(model)) if args.text else None
 
     def warm_up(engine: Any, config: BenchConfig, count: int, tag: str) -> None:
         prompts = [make_prompt(next(warm), config) for _ in range(count)]
-        run(engine, prompts, sampling, f"warm-{config.name}-{tag}", silent)
+        run(engine, prompts, sampling, f"warm-{config.name}-{tag}", _report.progress(0, "", True))
 
     total = (4 if args.text else 2) * len(configs) * args.repeats * args.num_prompts
     with _report.progress(total, "throughput", disable=args.no_progress) as bar:
-        for stock in (False, True):
-            group = [c for c in configs if c.stock == stock]
-            if not group:
+        for key in ("plugin", "stock"):
+            if not (group := [c for c in configs if c.stock == (key == "stock")]):
                 continue
-            key = "stock" if stock else "plugin"
-            settings_used[key] = run_settings(args, model, stock=stock)
+            settings_used[key] = run_settings(args, model, stock=key == "stock")
             bar.set_description(f"starting {key} engine")
             t0 = time.perf_counter()
             engine = LLMEngine.from_engine_args(
@@ -539,8 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for config in group:  # load the tower, touch every configuration's code path
                     warm_up(engine, config, warm_per_round, "first")
                 for repeat in range(args.repeats):
-                    shift = repeat % len(group)
-                    for config in group[shift:] + group[:shift]:
+                    for config in rotated(group, repeat):
                         if args.warmup:
                             bar.set_description(f"{config.name} (warm-up)")
                             warm_up(engine, config, args.warmup, str(repeat))
@@ -550,10 +490,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             engine, tracker, items, config, sampling, image_token, filler, tag, bar
                         )
                         runs[config.name].append(result)
+                        visual = sum(result["visual_tokens"]) / len(items)
+                        rate = result["engine"]["requests_per_s"]
                         bar.set_postfix_str(
-                            f"{config.name}: {result['engine']['requests_per_s']:.2f} req/s, "
-                            f"{sum(result['visual_tokens']) / len(items):.1f} visual tok/"
-                            + _report.media_labels(vars(args))[0]
+                            f"{config.name}: {rate:.2f} req/s, {visual:.1f} visual tok"
                         )
             finally:
                 engine.engine_core.shutdown()
@@ -561,18 +501,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 gc.collect()
 
     results = [aggregate(c, runs[c.name]) for c in configs]
+    media = {"modality": modality(args.frames), "frames": args.frames}
+    media["video_kind"] = args.video_kind if args.frames else None
     data: dict[str, Any] = {
         "benchmark": "throughput (vLLM offline)",
         "model": _cli.model_label(args),
         "model_path": model,
         "synthetic_spec": spec,
         "image_token_id": image_token,  # the placeholder counted (video_token_index: videos)
-        "media": {
-            "modality": modality(args.frames),
-            "frames": args.frames,
-            "video_kind": args.video_kind if args.frames else None,
-            "chat_content_format": chat.content_format,
-        },
+        "media": {**media, "chat_content_format": chat.content_format},
         "settings": dict(vars(args)),
         "engine_settings": settings_used,
         "engine_startup_s": startup,
