@@ -7,6 +7,7 @@ errors stay instant.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from _common import default_configs, parse_configs
@@ -14,12 +15,7 @@ from _report import BASELINE_RULE
 
 from vllm_prumerge.testing.engine_args import add_number_options
 from vllm_prumerge.testing.scenes import VIDEO_KINDS
-from vllm_prumerge.testing.workload import (
-    FAMILIES,
-    SYNTHETIC_SPECS,
-    TOWERS,
-    synthetic_checkpoint,
-)
+from vllm_prumerge.testing.workload import FAMILIES, SYNTHETIC_SPECS, TOWERS, synthetic_checkpoint
 
 
 def new_parser(doc: str, summary: str) -> argparse.ArgumentParser:
@@ -39,10 +35,9 @@ def add_model_arguments(group: Any, model_help: str) -> None:
         "--synthetic",
         choices=sorted(SYNTHETIC_SPECS),
         default="small",
-        help="Size of the generated random-weight checkpoint used when --model is not given: "
-        "'tiny' is the test fixture (CLIP 64x3, Llama 128x2); 'small' has a 512-wide 4-layer "
-        "Llama so that prompt length shows in the cost on a CPU; 'medium' a 1024-wide 8-layer "
-        "Llama (LLM-bound workloads). All keep the family's real image geometry.",
+        help="Size of the generated random-weight checkpoint used without --model: tiny (the "
+        "tests'), small (a 512-wide 4-layer Llama: prompt length shows in the cost on a CPU), "
+        "medium (1024-wide, 8 layers); all with the family's real image geometry.",
     )
     group.add_argument(
         "--family",
@@ -57,10 +52,9 @@ def add_model_arguments(group: Any, model_help: str) -> None:
         "--tower",
         choices=TOWERS,
         default="preset",
-        help="Vision tower of the generated checkpoint: 'preset' = the --synthetic size's "
-        "(narrow, shallow); 'real' = the family's production shape with random weights "
-        "(CLIP ViT-L/14-336: 24 layers, 1024 wide, 16 heads, MLP 4096; SigLIP-so400m: 26 "
-        "layers, 1152 wide, MLP 4304), so the front end costs what it costs in production.",
+        help="Vision tower of the generated checkpoint: preset (the --synthetic size's) or "
+        "real (the family's production shape, CLIP ViT-L/14-336 or SigLIP-so400m, random "
+        "weights), so that the front end costs what it costs in production.",
     )
 
 
@@ -201,3 +195,24 @@ def check_comparison(parser: Any, args: Any, *, stock_dtypes: bool) -> list:
         return parse_configs(args.configs, stock=True, stock_dtypes=stock_dtypes)
     except ValueError as exc:
         parser.error(str(exc))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's layout and shows every default."""
+
+
+def ints(text: str) -> list[int]:
+    """`"1,8,32"` -> [1, 8, 32] (an argparse type)."""
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def names(*choices: str) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names, each one of `choices`."""
+
+    def parse(text: str) -> list[str]:
+        items = [i.strip().lower().replace("_plus", "+") for i in text.split(",") if i.strip()]
+        if not items or not set(items) <= set(choices):
+            raise argparse.ArgumentTypeError(f"takes {', '.join(choices)}, got {text!r}")
+        return items
+
+    return parse

@@ -14,14 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vllm_prumerge.testing.workload import (  # noqa: F401  (the scripts' workload, re-exported)
-    FAMILIES,
-    SYNTHETIC_SPECS,
-    TOWERS,
-    WorkItem,
-    build_workload,
-    synthetic_checkpoint,
-)
+from vllm_prumerge.testing.workload import build_workload
 
 DEFAULT_CONFIGS = "off,prumerge,prumerge+,fixed:576,fixed:288,fixed:144,fixed:64,fixed:32"
 # With --frames: fixed budgets are per frame, so a large one times the frames overflows the
@@ -236,12 +229,8 @@ def bench_serve_argv(
         *("--base-url", base, "--model", model, "--skip-tokenizer-init"),
         *("--dataset-name", "custom", "--dataset-path", str(dataset), "--disable-shuffle"),
         *("--num-prompts", str(count), "--output-len", str(output_len), "--temperature", "0"),
-        *(
-            "--request-rate",
-            str(options.get("rate", math.inf)),
-            "--seed",
-            str(options.get("seed", 0)),
-        ),
+        *("--request-rate", str(options.get("rate", math.inf))),
+        *("--seed", str(options.get("seed", 0))),
         *("--ready-check-timeout-sec", "0", "--save-detailed", "--extra-body", json.dumps(body)),
         *("--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,95,99"),
     ]
@@ -249,8 +238,7 @@ def bench_serve_argv(
         argv.append("--ignore-eos")
     if options.get("concurrency"):
         argv += ["--max-concurrency", str(options["concurrency"])]
-    if options.get("result") is not None:
-        result = options["result"]
+    if (result := options.get("result")) is not None:
         argv += ["--save-result", "--result-dir", str(result.parent)]
         argv += ["--result-filename", result.name]
     if options.get("quiet"):

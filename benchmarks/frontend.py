@@ -18,14 +18,16 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import _cli
-from _common import build_workload, summary
+from _common import summary
 from _report import device_line, finish, progress, start_run, table
 
 from vllm_prumerge import PruMergeConfig
 from vllm_prumerge.testing.engine_args import add_number_options
 from vllm_prumerge.testing.media import image_data_url
 from vllm_prumerge.testing.prompts import ChatPrompt
+from vllm_prumerge.testing.workload import build_workload
 
+MODES = ("off", "prumerge", "prumerge+")
 STAGES = ("decode", "image_processor", "tower", "reduction", "handoff")  # "sum of stages"
 TIMED = (*STAGES, "vllm_processor")  # each: wall time (`ms`) and CPU time (`cpu_ms`)
 COUNTED = ("visual_tokens", "crops", "handoff_bytes")  # per image, summarised as they are
@@ -73,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("--num-images", int, 8, "Images timed per setting."),
         ("--warmup", int, 1, "Untimed images per setting first."),
         ("--seed", int, 0, "Seed of the generated scenes."),
-        ("--modes", str, "off,prumerge", "Comma-separated plugin modes to time: off, prumerge, "
-         "prumerge+ (fixed:N is not offered: it costs what prumerge costs)."),
-        ("--threads", str, "1,2", "Comma-separated torch thread counts of the tower and "
+        ("--modes", _cli.names(*MODES), "off,prumerge", "Comma-separated plugin modes to time "
+         "(fixed:N is not offered: it costs what prumerge costs)."),
+        ("--threads", _cli.ints, "1,2", "Comma-separated torch thread counts of the tower and "
          "reduction (the plugin's VLLM_PRUMERGE_TOWER_THREADS; stock vLLM's tower gets the "
          "engine worker's threads)."),
     )  # fmt: skip
@@ -174,13 +176,11 @@ class FrontEnd(NamedTuple):
 
 def settings_of(args: argparse.Namespace) -> list[tuple[str, Any, int]]:
     """(configuration name, PruMergeConfig or None for stock, threads) to time, in order."""
-    threads = [int(t) for t in args.threads.split(",") if t.strip()]
-    if not threads or min(threads) < 1:
+    if not args.threads or min(args.threads) < 1:
         raise SystemExit("--threads must list positive integers")
-    modes = [m.strip().lower() for m in args.modes.split(",") if m.strip()]
     configs = [("stock", None)] if args.stock else []
-    configs += [(mode, PruMergeConfig.from_dict({"mode": mode})) for mode in modes]
-    return [(name, config, t) for t in threads for name, config in configs]
+    configs += [(mode, PruMergeConfig.from_dict({"mode": mode})) for mode in args.modes]
+    return [(name, config, t) for t in args.threads for name, config in configs]
 
 
 def summarise(setting: tuple[str, Any, int], rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import _report
-from _cli import add_output_arguments, new_parser
-from bench_reduction import environment, frontend, ints, measure, names
+from _cli import add_output_arguments, ints, names, new_parser
+from bench_reduction import environment, frontend, measure
 
 from vllm_prumerge.testing.engine_args import add_number_options
 

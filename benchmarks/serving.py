@@ -24,7 +24,6 @@ import _cli
 import _report
 from _common import (
     BenchConfig,
-    WorkItem,
     bench_serve,
     bench_serve_argv,
     chat_prompt,
@@ -35,11 +34,7 @@ from _common import (
     write_dataset,
 )
 
-from vllm_prumerge.testing.engine_args import (
-    add_engine_arguments,
-    add_number_options,
-    serve_flags,
-)
+from vllm_prumerge.testing.engine_args import add_engine_arguments, add_number_options, serve_flags
 from vllm_prumerge.testing.media import image_data_url, video_data_url
 from vllm_prumerge.testing.prometheus import (
     fetch_metrics,
@@ -48,6 +43,7 @@ from vllm_prumerge.testing.prometheus import (
     parse_prometheus,
 )
 from vllm_prumerge.testing.prompts import chat_messages
+from vllm_prumerge.testing.workload import WorkItem
 
 VISUAL_METRIC = "vllm_prumerge:visual_tokens_per_image"
 VIDEO_METRIC = "vllm_prumerge:visual_tokens_per_video"
@@ -69,11 +65,6 @@ BASELINE_RATIOS = {
 }
 OTHER_RATIOS = {"requests_per_s": "requests_per_s", "ttft_p50": "ttft_ms.p50"}
 FILLER = " the"  # one text token per repetition in LLaVA's tokenizers; checked with /tokenize
-# The server's part of the report's line on video requests (`_report.video_note`).
-SERVER_VIDEO_NOTE = (
-    "Sent as an MP4 `video_url`, counted by `vllm_prumerge:visual_tokens_per_video`; tower ms "
-    "per video."
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -484,7 +475,7 @@ def markdown_report(data: dict[str, Any]) -> str:
     lines = [
         f"# Serving: visual tokens per {long} vs latency and throughput (vllm serve)",
         "",
-        *_report.video_note(settings, SERVER_VIDEO_NOTE),
+        *_report.video_note(settings, f"Sent as an MP4 `video_url`, counted by `{VIDEO_METRIC}`."),
         f"Model: `{data['model']}`; server: {data['server']}; {settings['num_prompts']} "
         f"requests per configuration and repeat ({settings['repeats']} repeats, pooled), "
         f"{settings['output_len']} output tokens each, max concurrency "
