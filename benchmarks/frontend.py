@@ -21,7 +21,7 @@ import _cli
 from _common import summary
 from _report import device_line, finish, progress, start_run, table
 
-from vllm_prumerge import PruMergeConfig
+from vllm_prumerge import PruMergeConfig, engine_kwargs
 from vllm_prumerge.testing.engine_args import add_number_options
 from vllm_prumerge.testing.media import image_data_url
 from vllm_prumerge.testing.prompts import ChatPrompt
@@ -99,8 +99,6 @@ def make_processor(model: str, dtype: str, tower_dtype: str | None = None) -> An
     from vllm.config import ModelConfig
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.plugins import load_general_plugins
-
-    from vllm_prumerge import engine_kwargs
 
     load_general_plugins()
     extra = {} if tower_dtype is None else engine_kwargs("prumerge", tower_dtype=tower_dtype)

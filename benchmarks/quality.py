@@ -31,7 +31,7 @@ import _report
 from _cli import add_output_arguments, new_parser
 from _common import BenchConfig
 
-from vllm_prumerge import PruMergeConfig
+from vllm_prumerge import PruMergeConfig, engine_kwargs
 from vllm_prumerge.evaluation import answers_agree, exact_match, paired_delta, vqa_accuracy, wilson
 from vllm_prumerge.testing import TinyLlavaSpec, engine_args, make_scene, make_video
 from vllm_prumerge.testing.images import IMAGE_SUFFIXES, find_images, is_url, open_image
@@ -263,8 +263,6 @@ class OfflineEngine:
     def __init__(self, args: argparse.Namespace, video: bool) -> None:
         from vllm import LLM, SamplingParams
         from vllm.multimodal.media.connector import MediaConnector
-
-        from vllm_prumerge import engine_kwargs  # torch and transformers: not for --help
 
         self.args, self.video, self.modality = args, video, "video" if video else "image"
         self.device = "cuda" if engine_args.use_cpu_if_no_gpu() else "cpu"

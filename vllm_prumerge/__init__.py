@@ -10,23 +10,9 @@ from vllm_prumerge import engine_kwargs
 llm = LLM(model="llava-hf/llava-1.5-7b-hf", **engine_kwargs("prumerge+"))
 """
 
-from typing import TYPE_CHECKING
-
 from vllm_prumerge.config import PruMergeConfig
-
-if TYPE_CHECKING:
-    from vllm_prumerge.serving.options import engine_kwargs
+from vllm_prumerge.serving.options import engine_kwargs
 
 __version__ = "0.1.0"
 
 __all__ = ["PruMergeConfig", "__version__", "engine_kwargs"]
-
-
-def __getattr__(name: str):
-    # engine_kwargs on first use: importing the package (e.g. for vllm_prumerge.testing or
-    # vllm_prumerge.config) then costs no torch import, so scripts' --help stays instant.
-    if name == "engine_kwargs":
-        from vllm_prumerge.serving.options import engine_kwargs
-
-        return engine_kwargs
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,8 +30,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from vllm_prumerge.config import PruMergeConfig
-from vllm_prumerge.encoder import parse_tower_threads
-from vllm_prumerge.vision.precision import parse_tower_dtype
+
+# The tower-option parsers (`encoder.parse_tower_threads`, `precision.parse_tower_dtype`) are
+# imported where they are called: their modules load torch, and importing this module (and so
+# `vllm_prumerge`) stays light for command-line tools and `--help`.
 
 # The checkpoint's own architecture -> the plugin's model class for that family.
 ARCHITECTURES = {
@@ -177,6 +179,9 @@ def engine_kwargs(mode: str | None = None, **options: Any) -> dict[str, Any]:
     :func:`vllm_prumerge.encoder.choose_tower_threads`) or a positive integer. Your own
     `hf_overrides` (a dict) go in `hf_overrides=`.
     """
+    from vllm_prumerge.encoder import parse_tower_threads
+    from vllm_prumerge.vision.precision import parse_tower_dtype
+
     hf_overrides = options.pop("hf_overrides", None) or {}
     if not isinstance(hf_overrides, Mapping):
         raise TypeError("engine_kwargs(hf_overrides=...) must be a dict")
@@ -199,11 +204,15 @@ def engine_kwargs(mode: str | None = None, **options: Any) -> dict[str, Any]:
 
 def tower_dtype_setting(hf_config: Any) -> str:
     """The tower-precision option carried by the model's HF config (``auto`` when absent)."""
+    from vllm_prumerge.vision.precision import parse_tower_dtype
+
     return parse_tower_dtype(getattr(hf_config, TOWER_DTYPE_KEY, None) or "auto")
 
 
 def tower_threads_setting(hf_config: Any) -> str | int:
     """The tower-threads option carried by the model's HF config (``auto`` when absent)."""
+    from vllm_prumerge.encoder import parse_tower_threads
+
     value = getattr(hf_config, TOWER_THREADS_KEY, None)
     return parse_tower_threads("auto" if value is None else value)
 
