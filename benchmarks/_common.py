@@ -246,6 +246,12 @@ def bench_serve_argv(
     return argv + list(options.get("extra", ()))
 
 
+def trust_hint(errors: Sequence[str]) -> str:
+    """What to do when requests failed because the server refuses per-request options."""
+    refused = "trust-request-mm-kwargs" in str(errors)
+    return " (start the server with --trust-request-mm-kwargs)" if refused else ""
+
+
 async def bench_serve(argv: list[str]) -> dict[str, Any]:
     """One `vllm bench serve` run, in this process: vLLM's own parser and load generator (its
     printed summary goes to stderr); returns its result, per-request lists included."""

@@ -162,11 +162,11 @@ def finish(
     out: Path, name: str, data: dict[str, Any], started: float, report: Any, plot: Any = None
 ) -> dict[str, Any]:
     """The end of every run: `data["total_seconds"]` since `started` (a `time.perf_counter()`),
-    the command line, the plots (`plot(data, out)` -> file names; None: no plots), then
-    `name`.json (every figure) and `name`.md (`report(data)`) written, the report printed with
-    what was written. Returns `data`."""
+    the command line (from `data["environment"]`), the plots (`plot(data, out)` -> file names;
+    None: no plots), then `name`.json (every figure) and `name`.md (`report(data)`) written,
+    the report printed with what was written. Returns `data`."""
     data["total_seconds"] = time.perf_counter() - started
-    data.setdefault("command", " ".join([Path(sys.executable).name, *sys.argv]))
+    data.setdefault("command", data["environment"]["command"])
     out.mkdir(parents=True, exist_ok=True)
     if plot is not None:
         data["plots"] = plot(data, out)

@@ -373,8 +373,7 @@ class ServerClient:
         argv = _common.bench_serve_argv(*argv, **options)
         result = asyncio.run(_common.bench_serve(argv))
         if errors := [e for e in result["errors"] if e]:
-            trust = "trust-request-mm-kwargs" in str(errors)
-            hint = " (start the server with --trust-request-mm-kwargs)" if trust else ""
+            hint = _common.trust_hint(errors)
             raise RuntimeError(f"request failed in {config.name}{hint}: {errors[0][-500:]}")
         bar.update(len(media))
         lens = zip(questions, result["input_lens"], result["output_lens"], strict=True)

@@ -30,6 +30,7 @@ from _common import (
     fair_settings,
     rotated,
     summary,
+    trust_hint,
     workloads,
     write_dataset,
 )
@@ -364,9 +365,8 @@ async def benchmark(base: str, args: argparse.Namespace, configs: list[BenchConf
                 measured = await measured_run(http, base, argv, config.mode, args)
                 images.append(measured)
                 if not any(r["ok"] for r in measured["requests"]):
-                    errors = sorted({r.get("error", "") for r in measured["requests"]})[:3]
-                    hint = " (start the server with --trust-request-mm-kwargs)"
-                    hint *= "trust-request-mm-kwargs" in str(errors)
+                    errors = sorted({r["error"] for r in measured["requests"]})[:3]
+                    hint = trust_hint(errors)
                     raise RuntimeError(f"every request of {config.name} failed{hint}: {errors}")
                 if args.text:  # per completed request: its question padded to its prompt tokens
                     done = [
